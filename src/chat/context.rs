@@ -1,0 +1,1 @@
+//! Fitting a conversation into the context window by dropping the oldest turns.

@@ -1,0 +1,1 @@
+//! The generation loop: prompt, prefill with KV reuse, sampling, stopping, thinking split.

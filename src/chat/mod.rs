@@ -1,0 +1,8 @@
+//! The chat layer: conversations, the model's own chat template, thinking spans, context fitting
+//! and the generation loop shared by the worker thread and the CLI.
+
+pub mod context;
+pub mod conversation;
+pub mod generate;
+pub mod template;
+pub mod thinking;

@@ -1,0 +1,1 @@
+//! Chat templates: rendering the GGUF's own Jinja template the way Hugging Face does.

@@ -1,0 +1,10 @@
+//! `smoldesk synth` (to be written).
+
+/// Arguments of `smoldesk synth`.
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+/// Runs the subcommand.
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("not implemented yet")
+}

@@ -1,0 +1,1 @@
+//! Where SmolDesk keeps its files: the models folder, conversations, the data directory.

@@ -1,0 +1,42 @@
+//! Helpers shared by the integration tests: where the fixtures and test models are.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The read-only fixtures folder (`shared/fixtures` beside the checkout).
+pub fn fixtures_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("SMOLDESK_FIXTURES") {
+        return PathBuf::from(dir);
+    }
+    let beside = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    if beside.is_dir() {
+        return beside;
+    }
+    PathBuf::from("/work/shared/fixtures")
+}
+
+/// A file in the fixtures folder.
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures_dir().join(name)
+}
+
+/// The real SmolLM2-135M-Instruct model fetched by `scripts/fetch-test-model.sh`.
+pub fn smollm2_path() -> PathBuf {
+    if let Ok(p) = std::env::var("SMOLDESK_SMOLLM2") {
+        return PathBuf::from(p);
+    }
+    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if local.is_file() {
+        return local;
+    }
+    PathBuf::from("/work/main/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Reads and parses a JSON fixture.
+pub fn read_json(name: &str) -> serde_json::Value {
+    let path = fixture(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON in {}: {e}", path.display()))
+}
