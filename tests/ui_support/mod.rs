@@ -230,7 +230,7 @@ pub fn send_message(harness: &mut Harness<'_, App>, text: &str) {
 /// Whether any node's label contains `text`.
 pub fn shows(harness: &Harness<'_, App>, text: &str) -> bool {
     use egui_kittest::kittest::Queryable;
-    harness.query_by_label_contains(text).is_some()
+    harness.query_all_by_label_contains(text).next().is_some()
 }
 
 /// Steps the app until some label contains `text`; false on timeout.
