@@ -118,7 +118,11 @@ fn controls_row(app: &mut App, ui: &mut Ui, actions: &mut Vec<Action>) {
             if app.is_generating() {
                 let stopping = app.generation.as_ref().is_some_and(|g| g.stopping);
                 let stop = ui
-                    .add_enabled(!stopping, egui::Button::new(if stopping { "Stopping…" } else { "⏹ Stop" }).min_size(egui::vec2(84.0, 30.0)))
+                    .add_enabled(
+                        !stopping,
+                        egui::Button::new(if stopping { "Stopping…" } else { "⏹ Stop" })
+                            .min_size(egui::vec2(84.0, 30.0)),
+                    )
                     .on_hover_text("Stop the reply (Esc)");
                 if stop.clicked() {
                     actions.push(Action::Stop);
@@ -235,6 +239,17 @@ fn meter_row(app: &App, ui: &mut Ui) {
         return;
     }
     let muted = theme::muted_text_color(ui.visuals());
+    if let (Some(generation), Some(model)) = (&app.generation, app.loaded_model())
+        && let Some(tokens) = generation.prompt_tokens
+    {
+        let text = format!(
+            "Context: {} / {} tokens, plus the reply being written",
+            format_count(tokens),
+            format_count(model.context_length())
+        );
+        ui.label(RichText::new(text).small().color(muted));
+        return;
+    }
     let Some((count, current)) = app.meter.latest() else {
         ui.label(RichText::new("Counting tokens…").small().color(muted));
         return;

@@ -37,6 +37,7 @@ impl App {
                 info,
                 tokenizer,
                 load_secs,
+                ..
             } => self.on_loaded(info, tokenizer, load_secs),
             Event::LoadFailed { path, message } => self.on_load_failed(&path, &message),
             Event::Unloaded => {
@@ -49,6 +50,7 @@ impl App {
                 prompt_tokens,
                 prompt_text,
                 dropped_messages,
+                ..
             } => self.on_started(id, prompt_tokens, prompt_text, dropped_messages),
             Event::Segment { id, kind, text } => self.on_segment(id, kind, &text),
             Event::Finished { id, stats } => self.on_finished(id, stats),
@@ -94,16 +96,20 @@ impl App {
     }
 
     fn on_load_failed(&mut self, path: &std::path::Path, message: &str) {
-        let was_cancelled = matches!(self.model, ModelState::Loading { cancelling: true, .. });
+        let was_cancelled = matches!(
+            self.model,
+            ModelState::Loading {
+                cancelling: true,
+                ..
+            }
+        );
         self.model = ModelState::Empty;
         if was_cancelled {
             self.notices.info("Loading was cancelled.");
             return;
         }
-        self.notices.error(format!(
-            "Could not open {}: {message}",
-            file_name(path)
-        ));
+        self.notices
+            .error(format!("Could not open {}: {message}", file_name(path)));
         if self.prefs.last_model.as_deref() == Some(path) {
             self.prefs.last_model = None;
         }
@@ -145,19 +151,23 @@ impl App {
             return;
         };
         let now = Instant::now();
+        let key = (generation.conversation_id.clone(), generation.message_index);
         match kind {
             SegmentKind::Thinking => {
+                if generation.phase != Phase::Thinking {
+                    self.chat.thinking_open.insert(key.clone(), true);
+                }
                 generation.phase = Phase::Thinking;
                 generation.thinking_since.get_or_insert(now);
             }
             SegmentKind::Answer => {
                 if generation.phase == Phase::Thinking {
-                    self.chat.thinking_just_ended = Some(generation.message_index);
+                    self.chat.thinking_open.insert(key.clone(), false);
                 }
                 generation.phase = Phase::Answering;
             }
         }
-        let (conversation_id, index) = (generation.conversation_id.clone(), generation.message_index);
+        let (conversation_id, index) = key;
         let Some(message) = self
             .conversation_mut(&conversation_id)
             .and_then(|c| c.messages.get_mut(index))
@@ -165,7 +175,10 @@ impl App {
             return;
         };
         match kind {
-            SegmentKind::Thinking => message.thinking.get_or_insert_with(String::new).push_str(text),
+            SegmentKind::Thinking => message
+                .thinking
+                .get_or_insert_with(String::new)
+                .push_str(text),
             SegmentKind::Answer => message.content.push_str(text),
         }
         self.revision += 1;
@@ -175,6 +188,8 @@ impl App {
         let Some(generation) = self.generation.take_if(|g| g.id == id) else {
             return;
         };
+        let key = (generation.conversation_id.clone(), generation.message_index);
+        self.chat.thinking_open.insert(key, false);
         self.end_reply(&generation, Some(stats), None);
     }
 

@@ -17,13 +17,16 @@ pub const CONTEXT_CHOICES: [usize; 7] = [2048, 4096, 8192, 16384, 32768, 65536, 
 /// Draws the settings window when it is open.
 pub fn show_window(app: &mut App, ctx: &egui::Context) {
     let mut open = app.windows.settings;
+    let screen = ctx.content_rect();
     egui::Window::new("Settings")
         .open(&mut open)
-        .default_width(440.0)
-        .max_height(ctx.content_rect().height() * 0.85)
+        .default_width(460.0)
+        .default_pos(egui::pos2(screen.right() - 490.0, screen.top() + 48.0))
         .collapsible(false)
         .show(ctx, |ui| {
+            ui.spacing_mut().slider_width = 200.0;
             egui::ScrollArea::vertical()
+                .max_height(screen.height() - 140.0)
                 .auto_shrink([false, true])
                 .show(ui, |ui| contents(app, ui));
         });
@@ -48,7 +51,11 @@ fn contents(app: &mut App, ui: &mut Ui) {
 }
 
 fn section(ui: &mut Ui, title: &str) {
-    ui.label(RichText::new(title).strong().heading());
+    ui.label(
+        RichText::new(title)
+            .strong()
+            .size(ui.text_style_height(&egui::TextStyle::Body) * 1.15),
+    );
     ui.separator();
 }
 
@@ -72,11 +79,19 @@ fn sampling(ui: &mut Ui, params: &mut SamplingParams) -> bool {
     let mut changed = false;
     let muted = theme::muted_text_color(ui.visuals());
     changed |= ui
-        .add(egui::Slider::new(&mut params.temperature, 0.0..=2.0).text("Temperature").step_by(0.05))
+        .add(
+            egui::Slider::new(&mut params.temperature, 0.0..=2.0)
+                .text("Temperature")
+                .step_by(0.05),
+        )
         .on_hover_text("Higher is more varied, 0 always picks the most likely word")
         .changed();
     changed |= ui
-        .add(egui::Slider::new(&mut params.top_p, 0.05..=1.0).text("Top-p").step_by(0.01))
+        .add(
+            egui::Slider::new(&mut params.top_p, 0.05..=1.0)
+                .text("Top-p")
+                .step_by(0.01),
+        )
         .on_hover_text("Keep the most likely words that add up to this probability (1 = off)")
         .changed();
     changed |= ui
@@ -84,15 +99,27 @@ fn sampling(ui: &mut Ui, params: &mut SamplingParams) -> bool {
         .on_hover_text("Keep only this many most likely words (0 = off)")
         .changed();
     changed |= ui
-        .add(egui::Slider::new(&mut params.min_p, 0.0..=0.5).text("Min-p").step_by(0.01))
+        .add(
+            egui::Slider::new(&mut params.min_p, 0.0..=0.5)
+                .text("Min-p")
+                .step_by(0.01),
+        )
         .on_hover_text("Drop words less likely than this share of the most likely one (0 = off)")
         .changed();
     changed |= ui
-        .add(egui::Slider::new(&mut params.repeat_penalty, 1.0..=2.0).text("Repeat penalty").step_by(0.01))
+        .add(
+            egui::Slider::new(&mut params.repeat_penalty, 1.0..=2.0)
+                .text("Repeat penalty")
+                .step_by(0.01),
+        )
         .on_hover_text("Discourage repeating recent words (1 = off)")
         .changed();
     changed |= ui
-        .add(egui::Slider::new(&mut params.max_tokens, 16..=32768).logarithmic(true).text("Max reply tokens"))
+        .add(
+            egui::Slider::new(&mut params.max_tokens, 16..=32768)
+                .logarithmic(true)
+                .text("Max reply tokens"),
+        )
         .changed();
     changed |= ui
         .add(egui::Slider::new(&mut params.seed, 0..=u32::MAX as u64).text("Seed"))
@@ -103,7 +130,11 @@ fn sampling(ui: &mut Ui, params: &mut SamplingParams) -> bool {
             *params = SamplingParams::default();
             changed = true;
         }
-        ui.label(RichText::new("Saved with this conversation").small().color(muted));
+        ui.label(
+            RichText::new("Saved with this conversation")
+                .small()
+                .color(muted),
+        );
     });
     changed
 }
@@ -142,7 +173,11 @@ fn model_settings(app: &mut App, ui: &mut Ui) {
     let loaded = match &app.model {
         ModelState::Ready(model) => Some((
             model.options.clone(),
-            model.info.ram_estimate_bytes(options.context_length.min(model.info.hparams.context_length)),
+            model.info.ram_estimate_bytes(
+                options
+                    .context_length
+                    .min(model.info.hparams.context_length),
+            ),
         )),
         _ => None,
     };
@@ -183,10 +218,7 @@ fn appearance(app: &mut App, ui: &mut Ui) {
             .suffix(" pt"),
     );
     let mut show = app.prefs.show_thinking;
-    if ui
-        .checkbox(&mut show, "Show thinking in replies")
-        .changed()
-    {
+    if ui.checkbox(&mut show, "Show thinking in replies").changed() {
         app.apply(Action::ToggleShowThinking);
     }
 }

@@ -55,7 +55,9 @@ impl Fake {
 
     /// The newest generate request.
     pub fn last_request(&self) -> GenerateRequest {
-        self.requests().pop().expect("the app sent no generate request")
+        self.requests()
+            .pop()
+            .expect("the app sent no generate request")
     }
 
     /// The model paths the app asked to load.
@@ -171,7 +173,13 @@ fn build<'a>(
             if let Some(storage) = storage {
                 cc.storage = Some(storage);
             }
-            App::new(cc, options)
+            App::new(
+                cc,
+                AppOptions {
+                    catch_panics: false,
+                    ..options
+                },
+            )
         })
 }
 
