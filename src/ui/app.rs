@@ -435,7 +435,7 @@ impl eframe::App for App {
             self.notices.error(format!(
                 "Something went wrong while drawing the window ({}). SmolDesk recovered; if it \
                  keeps happening, please report it.",
-                panic_message(&panic)
+                panic_message(panic.as_ref())
             ));
         }
         self.flush_settings(now);
@@ -455,7 +455,7 @@ impl eframe::App for App {
 }
 
 /// The text of a caught panic.
-pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {

@@ -52,6 +52,8 @@ pub struct ModelPicker {
     pub path_input: String,
     /// Models found in the model folders.
     pub found: Vec<PathBuf>,
+    /// File sizes of listed models, read when the list was made (`None`: missing).
+    sizes: std::collections::HashMap<PathBuf, Option<u64>>,
     model_dirs: Vec<PathBuf>,
     /// The card being shown.
     pub card: Option<Card>,
@@ -70,6 +72,7 @@ impl ModelPicker {
         let mut picker = Self {
             path_input: String::new(),
             found: Vec::new(),
+            sizes: std::collections::HashMap::new(),
             model_dirs,
             card: None,
             card_tx,
@@ -85,6 +88,18 @@ impl ModelPicker {
     /// Lists the model folders again.
     pub fn rescan(&mut self) {
         self.found = crate::paths::find_model_files(&self.model_dirs);
+        self.sizes.clear();
+    }
+
+    /// A listed model's size in bytes, `None` when the file is gone. Read once per listing so
+    /// drawing never touches the disk.
+    pub fn size_of(&mut self, path: &Path) -> Option<u64> {
+        *self.sizes.entry(path.to_path_buf()).or_insert_with(|| {
+            std::fs::metadata(path)
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+        })
     }
 
     /// The folders searched for models.
@@ -291,7 +306,15 @@ pub fn picker_contents(app: &mut App, ui: &mut Ui) {
     ui.add_space(4.0);
     path_field(app, ui, &mut actions);
     ui.add_space(8.0);
-    model_list(ui, "Models found", &app.picker.found, "found", &mut actions);
+    let found = app.picker.found.clone();
+    model_list(
+        ui,
+        &mut app.picker,
+        "Models found",
+        &found,
+        "found",
+        &mut actions,
+    );
     if app.picker.found.is_empty() {
         let dirs: Vec<String> = app
             .picker
@@ -319,7 +342,14 @@ pub fn picker_contents(app: &mut App, ui: &mut Ui) {
         .cloned()
         .collect();
     ui.add_space(6.0);
-    model_list(ui, "Recent", &recent, "recent", &mut actions);
+    model_list(
+        ui,
+        &mut app.picker,
+        "Recent",
+        &recent,
+        "recent",
+        &mut actions,
+    );
     if let Some(card) = app.picker.card.clone() {
         ui.add_space(8.0);
         card_section(app, ui, &card, &mut actions);
@@ -384,7 +414,14 @@ fn path_field(app: &mut App, ui: &mut Ui, actions: &mut Vec<Action>) {
 }
 
 /// A list of model files, each with its name, folder, size and a Load button.
-fn model_list(ui: &mut Ui, title: &str, paths: &[PathBuf], salt: &str, actions: &mut Vec<Action>) {
+fn model_list(
+    ui: &mut Ui,
+    picker: &mut ModelPicker,
+    title: &str,
+    paths: &[PathBuf],
+    salt: &str,
+    actions: &mut Vec<Action>,
+) {
     if paths.is_empty() {
         return;
     }
@@ -393,10 +430,9 @@ fn model_list(ui: &mut Ui, title: &str, paths: &[PathBuf], salt: &str, actions: 
         ui.push_id((salt, path), |ui| {
             ui.horizontal(|ui| {
                 let name = file_name(path);
-                let exists = path.is_file();
-                let size = std::fs::metadata(path)
-                    .map(|m| format_bytes(m.len()))
-                    .unwrap_or_else(|_| "missing".to_string());
+                let size = picker.size_of(path);
+                let exists = size.is_some();
+                let size = size.map_or_else(|| "missing".to_string(), format_bytes);
                 if ui
                     .add_enabled(exists, egui::Button::new("Load"))
                     .on_hover_text(format!("Load {name}"))

@@ -22,6 +22,7 @@ pub fn show_window(app: &mut App, ctx: &egui::Context) {
         .open(&mut open)
         .default_width(460.0)
         .default_pos(egui::pos2(screen.right() - 490.0, screen.top() + 48.0))
+        .default_height(screen.height() - 120.0)
         .collapsible(false)
         .show(ctx, |ui| {
             ui.spacing_mut().slider_width = 200.0;
