@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{EngineError, Result};
 use super::gguf::GgufFile;
-use super::model::Model;
+use super::model::{Model, PREFILL_CHUNK};
 use super::model_info::ModelInfo;
 use super::tokenizer::GgufTokenizer;
 
@@ -47,6 +47,8 @@ pub struct Engine {
     info: ModelInfo,
     tokenizer: Arc<GgufTokenizer>,
     model: Model,
+    /// Threads the model's kernels run on.
+    pool: rayon::ThreadPool,
     /// The tokens whose keys and values the model's cache holds, in order.
     cached: Vec<u32>,
 }
@@ -69,10 +71,20 @@ impl Engine {
         }
         let tokenizer = Arc::new(GgufTokenizer::from_gguf(&gguf)?);
         let model = Model::load(&gguf, &info, options.context_length, progress)?;
+        let mut pool = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("smoldesk-compute-{i}"));
+        if options.threads > 0 {
+            pool = pool.num_threads(options.threads);
+        } else {
+            pool = pool.num_threads(candle_core::utils::get_num_threads());
+        }
+        let pool = pool
+            .build()
+            .map_err(|e| EngineError::Candle(candle_core::Error::Msg(e.to_string())))?;
         Ok(Self {
             info,
             tokenizer,
             model,
+            pool,
             cached: Vec::new(),
         })
     }
@@ -106,6 +118,16 @@ impl Engine {
     /// Feeds a whole prompt, reusing the longest cached prefix it shares with what the cache
     /// holds, and returns the logits after its last token.
     pub fn prefill(&mut self, prompt: &[u32]) -> Result<Prefill> {
+        self.prefill_cancellable(prompt, &|| false)
+    }
+
+    /// Like [`Engine::prefill`], asking `cancelled` between chunks of [`PREFILL_CHUNK`] tokens.
+    /// A cancelled prefill keeps what it computed in the cache for the next attempt.
+    pub fn prefill_cancellable(
+        &mut self,
+        prompt: &[u32],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Prefill> {
         if prompt.is_empty() {
             return Err(EngineError::Tokenizer("the prompt is empty".into()));
         }
@@ -120,9 +142,14 @@ impl Engine {
         let reused = shared.min(prompt.len() - 1);
         self.model.truncate_cache(reused);
         self.cached.truncate(reused);
-        let rows = self.model.forward(&prompt[reused..], false);
-        let rows = self.after_forward(rows, &prompt[reused..])?;
-        let logits = rows.into_iter().last().unwrap_or_default();
+        let mut logits = Vec::new();
+        for chunk in prompt[reused..].chunks(PREFILL_CHUNK) {
+            if cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            let rows = self.run(chunk, false);
+            logits = self.after_forward(rows, chunk)?.pop().unwrap_or_default();
+        }
         Ok(Prefill {
             logits,
             reused,
@@ -132,7 +159,7 @@ impl Engine {
 
     /// Feeds one generated token and returns the logits for the next.
     pub fn decode(&mut self, token: u32) -> Result<Vec<f32>> {
-        let rows = self.model.forward(&[token], false);
+        let rows = self.run(&[token], false);
         let rows = self.after_forward(rows, &[token])?;
         Ok(rows.into_iter().last().unwrap_or_default())
     }
@@ -140,8 +167,14 @@ impl Engine {
     /// Logits at every position of `tokens`, computed from an empty cache.
     pub fn logits_all(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         self.reset();
-        let rows = self.model.forward(tokens, true);
+        let rows = self.run(tokens, true);
         self.after_forward(rows, tokens)
+    }
+
+    /// Runs the model on the engine's own thread pool.
+    fn run(&mut self, tokens: &[u32], all_positions: bool) -> Result<Vec<Vec<f32>>> {
+        let model = &mut self.model;
+        self.pool.install(|| model.forward(tokens, all_positions))
     }
 
     /// Keeps `cached` in step with the model's cache; a failed forward leaves the cache empty
