@@ -93,7 +93,9 @@ fn compare(model: &mut Model, reference: &Value) -> Comparison {
         cmp.add_argmax(argmax(row), want);
     }
     let last = rows.last().expect("long rows");
-    cmp.max_diff = cmp.max_diff.max(max_abs_diff(last, &floats(&long["last_logits"])));
+    cmp.max_diff = cmp
+        .max_diff
+        .max(max_abs_diff(last, &floats(&long["last_logits"])));
     cmp
 }
 
@@ -107,7 +109,10 @@ fn f32_model_matches_llama_cpp_logits() {
         cmp.positions, cmp.argmax_equal, cmp.max_diff
     );
     assert!(cmp.max_diff < 0.01, "max logit diff {}", cmp.max_diff);
-    assert_eq!(cmp.argmax_equal, cmp.positions, "argmax must match everywhere");
+    assert_eq!(
+        cmp.argmax_equal, cmp.positions,
+        "argmax must match everywhere"
+    );
 }
 
 #[test]
@@ -122,7 +127,11 @@ fn q4_k_m_model_matches_llama_cpp_within_tolerance() {
         100.0 * cmp.argmax_share(),
         cmp.max_diff
     );
-    assert!(cmp.argmax_share() >= 0.85, "argmax agreement {:.3}", cmp.argmax_share());
+    assert!(
+        cmp.argmax_share() >= 0.85,
+        "argmax agreement {:.3}",
+        cmp.argmax_share()
+    );
     assert!(cmp.max_diff <= 4.0, "max logit diff {}", cmp.max_diff);
 }
 
@@ -172,11 +181,20 @@ fn incremental_decoding_matches_one_prefill_and_survives_truncation() {
         // Truncate back to a prefix and continue with a multi-token chunk, then decode.
         model.truncate_cache(17);
         assert_eq!(model.cache_len(), 17);
-        let rows = model.forward(&tokens[17..30], true).expect("after truncate");
+        let rows = model
+            .forward(&tokens[17..30], true)
+            .expect("after truncate");
         for (j, row) in rows.iter().enumerate() {
-            assert_rows_close(row, &full[17 + j], &format!("{name} re-prefill position {}", 17 + j));
+            assert_rows_close(
+                row,
+                &full[17 + j],
+                &format!("{name} re-prefill position {}", 17 + j),
+            );
         }
-        let row = model.forward(&[tokens[30]], false).expect("decode").remove(0);
+        let row = model
+            .forward(&[tokens[30]], false)
+            .expect("decode")
+            .remove(0);
         assert_rows_close(&row, &full[30], &format!("{name} decode after truncation"));
     }
 }
@@ -202,6 +220,9 @@ fn cancelled_load_stops_early() {
         calls += 1;
         calls < 3
     });
-    assert!(matches!(result, Err(smoldesk::engine::EngineError::Cancelled)));
+    assert!(matches!(
+        result,
+        Err(smoldesk::engine::EngineError::Cancelled)
+    ));
     assert_eq!(calls, 3);
 }

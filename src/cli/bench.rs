@@ -6,8 +6,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::engine::session::{Engine, LoadOptions};
 use crate::engine::model::argmax;
+use crate::engine::session::{Engine, LoadOptions};
 
 /// Arguments of `smoldesk bench`.
 #[derive(Debug, clap::Args)]

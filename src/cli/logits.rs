@@ -39,7 +39,10 @@ pub fn run(args: Args) -> Result<()> {
         for (i, row) in rows.iter().enumerate() {
             let best = crate::engine::model::argmax(row);
             let shown: Vec<String> = row.iter().take(8).map(|v| format!("{v:.4}")).collect();
-            println!("row {i}: argmax {best}; first logits [{} …]", shown.join(", "));
+            println!(
+                "row {i}: argmax {best}; first logits [{} …]",
+                shown.join(", ")
+            );
         }
     }
     Ok(())

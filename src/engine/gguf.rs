@@ -299,12 +299,11 @@ impl<R: Read> BoundedReader<R> {
                 }
                 let elem_type = self.u32(key)?;
                 let count = self.u64(key)?;
-                let min_size = min_value_size(elem_type).ok_or_else(|| {
-                    EngineError::InvalidMetadata {
+                let min_size =
+                    min_value_size(elem_type).ok_or_else(|| EngineError::InvalidMetadata {
                         key: key.to_string(),
                         reason: format!("unknown array element type {elem_type}"),
-                    }
-                })?;
+                    })?;
                 self.check_count(key, count, min_size)?;
                 let mut items = Vec::with_capacity(count as usize);
                 for _ in 0..count {
@@ -463,7 +462,8 @@ impl GgufFile {
     /// A required unsigned integer key.
     pub fn get_u64(&self, key: &str) -> Result<u64, EngineError> {
         let v = self.require(key)?;
-        v.as_u64().ok_or_else(|| wrong_type(key, "unsigned integer", v))
+        v.as_u64()
+            .ok_or_else(|| wrong_type(key, "unsigned integer", v))
     }
 
     /// A required float key (integers are accepted).
@@ -486,7 +486,10 @@ impl GgufFile {
         let v = self.require(key)?;
         let arr = v.as_array().ok_or_else(|| wrong_type(key, "array", v))?;
         arr.iter()
-            .map(|item| item.as_i64().ok_or_else(|| wrong_type(key, "integer", item)))
+            .map(|item| {
+                item.as_i64()
+                    .ok_or_else(|| wrong_type(key, "integer", item))
+            })
             .collect()
     }
 
@@ -520,7 +523,8 @@ impl GgufFile {
             what: format!("data of tensor {}", info.name),
             offset: info.offset,
         })?;
-        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &Device::Cpu, info.dtype)?;
+        let storage =
+            QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &Device::Cpu, info.dtype)?;
         Ok(QTensor::new(storage, info.shape())?)
     }
 }

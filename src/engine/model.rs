@@ -7,7 +7,8 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::k_quants::{self, BlockQ6K};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::error::{EngineError, Result};
@@ -21,14 +22,14 @@ pub const PREFILL_CHUNK: usize = 512;
 /// One transformer block's weights.
 struct Block {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
     uses_rope: bool,
 }
 
@@ -49,7 +50,7 @@ struct RopeTables {
 pub struct Model {
     hparams: HParams,
     embedding: Arc<QTensor>,
-    output: QMatMul,
+    output: Linear,
     output_norm: Tensor,
     blocks: Vec<Block>,
     rope: RopeTables,
@@ -95,7 +96,7 @@ impl Model {
         }
         let output_norm = loader.dense("output_norm.weight")?;
         let output = if info.tied_embeddings {
-            QMatMul::from_arc(embedding.clone())?
+            Linear::new(embedding.clone())?
         } else {
             loader.matmul("output.weight")?
         };
@@ -196,7 +197,8 @@ impl Model {
         let mask = causal_mask(seq, offset)?;
         let (cos, sin) = self.rope.window(offset, seq)?;
         for (block, cache) in self.blocks.iter().zip(self.cache.iter_mut()) {
-            let attn_in = candle_nn::ops::rms_norm(&x, &block.attn_norm, self.hparams.rms_eps as f32)?;
+            let attn_in =
+                candle_nn::ops::rms_norm(&x, &block.attn_norm, self.hparams.rms_eps as f32)?;
             let attn = attention(
                 block,
                 cache,
@@ -208,7 +210,8 @@ impl Model {
                 &sin,
             )?;
             x = (x + attn)?;
-            let ffn_in = candle_nn::ops::rms_norm(&x, &block.ffn_norm, self.hparams.rms_eps as f32)?;
+            let ffn_in =
+                candle_nn::ops::rms_norm(&x, &block.ffn_norm, self.hparams.rms_eps as f32)?;
             let gate = candle_nn::ops::silu(&block.w_gate.forward(&ffn_in)?)?;
             let up = block.w_up.forward(&ffn_in)?;
             x = (x + block.w_down.forward(&(gate * up)?)?)?;
@@ -223,6 +226,60 @@ impl Model {
         let x = candle_nn::ops::rms_norm(&x, &self.output_norm, self.hparams.rms_eps as f32)?;
         Ok(Some(self.output.forward(&x)?))
     }
+}
+
+/// A weight matrix applied to `(tokens, in)` activations.
+///
+/// Q6_K weights bypass candle's repacked kernel, whose multi-row tiles round differently from its
+/// single-row path: through the generic kernel every row is computed the same way whether it is
+/// decoded alone or prefilled with others, so incremental decoding reproduces a prefill's logits.
+enum Linear {
+    /// Candle's quantized matmul (Q4_K and others; plain f32 matmul for float weights).
+    Candle(QMatMul),
+    /// Q6_K weights `(n_out, n_in)` through the row-independent generic kernel.
+    Q6K(Arc<QTensor>),
+}
+
+impl Linear {
+    fn new(weight: Arc<QTensor>) -> Result<Self> {
+        Ok(if weight.dtype() == GgmlDType::Q6K {
+            Self::Q6K(weight)
+        } else {
+            Self::Candle(QMatMul::from_arc(weight)?)
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Candle(m) => Ok(m.forward(x)?),
+            Self::Q6K(w) => q6k_matmul(w, x),
+        }
+    }
+}
+
+/// `x (m, k) × wᵀ` for a Q6_K `w (n, k)` with candle's generic k-quant kernel.
+fn q6k_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
+    let (n, k) = w.shape().dims2()?;
+    let (m, xk) = x.dims2()?;
+    if xk != k {
+        return Err(candle_core::Error::Msg(format!("matmul shape mismatch: {k} vs {xk}")).into());
+    }
+    let lhs = x.flatten_all()?.to_vec1::<f32>()?;
+    let data = w.data()?;
+    let block_bytes = std::mem::size_of::<BlockQ6K>();
+    let n_blocks = data.len() / block_bytes;
+    if n_blocks * block_bytes != data.len()
+        || data.as_ptr().align_offset(std::mem::align_of::<BlockQ6K>()) != 0
+    {
+        return Err(candle_core::Error::Msg("misaligned Q6_K storage".into()).into());
+    }
+    // SAFETY: the storage is candle's own Vec<BlockQ6K> (length and alignment checked above),
+    // and BlockQ6K is a plain repr(C) struct of integers and an f16.
+    let blocks: &[BlockQ6K] =
+        unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<BlockQ6K>(), n_blocks) };
+    let mut dst = vec![0f32; m * n];
+    k_quants::matmul::<BlockQ6K>((m, k, n), &lhs, blocks, &mut dst)?;
+    Ok(Tensor::from_vec(dst, (m, n), &Device::Cpu)?)
 }
 
 /// Self-attention of one block for `x` (`seq × n_embd`), appending keys and values to `cache`.
@@ -420,8 +477,8 @@ impl<'a> TensorLoader<'a> {
         Ok(tensor)
     }
 
-    fn matmul(&mut self, name: &str) -> Result<QMatMul> {
-        Ok(QMatMul::from_qtensor(self.qtensor(name)?)?)
+    fn matmul(&mut self, name: &str) -> Result<Linear> {
+        Linear::new(Arc::new(self.qtensor(name)?))
     }
 
     /// A small tensor (norm weights) as plain f32.

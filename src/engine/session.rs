@@ -65,13 +65,13 @@ impl Engine {
         let info = ModelInfo::from_gguf(&gguf)?;
         if gguf.tensors.is_empty() {
             return Err(EngineError::MissingTensor(
-                "token_embd.weight (the file has no weights; is it a vocabulary-only file?)"
-                    .into(),
+                "token_embd.weight (the file has no weights; is it a vocabulary-only file?)".into(),
             ));
         }
         let tokenizer = Arc::new(GgufTokenizer::from_gguf(&gguf)?);
         let model = Model::load(&gguf, &info, options.context_length, progress)?;
-        let mut pool = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("smoldesk-compute-{i}"));
+        let mut pool =
+            rayon::ThreadPoolBuilder::new().thread_name(|i| format!("smoldesk-compute-{i}"));
         if options.threads > 0 {
             pool = pool.num_threads(options.threads);
         } else {
@@ -179,11 +179,7 @@ impl Engine {
 
     /// Keeps `cached` in step with the model's cache; a failed forward leaves the cache empty
     /// so the next call recomputes from scratch.
-    fn after_forward(
-        &mut self,
-        rows: Result<Vec<Vec<f32>>>,
-        fed: &[u32],
-    ) -> Result<Vec<Vec<f32>>> {
+    fn after_forward(&mut self, rows: Result<Vec<Vec<f32>>>, fed: &[u32]) -> Result<Vec<Vec<f32>>> {
         match rows {
             Ok(rows) => {
                 self.cached.extend_from_slice(fed);

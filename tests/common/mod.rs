@@ -25,8 +25,8 @@ pub fn smollm2_path() -> PathBuf {
     if let Ok(p) = std::env::var("SMOLDESK_SMOLLM2") {
         return PathBuf::from(p);
     }
-    let local = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let local =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if local.is_file() {
         return local;
     }
