@@ -288,7 +288,7 @@ impl<R: Read> BoundedReader<R> {
             4 => MetaValue::U32(u32::from_le_bytes(self.bytes(key)?)),
             5 => MetaValue::I32(i32::from_le_bytes(self.bytes(key)?)),
             6 => MetaValue::F32(f32::from_le_bytes(self.bytes(key)?)),
-            7 => MetaValue::Bool(u8::from_le_bytes(self.bytes::<1>(key)?)[0] != 0),
+            7 => MetaValue::Bool(self.bytes::<1>(key)?[0] != 0),
             8 => MetaValue::String(self.string(key)?),
             9 => {
                 if depth > 0 {
