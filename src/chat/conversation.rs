@@ -115,3 +115,128 @@ impl Default for ChatSettings {
         }
     }
 }
+
+/// A saved conversation: its messages, its own settings and when it was made.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Conversation {
+    /// Unique id; also the file name of the saved JSON.
+    pub id: String,
+    /// The title the user gave it (empty = derived from the first message).
+    pub title: String,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_ms: i64,
+    /// Last change, milliseconds since the Unix epoch.
+    pub updated_ms: i64,
+    /// System prompt, thinking mode and sampling for this conversation.
+    pub settings: ChatSettings,
+    /// User and assistant messages, oldest first (no system message).
+    pub messages: Vec<Message>,
+}
+
+impl Default for Conversation {
+    fn default() -> Self {
+        Self::new(ChatSettings::default())
+    }
+}
+
+impl Conversation {
+    /// Longest title derived from the first message, in characters.
+    pub const AUTO_TITLE_CHARS: usize = 48;
+
+    /// An empty conversation with a fresh id.
+    pub fn new(settings: ChatSettings) -> Self {
+        let now = now_ms();
+        Self {
+            id: new_conversation_id(now),
+            title: String::new(),
+            created_ms: now,
+            updated_ms: now,
+            settings,
+            messages: Vec::new(),
+        }
+    }
+
+    /// The title to show: the user's, else the start of the first user message, else "New chat".
+    pub fn display_title(&self) -> String {
+        let given = self.title.trim();
+        if !given.is_empty() {
+            return given.to_string();
+        }
+        let first_user = self
+            .messages
+            .iter()
+            .find(|m| m.role == Role::User)
+            .map(|m| m.content.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
+        if first_user.is_empty() {
+            return "New chat".to_string();
+        }
+        truncate_chars(&first_user, Self::AUTO_TITLE_CHARS)
+    }
+
+    /// Records that the conversation changed now.
+    pub fn touch(&mut self) {
+        self.updated_ms = now_ms().max(self.updated_ms);
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A new unique conversation id made of digits and dashes (safe as a file name).
+fn new_conversation_id(now_ms: i64) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{now_ms}-{}-{n}", std::process::id())
+}
+
+/// The first `max` characters of `text`, with "…" when cut.
+fn truncate_chars(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", text[..cut].trim_end()),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod conversation_tests {
+    use super::*;
+
+    #[test]
+    fn new_conversations_get_distinct_ids() {
+        let a = Conversation::default();
+        let b = Conversation::default();
+        assert_ne!(a.id, b.id);
+        assert!(a.id.chars().all(|c| c.is_ascii_digit() || c == '-'));
+    }
+
+    #[test]
+    fn title_comes_from_the_first_user_message_when_not_given() {
+        let mut c = Conversation::default();
+        assert_eq!(c.display_title(), "New chat");
+        c.messages.push(Message::new(Role::User, "  Why is\nthe sky blue?  "));
+        assert_eq!(c.display_title(), "Why is the sky blue?");
+        c.title = "Sky".into();
+        assert_eq!(c.display_title(), "Sky");
+    }
+
+    #[test]
+    fn long_titles_are_cut_on_a_character_boundary() {
+        let mut c = Conversation::default();
+        c.messages.push(Message::new(Role::User, "é".repeat(100)));
+        let title = c.display_title();
+        assert_eq!(title.chars().count(), Conversation::AUTO_TITLE_CHARS + 1);
+        assert!(title.ends_with('…'));
+    }
+
+    #[test]
+    fn old_files_without_new_fields_still_load() {
+        let c: Conversation = serde_json::from_str(r#"{"id":"1","messages":[]}"#).unwrap();
+        assert_eq!(c.id, "1");
+        assert!(c.settings.thinking);
+    }
+}

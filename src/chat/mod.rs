@@ -4,5 +4,6 @@
 pub mod context;
 pub mod conversation;
 pub mod generate;
+pub mod store;
 pub mod template;
 pub mod thinking;

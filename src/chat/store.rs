@@ -1,0 +1,365 @@
+//! Saving conversations: one JSON file per conversation, each written atomically (temporary
+//! file, fsync, rename) so a crash never leaves a half-written conversation behind.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::conversation::{Conversation, Role};
+
+/// What can go wrong reading or writing conversations.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The conversations folder could not be created.
+    #[error("cannot create the conversations folder {path}: {source}")]
+    CreateDir {
+        /// The folder.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A conversation could not be written.
+    #[error("cannot save the conversation to {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A conversation file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A conversation file is not valid JSON of a conversation.
+    #[error("{path} is not a valid conversation file: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the JSON parser found.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A conversation file could not be deleted.
+    #[error("cannot delete {path}: {source}")]
+    Delete {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The id cannot be used as a file name.
+    #[error("invalid conversation id {0:?}")]
+    InvalidId(String),
+}
+
+/// Conversations loaded from the folder, and the files that could not be read.
+#[derive(Debug, Default)]
+pub struct LoadedConversations {
+    /// The readable conversations, most recently changed first.
+    pub conversations: Vec<Conversation>,
+    /// One error per unreadable file (those files are left untouched).
+    pub errors: Vec<StoreError>,
+}
+
+/// The folder of saved conversations.
+#[derive(Debug, Clone)]
+pub struct ConversationStore {
+    dir: PathBuf,
+}
+
+impl ConversationStore {
+    /// A store in `dir` (created on the first save).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file a conversation is saved in.
+    pub fn path_of(&self, id: &str) -> Result<PathBuf, StoreError> {
+        if !is_valid_id(id) {
+            return Err(StoreError::InvalidId(id.to_string()));
+        }
+        Ok(self.dir.join(format!("{id}.json")))
+    }
+
+    /// Writes a conversation atomically, replacing its previous version.
+    pub fn save(&self, conversation: &Conversation) -> Result<(), StoreError> {
+        let path = self.path_of(&conversation.id)?;
+        std::fs::create_dir_all(&self.dir).map_err(|source| StoreError::CreateDir {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let json = serde_json::to_vec_pretty(conversation).map_err(|e| StoreError::Write {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        write_atomically(&path, &json).map_err(|source| StoreError::Write { path, source })
+    }
+
+    /// Reads one conversation. Its id is always the file name, whatever the JSON says.
+    pub fn load(&self, id: &str) -> Result<Conversation, StoreError> {
+        let path = self.path_of(id)?;
+        read_conversation(&path, id)
+    }
+
+    /// Reads every conversation in the folder, most recently changed first. A missing folder
+    /// is an empty list; unreadable files are reported, not fatal.
+    pub fn load_all(&self) -> LoadedConversations {
+        let mut loaded = LoadedConversations::default();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return loaded;
+        };
+        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+            let Some(id) = conversation_id_of(&path) else {
+                continue;
+            };
+            match read_conversation(&path, &id) {
+                Ok(conversation) => loaded.conversations.push(conversation),
+                Err(err) => loaded.errors.push(err),
+            }
+        }
+        loaded
+            .conversations
+            .sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms).then(b.id.cmp(&a.id)));
+        loaded
+    }
+
+    /// Deletes a conversation's file; deleting one that was never saved is not an error.
+    pub fn delete(&self, id: &str) -> Result<(), StoreError> {
+        let path = self.path_of(id)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Delete { path, source }),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` so that readers see either the old or the new content: a
+/// temporary file beside it, fsync, rename over the target, fsync of the folder.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the path has no file name"))?;
+    let mut tmp_name = file_name.to_os_string();
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let result = write_and_sync(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    sync_dir(dir);
+    Ok(())
+}
+
+/// The conversation as Markdown: title, system prompt, then the user's messages and the
+/// model's answers (never its thinking).
+pub fn export_markdown(conversation: &Conversation) -> String {
+    let mut out = format!("# {}\n\n", conversation.display_title());
+    let system = conversation.settings.system_prompt.trim();
+    if !system.is_empty() {
+        out.push_str("## System prompt\n\n");
+        out.push_str(system);
+        out.push_str("\n\n");
+    }
+    for message in &conversation.messages {
+        let heading = match message.role {
+            Role::User => "You",
+            Role::Assistant => "Assistant",
+            Role::System => "System",
+        };
+        out.push_str(&format!("## {heading}\n\n{}\n\n", message.content.trim_end()));
+    }
+    out.truncate(out.trim_end().len());
+    out.push('\n');
+    out
+}
+
+fn write_and_sync(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Makes a rename durable. Best effort: not every platform can open a folder for syncing.
+fn sync_dir(dir: &Path) {
+    #[cfg(unix)]
+    if let Ok(handle) = std::fs::File::open(dir) {
+        let _ = handle.sync_all();
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+}
+
+fn read_conversation(path: &Path, id: &str) -> Result<Conversation, StoreError> {
+    let text = std::fs::read_to_string(path).map_err(|source| StoreError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut conversation: Conversation =
+        serde_json::from_str(&text).map_err(|source| StoreError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    conversation.id = id.to_string();
+    Ok(conversation)
+}
+
+/// The id of a saved conversation file (`<id>.json`), or `None` for any other file.
+fn conversation_id_of(path: &Path) -> Option<String> {
+    if path.extension()? != "json" || !path.is_file() {
+        return None;
+    }
+    let id = path.file_stem()?.to_str()?;
+    is_valid_id(id).then(|| id.to_string())
+}
+
+/// Ids become file names: letters, digits, `-` and `_` only, at most 128 of them.
+fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::conversation::{ChatSettings, Message};
+
+    fn sample() -> Conversation {
+        let mut c = Conversation::new(ChatSettings::default());
+        c.messages.push(Message::new(Role::User, "Hi **there**"));
+        let mut reply = Message::new(Role::Assistant, "Hello!");
+        reply.thinking = Some("The user greets me.".into());
+        c.messages.push(reply);
+        c
+    }
+
+    #[test]
+    fn a_saved_conversation_loads_back_equal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConversationStore::new(dir.path().join("conversations"));
+        let c = sample();
+        store.save(&c).unwrap();
+        assert_eq!(store.load(&c.id).unwrap(), c);
+        let all = store.load_all();
+        assert_eq!(all.conversations, vec![c]);
+        assert!(all.errors.is_empty());
+    }
+
+    #[test]
+    fn saving_again_replaces_the_file_and_leaves_no_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConversationStore::new(dir.path());
+        let mut c = sample();
+        store.save(&c).unwrap();
+        c.messages.push(Message::new(Role::User, "again"));
+        store.save(&c).unwrap();
+        assert_eq!(store.load(&c.id).unwrap().messages.len(), 3);
+        let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(files.len(), 1);
+    }
+
+    #[test]
+    fn corrupt_files_are_reported_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConversationStore::new(dir.path());
+        store.save(&sample()).unwrap();
+        let bad = dir.path().join("broken.json");
+        std::fs::write(&bad, "{ not json").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+        let all = store.load_all();
+        assert_eq!(all.conversations.len(), 1);
+        assert_eq!(all.errors.len(), 1);
+        assert!(matches!(all.errors[0], StoreError::Parse { .. }));
+        assert!(bad.exists());
+    }
+
+    #[test]
+    fn newest_conversations_come_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConversationStore::new(dir.path());
+        let mut old = sample();
+        old.updated_ms = 1;
+        let mut new = sample();
+        new.updated_ms = 2;
+        store.save(&old).unwrap();
+        store.save(&new).unwrap();
+        let ids: Vec<_> = store.load_all().conversations.into_iter().map(|c| c.id).collect();
+        assert_eq!(ids, [new.id, old.id]);
+    }
+
+    #[test]
+    fn ids_that_are_not_plain_names_are_refused() {
+        let store = ConversationStore::new("/tmp");
+        for id in ["", "../escape", "a/b", "x.json"] {
+            assert!(matches!(store.path_of(id), Err(StoreError::InvalidId(_))));
+        }
+    }
+
+    #[test]
+    fn the_file_name_decides_the_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConversationStore::new(dir.path());
+        let mut c = sample();
+        c.id = "real-id".into();
+        let mut json = serde_json::to_value(&c).unwrap();
+        json["id"] = "../../evil".into();
+        std::fs::write(dir.path().join("real-id.json"), json.to_string()).unwrap();
+        assert_eq!(store.load_all().conversations[0].id, "real-id");
+    }
+
+    #[test]
+    fn deleting_removes_the_file_and_tolerates_missing_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConversationStore::new(dir.path());
+        let c = sample();
+        store.save(&c).unwrap();
+        store.delete(&c.id).unwrap();
+        assert!(store.load_all().conversations.is_empty());
+        store.delete(&c.id).unwrap();
+    }
+
+    #[test]
+    fn saving_into_a_path_that_is_a_file_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("conversations");
+        std::fs::write(&blocker, "a file, not a folder").unwrap();
+        let store = ConversationStore::new(&blocker);
+        assert!(matches!(
+            store.save(&sample()),
+            Err(StoreError::CreateDir { .. })
+        ));
+    }
+
+    #[test]
+    fn markdown_export_has_answers_but_no_thinking() {
+        let mut c = sample();
+        c.settings.system_prompt = "Be brief.".into();
+        let md = export_markdown(&c);
+        assert!(md.starts_with("# Hi **there**\n"));
+        assert!(md.contains("## System prompt\n\nBe brief."));
+        assert!(md.contains("## You\n\nHi **there**"));
+        assert!(md.contains("## Assistant\n\nHello!"));
+        assert!(!md.contains("greets"));
+        assert!(md.ends_with("Hello!\n"));
+    }
+}

@@ -1,0 +1,454 @@
+//! The application state and the frame loop: drains worker events, applies the user's actions,
+//! and lays out the panels (each panel lives in its own file).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use egui_commonmark::CommonMarkCache;
+
+use super::backend::Backend;
+use super::model_panel::ModelPicker;
+use super::notices::Notices;
+use super::prefs::Preferences;
+use super::saver::Saver;
+use super::theme::{self, AppliedTheme};
+use super::token_meter::{CountingModel, TokenMeter};
+use super::{chat_view, composer, model_panel, settings, shortcuts, sidebar, toolbar};
+use crate::chat::conversation::{ChatSettings, Conversation};
+use crate::chat::store::ConversationStore;
+use crate::engine::tokenizer::GgufTokenizer;
+use crate::engine::{LoadOptions, ModelInfo};
+use crate::worker::WorkerHandle;
+use crate::worker::messages::RequestId;
+
+/// How the app starts.
+pub struct AppOptions {
+    /// Where conversations are kept (see [`crate::paths::data_dir`]).
+    pub data_dir: PathBuf,
+    /// A model to open right away (from the command line).
+    pub model: Option<PathBuf>,
+    /// Reload the last model when no `model` is given.
+    pub restore_last_model: bool,
+    /// Folders searched for model files (`None`: [`crate::paths::model_dirs`]).
+    pub model_dirs: Option<Vec<PathBuf>>,
+    /// The inference backend (`None`: start the real worker thread).
+    pub backend: Option<Box<dyn Backend>>,
+}
+
+impl AppOptions {
+    /// Options for a data folder, with everything else at its default.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            model: None,
+            restore_last_model: true,
+            model_dirs: None,
+            backend: None,
+        }
+    }
+}
+
+/// A loaded model.
+pub struct LoadedModel {
+    /// Its description.
+    pub info: Box<ModelInfo>,
+    /// Its tokenizer.
+    pub tokenizer: Arc<GgufTokenizer>,
+    /// Seconds the load took.
+    pub load_secs: f64,
+    /// The options it was loaded with.
+    pub options: LoadOptions,
+    pub(crate) counting: Arc<CountingModel>,
+}
+
+impl LoadedModel {
+    /// Tokens the context holds: the requested length, at most what the model was trained for.
+    pub fn context_length(&self) -> usize {
+        self.options
+            .context_length
+            .min(self.info.hparams.context_length)
+            .max(1)
+    }
+
+    /// The model's name for display.
+    pub fn display_name(&self) -> String {
+        model_panel::model_display_name(&self.info)
+    }
+}
+
+/// Where the model stands.
+pub enum ModelState {
+    /// No model.
+    Empty,
+    /// A model is loading.
+    Loading {
+        /// The file.
+        path: PathBuf,
+        /// Progress from 0 to 1.
+        fraction: f32,
+        /// When loading started.
+        since: Instant,
+        /// Whether the user asked to cancel.
+        cancelling: bool,
+    },
+    /// A model is ready.
+    Ready(Box<LoadedModel>),
+}
+
+/// Where the reply being generated stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Sent; the worker has not started yet.
+    Waiting,
+    /// The worker is reading the prompt.
+    Prefill,
+    /// The model is thinking.
+    Thinking,
+    /// The model is writing its answer.
+    Answering,
+}
+
+/// The reply being generated.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The request id.
+    pub id: RequestId,
+    /// The conversation it belongs to.
+    pub conversation_id: String,
+    /// Index of the assistant message being written.
+    pub message_index: usize,
+    /// Where it stands.
+    pub phase: Phase,
+    /// When the request was sent.
+    pub sent_at: Instant,
+    /// When thinking started.
+    pub thinking_since: Option<Instant>,
+    /// Whether the user pressed Stop.
+    pub stopping: bool,
+    /// Tokens in the prompt (after Started).
+    pub prompt_tokens: Option<usize>,
+}
+
+/// What the worker reported when it started the latest request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptReport {
+    /// The request.
+    pub id: RequestId,
+    /// The exact prompt text.
+    pub text: String,
+    /// Its tokens.
+    pub tokens: usize,
+    /// Messages left out to fit.
+    pub dropped_messages: usize,
+}
+
+/// Which windows are open.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OpenWindows {
+    /// Settings.
+    pub settings: bool,
+    /// Keyboard shortcuts.
+    pub shortcuts: bool,
+    /// The model picker and card.
+    pub model: bool,
+}
+
+/// The desktop app.
+pub struct App {
+    pub(crate) backend: Box<dyn Backend>,
+    pub(crate) store: ConversationStore,
+    pub(crate) saver: Saver,
+    pub(crate) data_dir: PathBuf,
+    pub(crate) prefs: Preferences,
+    applied_theme: Option<AppliedTheme>,
+    pub(crate) conversations: Vec<Conversation>,
+    pub(crate) current: String,
+    pub(crate) model: ModelState,
+    pub(crate) generation: Option<Generation>,
+    pub(crate) next_request_id: RequestId,
+    pub(crate) last_prompt: Option<PromptReport>,
+    pub(crate) composer: composer::ComposerState,
+    pub(crate) notices: Notices,
+    pub(crate) meter: TokenMeter,
+    pub(crate) picker: ModelPicker,
+    pub(crate) sidebar: sidebar::SidebarState,
+    pub(crate) chat: chat_view::ChatViewState,
+    pub(crate) deleted: Vec<(usize, Conversation)>,
+    pub(crate) markdown: CommonMarkCache,
+    pub(crate) windows: OpenWindows,
+    pub(crate) settings_dirty_since: Option<Instant>,
+    /// Bumped on every change to any conversation (for caches keyed on content).
+    pub(crate) revision: u64,
+}
+
+impl App {
+    /// Creates the app: reads preferences and conversations, starts the worker (unless a
+    /// backend is given) and opens the requested or last model.
+    pub fn new(cc: &eframe::CreationContext<'_>, options: AppOptions) -> Self {
+        let prefs = Preferences::load(cc.storage);
+        let ctx = cc.egui_ctx.clone();
+        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || ctx.request_repaint());
+        let backend = options.backend.unwrap_or_else(|| {
+            let wake = wake.clone();
+            Box::new(WorkerHandle::spawn(Arc::new(move || wake())))
+        });
+        let store = ConversationStore::new(crate::paths::conversations_dir(&options.data_dir));
+        let model_dirs = options
+            .model_dirs
+            .unwrap_or_else(|| crate::paths::model_dirs(&options.data_dir));
+        let mut app = Self {
+            backend,
+            saver: Saver::new(store.clone(), wake.clone()),
+            store,
+            data_dir: options.data_dir,
+            applied_theme: None,
+            conversations: Vec::new(),
+            current: String::new(),
+            model: ModelState::Empty,
+            generation: None,
+            next_request_id: 1,
+            last_prompt: None,
+            composer: composer::ComposerState::default(),
+            notices: Notices::default(),
+            meter: TokenMeter::new(wake.clone()),
+            picker: ModelPicker::new(model_dirs, wake),
+            sidebar: sidebar::SidebarState::default(),
+            chat: chat_view::ChatViewState::default(),
+            deleted: Vec::new(),
+            markdown: CommonMarkCache::default(),
+            windows: OpenWindows::default(),
+            settings_dirty_since: None,
+            revision: 0,
+            prefs,
+        };
+        app.load_conversations();
+        app.open_initial_model(options.model, options.restore_last_model);
+        app
+    }
+
+    // ----- read access (also for tests) -----
+
+    /// The user's preferences.
+    pub fn preferences(&self) -> &Preferences {
+        &self.prefs
+    }
+
+    /// All conversations, most recently changed first.
+    pub fn conversations(&self) -> &[Conversation] {
+        &self.conversations
+    }
+
+    /// The open conversation.
+    pub fn current_conversation(&self) -> Option<&Conversation> {
+        self.conversations.iter().find(|c| c.id == self.current)
+    }
+
+    /// The open conversation, for changes outside the panels (tests, scripts).
+    pub fn current_conversation_mut(&mut self) -> Option<&mut Conversation> {
+        self.current_mut()
+    }
+
+    /// The model's state.
+    pub fn model_state(&self) -> &ModelState {
+        &self.model
+    }
+
+    /// The loaded model, if any.
+    pub fn loaded_model(&self) -> Option<&LoadedModel> {
+        match &self.model {
+            ModelState::Ready(model) => Some(model),
+            _ => None,
+        }
+    }
+
+    /// The reply being generated, if any.
+    pub fn generation(&self) -> Option<&Generation> {
+        self.generation.as_ref()
+    }
+
+    /// What the worker said about the latest prompt it started.
+    pub fn last_prompt(&self) -> Option<&PromptReport> {
+        self.last_prompt.as_ref()
+    }
+
+    /// The texts of the banners shown.
+    pub fn notice_texts(&self) -> Vec<String> {
+        self.notices.items().iter().map(|n| n.text.clone()).collect()
+    }
+
+    /// The draft message.
+    pub fn draft(&self) -> &str {
+        &self.composer.draft
+    }
+
+    /// The data folder.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    // ----- helpers shared by the panels -----
+
+    pub(crate) fn current_mut(&mut self) -> Option<&mut Conversation> {
+        let id = self.current.clone();
+        self.conversations.iter_mut().find(|c| c.id == id)
+    }
+
+    pub(crate) fn conversation_mut(&mut self, id: &str) -> Option<&mut Conversation> {
+        self.conversations.iter_mut().find(|c| c.id == id)
+    }
+
+    pub(crate) fn is_generating(&self) -> bool {
+        self.generation.is_some()
+    }
+
+    /// Settings for a new conversation.
+    pub(crate) fn new_chat_settings(&self) -> ChatSettings {
+        let mut settings = ChatSettings {
+            thinking: self.prefs.think_by_default,
+            ..ChatSettings::default()
+        };
+        if let Some(model) = self.loaded_model() {
+            settings.thinking &= model.info.can_think;
+        }
+        settings
+    }
+
+    /// Saves a conversation in the background (only once it has messages).
+    pub(crate) fn save_conversation(&mut self, id: &str) {
+        self.revision += 1;
+        if let Some(conversation) = self.conversations.iter().find(|c| c.id == id)
+            && !conversation.messages.is_empty()
+        {
+            self.saver.save(conversation);
+        }
+    }
+
+    /// Notes that the open conversation's settings changed; they are saved shortly.
+    pub(crate) fn settings_changed(&mut self) {
+        self.revision += 1;
+        self.settings_dirty_since.get_or_insert_with(Instant::now);
+    }
+
+    fn flush_settings(&mut self, now: Instant) {
+        if let Some(since) = self.settings_dirty_since
+            && now.duration_since(since) >= Duration::from_millis(500)
+        {
+            self.settings_dirty_since = None;
+            let id = self.current.clone();
+            if let Some(c) = self.current_mut() {
+                c.touch();
+            }
+            self.save_conversation(&id);
+        }
+    }
+
+    fn apply_theme(&mut self, ctx: &egui::Context) {
+        let wanted = AppliedTheme {
+            choice: self.prefs.theme,
+            font_size: self.prefs.font_size,
+        };
+        if self.applied_theme != Some(wanted) {
+            theme::apply(ctx, wanted);
+            self.applied_theme = Some(wanted);
+        }
+    }
+
+    fn poll_background(&mut self) {
+        for error in self.saver.take_errors() {
+            self.notices.error(format!(
+                "Could not save the conversation: {error}. Your messages are still here; \
+                 SmolDesk will try again after the next message."
+            ));
+        }
+        let picked = self.picker.poll();
+        for action in picked {
+            self.apply(action);
+        }
+    }
+
+    fn draw(&mut self, ui: &mut egui::Ui) {
+        let ctx = ui.ctx().clone();
+        egui::Panel::top("toolbar")
+            .frame(toolbar::frame(ui.style()))
+            .show(ui, |ui| toolbar::show(self, ui));
+        if self.prefs.sidebar_open {
+            egui::Panel::left("sidebar")
+                .resizable(true)
+                .default_size(260.0)
+                .size_range(180.0..=480.0)
+                .frame(sidebar::frame(ui.style()))
+                .show(ui, |ui| sidebar::show(self, ui));
+        }
+        if chat_view::shows_composer(self) {
+            egui::Panel::bottom("composer")
+                .frame(composer::frame(ui.style()))
+                .show(ui, |ui| composer::show(self, ui));
+        }
+        egui::CentralPanel::default()
+            .frame(egui::Frame::central_panel(ui.style()).inner_margin(0))
+            .show(ui, |ui| chat_view::show_central(self, ui));
+        settings::show_window(self, &ctx);
+        model_panel::show_window(self, &ctx);
+        shortcuts::show_help(&ctx, &mut self.windows.shortcuts);
+        model_panel::show_drop_overlay(&ctx);
+    }
+
+    fn schedule_repaint(&mut self, ctx: &egui::Context, now: Instant) {
+        let mut wait = self.notices.expire(now);
+        if self.settings_dirty_since.is_some() {
+            wait = Some(wait.map_or(Duration::from_millis(500), |w| {
+                w.min(Duration::from_millis(500))
+            }));
+        }
+        if let Some(wait) = wait {
+            ctx.request_repaint_after(wait);
+        }
+    }
+}
+
+impl eframe::App for App {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        let ctx = ui.ctx().clone();
+        let now = Instant::now();
+        self.apply_theme(&ctx);
+        self.drain_events();
+        self.poll_background();
+        for action in shortcuts::take_actions(&ctx, self.is_generating()) {
+            self.apply_shortcut(action);
+        }
+        self.take_dropped_files(&ctx);
+        let drawn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.draw(ui)));
+        if let Err(panic) = drawn {
+            self.notices.error(format!(
+                "Something went wrong while drawing the window ({}). SmolDesk recovered; if it \
+                 keeps happening, please report it.",
+                panic_message(&panic)
+            ));
+        }
+        self.flush_settings(now);
+        self.schedule_repaint(&ctx, now);
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        self.prefs.last_conversation = Some(self.current.clone());
+        self.prefs.store(storage);
+    }
+
+    fn on_exit(&mut self) {
+        self.settings_dirty_since = None;
+        let id = self.current.clone();
+        self.save_conversation(&id);
+    }
+}
+
+/// The text of a caught panic.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown error".to_string()
+    }
+}

@@ -1,0 +1,600 @@
+//! The conversation: messages rendered as Markdown, thinking blocks, streaming, per-reply
+//! statistics and actions, auto-scroll that lets go when the user scrolls up, and the
+//! start screens.
+
+use std::collections::HashMap;
+
+use egui::{RichText, Ui};
+use egui_commonmark::{CommonMarkCache, CommonMarkViewer};
+
+use super::actions::Action;
+use super::app::{App, Generation, ModelState, Phase};
+use super::model_panel::{self, format_count};
+use super::theme;
+use crate::chat::conversation::{GenerationStats, Message, Role, StopReason};
+
+/// User messages longer than this (in characters) are shown folded.
+const FOLD_CHARS: usize = 3000;
+
+/// Characters of a folded message that are shown.
+const FOLDED_PREVIEW_CHARS: usize = 1200;
+
+/// Extra height around the visible area within which messages are always drawn.
+const CULL_MARGIN: f32 = 600.0;
+
+/// Prompts offered on an empty conversation.
+pub const SUGGESTIONS: [&str; 4] = [
+    "Explain how a transformer language model works, simply",
+    "Write a haiku about autumn rain",
+    "Plan a relaxed 3-day trip to Lisbon",
+    "What are the pros and cons of Rust vs. Go?",
+];
+
+/// What the chat view remembers between frames.
+#[derive(Debug, Default)]
+pub struct ChatViewState {
+    /// Scroll to the newest message on the next frame.
+    pub scroll_to_bottom: bool,
+    /// The user message being edited: its index and the new text.
+    pub editing: Option<(usize, String)>,
+    /// The reply whose thinking just ended (its block folds once).
+    pub thinking_just_ended: Option<usize>,
+    /// Text to put on the clipboard this frame.
+    pub copy_request: Option<String>,
+    /// More worker events are waiting than one frame applies.
+    pub more_events_pending: bool,
+    /// Whether the view showed the bottom of the conversation last frame.
+    pub at_bottom: bool,
+    /// Measured heights of messages, for skipping those far outside the view.
+    heights: HashMap<MessageKey, f32>,
+}
+
+/// Everything a message's height depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct MessageKey {
+    conversation: String,
+    index: usize,
+    content_len: usize,
+    thinking_len: usize,
+    show_thinking: bool,
+    width_bits: u32,
+    font_bits: u32,
+    has_stats: bool,
+}
+
+/// Whether the message box is shown (not on the start screen).
+pub fn shows_composer(app: &App) -> bool {
+    !shows_welcome(app)
+}
+
+/// The start screen is shown while no model is ready and the conversation is empty.
+fn shows_welcome(app: &App) -> bool {
+    !matches!(app.model, ModelState::Ready(_))
+        && app
+            .current_conversation()
+            .is_none_or(|c| c.messages.is_empty())
+}
+
+/// Draws the central area: banners, then the start screen or the conversation.
+pub fn show_central(app: &mut App, ui: &mut Ui) {
+    if let Some(text) = app.chat.copy_request.take() {
+        ui.ctx().copy_text(text);
+    }
+    if app.chat.more_events_pending {
+        app.chat.more_events_pending = false;
+        ui.ctx().request_repaint();
+    }
+    notices(app, ui);
+    if shows_welcome(app) {
+        model_panel::show_welcome(app, ui);
+    } else if app
+        .current_conversation()
+        .is_none_or(|c| c.messages.is_empty())
+    {
+        empty_conversation(app, ui);
+    } else {
+        conversation(app, ui);
+    }
+}
+
+fn notices(app: &mut App, ui: &mut Ui) {
+    if app.notices.items().is_empty() {
+        return;
+    }
+    egui::Frame::new()
+        .inner_margin(egui::Margin::symmetric(16, 8))
+        .show(ui, |ui| {
+            ui.vertical_centered(|ui| {
+                ui.set_max_width(theme::READING_WIDTH);
+                ui.with_layout(egui::Layout::top_down(egui::Align::Min), |ui| {
+                    for response in app.notices.show(ui) {
+                        match response {
+                            super::notices::NoticeResponse::Undo(id) => {
+                                app.apply(Action::Undo(id));
+                            }
+                        }
+                    }
+                });
+            });
+        });
+}
+
+fn empty_conversation(app: &mut App, ui: &mut Ui) {
+    let name = app
+        .loaded_model()
+        .map(|m| m.display_name())
+        .unwrap_or_default();
+    let mut picked = None;
+    ui.vertical_centered(|ui| {
+        ui.set_max_width(theme::READING_WIDTH);
+        ui.add_space((ui.available_height() * 0.22).max(24.0));
+        ui.label(RichText::new("What can I help with?").heading().strong());
+        ui.label(
+            RichText::new(format!(
+                "{name} runs on this computer — nothing you type leaves it."
+            ))
+            .color(theme::muted_text_color(ui.visuals())),
+        );
+        ui.add_space(18.0);
+        for suggestion in SUGGESTIONS {
+            let button = egui::Button::new(suggestion).min_size(egui::vec2(360.0, 32.0));
+            if ui.add(button).clicked() {
+                picked = Some(suggestion);
+            }
+        }
+    });
+    if let Some(text) = picked {
+        app.composer.draft = text.to_string();
+        app.composer.revision += 1;
+        app.composer.focus_requested = true;
+    }
+}
+
+/// What drawing one message needs, borrowed from separate parts of the app.
+struct MessageView<'a> {
+    markdown: &'a mut CommonMarkCache,
+    editing: &'a mut Option<(usize, String)>,
+    actions: &'a mut Vec<Action>,
+    generation: Option<&'a Generation>,
+    thinking_just_ended: Option<usize>,
+    show_thinking: bool,
+    model_ready: bool,
+    last_index: usize,
+}
+
+fn conversation(app: &mut App, ui: &mut Ui) {
+    let mut actions = Vec::new();
+    let Some(conversation) = app.conversations.iter().find(|c| c.id == app.current) else {
+        return;
+    };
+    let generation = app
+        .generation
+        .as_ref()
+        .filter(|g| g.conversation_id == conversation.id);
+    let mut view = MessageView {
+        markdown: &mut app.markdown,
+        editing: &mut app.chat.editing,
+        actions: &mut actions,
+        generation,
+        thinking_just_ended: app.chat.thinking_just_ended.take(),
+        show_thinking: app.prefs.show_thinking,
+        model_ready: matches!(app.model, ModelState::Ready(_)),
+        last_index: conversation.messages.len().saturating_sub(1),
+    };
+    let mut scroll = egui::ScrollArea::vertical()
+        .id_salt(("chat", &conversation.id))
+        .stick_to_bottom(true)
+        .auto_shrink(false);
+    if app.chat.scroll_to_bottom {
+        scroll = scroll.vertical_scroll_offset(f32::MAX);
+        app.chat.scroll_to_bottom = false;
+    }
+    let heights = &mut app.chat.heights;
+    let font_bits = app.prefs.font_size.to_bits();
+    let output = scroll.show_viewport(ui, |ui, viewport| {
+        egui::Frame::new()
+            .inner_margin(egui::Margin::symmetric(16, 12))
+            .show(ui, |ui| {
+                ui.vertical_centered(|ui| {
+                    ui.set_max_width(theme::READING_WIDTH);
+                    ui.with_layout(egui::Layout::top_down(egui::Align::Min), |ui| {
+                        let top = ui.min_rect().top();
+                        let visible = viewport.expand(CULL_MARGIN);
+                        for (index, message) in conversation.messages.iter().enumerate() {
+                            let key = MessageKey {
+                                conversation: conversation.id.clone(),
+                                index,
+                                content_len: message.content.len(),
+                                thinking_len: message.thinking.as_ref().map_or(0, String::len),
+                                show_thinking: view.show_thinking,
+                                width_bits: ui.available_width().to_bits(),
+                                font_bits,
+                                has_stats: message.stats.is_some(),
+                            };
+                            let y = ui.cursor().top() - top;
+                            let live = index == view.last_index
+                                || view.editing.as_ref().is_some_and(|(i, _)| *i == index);
+                            if !live
+                                && let Some(&height) = heights.get(&key)
+                                && (y + height < visible.top() || y > visible.bottom())
+                            {
+                                ui.allocate_space(egui::vec2(ui.available_width(), height));
+                                continue;
+                            }
+                            let response = ui
+                                .push_id(index, |ui| message_ui(ui, &mut view, index, message))
+                                .response;
+                            heights.insert(key, response.rect.height());
+                        }
+                        ui.add_space(8.0);
+                    });
+                });
+            });
+    });
+    if heights.len() > 4096 {
+        heights.clear();
+    }
+    let bottom_gap = output.content_size.y - (output.state.clamped_offset().y + output.inner_rect.height());
+    app.chat.at_bottom = bottom_gap <= 24.0;
+    if !app.chat.at_bottom {
+        jump_to_latest(app, ui, output.inner_rect);
+    }
+    for action in actions {
+        app.apply(action);
+    }
+}
+
+/// The floating "jump to latest" button shown once the user has scrolled up.
+fn jump_to_latest(app: &mut App, ui: &mut Ui, area: egui::Rect) {
+    let size = egui::vec2(150.0, 30.0);
+    let center = egui::pos2(area.center().x, area.bottom() - size.y / 2.0 - 12.0);
+    let button = egui::Button::new("⬇ Jump to latest").corner_radius(15);
+    if ui
+        .put(egui::Rect::from_center_size(center, size), button)
+        .clicked()
+    {
+        app.chat.scroll_to_bottom = true;
+    }
+}
+
+fn message_ui(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, message: &Message) {
+    match message.role {
+        Role::User => user_message(ui, view, index, message),
+        Role::Assistant => assistant_message(ui, view, index, message),
+        Role::System => {
+            ui.label(RichText::new(&message.content).italics());
+        }
+    }
+    ui.add_space(10.0);
+}
+
+fn user_message(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, message: &Message) {
+    if let Some((editing_index, text)) = view.editing.as_mut()
+        && *editing_index == index
+    {
+        let cancelled =
+            edit_box(ui, text, index, view.actions, view.model_ready, view.generation.is_some());
+        if cancelled || ui.input(|i| i.key_pressed(egui::Key::Escape)) {
+            *view.editing = None;
+        }
+        return;
+    }
+    let max_width = ui.available_width() * 0.85;
+    ui.with_layout(egui::Layout::right_to_left(egui::Align::Min), |ui| {
+        egui::Frame::new()
+            .fill(theme::user_bubble_fill(ui.visuals()))
+            .corner_radius(12)
+            .inner_margin(egui::Margin::symmetric(12, 8))
+            .show(ui, |ui| {
+                ui.set_max_width(max_width);
+                ui.with_layout(egui::Layout::top_down(egui::Align::Min), |ui| {
+                    folded_text(ui, index, &message.content);
+                });
+            });
+    });
+    let busy = view.generation.is_some();
+    ui.with_layout(egui::Layout::right_to_left(egui::Align::Min), |ui| {
+        if small_action(ui, "Copy", "Copy this message").clicked() {
+            view.actions.push(Action::Copy(message.content.clone()));
+        }
+        let edit = ui
+            .add_enabled(!busy, egui::Button::new(RichText::new("Edit").small()).frame(false))
+            .on_hover_text("Change this message and get a new reply")
+            .on_disabled_hover_text("Wait for the reply to finish (or stop it)");
+        if edit.clicked() {
+            *view.editing = Some((index, message.content.clone()));
+        }
+        if index == view.last_index && !busy && view.model_ready {
+            let answer = small_action(ui, "Get a reply", "Ask the model to answer this message");
+            if answer.clicked() {
+                view.actions.push(Action::Regenerate);
+            }
+        }
+    });
+}
+
+/// A user's message; very long ones (pastes) are folded to keep the view light.
+fn folded_text(ui: &mut Ui, index: usize, text: &str) {
+    let chars = text.chars().count();
+    let id = ui.make_persistent_id(("unfolded", index));
+    let unfolded = ui.data(|d| d.get_temp::<bool>(id).unwrap_or(false));
+    if chars <= FOLD_CHARS || unfolded {
+        ui.add(egui::Label::new(text).selectable(true).wrap());
+        if unfolded && ui.small_button("Show less").clicked() {
+            ui.data_mut(|d| d.insert_temp(id, false));
+        }
+        return;
+    }
+    let cut = text
+        .char_indices()
+        .nth(FOLDED_PREVIEW_CHARS)
+        .map_or(text.len(), |(i, _)| i);
+    ui.add(egui::Label::new(format!("{}…", &text[..cut])).selectable(true).wrap());
+    let label = format!("Show all {} characters", format_count(chars));
+    if ui.small_button(label).clicked() {
+        ui.data_mut(|d| d.insert_temp(id, true));
+    }
+}
+
+/// The inline editor of a user message; returns whether the edit was cancelled.
+fn edit_box(
+    ui: &mut Ui,
+    text: &mut String,
+    index: usize,
+    actions: &mut Vec<Action>,
+    model_ready: bool,
+    busy: bool,
+) -> bool {
+    let mut cancelled = false;
+    egui::Frame::new()
+        .fill(ui.visuals().extreme_bg_color)
+        .stroke(ui.visuals().widgets.active.bg_stroke)
+        .corner_radius(10)
+        .inner_margin(10)
+        .show(ui, |ui| {
+            let edit = ui.add(
+                egui::TextEdit::multiline(text)
+                    .desired_width(ui.available_width())
+                    .desired_rows(3)
+                    .frame(egui::Frame::NONE),
+            );
+            edit.accessible_name("Edit message");
+            ui.horizontal(|ui| {
+                let can_send = model_ready && !busy && !text.trim().is_empty();
+                if ui
+                    .add_enabled(can_send, egui::Button::new("Save & send"))
+                    .on_hover_text("Replace this message, drop the replies after it, and ask again")
+                    .clicked()
+                {
+                    actions.push(Action::EditAndResend {
+                        index,
+                        text: text.clone(),
+                    });
+                }
+                cancelled = ui.button("Cancel").clicked();
+            });
+        });
+    cancelled
+}
+
+fn assistant_message(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, message: &Message) {
+    let live = view.generation.filter(|g| g.message_index == index);
+    let thinking_now = live.is_some_and(|g| g.phase == Phase::Thinking);
+    if view.show_thinking {
+        thinking_block(ui, view, index, message, live);
+    } else if thinking_now {
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label(RichText::new("Thinking…").color(theme::thinking_text_color(ui.visuals())));
+        });
+    }
+    if !message.content.is_empty() {
+        ui.push_id("answer", |ui| {
+            CommonMarkViewer::new().show(ui, view.markdown, &message.content);
+        });
+    }
+    if let Some(generation) = live {
+        waiting_line(ui, generation, message);
+        return;
+    }
+    reply_footer(ui, view, index, message);
+}
+
+/// While the model reads the prompt: a spinner and what it is doing.
+fn waiting_line(ui: &mut Ui, generation: &Generation, message: &Message) {
+    let text = match generation.phase {
+        Phase::Waiting => "Starting…".to_string(),
+        Phase::Prefill => match generation.prompt_tokens {
+            Some(tokens) => format!("Reading the conversation ({} tokens)…", format_count(tokens)),
+            None => "Reading the conversation…".to_string(),
+        },
+        Phase::Thinking | Phase::Answering if message.content.is_empty() => String::new(),
+        Phase::Thinking | Phase::Answering => {
+            ui.spinner();
+            return;
+        }
+    };
+    if !text.is_empty() {
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label(RichText::new(text).color(theme::muted_text_color(ui.visuals())));
+        });
+    }
+}
+
+/// The thinking span: open while it streams, then folded under "Thought for …".
+fn thinking_block(
+    ui: &mut Ui,
+    view: &MessageView<'_>,
+    index: usize,
+    message: &Message,
+    live: Option<&Generation>,
+) {
+    let thinking = message.thinking.as_deref().unwrap_or("");
+    let streaming = live.is_some_and(|g| g.phase == Phase::Thinking);
+    if thinking.is_empty() && !streaming {
+        return;
+    }
+    let header = if streaming {
+        "Thinking…".to_string()
+    } else {
+        thought_summary(message.stats.as_ref(), live)
+    };
+    let open = if streaming {
+        Some(true)
+    } else if view.thinking_just_ended == Some(index) {
+        Some(false)
+    } else {
+        None
+    };
+    let color = theme::thinking_text_color(ui.visuals());
+    egui::CollapsingHeader::new(RichText::new(header).color(color))
+        .id_salt(("thinking", index))
+        .open(open)
+        .show(ui, |ui| {
+            egui::Frame::new()
+                .inner_margin(egui::Margin {
+                    left: 10,
+                    right: 0,
+                    top: 2,
+                    bottom: 2,
+                })
+                .show(ui, |ui| {
+                    ui.add(
+                        egui::Label::new(RichText::new(thinking.trim()).color(color))
+                            .selectable(true)
+                            .wrap(),
+                    );
+                });
+        });
+}
+
+/// "Thought for 12 s · 340 tokens" from the reply's statistics.
+pub fn thought_summary(stats: Option<&GenerationStats>, live: Option<&Generation>) -> String {
+    match stats {
+        Some(stats) if stats.thinking_tokens > 0 => format!(
+            "Thought for {} · {} tokens",
+            format_secs(stats.thinking_secs),
+            format_count(stats.thinking_tokens)
+        ),
+        _ => match live.and_then(|g| g.thinking_since) {
+            Some(since) => format!("Thought for {}", format_secs(since.elapsed().as_secs_f64())),
+            None => "Thoughts".to_string(),
+        },
+    }
+}
+
+/// Seconds as "0.4 s", "12 s" or "2 min 5 s".
+pub fn format_secs(secs: f64) -> String {
+    if !secs.is_finite() || secs < 0.0 {
+        return "?".to_string();
+    }
+    if secs < 10.0 {
+        format!("{secs:.1} s")
+    } else if secs < 60.0 {
+        format!("{secs:.0} s")
+    } else {
+        let whole = secs.round() as u64;
+        format!("{} min {} s", whole / 60, whole % 60)
+    }
+}
+
+/// Statistics, stop reason and actions under a finished reply.
+fn reply_footer(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, message: &Message) {
+    let muted = theme::muted_text_color(ui.visuals());
+    ui.horizontal_wrapped(|ui| {
+        if small_action(ui, "Copy", "Copy the answer (without thinking)").clicked() {
+            view.actions.push(Action::Copy(message.content.clone()));
+        }
+        if index == view.last_index && view.generation.is_none() && view.model_ready {
+            let regenerate = small_action(ui, "Regenerate", "Replace this reply with a new one");
+            if regenerate.clicked() {
+                view.actions.push(Action::Regenerate);
+            }
+        }
+        if let Some(stats) = &message.stats {
+            ui.label(RichText::new(stats_line(stats)).small().color(muted))
+                .on_hover_text(stats_details(stats));
+            if let Some(note) = stop_note(stats.stop_reason) {
+                ui.label(
+                    RichText::new(note)
+                        .small()
+                        .color(theme::warn_color(ui.visuals())),
+                );
+            }
+        } else if message.content.is_empty() {
+            ui.label(RichText::new("No answer").small().color(muted));
+        }
+    });
+}
+
+/// "0.4 s to first token · 9.3 tokens/s · 128 tokens".
+pub fn stats_line(stats: &GenerationStats) -> String {
+    format!(
+        "{} to first token · {:.1} tokens/s · {} tokens",
+        format_secs(stats.time_to_first_token_secs),
+        stats.decode_tok_per_sec,
+        format_count(stats.generated_tokens)
+    )
+}
+
+fn stats_details(stats: &GenerationStats) -> String {
+    format!(
+        "Prompt: {} tokens ({} computed, the rest reused)\nReading speed: {:.1} tokens/s\n\
+         Writing speed: {:.1} tokens/s\nThinking: {} tokens",
+        format_count(stats.prompt_tokens),
+        format_count(stats.prefilled_tokens),
+        stats.prefill_tok_per_sec,
+        stats.decode_tok_per_sec,
+        format_count(stats.thinking_tokens)
+    )
+}
+
+fn stop_note(reason: StopReason) -> Option<&'static str> {
+    match reason {
+        StopReason::EndOfTurn => None,
+        StopReason::Cancelled => Some("Stopped"),
+        StopReason::MaxTokens => Some("Reached the reply length limit"),
+        StopReason::ContextFull => Some("The context is full"),
+    }
+}
+
+fn small_action(ui: &mut Ui, text: &str, tip: &str) -> egui::Response {
+    ui.add(egui::Button::new(RichText::new(text).small()).frame(false))
+        .on_hover_text(tip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_read_naturally() {
+        assert_eq!(format_secs(0.42), "0.4 s");
+        assert_eq!(format_secs(12.4), "12 s");
+        assert_eq!(format_secs(125.0), "2 min 5 s");
+        assert_eq!(format_secs(f64::NAN), "?");
+    }
+
+    #[test]
+    fn thought_summary_uses_the_statistics() {
+        let stats = GenerationStats {
+            thinking_tokens: 340,
+            thinking_secs: 12.0,
+            ..GenerationStats::default()
+        };
+        assert_eq!(thought_summary(Some(&stats), None), "Thought for 12 s · 340 tokens");
+        assert_eq!(thought_summary(None, None), "Thoughts");
+    }
+
+    #[test]
+    fn stats_line_shows_speed_and_count() {
+        let stats = GenerationStats {
+            time_to_first_token_secs: 0.8,
+            decode_tok_per_sec: 9.26,
+            generated_tokens: 1234,
+            ..GenerationStats::default()
+        };
+        assert_eq!(stats_line(&stats), "0.8 s to first token · 9.3 tokens/s · 1,234 tokens");
+    }
+}

@@ -1,0 +1,202 @@
+//! Applying the worker's events to the app state (never blocks: events are drained with
+//! `try_recv` at the start of each frame).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::actions::file_name;
+use super::app::{App, LoadedModel, ModelState, Phase, PromptReport};
+use super::token_meter::CountingModel;
+use crate::chat::conversation::GenerationStats;
+use crate::engine::ModelInfo;
+use crate::engine::tokenizer::GgufTokenizer;
+use crate::worker::Event;
+use crate::worker::messages::{RequestId, SegmentKind};
+
+/// Most events applied per frame, so a flood of segments cannot stall one frame.
+const MAX_EVENTS_PER_FRAME: usize = 4096;
+
+impl App {
+    /// Applies every pending worker event.
+    pub(crate) fn drain_events(&mut self) {
+        for _ in 0..MAX_EVENTS_PER_FRAME {
+            let Some(event) = self.backend.try_recv() else {
+                return;
+            };
+            self.handle_event(event);
+        }
+        self.chat.more_events_pending = true;
+    }
+
+    /// Applies one worker event.
+    pub fn handle_event(&mut self, event: Event) {
+        match event {
+            Event::LoadProgress { path, fraction } => self.on_load_progress(&path, fraction),
+            Event::Loaded {
+                info,
+                tokenizer,
+                load_secs,
+            } => self.on_loaded(info, tokenizer, load_secs),
+            Event::LoadFailed { path, message } => self.on_load_failed(&path, &message),
+            Event::Unloaded => {
+                if matches!(self.model, ModelState::Ready(_)) {
+                    self.model = ModelState::Empty;
+                }
+            }
+            Event::Started {
+                id,
+                prompt_tokens,
+                prompt_text,
+                dropped_messages,
+            } => self.on_started(id, prompt_tokens, prompt_text, dropped_messages),
+            Event::Segment { id, kind, text } => self.on_segment(id, kind, &text),
+            Event::Finished { id, stats } => self.on_finished(id, stats),
+            Event::Error { id, message } => self.on_error(id, message),
+        }
+    }
+
+    fn on_load_progress(&mut self, loaded_path: &std::path::Path, new_fraction: f32) {
+        if let ModelState::Loading { path, fraction, .. } = &mut self.model
+            && path == loaded_path
+        {
+            *fraction = new_fraction.clamp(0.0, 1.0);
+        }
+    }
+
+    fn on_loaded(&mut self, info: Box<ModelInfo>, tokenizer: Arc<GgufTokenizer>, load_secs: f64) {
+        let options = self.prefs.load_options.clone();
+        self.prefs.remember_model(&info.path);
+        let counting = Arc::new(CountingModel {
+            chat_template: info.chat_template.clone(),
+            tokenizer: tokenizer.clone(),
+            context_length: options
+                .context_length
+                .min(info.hparams.context_length)
+                .max(1),
+        });
+        if !info.can_think
+            && let Some(conversation) = self.current_mut()
+            && conversation.messages.is_empty()
+        {
+            conversation.settings.thinking = false;
+        }
+        self.model = ModelState::Ready(Box::new(LoadedModel {
+            info,
+            tokenizer,
+            load_secs,
+            options,
+            counting,
+        }));
+        self.windows.model = false;
+        self.meter.reset();
+        self.composer.focus_requested = true;
+    }
+
+    fn on_load_failed(&mut self, path: &std::path::Path, message: &str) {
+        let was_cancelled = matches!(self.model, ModelState::Loading { cancelling: true, .. });
+        self.model = ModelState::Empty;
+        if was_cancelled {
+            self.notices.info("Loading was cancelled.");
+            return;
+        }
+        self.notices.error(format!(
+            "Could not open {}: {message}",
+            file_name(path)
+        ));
+        if self.prefs.last_model.as_deref() == Some(path) {
+            self.prefs.last_model = None;
+        }
+    }
+
+    fn on_started(
+        &mut self,
+        id: RequestId,
+        prompt_tokens: usize,
+        prompt_text: String,
+        dropped_messages: usize,
+    ) {
+        let Some(generation) = self.generation.as_mut().filter(|g| g.id == id) else {
+            return;
+        };
+        generation.phase = Phase::Prefill;
+        generation.prompt_tokens = Some(prompt_tokens);
+        self.last_prompt = Some(PromptReport {
+            id,
+            text: prompt_text,
+            tokens: prompt_tokens,
+            dropped_messages,
+        });
+        if dropped_messages > 0 {
+            let noun = if dropped_messages == 1 {
+                "message"
+            } else {
+                "messages"
+            };
+            self.notices.info(format!(
+                "The conversation is longer than the context: the {dropped_messages} oldest \
+                 {noun} were left out of this reply."
+            ));
+        }
+    }
+
+    fn on_segment(&mut self, id: RequestId, kind: SegmentKind, text: &str) {
+        let Some(generation) = self.generation.as_mut().filter(|g| g.id == id) else {
+            return;
+        };
+        let now = Instant::now();
+        match kind {
+            SegmentKind::Thinking => {
+                generation.phase = Phase::Thinking;
+                generation.thinking_since.get_or_insert(now);
+            }
+            SegmentKind::Answer => {
+                if generation.phase == Phase::Thinking {
+                    self.chat.thinking_just_ended = Some(generation.message_index);
+                }
+                generation.phase = Phase::Answering;
+            }
+        }
+        let (conversation_id, index) = (generation.conversation_id.clone(), generation.message_index);
+        let Some(message) = self
+            .conversation_mut(&conversation_id)
+            .and_then(|c| c.messages.get_mut(index))
+        else {
+            return;
+        };
+        match kind {
+            SegmentKind::Thinking => message.thinking.get_or_insert_with(String::new).push_str(text),
+            SegmentKind::Answer => message.content.push_str(text),
+        }
+        self.revision += 1;
+    }
+
+    fn on_finished(&mut self, id: RequestId, stats: GenerationStats) {
+        let Some(generation) = self.generation.take_if(|g| g.id == id) else {
+            return;
+        };
+        self.end_reply(&generation, Some(stats), None);
+    }
+
+    fn on_error(&mut self, id: Option<RequestId>, message: String) {
+        if let Some(id) = id {
+            if let Some(generation) = self.generation.take_if(|g| g.id == id) {
+                self.end_reply(&generation, None, Some(message));
+            }
+            return;
+        }
+        // An error about no request in particular: whatever is waiting for the worker failed.
+        if let ModelState::Loading { path, fraction, .. } = &self.model
+            && *fraction == 0.0
+        {
+            let path: PathBuf = path.clone();
+            self.on_load_failed(&path, &message);
+            return;
+        }
+        if let Some(generation) = self.generation.take_if(|g| g.phase == Phase::Waiting) {
+            self.end_reply(&generation, None, Some(message));
+            return;
+        }
+        self.notices.error(message);
+    }
+}

@@ -1,0 +1,192 @@
+//! The settings window: this conversation's system prompt and sampling, the model's context
+//! length and threads (applied on reload), and the look (theme, font size).
+
+use egui::{RichText, Ui};
+
+use super::actions::Action;
+use super::app::{App, ModelState};
+use super::model_panel::format_count;
+use super::prefs::{FONT_SIZE_RANGE, ThemeChoice};
+use super::theme;
+use crate::chat::conversation::ChatSettings;
+use crate::engine::sampling::SamplingParams;
+
+/// Context lengths offered, in tokens.
+pub const CONTEXT_CHOICES: [usize; 7] = [2048, 4096, 8192, 16384, 32768, 65536, 131072];
+
+/// Draws the settings window when it is open.
+pub fn show_window(app: &mut App, ctx: &egui::Context) {
+    let mut open = app.windows.settings;
+    egui::Window::new("Settings")
+        .open(&mut open)
+        .default_width(440.0)
+        .max_height(ctx.content_rect().height() * 0.85)
+        .collapsible(false)
+        .show(ctx, |ui| {
+            egui::ScrollArea::vertical()
+                .auto_shrink([false, true])
+                .show(ui, |ui| contents(app, ui));
+        });
+    app.windows.settings = open && app.windows.settings;
+}
+
+fn contents(app: &mut App, ui: &mut Ui) {
+    section(ui, "This conversation");
+    let mut changed = false;
+    if let Some(conversation) = app.current_mut() {
+        changed = conversation_settings(ui, &mut conversation.settings);
+    }
+    if changed {
+        app.settings_changed();
+    }
+    ui.add_space(10.0);
+    section(ui, "Model");
+    model_settings(app, ui);
+    ui.add_space(10.0);
+    section(ui, "Appearance");
+    appearance(app, ui);
+}
+
+fn section(ui: &mut Ui, title: &str) {
+    ui.label(RichText::new(title).strong().heading());
+    ui.separator();
+}
+
+/// System prompt and sampling; returns whether anything changed.
+pub fn conversation_settings(ui: &mut Ui, settings: &mut ChatSettings) -> bool {
+    let mut changed = false;
+    let label = ui.label("System prompt");
+    let prompt = ui.add(
+        egui::TextEdit::multiline(&mut settings.system_prompt)
+            .hint_text("e.g. You are a concise assistant. Answer in English.")
+            .desired_rows(3)
+            .desired_width(f32::INFINITY),
+    );
+    changed |= prompt.labelled_by(label.id).changed();
+    ui.add_space(6.0);
+    changed |= sampling(ui, &mut settings.sampling);
+    changed
+}
+
+fn sampling(ui: &mut Ui, params: &mut SamplingParams) -> bool {
+    let mut changed = false;
+    let muted = theme::muted_text_color(ui.visuals());
+    changed |= ui
+        .add(egui::Slider::new(&mut params.temperature, 0.0..=2.0).text("Temperature").step_by(0.05))
+        .on_hover_text("Higher is more varied, 0 always picks the most likely word")
+        .changed();
+    changed |= ui
+        .add(egui::Slider::new(&mut params.top_p, 0.05..=1.0).text("Top-p").step_by(0.01))
+        .on_hover_text("Keep the most likely words that add up to this probability (1 = off)")
+        .changed();
+    changed |= ui
+        .add(egui::Slider::new(&mut params.top_k, 0..=200).text("Top-k"))
+        .on_hover_text("Keep only this many most likely words (0 = off)")
+        .changed();
+    changed |= ui
+        .add(egui::Slider::new(&mut params.min_p, 0.0..=0.5).text("Min-p").step_by(0.01))
+        .on_hover_text("Drop words less likely than this share of the most likely one (0 = off)")
+        .changed();
+    changed |= ui
+        .add(egui::Slider::new(&mut params.repeat_penalty, 1.0..=2.0).text("Repeat penalty").step_by(0.01))
+        .on_hover_text("Discourage repeating recent words (1 = off)")
+        .changed();
+    changed |= ui
+        .add(egui::Slider::new(&mut params.max_tokens, 16..=32768).logarithmic(true).text("Max reply tokens"))
+        .changed();
+    changed |= ui
+        .add(egui::Slider::new(&mut params.seed, 0..=u32::MAX as u64).text("Seed"))
+        .on_hover_text("The same seed and conversation give the same reply")
+        .changed();
+    ui.horizontal(|ui| {
+        if ui.button("Reset sampling").clicked() {
+            *params = SamplingParams::default();
+            changed = true;
+        }
+        ui.label(RichText::new("Saved with this conversation").small().color(muted));
+    });
+    changed
+}
+
+fn model_settings(app: &mut App, ui: &mut Ui) {
+    let options = &mut app.prefs.load_options;
+    ui.horizontal(|ui| {
+        let label = ui.label("Context length");
+        egui::ComboBox::from_id_salt("context-length")
+            .selected_text(format!("{} tokens", format_count(options.context_length)))
+            .show_ui(ui, |ui| {
+                for choice in CONTEXT_CHOICES {
+                    ui.selectable_value(
+                        &mut options.context_length,
+                        choice,
+                        format!("{} tokens", format_count(choice)),
+                    );
+                }
+            })
+            .response
+            .labelled_by(label.id);
+    });
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    ui.add(
+        egui::Slider::new(&mut options.threads, 0..=cores.max(1) * 2)
+            .text("Threads")
+            .custom_formatter(|n, _| {
+                if n == 0.0 {
+                    "auto".to_string()
+                } else {
+                    format!("{n:.0}")
+                }
+            }),
+    )
+    .on_hover_text(format!("Compute threads (auto = all {cores} cores)"));
+    let loaded = match &app.model {
+        ModelState::Ready(model) => Some((
+            model.options.clone(),
+            model.info.ram_estimate_bytes(options.context_length.min(model.info.hparams.context_length)),
+        )),
+        _ => None,
+    };
+    if let Some((in_use, ram)) = loaded {
+        ui.label(
+            RichText::new(format!(
+                "Memory needed at this context: about {}",
+                super::model_panel::format_bytes(ram)
+            ))
+            .small()
+            .color(theme::muted_text_color(ui.visuals())),
+        );
+        if in_use != *options {
+            ui.horizontal(|ui| {
+                ui.label(
+                    RichText::new("Takes effect when the model is reloaded.")
+                        .color(theme::warn_color(ui.visuals())),
+                );
+                if ui.button("Reload now").clicked() {
+                    app.apply(Action::Reload);
+                }
+            });
+        }
+    }
+}
+
+fn appearance(app: &mut App, ui: &mut Ui) {
+    ui.horizontal(|ui| {
+        ui.label("Theme");
+        for choice in ThemeChoice::ALL {
+            ui.radio_value(&mut app.prefs.theme, choice, choice.label());
+        }
+    });
+    ui.add(
+        egui::Slider::new(&mut app.prefs.font_size, FONT_SIZE_RANGE)
+            .text("Font size")
+            .step_by(1.0)
+            .suffix(" pt"),
+    );
+    let mut show = app.prefs.show_thinking;
+    if ui
+        .checkbox(&mut show, "Show thinking in replies")
+        .changed()
+    {
+        app.apply(Action::ToggleShowThinking);
+    }
+}

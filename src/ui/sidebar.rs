@@ -1,0 +1,269 @@
+//! The conversation list: new, search, select, rename, export and delete (with undo).
+
+use egui::{RichText, Ui};
+
+use super::actions::Action;
+use super::app::App;
+use super::{shortcuts, theme};
+use crate::chat::conversation::{Conversation, now_ms};
+
+/// What the list remembers between frames.
+#[derive(Debug, Default)]
+pub struct SidebarState {
+    /// The search text.
+    pub search: String,
+    /// The conversation being renamed and the title typed so far.
+    pub renaming: Option<(String, String)>,
+    /// Ids matching the search, for the query and conversation revision they were computed at.
+    matches: Option<(String, u64, Vec<String>)>,
+}
+
+/// The list's frame.
+pub fn frame(style: &egui::Style) -> egui::Frame {
+    egui::Frame::side_top_panel(style)
+        .fill(theme::sidebar_fill(&style.visuals))
+        .inner_margin(egui::Margin::symmetric(8, 10))
+}
+
+/// Draws the list.
+pub fn show(app: &mut App, ui: &mut Ui) {
+    let mut actions = Vec::new();
+    let new_chat = egui::Button::new("➕ New chat")
+        .shortcut_text(ui.ctx().format_shortcut(&shortcuts::NEW_CHAT))
+        .min_size(egui::vec2(ui.available_width(), 32.0));
+    if ui.add(new_chat).clicked() {
+        actions.push(Action::NewChat);
+    }
+    ui.add_space(4.0);
+    search_field(app, ui);
+    ui.add_space(4.0);
+    let ids = matching_ids(app);
+    egui::ScrollArea::vertical()
+        .id_salt("conversation-list")
+        .auto_shrink(false)
+        .show(ui, |ui| {
+            if ids.is_empty() && !app.sidebar.search.trim().is_empty() {
+                ui.label(
+                    RichText::new(format!("No chats match “{}”", app.sidebar.search.trim()))
+                        .color(theme::muted_text_color(ui.visuals())),
+                );
+            }
+            let mut last_group = None;
+            let now = now_ms();
+            for id in &ids {
+                let Some(conversation) = app.conversations.iter().find(|c| &c.id == id) else {
+                    continue;
+                };
+                let group = date_group(conversation.updated_ms, now);
+                if last_group != Some(group) {
+                    ui.add_space(6.0);
+                    ui.label(
+                        RichText::new(group)
+                            .small()
+                            .strong()
+                            .color(theme::muted_text_color(ui.visuals())),
+                    );
+                    last_group = Some(group);
+                }
+                let selected = conversation.id == app.current;
+                ui.push_id(id, |ui| {
+                    row(app, ui, id, selected, &mut actions);
+                });
+            }
+        });
+    for action in actions {
+        app.apply(action);
+    }
+}
+
+fn search_field(app: &mut App, ui: &mut Ui) {
+    ui.horizontal(|ui| {
+        let clear_width = if app.sidebar.search.is_empty() { 0.0 } else { 28.0 };
+        ui.add(
+            egui::TextEdit::singleline(&mut app.sidebar.search)
+                .hint_text("🔍 Search chats")
+                .desired_width(ui.available_width() - clear_width),
+        )
+        .accessible_name("Search conversations");
+        if !app.sidebar.search.is_empty()
+            && ui
+                .small_button("✖")
+                .on_hover_text("Clear the search")
+                .accessible_name("Clear search")
+                .clicked()
+        {
+            app.sidebar.search.clear();
+        }
+    });
+}
+
+/// One conversation: its title (or the rename field) and, when selected, its menu.
+fn row(app: &mut App, ui: &mut Ui, id: &str, selected: bool, actions: &mut Vec<Action>) {
+    if let Some((renaming_id, text)) = &mut app.sidebar.renaming
+        && renaming_id == id
+    {
+        let response = ui.add(
+            egui::TextEdit::singleline(text)
+                .desired_width(ui.available_width())
+                .hint_text("Title"),
+        );
+        let response = response.accessible_name("Conversation title");
+        if !response.has_focus() && !response.lost_focus() {
+            response.request_focus();
+        }
+        let cancelled = ui.input(|i| i.key_pressed(egui::Key::Escape));
+        if response.lost_focus() {
+            if !cancelled {
+                actions.push(Action::Rename {
+                    id: id.to_string(),
+                    title: text.clone(),
+                });
+            }
+            app.sidebar.renaming = None;
+        }
+        return;
+    }
+    let Some(conversation) = app.conversations.iter().find(|c| c.id == id) else {
+        return;
+    };
+    let title = conversation.display_title();
+    let menu_info = RowMenu {
+        id: id.to_string(),
+        title: conversation.display_title(),
+        has_messages: !conversation.messages.is_empty(),
+        exports_dir: app.data_dir.join("exports"),
+    };
+    let mut start_rename = false;
+    ui.horizontal(|ui| {
+        let menu_width = if selected { 30.0 } else { 0.0 };
+        let button = egui::Button::selectable(selected, &title)
+            .truncate()
+            .min_size(egui::vec2(ui.available_width() - menu_width, 28.0));
+        let response = ui.add(button).on_hover_text(&title);
+        if response.clicked() {
+            actions.push(Action::Select(id.to_string()));
+        }
+        start_rename |= response.double_clicked();
+        response.context_menu(|ui| start_rename |= menu_info.show(ui, actions));
+        if selected {
+            ui.menu_button("⏷", |ui| start_rename |= menu_info.show(ui, actions))
+                .response
+                .on_hover_text("Rename, export or delete")
+                .accessible_name("Conversation menu");
+        }
+    });
+    if start_rename {
+        app.sidebar.renaming = Some((menu_info.id, menu_info.title));
+    }
+}
+
+/// What a conversation's menu needs to know.
+struct RowMenu {
+    id: String,
+    title: String,
+    has_messages: bool,
+    exports_dir: std::path::PathBuf,
+}
+
+impl RowMenu {
+    /// Draws the menu; returns whether Rename was chosen.
+    fn show(&self, ui: &mut Ui, actions: &mut Vec<Action>) -> bool {
+        let rename = ui.button("Rename…").clicked();
+        if ui
+            .add_enabled(self.has_messages, egui::Button::new("Export as Markdown"))
+            .on_hover_text(format!(
+                "Write the conversation (answers only, no thinking) to {}",
+                self.exports_dir.display()
+            ))
+            .clicked()
+        {
+            actions.push(Action::Export(self.id.clone()));
+        }
+        if ui
+            .add_enabled(self.has_messages, egui::Button::new("Copy as Markdown"))
+            .clicked()
+        {
+            actions.push(Action::CopyMarkdown(self.id.clone()));
+        }
+        ui.separator();
+        if ui.button("Delete").clicked() {
+            actions.push(Action::Delete(self.id.clone()));
+        }
+        rename
+    }
+}
+
+/// The conversations matching the search, most recent first (cached per query and revision).
+fn matching_ids(app: &mut App) -> Vec<String> {
+    let query = app.sidebar.search.trim().to_lowercase();
+    if let Some((q, revision, ids)) = &app.sidebar.matches
+        && *q == query
+        && *revision == app.revision
+        && ids.len() <= app.conversations.len()
+    {
+        return ids.clone();
+    }
+    let ids: Vec<String> = app
+        .conversations
+        .iter()
+        .filter(|c| matches(c, &query))
+        .map(|c| c.id.clone())
+        .collect();
+    app.sidebar.matches = Some((query, app.revision, ids.clone()));
+    ids
+}
+
+/// Whether a conversation's title or any message contains the (lower-case) query.
+pub fn matches(conversation: &Conversation, query: &str) -> bool {
+    if query.is_empty() {
+        return true;
+    }
+    conversation.display_title().to_lowercase().contains(query)
+        || conversation
+            .messages
+            .iter()
+            .any(|m| m.content.to_lowercase().contains(query))
+}
+
+/// "Today", "Yesterday", "Previous 7 days", "Previous 30 days" or "Older".
+pub fn date_group(updated_ms: i64, now_ms: i64) -> &'static str {
+    const DAY: i64 = 24 * 60 * 60 * 1000;
+    let age = now_ms.saturating_sub(updated_ms);
+    match age {
+        a if a < DAY => "Today",
+        a if a < 2 * DAY => "Yesterday",
+        a if a < 7 * DAY => "Previous 7 days",
+        a if a < 30 * DAY => "Previous 30 days",
+        _ => "Older",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::conversation::{Message, Role};
+
+    #[test]
+    fn search_looks_at_titles_and_messages_ignoring_case() {
+        let mut c = Conversation::default();
+        c.messages.push(Message::new(Role::User, "Tell me about Rust"));
+        c.messages.push(Message::new(Role::Assistant, "Rust is a language."));
+        assert!(matches(&c, ""));
+        assert!(matches(&c, "rust"));
+        assert!(matches(&c, "language"));
+        assert!(!matches(&c, "python"));
+        c.title = "Programming".into();
+        assert!(matches(&c, "programming"));
+    }
+
+    #[test]
+    fn dates_are_grouped_by_age() {
+        let day = 24 * 60 * 60 * 1000;
+        let now = 100 * day;
+        assert_eq!(date_group(now - 1000, now), "Today");
+        assert_eq!(date_group(now - day - 1, now), "Yesterday");
+        assert_eq!(date_group(now - 3 * day, now), "Previous 7 days");
+        assert_eq!(date_group(now - 10 * day, now), "Previous 30 days");
+        assert_eq!(date_group(now - 90 * day, now), "Older");
+    }
+}
