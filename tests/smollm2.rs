@@ -18,8 +18,12 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 #[test]
 fn prompt_tokens_and_greedy_tokens_match_llama_cpp() {
     let reference = common::read_json("smollm2-135m-chat.ref.json");
-    let mut engine =
-        Engine::load(&common::smollm2_path(), &LoadOptions::default(), &mut |_| true).expect("load");
+    let mut engine = Engine::load(
+        &common::smollm2_path(),
+        &LoadOptions::default(),
+        &mut |_| true,
+    )
+    .expect("load");
     let eos = reference["eos"].as_u64().expect("eos") as u32;
     for case in reference["cases"].as_array().expect("cases") {
         let question = case["question"].as_str().expect("question");

@@ -404,7 +404,8 @@ fn smollm3_lists_xml_tools_given_as_kwargs() {
             enable_thinking: Some(false),
             ..options_with_date()
         };
-        opts.extra.insert(key.to_string(), Json::Array(vec![tool.clone()]));
+        opts.extra
+            .insert(key.to_string(), Json::Array(vec![tool.clone()]));
         let text = template
             .render(&[user("Weather in Paris?")], &opts)
             .expect("renders");

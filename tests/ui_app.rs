@@ -36,10 +36,16 @@ fn dirs() -> Dirs {
 
 /// The app with a model "loaded" by the fake backend.
 fn loaded_app<'a>(fake: &Fake, dirs: &Dirs) -> egui_kittest::Harness<'a, smoldesk::ui::App> {
-    let mut harness = harness(fake_options(fake, dirs.data.path(), dirs.models.path()), None);
+    let mut harness = harness(
+        fake_options(fake, dirs.data.path(), dirs.models.path()),
+        None,
+    );
     fake.push(loaded_event(&dirs.model));
     harness.run_steps(3);
-    assert!(harness.state().loaded_model().is_some(), "the model did not load");
+    assert!(
+        harness.state().loaded_model().is_some(),
+        "the model did not load"
+    );
     harness
 }
 
@@ -59,10 +65,16 @@ fn thinking_stats() -> GenerationStats {
 fn welcome_screen_lists_found_models_and_loads_a_typed_path() {
     let fake = Fake::default();
     let dirs = dirs();
-    let mut harness = harness(fake_options(&fake, dirs.data.path(), dirs.models.path()), None);
+    let mut harness = harness(
+        fake_options(&fake, dirs.data.path(), dirs.models.path()),
+        None,
+    );
     harness.run_steps(2);
     assert!(shows(&harness, "Open model…"));
-    assert!(shows(&harness, "tiny-smollm3-q4_k_m.gguf"), "the found model is listed");
+    assert!(
+        shows(&harness, "tiny-smollm3-q4_k_m.gguf"),
+        "the found model is listed"
+    );
     let path_field = harness.get_by_label("Path:");
     path_field.focus();
     harness.step();
@@ -151,7 +163,10 @@ fn a_missing_last_model_is_reported_and_forgotten() {
 fn dropping_a_file_that_is_not_a_model_says_so() {
     let fake = Fake::default();
     let dirs = dirs();
-    let mut harness = harness(fake_options(&fake, dirs.data.path(), dirs.models.path()), None);
+    let mut harness = harness(
+        fake_options(&fake, dirs.data.path(), dirs.models.path()),
+        None,
+    );
     harness
         .state_mut()
         .open_dropped(vec![PathBuf::from("/tmp/holiday.jpg")]);
@@ -174,7 +189,11 @@ fn a_reply_streams_in_with_its_thinking_shown_hidden_and_shown_again() {
     assert!(request.settings.thinking);
     assert!(harness.state().draft().is_empty());
     fake.started(request.id, "<|im_start|>user\nWhy…", 0);
-    fake.segment(request.id, SegmentKind::Thinking, "Rayleigh scattering favours");
+    fake.segment(
+        request.id,
+        SegmentKind::Thinking,
+        "Rayleigh scattering favours",
+    );
     harness.run_steps(3);
     assert!(shows(&harness, "Thinking…"));
     assert!(shows(&harness, "Rayleigh scattering favours"));
@@ -193,14 +212,24 @@ fn a_reply_streams_in_with_its_thinking_shown_hidden_and_shown_again() {
     harness.key_press_modifiers(Modifiers::COMMAND, Key::T);
     harness.run_steps(2);
     assert!(harness.state().preferences().show_thinking);
-    assert!(shows(&harness, "Rayleigh scattering favours short wavelengths."));
+    assert!(shows(
+        &harness,
+        "Rayleigh scattering favours short wavelengths."
+    ));
 
-    fake.segment(request.id, SegmentKind::Answer, "Because of **Rayleigh** scattering.");
+    fake.segment(
+        request.id,
+        SegmentKind::Answer,
+        "Because of **Rayleigh** scattering.",
+    );
     fake.finished(request.id, thinking_stats());
     harness.run_steps(3);
     assert!(harness.state().generation().is_none());
     assert!(shows(&harness, "Thought for 12 s · 340 tokens"));
-    assert!(shows(&harness, "0.4 s to first token · 9.5 tokens/s · 360 tokens"));
+    assert!(shows(
+        &harness,
+        "0.4 s to first token · 9.5 tokens/s · 360 tokens"
+    ));
     assert!(shows(&harness, "Rayleigh"));
     let reply = harness.state().current_conversation().unwrap().messages[1].clone();
     assert_eq!(reply.role, Role::Assistant);
@@ -332,7 +361,11 @@ fn conversations_survive_closing_and_reopening_the_app() {
         send_message(&mut harness, "Remember the word marmalade");
         let request = fake.last_request();
         fake.segment(request.id, SegmentKind::Thinking, "secret reasoning");
-        fake.segment(request.id, SegmentKind::Answer, "I will remember marmalade.");
+        fake.segment(
+            request.id,
+            SegmentKind::Answer,
+            "I will remember marmalade.",
+        );
         fake.finished(request.id, thinking_stats());
         harness.run_steps(3);
         eframe::App::save(harness.state_mut(), &mut storage);
@@ -346,7 +379,10 @@ fn conversations_survive_closing_and_reopening_the_app() {
     let conversation = harness.state().current_conversation().unwrap().clone();
     assert_eq!(conversation.display_title(), "Remember the word marmalade");
     assert_eq!(conversation.messages.len(), 2);
-    assert_eq!(conversation.messages[1].content, "I will remember marmalade.");
+    assert_eq!(
+        conversation.messages[1].content,
+        "I will remember marmalade."
+    );
     assert_eq!(
         conversation.messages[1].thinking.as_deref(),
         Some("secret reasoning")
@@ -366,7 +402,11 @@ fn deleting_a_conversation_can_be_undone() {
     fake.segment(request.id, SegmentKind::Answer, "ignored: after the end");
     harness.run_steps(3);
     let id = harness.state().current_conversation().unwrap().id.clone();
-    let file = dirs.data.path().join("conversations").join(format!("{id}.json"));
+    let file = dirs
+        .data
+        .path()
+        .join("conversations")
+        .join(format!("{id}.json"));
     assert!(step_until(&mut harness, Duration::from_secs(5), |_| file.exists()));
 
     harness.get_by_label("Conversation menu").click();
@@ -406,7 +446,9 @@ fn new_chat_rename_and_search() {
 
     harness.get_by_label("Search conversations").focus();
     harness.step();
-    harness.get_by_label("Search conversations").type_text("banana");
+    harness
+        .get_by_label("Search conversations")
+        .type_text("banana");
     harness.run_steps(2);
     assert!(shows(&harness, "Bananas are yellow"));
     assert!(!shows(&harness, "Apples are red"));
@@ -419,7 +461,9 @@ fn new_chat_rename_and_search() {
     harness.run_steps(2);
     harness.get_by_label("Rename…").click();
     harness.run_steps(2);
-    harness.get_by_label("Conversation title").type_text(" (fruit)");
+    harness
+        .get_by_label("Conversation title")
+        .type_text(" (fruit)");
     harness.step();
     harness.key_press(Key::Enter);
     harness.run_steps(2);
@@ -466,8 +510,15 @@ fn a_huge_paste_does_not_freeze_and_is_counted() {
     );
     assert!(shows(&harness, "101,200 characters"));
     // The paste is far longer than the context: the meter says so and Send is disabled.
-    assert!(step_until_shows(&mut harness, "This message is too long", Duration::from_secs(30)));
+    assert!(step_until_shows(
+        &mut harness,
+        "This message is too long",
+        Duration::from_secs(30)
+    ));
     harness.key_press(Key::Enter);
     harness.run_steps(2);
-    assert!(fake.requests().is_empty(), "a draft that cannot fit was sent");
+    assert!(
+        fake.requests().is_empty(),
+        "a draft that cannot fit was sent"
+    );
 }

@@ -55,7 +55,10 @@ fn smollm2_answers_and_the_reply_streams_in() {
     let mut harness = real_app(data.path(), &common::smollm2_path());
     set_max_tokens(&mut harness, 48);
     send_message(&mut harness, "What is the capital of France?");
-    assert!(harness.state().generation().is_some(), "no request was sent");
+    assert!(
+        harness.state().generation().is_some(),
+        "no request was sent"
+    );
     let mut saw_partial = false;
     let finished = step_until(&mut harness, REPLY_TIMEOUT, |app| {
         let reply = &app.current_conversation().unwrap().messages[1].content;
@@ -63,14 +66,21 @@ fn smollm2_answers_and_the_reply_streams_in() {
         app.generation().is_none()
     });
     assert!(finished, "the reply did not finish");
-    assert!(saw_partial, "the reply did not stream (no partial text was seen)");
+    assert!(
+        saw_partial,
+        "the reply did not stream (no partial text was seen)"
+    );
     let conversation = harness.state().current_conversation().unwrap().clone();
     let reply = &conversation.messages[1];
     assert!(!reply.content.trim().is_empty(), "empty reply");
     let stats = reply.stats.as_ref().expect("the reply has statistics");
     assert!(stats.generated_tokens > 0);
     assert!(shows(&harness, "tokens/s"));
-    assert!(reply.content.to_lowercase().contains("paris"), "{}", reply.content);
+    assert!(
+        reply.content.to_lowercase().contains("paris"),
+        "{}",
+        reply.content
+    );
 }
 
 #[test]
@@ -79,9 +89,14 @@ fn think_on_and_off_change_the_prompt_sent_to_smollm3() {
     let mut harness = real_app(data.path(), &common::fixture("tiny-smollm3-q4_k_m.gguf"));
     set_max_tokens(&mut harness, 4);
     send_message(&mut harness, "Hello");
-    assert!(step_until(&mut harness, REPLY_TIMEOUT, |app| app.generation().is_none()));
+    assert!(step_until(&mut harness, REPLY_TIMEOUT, |app| app
+        .generation()
+        .is_none()));
     let with_thinking = harness.state().last_prompt().expect("started").text.clone();
-    assert!(with_thinking.ends_with("<|im_start|>assistant\n"), "{with_thinking:?}");
+    assert!(
+        with_thinking.ends_with("<|im_start|>assistant\n"),
+        "{with_thinking:?}"
+    );
 
     harness.get_by_label("Think").click();
     harness.run_steps(2);
@@ -89,7 +104,9 @@ fn think_on_and_off_change_the_prompt_sent_to_smollm3() {
     harness.run_steps(2);
     set_max_tokens(&mut harness, 4);
     send_message(&mut harness, "Hello");
-    assert!(step_until(&mut harness, REPLY_TIMEOUT, |app| app.generation().is_none()));
+    assert!(step_until(&mut harness, REPLY_TIMEOUT, |app| app
+        .generation()
+        .is_none()));
     let without = harness.state().last_prompt().expect("started").text.clone();
     assert!(without.ends_with("<think>\n\n</think>\n"), "{without:?}");
 }
@@ -112,9 +129,14 @@ fn stop_ends_a_long_reply() {
     }));
     harness.get_by_label("⏹ Stop").click();
     harness.step();
-    assert!(step_until(&mut harness, Duration::from_secs(30), |app| app.generation().is_none()));
+    assert!(step_until(&mut harness, Duration::from_secs(30), |app| app
+        .generation()
+        .is_none()));
     let reply = &harness.state().current_conversation().unwrap().messages[1];
-    let stats = reply.stats.as_ref().expect("a stopped reply keeps its statistics");
+    let stats = reply
+        .stats
+        .as_ref()
+        .expect("a stopped reply keeps its statistics");
     assert_eq!(stats.stop_reason, StopReason::Cancelled);
     assert!(shows(&harness, "Stopped"));
 }
@@ -144,9 +166,13 @@ fn a_corrupt_model_file_is_reported_and_another_model_then_works() {
     harness.get_by_label("Path:").focus();
     harness.step();
     let good = common::smollm2_path();
-    harness.get_by_label("Path:").type_text(&good.display().to_string());
+    harness
+        .get_by_label("Path:")
+        .type_text(&good.display().to_string());
     harness.step();
     harness.get_by_label("Open").click();
     harness.step();
-    assert!(step_until(&mut harness, LOAD_TIMEOUT, |app| app.loaded_model().is_some()));
+    assert!(step_until(&mut harness, LOAD_TIMEOUT, |app| app
+        .loaded_model()
+        .is_some()));
 }

@@ -46,7 +46,12 @@ fn save(harness: &mut Harness<'_, App>, name: &str) {
     eprintln!("wrote {}", path.display());
 }
 
-fn rendered_app<'a>(fake: &Fake, storage: &'a MemoryStorage, models: &std::path::Path, data: &std::path::Path) -> Harness<'a, App> {
+fn rendered_app<'a>(
+    fake: &Fake,
+    storage: &'a MemoryStorage,
+    models: &std::path::Path,
+    data: &std::path::Path,
+) -> Harness<'a, App> {
     Harness::builder()
         .with_size(SIZE)
         .with_max_steps(20)

@@ -43,7 +43,9 @@ impl Gate {
 }
 
 fn next(worker: &WorkerHandle) -> Event {
-    worker.recv_timeout(TIMEOUT).expect("worker event within timeout")
+    worker
+        .recv_timeout(TIMEOUT)
+        .expect("worker event within timeout")
 }
 
 fn load(worker: &WorkerHandle, path: &Path, context_length: usize) {
@@ -122,7 +124,11 @@ fn collect(worker: &WorkerHandle, id: u64) -> Outcome {
                 outcome.prompt_text = prompt_text;
                 outcome.prompt_tokens = prompt_tokens;
             }
-            Event::Segment { id: got, kind, text } => {
+            Event::Segment {
+                id: got,
+                kind,
+                text,
+            } => {
                 assert_eq!(got, id);
                 assert!(started, "segments come after Started");
                 match kind {
@@ -152,12 +158,16 @@ fn events_arrive_in_order_and_thinking_mode_shapes_the_prompt() {
     worker.send(request(1, vec![user("Hello there")], settings(false, 12)));
     let off = collect(&worker, 1);
     assert!(
-        off.prompt_text.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n"),
+        off.prompt_text
+            .ends_with("<|im_start|>assistant\n<think>\n\n</think>\n"),
         "thinking off pre-fills an empty think block: {:?}",
         off.prompt_text
     );
     assert!(off.stats.generated_tokens >= 1);
-    assert!(off.thinking.is_empty(), "nothing can be thinking after </think>");
+    assert!(
+        off.thinking.is_empty(),
+        "nothing can be thinking after </think>"
+    );
 
     worker.send(request(2, vec![user("Hello there")], settings(true, 12)));
     let on = collect(&worker, 2);
@@ -175,7 +185,11 @@ fn stop_takes_effect_within_one_token() {
     let worker = WorkerHandle::spawn(gate.waker());
     load(&worker, &common::fixture("tiny-smollm3-q4_k_m.gguf"), 2048);
 
-    worker.send(request(7, vec![user("Tell me a long story")], settings(false, 1500)));
+    worker.send(request(
+        7,
+        vec![user("Tell me a long story")],
+        settings(false, 1500),
+    ));
     // Wait for the first streamed text, then hold the worker at its next event and stop.
     loop {
         match next(&worker) {
@@ -185,7 +199,9 @@ fn stop_takes_effect_within_one_token() {
         }
     }
     let (reached, release) = gate.arm();
-    reached.recv_timeout(TIMEOUT).expect("worker reached the gate");
+    reached
+        .recv_timeout(TIMEOUT)
+        .expect("worker reached the gate");
     let mut seen_before_stop = 0;
     while let Some(event) = worker.try_recv() {
         match event {
@@ -206,7 +222,10 @@ fn stop_takes_effect_within_one_token() {
         }
     };
     assert_eq!(stats.stop_reason, StopReason::Cancelled);
-    assert!(after_stop <= 2, "{after_stop} segments after stop (one token yields at most two)");
+    assert!(
+        after_stop <= 2,
+        "{after_stop} segments after stop (one token yields at most two)"
+    );
     assert!(stats.generated_tokens < 1500);
     let _ = seen_before_stop;
 }
@@ -215,7 +234,11 @@ fn stop_takes_effect_within_one_token() {
 fn loading_a_model_during_generation_stops_it_cleanly() {
     let worker = WorkerHandle::spawn(Arc::new(|| {}));
     load(&worker, &common::fixture("tiny-smollm3-q4_k_m.gguf"), 4096);
-    worker.send(request(3, vec![user("Go on forever")], settings(false, 3000)));
+    worker.send(request(
+        3,
+        vec![user("Go on forever")],
+        settings(false, 3000),
+    ));
     // Make sure it is generating.
     loop {
         if let Event::Segment { .. } = next(&worker) {

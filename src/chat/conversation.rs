@@ -218,7 +218,8 @@ mod conversation_tests {
     fn title_comes_from_the_first_user_message_when_not_given() {
         let mut c = Conversation::default();
         assert_eq!(c.display_title(), "New chat");
-        c.messages.push(Message::new(Role::User, "  Why is\nthe sky blue?  "));
+        c.messages
+            .push(Message::new(Role::User, "  Why is\nthe sky blue?  "));
         assert_eq!(c.display_title(), "Why is the sky blue?");
         c.title = "Sky".into();
         assert_eq!(c.display_title(), "Sky");

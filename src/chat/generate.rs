@@ -10,10 +10,10 @@ use super::context::{ContextError, fit_to_context};
 use super::conversation::{ChatSettings, GenerationStats, Message, StopReason};
 use super::template::{PromptFormatter, RenderOptions};
 use super::thinking::{Segment, SegmentKind, ThinkSplitter, ThinkTags, prompt_ends_inside_think};
+use crate::engine::EngineError;
 use crate::engine::sampling::{Sampler, SamplingParams};
 use crate::engine::session::Engine;
 use crate::engine::tokenizer::{GgufTokenizer, StreamDecoder};
-use crate::engine::EngineError;
 
 /// Why a reply could not be generated.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +111,13 @@ pub fn generate_reply(
             .map_or(usize::MAX, |ids| ids.len())
     };
     let fitted = fit_to_context(messages, budget, &mut count_tokens)?;
-    let rendered = render_prompt(ctx.formatter, &tokenizer, settings, &fitted.messages, ctx.date);
+    let rendered = render_prompt(
+        ctx.formatter,
+        &tokenizer,
+        settings,
+        &fitted.messages,
+        ctx.date,
+    );
     let prompt = tokenizer.encode_prompt(&rendered.text)?;
     let starts_in_thinking = prompt_ends_inside_think(&rendered.text);
     on_event(GenerationEvent::Started {

@@ -184,7 +184,10 @@ pub fn export_markdown(conversation: &Conversation) -> String {
             Role::Assistant => "Assistant",
             Role::System => "System",
         };
-        out.push_str(&format!("## {heading}\n\n{}\n\n", message.content.trim_end()));
+        out.push_str(&format!(
+            "## {heading}\n\n{}\n\n",
+            message.content.trim_end()
+        ));
     }
     out.truncate(out.trim_end().len());
     out.push('\n');
@@ -303,7 +306,12 @@ mod tests {
         new.updated_ms = 2;
         store.save(&old).unwrap();
         store.save(&new).unwrap();
-        let ids: Vec<_> = store.load_all().conversations.into_iter().map(|c| c.id).collect();
+        let ids: Vec<_> = store
+            .load_all()
+            .conversations
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
         assert_eq!(ids, [new.id, old.id]);
     }
 

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use crate::chat::conversation::{ChatSettings, Message, Role};
-use crate::chat::generate::{GenerationContext, GenerationEvent, Reply, generate_from_tokens, generate_reply};
+use crate::chat::generate::{
+    GenerationContext, GenerationEvent, Reply, generate_from_tokens, generate_reply,
+};
 use crate::chat::template::PromptFormatter;
 use crate::chat::thinking::{SegmentKind, prompt_ends_inside_think};
 use crate::engine::sampling::model_defaults;
@@ -147,7 +149,14 @@ pub fn run(args: Args) -> Result<()> {
     let reply: Reply = if args.raw {
         let tokens = engine.tokenizer().encode_prompt(&args.prompt)?;
         let inside = prompt_ends_inside_think(&args.prompt);
-        generate_from_tokens(&mut engine, &ctx, &tokens, inside, &settings.sampling, &mut on_event)?
+        generate_from_tokens(
+            &mut engine,
+            &ctx,
+            &tokens,
+            inside,
+            &settings.sampling,
+            &mut on_event,
+        )?
     } else {
         let messages = [Message::new(Role::User, args.prompt.clone())];
         generate_reply(&mut engine, &ctx, &messages, &settings, &mut on_event)?

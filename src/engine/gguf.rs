@@ -573,7 +573,11 @@ impl GgufFile {
                 "it is a folder, not a file",
             )));
         }
-        Self::read(BufReader::with_capacity(1 << 20, file), metadata.len(), path)
+        Self::read(
+            BufReader::with_capacity(1 << 20, file),
+            metadata.len(),
+            path,
+        )
     }
 
     /// Parses a GGUF header from any reader of `file_size` bytes.
@@ -649,7 +653,10 @@ impl GgufFile {
         let v = self.require(key)?;
         let arr = v.as_array().ok_or_else(|| wrong_type(key, "an array", v))?;
         arr.iter()
-            .map(|item| item.as_str().ok_or_else(|| wrong_type(key, "strings", item)))
+            .map(|item| {
+                item.as_str()
+                    .ok_or_else(|| wrong_type(key, "strings", item))
+            })
             .collect()
     }
 
@@ -658,7 +665,10 @@ impl GgufFile {
         let v = self.require(key)?;
         let arr = v.as_array().ok_or_else(|| wrong_type(key, "an array", v))?;
         arr.iter()
-            .map(|item| item.as_i64().ok_or_else(|| wrong_type(key, "integers", item)))
+            .map(|item| {
+                item.as_i64()
+                    .ok_or_else(|| wrong_type(key, "integers", item))
+            })
             .collect()
     }
 
@@ -667,7 +677,10 @@ impl GgufFile {
         let v = self.require(key)?;
         let arr = v.as_array().ok_or_else(|| wrong_type(key, "an array", v))?;
         arr.iter()
-            .map(|item| item.as_f64().ok_or_else(|| wrong_type(key, "numbers", item)))
+            .map(|item| {
+                item.as_f64()
+                    .ok_or_else(|| wrong_type(key, "numbers", item))
+            })
             .collect()
     }
 
@@ -713,7 +726,8 @@ impl GgufFile {
                 io_err(err)
             }
         })?;
-        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &Device::Cpu, info.dtype)?;
+        let storage =
+            QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &Device::Cpu, info.dtype)?;
         Ok(QTensor::new(storage, info.shape())?)
     }
 }
@@ -770,7 +784,9 @@ fn read_tensor_directory<R: Read>(
         if n_dims == 0 || n_dims > MAX_DIMS {
             return Err(EngineError::BadTensor {
                 name,
-                reason: format!("it has {n_dims} dimensions (between 1 and {MAX_DIMS} are allowed)"),
+                reason: format!(
+                    "it has {n_dims} dimensions (between 1 and {MAX_DIMS} are allowed)"
+                ),
             });
         }
         let dims = (0..n_dims)
@@ -935,10 +951,7 @@ mod tests {
 
     #[test]
     fn rejects_wrong_magic_and_version() {
-        assert!(matches!(
-            parse(b"GGU"),
-            Err(EngineError::NotGguf { .. })
-        ));
+        assert!(matches!(parse(b"GGU"), Err(EngineError::NotGguf { .. })));
         assert!(matches!(
             parse(b"<html><body>Not found</body></html>"),
             Err(EngineError::NotGguf { .. })
@@ -1008,11 +1021,7 @@ mod tests {
 
     #[test]
     fn rejects_duplicates() {
-        let bytes = file_with(
-            &[("k", MetaValue::U8(1)), ("k", MetaValue::U8(2))],
-            &[],
-            0,
-        );
+        let bytes = file_with(&[("k", MetaValue::U8(1)), ("k", MetaValue::U8(2))], &[], 0);
         assert!(matches!(parse(&bytes), Err(EngineError::DuplicateKey(k)) if k == "k"));
         let bytes = file_with(&[], &[("t", &[8], 0, 0), ("t", &[8], 0, 32)], 64);
         assert!(matches!(parse(&bytes), Err(EngineError::DuplicateTensor(t)) if t == "t"));
@@ -1051,7 +1060,10 @@ mod tests {
     fn checks_tensor_shapes_and_types() {
         let unknown = file_with(&[], &[("a", &[256], 23, 0)], 256);
         let err = parse(&unknown).unwrap_err();
-        assert!(matches!(err, EngineError::UnknownQuantization { type_id: 23, .. }));
+        assert!(matches!(
+            err,
+            EngineError::UnknownQuantization { type_id: 23, .. }
+        ));
         assert!(err.to_string().contains("IQ4_XS"), "{err}");
 
         for dims in [&[][..], &[0], &[1, 2, 3, 4, 5], &[u64::MAX, u64::MAX]] {

@@ -566,7 +566,11 @@ fn end_of_turn_ids(gguf: &GgufFile, bpe: &Tokenizer, n_tokens: usize) -> Result<
     for key in END_OF_TURN_KEYS {
         ids.extend(optional_token_id(gguf, key, n_tokens)?);
     }
-    ids.extend(END_OF_TURN_TEXTS.iter().filter_map(|text| bpe.token_to_id(text)));
+    ids.extend(
+        END_OF_TURN_TEXTS
+            .iter()
+            .filter_map(|text| bpe.token_to_id(text)),
+    );
     ids.sort_unstable();
     ids.dedup();
     Ok(ids)
@@ -818,7 +822,12 @@ mod tests {
     }
 
     fn strings(items: &[&str]) -> MetaValue {
-        MetaValue::Array(items.iter().map(|s| MetaValue::String(s.to_string())).collect())
+        MetaValue::Array(
+            items
+                .iter()
+                .map(|s| MetaValue::String(s.to_string()))
+                .collect(),
+        )
     }
 
     /// A small vocabulary: all 256 bytes, a few merges, and special tokens at the end.
@@ -827,7 +836,12 @@ mod tests {
         // "ab" has no merge rule: only whole-word lookup (ignore_merges) produces it.
         let merged = ["he", "ll", "hell", "hello", "Ġw", "Ġwo", "ab"];
         tokens.extend(merged.iter().map(|s| s.to_string()));
-        let specials = [("<|im_end|>", 3), ("<think>", 4), ("<|endoftext|>", 4), ("", 3)];
+        let specials = [
+            ("<|im_end|>", 3),
+            ("<think>", 4),
+            ("<|endoftext|>", 4),
+            ("", 3),
+        ];
         tokens.extend(specials.iter().map(|(s, _)| s.to_string()));
         let mut types = vec![1i32; tokens.len() - specials.len()];
         types.extend(specials.iter().map(|(_, t)| *t));
@@ -855,6 +869,7 @@ mod tests {
             metadata,
             tensors: Vec::new(),
             data_offset: 0,
+            alignment: 32,
         }
     }
 
@@ -942,7 +957,11 @@ mod tests {
         let endoftext = id(&tok, "<|endoftext|>");
         // Stored as user-defined, but it ends a turn: a user cannot type it.
         assert_eq!(tok.token_type(endoftext), Some(TokenType::Control));
-        assert!(!tok.encode("<|endoftext|>", false).unwrap().contains(&endoftext));
+        assert!(
+            !tok.encode("<|endoftext|>", false)
+                .unwrap()
+                .contains(&endoftext)
+        );
         assert_eq!(tok.encode("<|endoftext|>", true).unwrap(), vec![endoftext]);
         assert_eq!(tok.end_of_turn_ids(), &[263, endoftext]);
         assert!(tok.is_end_of_turn(endoftext));
@@ -953,7 +972,10 @@ mod tests {
     fn empty_tokens_are_renamed() {
         let tok = small_tokenizer();
         let last = u32::try_from(tok.vocab_size() - 1).unwrap();
-        assert_eq!(tok.token_text(last), Some(format!("[EMPTY_{last}]").as_str()));
+        assert_eq!(
+            tok.token_text(last),
+            Some(format!("[EMPTY_{last}]").as_str())
+        );
         assert_eq!(tok.encode("", true).unwrap(), Vec::<u32>::new());
     }
 
@@ -963,14 +985,20 @@ mod tests {
         assert!(!tok.adds_bos());
         assert_eq!(tok.bos_text(), "h");
         assert_eq!(tok.eos_text(), "<|im_end|>");
-        assert_eq!(tok.encode_prompt("wo").unwrap(), tok.encode("wo", true).unwrap());
+        assert_eq!(
+            tok.encode_prompt("wo").unwrap(),
+            tok.encode("wo", true).unwrap()
+        );
 
         let mut gguf = small_gguf("smaug-bpe");
         gguf.metadata
             .insert("tokenizer.ggml.add_bos_token".into(), MetaValue::Bool(true));
         let tok = GgufTokenizer::from_gguf(&gguf).unwrap();
         let bos = u32::from(b'h');
-        assert_eq!(tok.encode_prompt("wo").unwrap(), vec![bos, u32::from(b'w'), u32::from(b'o')]);
+        assert_eq!(
+            tok.encode_prompt("wo").unwrap(),
+            vec![bos, u32::from(b'w'), u32::from(b'o')]
+        );
         // A prompt that already starts with BOS does not get a second one.
         assert_eq!(tok.encode_prompt("h").unwrap(), vec![bos]);
     }
@@ -988,8 +1016,10 @@ mod tests {
     #[test]
     fn rejects_other_tokenizer_models() {
         let mut gguf = small_gguf("smaug-bpe");
-        gguf.metadata
-            .insert("tokenizer.ggml.model".into(), MetaValue::String("llama".into()));
+        gguf.metadata.insert(
+            "tokenizer.ggml.model".into(),
+            MetaValue::String("llama".into()),
+        );
         let err = GgufTokenizer::from_gguf(&gguf).unwrap_err();
         assert!(err.to_string().contains("\"llama\""), "{err}");
     }
@@ -1020,8 +1050,10 @@ mod tests {
     #[test]
     fn out_of_range_ids_are_ignored() {
         let mut gguf = small_gguf("smaug-bpe");
-        gguf.metadata
-            .insert("tokenizer.ggml.bos_token_id".into(), MetaValue::U32(1 << 30));
+        gguf.metadata.insert(
+            "tokenizer.ggml.bos_token_id".into(),
+            MetaValue::U32(1 << 30),
+        );
         let tok = GgufTokenizer::from_gguf(&gguf).unwrap();
         assert_eq!(tok.bos_id(), None);
         assert_eq!(tok.bos_text(), "");

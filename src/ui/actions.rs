@@ -112,7 +112,8 @@ impl App {
     pub(crate) fn load_conversations(&mut self) {
         let loaded = self.store.load_all();
         for error in &loaded.errors {
-            self.notices.error(format!("A saved conversation could not be read: {error}"));
+            self.notices
+                .error(format!("A saved conversation could not be read: {error}"));
         }
         self.conversations = loaded.conversations;
         let wanted = self.prefs.last_conversation.clone();
@@ -217,8 +218,7 @@ impl App {
         });
         match written {
             Ok(()) => {
-                self.notices
-                    .info(format!("Exported to {}", path.display()));
+                self.notices.info(format!("Exported to {}", path.display()));
             }
             Err(err) => {
                 self.notices
@@ -448,7 +448,11 @@ impl App {
         let index = generation.message_index;
         let empty = match conversation.messages.get_mut(index) {
             Some(message) => {
-                if message.thinking.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                if message
+                    .thinking
+                    .as_deref()
+                    .is_some_and(|t| t.trim().is_empty())
+                {
                     message.thinking = None;
                 }
                 message.stats = stats;
@@ -486,7 +490,10 @@ impl App {
         if dropped.is_empty() {
             return;
         }
-        match dropped.iter().find(|p| crate::paths::has_model_extension(p)) {
+        match dropped
+            .iter()
+            .find(|p| crate::paths::has_model_extension(p))
+        {
             Some(model) => self.load_model(model.clone()),
             None => {
                 self.notices.error(format!(

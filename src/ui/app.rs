@@ -274,7 +274,11 @@ impl App {
 
     /// The texts of the banners shown.
     pub fn notice_texts(&self) -> Vec<String> {
-        self.notices.items().iter().map(|n| n.text.clone()).collect()
+        self.notices
+            .items()
+            .iter()
+            .map(|n| n.text.clone())
+            .collect()
     }
 
     /// The draft message.

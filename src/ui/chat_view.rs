@@ -234,7 +234,8 @@ fn conversation(app: &mut App, ui: &mut Ui) {
     if heights.len() > 4096 {
         heights.clear();
     }
-    let bottom_gap = output.content_size.y - (output.state.clamped_offset().y + output.inner_rect.height());
+    let bottom_gap =
+        output.content_size.y - (output.state.clamped_offset().y + output.inner_rect.height());
     app.chat.at_bottom = bottom_gap <= 24.0;
     if !app.chat.at_bottom {
         jump_to_latest(app, ui, output.inner_rect);
@@ -272,8 +273,14 @@ fn user_message(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, message: 
     if let Some((editing_index, text)) = view.editing.as_mut()
         && *editing_index == index
     {
-        let cancelled =
-            edit_box(ui, text, index, view.actions, view.model_ready, view.generation.is_some());
+        let cancelled = edit_box(
+            ui,
+            text,
+            index,
+            view.actions,
+            view.model_ready,
+            view.generation.is_some(),
+        );
         if cancelled || ui.input(|i| i.key_pressed(egui::Key::Escape)) {
             *view.editing = None;
         }
@@ -298,7 +305,10 @@ fn user_message(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, message: 
             view.actions.push(Action::Copy(message.content.clone()));
         }
         let edit = ui
-            .add_enabled(!busy, egui::Button::new(RichText::new("Edit").small()).frame(false))
+            .add_enabled(
+                !busy,
+                egui::Button::new(RichText::new("Edit").small()).frame(false),
+            )
             .on_hover_text("Change this message and get a new reply")
             .on_disabled_hover_text("Wait for the reply to finish (or stop it)");
         if edit.clicked() {
@@ -329,7 +339,11 @@ fn folded_text(ui: &mut Ui, index: usize, text: &str) {
         .char_indices()
         .nth(FOLDED_PREVIEW_CHARS)
         .map_or(text.len(), |(i, _)| i);
-    ui.add(egui::Label::new(format!("{}…", &text[..cut])).selectable(true).wrap());
+    ui.add(
+        egui::Label::new(format!("{}…", &text[..cut]))
+            .selectable(true)
+            .wrap(),
+    );
     let label = format!("Show all {} characters", format_count(chars));
     if ui.small_button(label).clicked() {
         ui.data_mut(|d| d.insert_temp(id, true));
@@ -405,7 +419,10 @@ fn waiting_line(ui: &mut Ui, generation: &Generation, message: &Message) {
     let text = match generation.phase {
         Phase::Waiting => "Starting…".to_string(),
         Phase::Prefill => match generation.prompt_tokens {
-            Some(tokens) => format!("Reading the conversation ({} tokens)…", format_count(tokens)),
+            Some(tokens) => format!(
+                "Reading the conversation ({} tokens)…",
+                format_count(tokens)
+            ),
             None => "Reading the conversation…".to_string(),
         },
         Phase::Thinking | Phase::Answering if message.content.is_empty() => String::new(),
@@ -583,7 +600,10 @@ mod tests {
             thinking_secs: 12.0,
             ..GenerationStats::default()
         };
-        assert_eq!(thought_summary(Some(&stats), None), "Thought for 12 s · 340 tokens");
+        assert_eq!(
+            thought_summary(Some(&stats), None),
+            "Thought for 12 s · 340 tokens"
+        );
         assert_eq!(thought_summary(None, None), "Thoughts");
     }
 
@@ -595,6 +615,9 @@ mod tests {
             generated_tokens: 1234,
             ..GenerationStats::default()
         };
-        assert_eq!(stats_line(&stats), "0.8 s to first token · 9.3 tokens/s · 1,234 tokens");
+        assert_eq!(
+            stats_line(&stats),
+            "0.8 s to first token · 9.3 tokens/s · 1,234 tokens"
+        );
     }
 }

@@ -118,7 +118,11 @@ fn controls_row(app: &mut App, ui: &mut Ui, actions: &mut Vec<Action>) {
             if app.is_generating() {
                 let stopping = app.generation.as_ref().is_some_and(|g| g.stopping);
                 let stop = ui
-                    .add_enabled(!stopping, egui::Button::new(if stopping { "Stopping…" } else { "⏹ Stop" }).min_size(egui::vec2(84.0, 30.0)))
+                    .add_enabled(
+                        !stopping,
+                        egui::Button::new(if stopping { "Stopping…" } else { "⏹ Stop" })
+                            .min_size(egui::vec2(84.0, 30.0)),
+                    )
                     .on_hover_text("Stop the reply (Esc)");
                 if stop.clicked() {
                     actions.push(Action::Stop);

@@ -179,11 +179,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let written = install(dir.path(), Path::new("/usr/bin/smoldesk")).unwrap();
         assert_eq!(written.len(), 2 + ICONS.len());
-        let entry = std::fs::read_to_string(dir.path().join("applications/smoldesk.desktop")).unwrap();
+        let entry =
+            std::fs::read_to_string(dir.path().join("applications/smoldesk.desktop")).unwrap();
         assert!(entry.contains("Exec=/usr/bin/smoldesk %f"));
-        let mime = std::fs::read_to_string(dir.path().join("mime/packages/smoldesk-gguf.xml")).unwrap();
+        let mime =
+            std::fs::read_to_string(dir.path().join("mime/packages/smoldesk-gguf.xml")).unwrap();
         assert!(mime.contains(r#"<glob pattern="*.gguf"/>"#));
-        let icon = std::fs::read(dir.path().join("icons/hicolor/256x256/apps/smoldesk.png")).unwrap();
+        let icon =
+            std::fs::read(dir.path().join("icons/hicolor/256x256/apps/smoldesk.png")).unwrap();
         assert!(icon.starts_with(b"\x89PNG"));
     }
 

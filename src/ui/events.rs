@@ -49,7 +49,15 @@ impl App {
                 prompt_tokens,
                 prompt_text,
                 dropped_messages,
-            } => self.on_started(id, prompt_tokens, prompt_text, dropped_messages),
+                template_fallback,
+            } => {
+                if let Some(reason) = template_fallback {
+                    self.notices.info(format!(
+                        "The model's chat template could not be used, so ChatML is: {reason}"
+                    ));
+                }
+                self.on_started(id, prompt_tokens, prompt_text, dropped_messages)
+            }
             Event::Segment { id, kind, text } => self.on_segment(id, kind, &text),
             Event::Finished { id, stats } => self.on_finished(id, stats),
             Event::Error { id, message } => self.on_error(id, message),
@@ -94,16 +102,20 @@ impl App {
     }
 
     fn on_load_failed(&mut self, path: &std::path::Path, message: &str) {
-        let was_cancelled = matches!(self.model, ModelState::Loading { cancelling: true, .. });
+        let was_cancelled = matches!(
+            self.model,
+            ModelState::Loading {
+                cancelling: true,
+                ..
+            }
+        );
         self.model = ModelState::Empty;
         if was_cancelled {
             self.notices.info("Loading was cancelled.");
             return;
         }
-        self.notices.error(format!(
-            "Could not open {}: {message}",
-            file_name(path)
-        ));
+        self.notices
+            .error(format!("Could not open {}: {message}", file_name(path)));
         if self.prefs.last_model.as_deref() == Some(path) {
             self.prefs.last_model = None;
         }
@@ -157,7 +169,8 @@ impl App {
                 generation.phase = Phase::Answering;
             }
         }
-        let (conversation_id, index) = (generation.conversation_id.clone(), generation.message_index);
+        let (conversation_id, index) =
+            (generation.conversation_id.clone(), generation.message_index);
         let Some(message) = self
             .conversation_mut(&conversation_id)
             .and_then(|c| c.messages.get_mut(index))
@@ -165,7 +178,10 @@ impl App {
             return;
         };
         match kind {
-            SegmentKind::Thinking => message.thinking.get_or_insert_with(String::new).push_str(text),
+            SegmentKind::Thinking => message
+                .thinking
+                .get_or_insert_with(String::new)
+                .push_str(text),
             SegmentKind::Answer => message.content.push_str(text),
         }
         self.revision += 1;

@@ -192,7 +192,11 @@ pub fn show_welcome(app: &mut App, ui: &mut Ui) {
             ui.vertical_centered(|ui| {
                 ui.set_max_width(theme::READING_WIDTH.min(640.0));
                 ui.add_space(36.0);
-                ui.label(RichText::new("SmolDesk").size(ui.text_style_height(&egui::TextStyle::Heading) * 1.5).strong());
+                ui.label(
+                    RichText::new("SmolDesk")
+                        .size(ui.text_style_height(&egui::TextStyle::Heading) * 1.5)
+                        .strong(),
+                );
                 ui.label(
                     RichText::new("Chat with SmolLM3 privately — it runs on your own computer.")
                         .color(theme::muted_text_color(ui.visuals())),
@@ -263,7 +267,8 @@ pub fn picker_contents(app: &mut App, ui: &mut Ui) {
     ui.horizontal(|ui| {
         let open = ui.add_enabled(
             !app.picker.dialog_open(),
-            egui::Button::new("Open model…").shortcut_text(ui.ctx().format_shortcut(&super::shortcuts::OPEN_MODEL)),
+            egui::Button::new("Open model…")
+                .shortcut_text(ui.ctx().format_shortcut(&super::shortcuts::OPEN_MODEL)),
         );
         if open.clicked() {
             actions.push(Action::OpenFileDialog);
@@ -439,11 +444,18 @@ fn card_section(app: &App, ui: &mut Ui, card: &Card, actions: &mut Vec<Action>) 
                 }
                 Card::Ready(info) => {
                     ui.label(RichText::new(model_display_name(info)).strong());
-                    let context = app.prefs.load_options.context_length.min(info.hparams.context_length);
+                    let context = app
+                        .prefs
+                        .load_options
+                        .context_length
+                        .min(info.hparams.context_length);
                     model_card(ui, info, context);
                     let loading = matches!(app.model, ModelState::Loading { .. });
                     if ui
-                        .add_enabled(!loading, egui::Button::new(format!("Load {}", file_name(&info.path))))
+                        .add_enabled(
+                            !loading,
+                            egui::Button::new(format!("Load {}", file_name(&info.path))),
+                        )
                         .clicked()
                     {
                         actions.push(Action::Load(info.path.clone()));
@@ -481,7 +493,11 @@ pub fn model_card(ui: &mut Ui, info: &ModelInfo, context: usize) {
             row(
                 ui,
                 "Memory needed",
-                format!("about {} at {} tokens", format_bytes(info.ram_estimate_bytes(context)), format_count(context)),
+                format!(
+                    "about {} at {} tokens",
+                    format_bytes(info.ram_estimate_bytes(context)),
+                    format_count(context)
+                ),
             );
             row(
                 ui,
@@ -510,9 +526,11 @@ pub fn show_drop_overlay(ctx: &egui::Context) {
     if hovered.is_empty() {
         return;
     }
-    let is_model = hovered
-        .iter()
-        .any(|f| f.path.as_deref().is_some_and(crate::paths::has_model_extension));
+    let is_model = hovered.iter().any(|f| {
+        f.path
+            .as_deref()
+            .is_some_and(crate::paths::has_model_extension)
+    });
     let text = if is_model {
         "Drop to open this model"
     } else {

@@ -142,9 +142,12 @@ impl Notices {
                                 responses.push(NoticeResponse::Undo(id.clone()));
                                 dismissed.push(notice.id);
                             }
-                            ui.with_layout(egui::Layout::left_to_right(egui::Align::Center), |ui| {
-                                ui.add(egui::Label::new(&notice.text).wrap());
-                            });
+                            ui.with_layout(
+                                egui::Layout::left_to_right(egui::Align::Center),
+                                |ui| {
+                                    ui.add(egui::Label::new(&notice.text).wrap());
+                                },
+                            );
                         });
                     });
                 });

@@ -54,7 +54,10 @@ impl Saver {
     }
 
     fn submit(&self, job: Job) {
-        let sent = self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok());
+        let sent = self
+            .jobs
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(job).is_ok());
         if !sent {
             log::error!("the saver thread is not running; a change was not saved");
         }

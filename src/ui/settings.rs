@@ -72,11 +72,19 @@ fn sampling(ui: &mut Ui, params: &mut SamplingParams) -> bool {
     let mut changed = false;
     let muted = theme::muted_text_color(ui.visuals());
     changed |= ui
-        .add(egui::Slider::new(&mut params.temperature, 0.0..=2.0).text("Temperature").step_by(0.05))
+        .add(
+            egui::Slider::new(&mut params.temperature, 0.0..=2.0)
+                .text("Temperature")
+                .step_by(0.05),
+        )
         .on_hover_text("Higher is more varied, 0 always picks the most likely word")
         .changed();
     changed |= ui
-        .add(egui::Slider::new(&mut params.top_p, 0.05..=1.0).text("Top-p").step_by(0.01))
+        .add(
+            egui::Slider::new(&mut params.top_p, 0.05..=1.0)
+                .text("Top-p")
+                .step_by(0.01),
+        )
         .on_hover_text("Keep the most likely words that add up to this probability (1 = off)")
         .changed();
     changed |= ui
@@ -84,15 +92,27 @@ fn sampling(ui: &mut Ui, params: &mut SamplingParams) -> bool {
         .on_hover_text("Keep only this many most likely words (0 = off)")
         .changed();
     changed |= ui
-        .add(egui::Slider::new(&mut params.min_p, 0.0..=0.5).text("Min-p").step_by(0.01))
+        .add(
+            egui::Slider::new(&mut params.min_p, 0.0..=0.5)
+                .text("Min-p")
+                .step_by(0.01),
+        )
         .on_hover_text("Drop words less likely than this share of the most likely one (0 = off)")
         .changed();
     changed |= ui
-        .add(egui::Slider::new(&mut params.repeat_penalty, 1.0..=2.0).text("Repeat penalty").step_by(0.01))
+        .add(
+            egui::Slider::new(&mut params.repeat_penalty, 1.0..=2.0)
+                .text("Repeat penalty")
+                .step_by(0.01),
+        )
         .on_hover_text("Discourage repeating recent words (1 = off)")
         .changed();
     changed |= ui
-        .add(egui::Slider::new(&mut params.max_tokens, 16..=32768).logarithmic(true).text("Max reply tokens"))
+        .add(
+            egui::Slider::new(&mut params.max_tokens, 16..=32768)
+                .logarithmic(true)
+                .text("Max reply tokens"),
+        )
         .changed();
     changed |= ui
         .add(egui::Slider::new(&mut params.seed, 0..=u32::MAX as u64).text("Seed"))
@@ -103,7 +123,11 @@ fn sampling(ui: &mut Ui, params: &mut SamplingParams) -> bool {
             *params = SamplingParams::default();
             changed = true;
         }
-        ui.label(RichText::new("Saved with this conversation").small().color(muted));
+        ui.label(
+            RichText::new("Saved with this conversation")
+                .small()
+                .color(muted),
+        );
     });
     changed
 }
@@ -142,7 +166,11 @@ fn model_settings(app: &mut App, ui: &mut Ui) {
     let loaded = match &app.model {
         ModelState::Ready(model) => Some((
             model.options.clone(),
-            model.info.ram_estimate_bytes(options.context_length.min(model.info.hparams.context_length)),
+            model.info.ram_estimate_bytes(
+                options
+                    .context_length
+                    .min(model.info.hparams.context_length),
+            ),
         )),
         _ => None,
     };
@@ -183,10 +211,7 @@ fn appearance(app: &mut App, ui: &mut Ui) {
             .suffix(" pt"),
     );
     let mut show = app.prefs.show_thinking;
-    if ui
-        .checkbox(&mut show, "Show thinking in replies")
-        .changed()
-    {
+    if ui.checkbox(&mut show, "Show thinking in replies").changed() {
         app.apply(Action::ToggleShowThinking);
     }
 }

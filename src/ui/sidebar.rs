@@ -78,7 +78,11 @@ pub fn show(app: &mut App, ui: &mut Ui) {
 
 fn search_field(app: &mut App, ui: &mut Ui) {
     ui.horizontal(|ui| {
-        let clear_width = if app.sidebar.search.is_empty() { 0.0 } else { 28.0 };
+        let clear_width = if app.sidebar.search.is_empty() {
+            0.0
+        } else {
+            28.0
+        };
         ui.add(
             egui::TextEdit::singleline(&mut app.sidebar.search)
                 .hint_text("🔍 Search chats")
@@ -246,8 +250,10 @@ mod tests {
     #[test]
     fn search_looks_at_titles_and_messages_ignoring_case() {
         let mut c = Conversation::default();
-        c.messages.push(Message::new(Role::User, "Tell me about Rust"));
-        c.messages.push(Message::new(Role::Assistant, "Rust is a language."));
+        c.messages
+            .push(Message::new(Role::User, "Tell me about Rust"));
+        c.messages
+            .push(Message::new(Role::Assistant, "Rust is a language."));
         assert!(matches(&c, ""));
         assert!(matches(&c, "rust"));
         assert!(matches(&c, "language"));

@@ -38,11 +38,23 @@ pub fn apply(ctx: &egui::Context, applied: AppliedTheme) {
 /// Text sizes derived from the body size.
 fn text_styles(body: f32) -> std::collections::BTreeMap<TextStyle, FontId> {
     [
-        (TextStyle::Small, FontId::new(body * 0.8, FontFamily::Proportional)),
+        (
+            TextStyle::Small,
+            FontId::new(body * 0.8, FontFamily::Proportional),
+        ),
         (TextStyle::Body, FontId::new(body, FontFamily::Proportional)),
-        (TextStyle::Button, FontId::new(body, FontFamily::Proportional)),
-        (TextStyle::Heading, FontId::new(body * 1.45, FontFamily::Proportional)),
-        (TextStyle::Monospace, FontId::new(body * 0.92, FontFamily::Monospace)),
+        (
+            TextStyle::Button,
+            FontId::new(body, FontFamily::Proportional),
+        ),
+        (
+            TextStyle::Heading,
+            FontId::new(body * 1.45, FontFamily::Proportional),
+        ),
+        (
+            TextStyle::Monospace,
+            FontId::new(body * 0.92, FontFamily::Monospace),
+        ),
     ]
     .into()
 }

@@ -55,7 +55,9 @@ impl Fake {
 
     /// The newest generate request.
     pub fn last_request(&self) -> GenerateRequest {
-        self.requests().pop().expect("the app sent no generate request")
+        self.requests()
+            .pop()
+            .expect("the app sent no generate request")
     }
 
     /// The model paths the app asked to load.
@@ -98,6 +100,7 @@ impl Fake {
             prompt_tokens: 42,
             prompt_text: prompt_text.to_string(),
             dropped_messages,
+            template_fallback: None,
         });
     }
 
