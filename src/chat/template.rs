@@ -97,7 +97,8 @@ impl fmt::Debug for ChatTemplate {
 impl ChatTemplate {
     /// Compiles a Jinja chat template.
     pub fn new(source: &str) -> Result<Self, TemplateError> {
-        let env = build_environment(source).map_err(|err| TemplateError::Syntax(err.to_string()))?;
+        let env =
+            build_environment(source).map_err(|err| TemplateError::Syntax(err.to_string()))?;
         Ok(Self {
             source: Arc::from(source),
             env: Arc::new(env),
@@ -230,7 +231,11 @@ impl PromptFormatter {
     }
 
     /// Renders JSON messages as they are, falling back to ChatML if the template fails.
-    pub fn render_json(&self, messages: &[serde_json::Value], opts: &RenderOptions) -> RenderedPrompt {
+    pub fn render_json(
+        &self,
+        messages: &[serde_json::Value],
+        opts: &RenderOptions,
+    ) -> RenderedPrompt {
         match self.template.render_json(messages, opts) {
             Ok(text) => RenderedPrompt {
                 text,
@@ -402,7 +407,9 @@ fn json_to_value(json: &serde_json::Value) -> Value {
         },
         J::String(s) => Value::from(s.as_str()),
         J::Array(items) => items.iter().map(json_to_value).collect(),
-        J::Object(map) => Value::from_pairs(map.iter().map(|(k, v)| (k.as_str(), json_to_value(v)))),
+        J::Object(map) => {
+            Value::from_pairs(map.iter().map(|(k, v)| (k.as_str(), json_to_value(v))))
+        }
     }
 }
 
@@ -506,7 +513,12 @@ fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<S
 }
 
 /// Writes one value as JSON.
-fn write_json(out: &mut String, value: &Value, layout: &JsonLayout, depth: usize) -> Result<(), Error> {
+fn write_json(
+    out: &mut String,
+    value: &Value,
+    layout: &JsonLayout,
+    depth: usize,
+) -> Result<(), Error> {
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -702,13 +714,19 @@ mod tests {
             panic!("template compiles");
         };
         let result = template.render(&[], &opts());
-        assert!(matches!(result, Err(TemplateError::Render(_))), "{result:?}");
+        assert!(
+            matches!(result, Err(TemplateError::Render(_))),
+            "{result:?}"
+        );
     }
 
     #[test]
     fn syntax_errors_are_reported_at_compile_time() {
         let result = ChatTemplate::new("{% for m in messages %}");
-        assert!(matches!(result, Err(TemplateError::Syntax(_))), "{result:?}");
+        assert!(
+            matches!(result, Err(TemplateError::Syntax(_))),
+            "{result:?}"
+        );
     }
 
     #[test]
