@@ -638,7 +638,7 @@ mod tests {
     }
 
     #[test]
-    fn top_p_over_a_large_flat_vocabulary_needs_several_chunks() {
+    fn top_p_over_a_flat_vocabulary_keeps_the_lowest_ids() {
         // 1000 equally likely tokens: p = 0.5 must keep exactly the 500 lowest ids.
         let logits = vec![0.0f32; 1000];
         let mut sampler = Sampler::new(&SamplingParams {
