@@ -127,7 +127,11 @@ fn smollm2_prompts_match_llama_cpp() {
     for case in cases {
         let prompt = case["prompt"].as_str().expect("prompt");
         let expected = ids(&case["prompt_tokens"]);
-        assert_eq!(tokenizer.encode_prompt(prompt).unwrap(), expected, "{prompt:?}");
+        assert_eq!(
+            tokenizer.encode_prompt(prompt).unwrap(),
+            expected,
+            "{prompt:?}"
+        );
         assert_eq!(tokenizer.decode(&expected), prompt);
         let generated = ids(&case["generated"]);
         assert_eq!(
@@ -174,7 +178,10 @@ fn typed_control_tokens_stay_text() {
         .copied()
         .filter(|&id| tok.token_type(id) == Some(TokenType::Control))
         .collect();
-    assert!(control.is_empty(), "control tokens {control:?} from user text");
+    assert!(
+        control.is_empty(),
+        "control tokens {control:?} from user text"
+    );
     assert!(!ids.iter().any(|&id| tok.is_end_of_turn(id)));
     assert_eq!(tok.decode(&ids), typed);
     // The same text as a rendered prompt does hold the control tokens.
