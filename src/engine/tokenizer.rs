@@ -443,10 +443,7 @@ impl GgufTokenizer {
 
     /// Encodes text that holds no special token.
     fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .bpe
-            .encode_fast(text, false)
-            .map_err(|err| EngineError::Tokenizer(err.to_string()))?;
+        let encoding = self.bpe.encode_fast(text, false).map_err(tokenizer_error)?;
         Ok(encoding.get_ids().to_vec())
     }
 }
