@@ -244,3 +244,20 @@ fn stream_decoder_flushes_a_dangling_character() {
     assert_eq!(decoder.finish(), "\u{FFFD}");
     assert_eq!(decoder.finish(), "");
 }
+
+#[test]
+fn long_runs_round_trip() {
+    let tok = smollm3();
+    let text = format!(
+        "{}a{}\n{}<think>{}",
+        " ".repeat(20_000),
+        "x".repeat(20_000),
+        "\n".repeat(2_000),
+        "日".repeat(5_000)
+    );
+    for parse_special in [false, true] {
+        let ids = tok.encode(&text, parse_special).unwrap();
+        assert!(ids.contains(&128_002));
+        assert_eq!(tok.decode(&ids), text);
+    }
+}

@@ -49,7 +49,28 @@ fn print_table(tokenizer: &GgufTokenizer, ids: &[u32]) {
     println!("{} tokens: [{}]", ids.len(), joined.join(", "));
     for &id in ids {
         let vocab = tokenizer.token_text(id).unwrap_or_default();
-        let text = String::from_utf8_lossy(tokenizer.token_piece(id));
-        println!("{id:>8}  {vocab:<24}  {text:?}");
+        println!(
+            "{id:>8}  {vocab:<24}  {}",
+            piece_label(tokenizer.token_piece(id))
+        );
+    }
+}
+
+/// A token's bytes as a quoted string, or as escaped bytes when they are part of a character.
+fn piece_label(piece: &[u8]) -> String {
+    match std::str::from_utf8(piece) {
+        Ok(text) => format!("{text:?}"),
+        Err(_) => format!("b\"{}\"", piece.escape_ascii()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_characters_show_their_bytes() {
+        assert_eq!(piece_label(b" world"), "\" world\"");
+        assert_eq!(piece_label(&[b' ', 0xF0, 0x9F]), "b\" \\xf0\\x9f\"");
     }
 }

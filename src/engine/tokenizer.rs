@@ -14,7 +14,6 @@
 //! text, normal tokens through the inverse byte alphabet. [`StreamDecoder`] turns a stream of
 //! ids into whole UTF-8 characters.
 
-use std::collections::HashSet;
 use std::fmt;
 
 use tokenizers::models::bpe::{BPE, Merges, Vocab};
@@ -279,38 +278,25 @@ impl GgufTokenizer {
         let adds_bos = optional_bool(gguf, "tokenizer.ggml.add_bos_token")?
             .unwrap_or(rules.adds_bos_by_default);
 
-        let merges = read_merges(&gguf.get_str_array("tokenizer.ggml.merges")?);
-        let bpe = build_bpe_tokenizer(&texts, merges, rules)?;
+        let merge_rules = gguf.get_str_array("tokenizer.ggml.merges")?;
+        let bpe = build_bpe_tokenizer(&texts, &merge_rules, rules)?;
 
         let end_of_turn = end_of_turn_ids(gguf, &bpe, n_tokens)?;
-        // Like llama.cpp: an end-of-turn token is a control token, so user text cannot produce it.
-        for &id in &end_of_turn {
-            if let Some(kind) = token_types.get_mut(id as usize) {
-                if *kind != TokenType::Control {
-                    log::debug!("token {id} ends a turn; treating it as a control token");
-                    *kind = TokenType::Control;
-                }
-            }
-        }
-        let pieces = token_pieces(&texts, &token_types);
-        let specials = special_tokens(&texts, &token_types);
-        let mut tokenizer = Self {
+        mark_as_control(&mut token_types, &end_of_turn);
+        let think = bpe.token_to_id("<think>").zip(bpe.token_to_id("</think>"));
+        Ok(Self {
+            pieces: token_pieces(&texts, &token_types),
+            specials: special_tokens(&texts, &token_types),
             bpe,
             texts,
-            pieces,
             token_types,
-            specials,
             pre_name,
             bos_id,
             eos_id,
             adds_bos: adds_bos && bos_id.is_some(),
             end_of_turn,
-            think: None,
-        };
-        tokenizer.think = tokenizer
-            .token_id("<think>")
-            .zip(tokenizer.token_id("</think>"));
-        Ok(tokenizer)
+            think,
+        })
     }
 
     /// Encodes text without adding BOS. With `parse_special` (a rendered chat prompt) control
@@ -457,10 +443,7 @@ impl GgufTokenizer {
 
     /// Encodes text that holds no special token.
     fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .bpe
-            .encode_fast(text, false)
-            .map_err(|err| EngineError::Tokenizer(err.to_string()))?;
+        let encoding = self.bpe.encode_fast(text, false).map_err(tokenizer_error)?;
         Ok(encoding.get_ids().to_vec())
     }
 }
@@ -576,21 +559,28 @@ fn end_of_turn_ids(gguf: &GgufFile, bpe: &Tokenizer, n_tokens: usize) -> Result<
     Ok(ids)
 }
 
-/// Parses `"left right"` merge rules, keeping the first of any repeated pair as llama.cpp does.
-fn read_merges(rules: &[&str]) -> Vec<(String, String)> {
-    let mut seen = HashSet::with_capacity(rules.len());
+/// Makes the given tokens control tokens, as llama.cpp does for end-of-turn tokens, so that
+/// user text can never produce them.
+fn mark_as_control(types: &mut [TokenType], ids: &[u32]) {
+    for &id in ids {
+        if let Some(kind) = types.get_mut(id as usize)
+            && *kind != TokenType::Control
+        {
+            log::debug!("token {id} ends a turn; treating it as a control token");
+            *kind = TokenType::Control;
+        }
+    }
+}
+
+/// Parses `"left right"` merge rules; malformed ones are skipped.
+fn read_merges(rules: &[&str]) -> Merges {
     let mut merges = Vec::with_capacity(rules.len());
     for rule in rules {
         // llama.cpp splits at the first space after the first byte, so " " can be a left half.
-        let Some(space) = rule.bytes().skip(1).position(|b| b == b' ').map(|p| p + 1) else {
-            log::warn!("ignoring the malformed merge rule {rule:?}");
-            continue;
-        };
-        let (Some(left), Some(right)) = (rule.get(..space), rule.get(space + 1..)) else {
-            continue;
-        };
-        if seen.insert((left, right)) {
-            merges.push((left.to_string(), right.to_string()));
+        let space = rule.bytes().skip(1).position(|b| b == b' ').map(|p| p + 1);
+        match space.and_then(|at| Some((rule.get(..at)?, rule.get(at + 1..)?))) {
+            Some((left, right)) => merges.push((left.to_string(), right.to_string())),
+            None => log::warn!("ignoring the malformed merge rule {rule:?}"),
         }
     }
     merges
@@ -599,21 +589,21 @@ fn read_merges(rules: &[&str]) -> Vec<(String, String)> {
 /// Builds the pre-tokenizer and BPE model that encode text without special tokens.
 fn build_bpe_tokenizer(
     texts: &PackedStrings<String>,
-    merges: Vec<(String, String)>,
+    merge_rules: &[&str],
     rules: PreTokenizerRules,
 ) -> Result<Tokenizer> {
-    let tokenizer_error = |err: tokenizers::Error| EngineError::Tokenizer(err.to_string());
-    // Later duplicates win, like llama.cpp's text-to-id map.
-    let vocab: Vocab = (0..texts.len())
-        .filter_map(|id| Some((texts.get(id)?.to_string(), u32::try_from(id).ok()?)))
-        .collect();
-    let merges = usable_merges(&vocab, merges);
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .ignore_merges(rules.ignore_merges)
-        .build()
-        .map_err(tokenizer_error)?;
-
+    let bpe = match bpe_model(vocab_map(texts), read_merges(merge_rules), rules) {
+        Ok(bpe) => bpe,
+        // Checking every rule up front is slow, so only a file that needs it pays for it.
+        Err(err) => {
+            log::warn!(
+                "{err}: ignoring the merge rules that refer to tokens outside the vocabulary"
+            );
+            let vocab = vocab_map(texts);
+            let merges = usable_merges(&vocab, read_merges(merge_rules));
+            bpe_model(vocab, merges, rules)?
+        }
+    };
     let mut steps = Vec::with_capacity(rules.splits.len() + 1);
     for pattern in rules.splits {
         let split = Split::new(
@@ -632,8 +622,28 @@ fn build_bpe_tokenizer(
     Ok(tokenizer)
 }
 
+/// The text-to-id map; a repeated text maps to its last id, like llama.cpp's.
+fn vocab_map(texts: &PackedStrings<String>) -> Vocab {
+    (0..texts.len())
+        .filter_map(|id| Some((texts.get(id)?.to_string(), u32::try_from(id).ok()?)))
+        .collect()
+}
+
+/// The BPE model; fails if a merge rule refers to a token outside the vocabulary.
+fn bpe_model(vocab: Vocab, merges: Merges, rules: PreTokenizerRules) -> Result<BPE> {
+    BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(rules.ignore_merges)
+        .build()
+        .map_err(tokenizer_error)
+}
+
+fn tokenizer_error(err: tokenizers::Error) -> EngineError {
+    EngineError::Tokenizer(err.to_string())
+}
+
 /// Drops merge rules whose halves or result are not in the vocabulary (they could never apply).
-fn usable_merges(vocab: &Vocab, merges: Vec<(String, String)>) -> Merges {
+fn usable_merges(vocab: &Vocab, merges: Merges) -> Merges {
     let before = merges.len();
     let mut joined = String::new();
     let usable: Merges = merges
@@ -645,12 +655,7 @@ fn usable_merges(vocab: &Vocab, merges: Vec<(String, String)>) -> Merges {
             vocab.contains_key(left) && vocab.contains_key(right) && vocab.contains_key(&joined)
         })
         .collect();
-    if usable.len() < before {
-        log::warn!(
-            "ignored {} merge rules that refer to tokens outside the vocabulary",
-            before - usable.len()
-        );
-    }
+    log::warn!("ignored {} merge rules", before - usable.len());
     usable
 }
 
@@ -802,7 +807,7 @@ impl StreamDecoder {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, HashSet};
     use std::path::PathBuf;
 
     use super::*;
@@ -899,7 +904,7 @@ mod tests {
 
     #[test]
     fn merges_split_at_the_first_space_after_the_first_byte() {
-        let merges = read_merges(&["Ġ Ġ", "  x", "a b", "a b", "nospace"]);
+        let merges = read_merges(&["Ġ Ġ", "  x", "a b", "nospace"]);
         assert_eq!(
             merges,
             vec![
@@ -1022,6 +1027,18 @@ mod tests {
         );
         let err = GgufTokenizer::from_gguf(&gguf).unwrap_err();
         assert!(err.to_string().contains("\"llama\""), "{err}");
+    }
+
+    #[test]
+    fn ignores_merges_outside_the_vocabulary() {
+        let mut gguf = small_gguf("smaug-bpe");
+        gguf.metadata.insert(
+            "tokenizer.ggml.merges".into(),
+            strings(&["h e", "x yz", "he ll", "l l", "hel lo"]),
+        );
+        let tok = GgufTokenizer::from_gguf(&gguf).unwrap();
+        let ids = tok.encode("hell", false).unwrap();
+        assert_eq!(ids, vec![id(&tok, "hell")]);
     }
 
     #[test]
