@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs::File;
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -100,7 +101,8 @@ impl Editable {
     /// Writes the file; data that no longer fits a changed shape is cut or zero-padded.
     fn save(&self, path: &Path) -> PathBuf {
         let specs: Vec<TensorSpec> = self.tensors.iter().map(|(s, _)| s.clone()).collect();
-        let mut enc = GgufEncoder::new(File::create(path).expect("temp file is writable"));
+        let file = File::create(path).expect("temp file is writable");
+        let mut enc = GgufEncoder::new(BufWriter::new(file));
         write_gguf(&mut enc, path, &self.metadata, &specs, |i, spec, enc| {
             let mut data = self.tensors[i].1.clone();
             data.resize(spec.n_bytes()? as usize, 0);
@@ -162,27 +164,55 @@ fn truncation_anywhere_in_the_header_is_an_error() {
     let bytes = fixture_bytes();
     let gguf = GgufFile::open(common::fixture(FIXTURE)).unwrap();
     let header_end = gguf.data_offset as usize;
-    // Every offset, except inside the three big vocabulary arrays where every 29th is enough.
-    let arrays = [
-        (after_string(&bytes, "tokenizer.ggml.tokens"), after_string(&bytes, "tokenizer.ggml.token_type")),
-        (after_string(&bytes, "tokenizer.ggml.token_type"), after_string(&bytes, "tokenizer.ggml.merges")),
-        (after_string(&bytes, "tokenizer.ggml.merges"), after_string(&bytes, "tokenizer.ggml.bos_token_id")),
+    // Every offset, except deep inside the repetitive parts (the three vocabulary arrays, the
+    // chat template, the middle of the tensor directory), where a sample is enough: they repeat
+    // the same few structures thousands of times, and each parse of a long prefix costs.
+    let key_end = |key: &str| after_string(&bytes, key);
+    let template = key_end("tokenizer.chat_template");
+    let template_end = template + 12 + read_u64(&bytes, template + 4) as usize;
+    let first_name = &gguf.tensors[0].name;
+    let directory = key_end(first_name) - 8 - first_name.len();
+    let repetitive = [
+        (
+            key_end("tokenizer.ggml.tokens"),
+            key_end("tokenizer.ggml.token_type"),
+            97,
+        ),
+        (
+            key_end("tokenizer.ggml.token_type"),
+            key_end("tokenizer.ggml.merges"),
+            97,
+        ),
+        (
+            key_end("tokenizer.ggml.merges"),
+            key_end("tokenizer.ggml.bos_token_id"),
+            97,
+        ),
+        (template, template_end, 29),
+        (directory + 256, header_end - 256, 7),
     ];
-    let inside_array = |len: usize| arrays.iter().any(|&(a, b)| len > a + 64 && len + 64 < b);
+    let skipped = |len: usize| {
+        repetitive
+            .iter()
+            .any(|&(a, b, step)| len > a + 64 && len + 64 < b && len % step != 0)
+    };
     let mut checked = 0;
     for len in 0..header_end {
-        if inside_array(len) && len % 29 != 0 {
+        if skipped(len) {
             continue;
         }
         let err = describe_bytes(&bytes[..len]).expect_err("a truncated header is an error");
         if len < 4 {
-            assert!(matches!(err, EngineError::NotGguf { .. }), "at {len}: {err}");
+            assert!(
+                matches!(err, EngineError::NotGguf { .. }),
+                "at {len}: {err}"
+            );
         } else {
             assert!(is_truncation(&err), "at {len}: {err:?}");
         }
         checked += 1;
     }
-    assert!(checked > 10_000, "{checked}");
+    assert!(checked > 4_000, "{checked}");
 }
 
 #[test]
@@ -193,7 +223,9 @@ fn truncation_inside_the_tensor_data_is_caught_when_opening() {
     let data_end = gguf.tensors.iter().map(|t| t.end()).max().unwrap() as usize;
     assert_eq!(data_end, bytes.len(), "the last tensor ends the file");
     let step = (bytes.len() - gguf.data_offset as usize) / 37;
-    let cuts = (gguf.data_offset as usize..bytes.len()).step_by(step).chain([bytes.len() - 1]);
+    let cuts = (gguf.data_offset as usize..bytes.len())
+        .step_by(step)
+        .chain([bytes.len() - 1]);
     for len in cuts {
         let path = write_temp(dir.path(), "cut.gguf", &bytes[..len]);
         match open_and_describe(&path) {
@@ -285,7 +317,9 @@ fn random_bytes_are_rejected_without_panicking() {
 #[test]
 fn random_corruption_of_a_real_header_never_panics() {
     let original = fixture_bytes();
-    let header_end = GgufFile::open(common::fixture(FIXTURE)).unwrap().data_offset as usize;
+    let header_end = GgufFile::open(common::fixture(FIXTURE))
+        .unwrap()
+        .data_offset as usize;
     let mut rng = Rng(42);
     let mut errors = 0;
     for _ in 0..300 {
@@ -363,7 +397,10 @@ fn missing_or_mistyped_keys_are_named() {
     let mut model = Editable::from_fixture();
     model.set("smollm3.attention.head_count_kv", MetaValue::U32(3));
     let err = open_and_describe(&model.save(&dir.path().join("c.gguf"))).unwrap_err();
-    assert!(matches!(err, EngineError::InvalidMetadata { .. }), "{err:?}");
+    assert!(
+        matches!(err, EngineError::InvalidMetadata { .. }),
+        "{err:?}"
+    );
 
     let mut model = Editable::from_fixture();
     model.set("smollm3.expert_count", MetaValue::U32(8));
@@ -421,7 +458,10 @@ fn a_wrong_shape_is_named() {
 fn an_unknown_quantization_type_is_named() {
     let mut bytes = fixture_bytes();
     let pos = tensor_type_pos(&bytes, "blk.0.attn_q.weight");
-    assert_eq!(u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()), 12);
+    assert_eq!(
+        u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()),
+        12
+    );
     patch_u32(&mut bytes, pos, 23);
     let err = describe_bytes(&bytes).unwrap_err();
     assert!(
@@ -433,7 +473,10 @@ fn an_unknown_quantization_type_is_named() {
     patch_u32(&mut bytes, pos, 0xdead);
     assert!(matches!(
         describe_bytes(&bytes),
-        Err(EngineError::UnknownQuantization { type_id: 0xdead, .. })
+        Err(EngineError::UnknownQuantization {
+            type_id: 0xdead,
+            ..
+        })
     ));
 }
 
@@ -455,7 +498,10 @@ fn misplaced_tensor_data_is_rejected() {
     let gguf = GgufFile::open(common::fixture(FIXTURE)).unwrap();
     let rel = |name: &str| gguf.tensor_info(name).unwrap().offset - gguf.data_offset;
     let offset_pos = tensor_type_pos(&original, "blk.3.ffn_gate.weight") + 4;
-    assert_eq!(read_u64(&original, offset_pos), rel("blk.3.ffn_gate.weight"));
+    assert_eq!(
+        read_u64(&original, offset_pos),
+        rel("blk.3.ffn_gate.weight")
+    );
 
     let with_offset = |offset: u64| {
         let mut bytes = original.clone();
@@ -485,7 +531,11 @@ fn misplaced_tensor_data_is_rejected() {
 #[test]
 fn info_on_a_bad_file_fails_with_the_message_on_stderr() {
     let dir = tempfile::tempdir().unwrap();
-    let text = write_temp(dir.path(), "readme.gguf", b"# Not a model\nJust some notes.\n");
+    let text = write_temp(
+        dir.path(),
+        "readme.gguf",
+        b"# Not a model\nJust some notes.\n",
+    );
     let cut = write_temp(dir.path(), "cut.gguf", &fixture_bytes()[..100_000]);
     for (path, expected) in [(text, "not a GGUF model file"), (cut, "incomplete")] {
         let output = Command::new(env!("CARGO_BIN_EXE_smoldesk"))

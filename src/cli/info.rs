@@ -74,7 +74,10 @@ impl InfoReport {
         let info = &self.info;
         let h = &info.hparams;
         let mut lines: Vec<(&str, String)> = vec![
-            ("file", format!("{} ({})", info.path.display(), human_bytes(info.file_size))),
+            (
+                "file",
+                format!("{} ({})", info.path.display(), human_bytes(info.file_size)),
+            ),
             ("architecture", info.architecture.gguf_name().to_string()),
             ("name", info.name.clone().unwrap_or_else(|| "(none)".into())),
             ("parameters", human_count(info.n_params)),
@@ -90,14 +93,21 @@ impl InfoReport {
             ),
             (
                 "RoPE",
-                format!("base {} on {} of {} layers", h.rope_theta, self.rope_layers, h.n_layer),
+                format!(
+                    "base {} on {} of {} layers",
+                    h.rope_theta, self.rope_layers, h.n_layer
+                ),
             ),
-            ("RMS epsilon", format!("{:e}", h.rms_eps)),
+            ("RMS epsilon", format!("{:.1e}", h.rms_eps)),
             ("vocabulary", format!("{} tokens", h.vocab_size)),
             (
                 "embeddings",
-                if info.tied_embeddings { "tied (no output.weight)" } else { "separate output" }
-                    .into(),
+                if info.tied_embeddings {
+                    "tied (no output.weight)"
+                } else {
+                    "separate output"
+                }
+                .into(),
             ),
             ("RAM estimate", self.ram_text()),
             ("can think", yes_no(info.can_think).into()),
@@ -114,11 +124,14 @@ impl InfoReport {
     }
 
     fn quantization_text(&self) -> String {
+        if self.info.tensor_types.is_empty() {
+            return "(no weights: vocabulary only)".into();
+        }
         match (&self.info.file_type, &self.main_quantization) {
             (Some(file_type), Some(main)) => format!("{file_type} (mostly {main})"),
             (None, Some(main)) => format!("mostly {main}"),
             (Some(file_type), None) => file_type.clone(),
-            (None, None) => "(no weights: vocabulary only)".into(),
+            (None, None) => "unknown".into(),
         }
     }
 

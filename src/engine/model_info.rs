@@ -348,7 +348,10 @@ fn read_vocab_size(gguf: &GgufFile, key: &dyn Fn(&str) -> String) -> Result<usiz
         }
         return Ok(tokens.len());
     }
-    match gguf.tensor_info("token_embd.weight").map(|t| t.dims.as_slice()) {
+    match gguf
+        .tensor_info("token_embd.weight")
+        .map(|t| t.dims.as_slice())
+    {
         Some(&[_, rows]) => usize::try_from(rows).map_err(|_| EngineError::BadTensor {
             name: "token_embd.weight".into(),
             reason: format!("its {rows} rows are too many for this computer"),
@@ -432,10 +435,7 @@ mod tests {
     fn every_fourth_layer_skips_rope_in_smollm3() {
         let h = hparams(8, 4);
         let uses: Vec<bool> = (0..8).map(|i| h.layer_uses_rope(i)).collect();
-        assert_eq!(
-            uses,
-            [true, true, true, false, true, true, true, false]
-        );
+        assert_eq!(uses, [true, true, true, false, true, true, true, false]);
         assert_eq!(h.rope_layer_count(), 6);
         assert_eq!(hparams(8, 0).rope_layer_count(), 8);
     }

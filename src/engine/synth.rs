@@ -358,10 +358,22 @@ pub fn synth_metadata(
     ];
     let as_u32 = |v: usize| MetaValue::U32(u32::try_from(v).unwrap_or(u32::MAX));
     let mut metadata = vec![
-        ("general.architecture".to_string(), MetaValue::String("smollm3".into())),
-        ("general.name".to_string(), MetaValue::String(model_name.into())),
-        ("general.file_type".to_string(), MetaValue::U32(FILE_TYPE_Q4_K_M)),
-        ("general.quantization_version".to_string(), MetaValue::U32(2)),
+        (
+            "general.architecture".to_string(),
+            MetaValue::String("smollm3".into()),
+        ),
+        (
+            "general.name".to_string(),
+            MetaValue::String(model_name.into()),
+        ),
+        (
+            "general.file_type".to_string(),
+            MetaValue::U32(FILE_TYPE_Q4_K_M),
+        ),
+        (
+            "general.quantization_version".to_string(),
+            MetaValue::U32(2),
+        ),
     ];
     let hparams = [
         ("context_length", as_u32(shape.context_length)),
@@ -371,7 +383,10 @@ pub fn synth_metadata(
         ("attention.head_count", as_u32(shape.n_head)),
         ("attention.head_count_kv", as_u32(shape.n_head_kv)),
         ("rope.freq_base", MetaValue::F32(shape.rope_theta)),
-        ("attention.layer_norm_rms_epsilon", MetaValue::F32(shape.rms_eps)),
+        (
+            "attention.layer_norm_rms_epsilon",
+            MetaValue::F32(shape.rms_eps),
+        ),
         ("rope.dimension_count", as_u32(shape.head_dim)),
         ("vocab_size", as_u32(vocab_size)),
     ];
@@ -514,8 +529,7 @@ pub fn write_synthetic_model(
     .and_then(|()| {
         let size = enc.position();
         let file = enc.into_inner().into_inner().map_err(|e| e.into_error());
-        file.and_then(|f| f.sync_all())
-            .map_err(io_err(&partial))?;
+        file.and_then(|f| f.sync_all()).map_err(io_err(&partial))?;
         Ok(size)
     });
     match result {
@@ -549,10 +563,19 @@ mod tests {
             .map(|t| MetaValue::String(t.to_string()))
             .collect();
         let metadata = vec![
-            ("general.architecture".to_string(), MetaValue::String("llama".into())),
+            (
+                "general.architecture".to_string(),
+                MetaValue::String("llama".into()),
+            ),
             ("llama.block_count".to_string(), MetaValue::U32(99)),
-            ("tokenizer.ggml.model".to_string(), MetaValue::String("gpt2".into())),
-            ("tokenizer.ggml.tokens".to_string(), MetaValue::Array(tokens)),
+            (
+                "tokenizer.ggml.model".to_string(),
+                MetaValue::String("gpt2".into()),
+            ),
+            (
+                "tokenizer.ggml.tokens".to_string(),
+                MetaValue::Array(tokens),
+            ),
             (
                 "tokenizer.chat_template".to_string(),
                 MetaValue::String("{% if enable_thinking %}<think>{% endif %}".into()),
@@ -575,7 +598,9 @@ mod tests {
         assert_eq!(q6_layers(8), [0, 3, 6, 7]);
         assert_eq!(
             q6_layers(36),
-            [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31, 32, 33, 34, 35]
+            [
+                0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 31, 32, 33, 34, 35
+            ]
         );
         assert_eq!(q4_k_m_type("blk.3.ffn_down.weight", 2, 8), GgmlDType::Q6K);
         assert_eq!(q4_k_m_type("blk.3.ffn_up.weight", 2, 8), GgmlDType::Q4K);
@@ -617,9 +642,10 @@ mod tests {
         let vocab = vocab_file(dir.path());
         let out = dir.path().join("tiny.gguf");
         let mut fractions = Vec::new();
-        let size =
-            write_synthetic_model(&out, &vocab, SynthPreset::Tiny, 7, &mut |f| fractions.push(f))
-                .unwrap();
+        let size = write_synthetic_model(&out, &vocab, SynthPreset::Tiny, 7, &mut |f| {
+            fractions.push(f)
+        })
+        .unwrap();
         assert!(!partial_path(&out).exists());
         assert_eq!(fractions.last().copied(), Some(1.0));
 
@@ -633,7 +659,11 @@ mod tests {
 
         let mut file = File::open(&out).unwrap();
         let mut scratch = Vec::new();
-        for name in ["blk.2.ffn_up.weight", "blk.0.ffn_down.weight", "output_norm.weight"] {
+        for name in [
+            "blk.2.ffn_up.weight",
+            "blk.0.ffn_down.weight",
+            "output_norm.weight",
+        ] {
             let t = gguf.tensor_info(name).unwrap();
             let values = gguf
                 .load_qtensor(&mut file, t, &mut scratch)
