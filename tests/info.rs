@@ -68,7 +68,7 @@ fn describes_the_tiny_q4_k_m_fixture() {
     assert_eq!(info.file_type.as_deref(), Some("Q4_K_M"));
     assert!(info.tied_embeddings);
     assert!(info.can_think);
-    assert_eq!(info.chat_template.as_deref().map(str::len), Some(5498));
+    assert_eq!(info.chat_template.map(|t| t.chars().count()), Some(5498));
     assert_eq!(info.file_size, 3_944_032);
     let weights: u64 = gguf.tensors.iter().map(|t| t.n_bytes).sum();
     assert_eq!(info.weight_bytes, weights);

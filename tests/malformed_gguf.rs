@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs::File;
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -100,7 +101,8 @@ impl Editable {
     /// Writes the file; data that no longer fits a changed shape is cut or zero-padded.
     fn save(&self, path: &Path) -> PathBuf {
         let specs: Vec<TensorSpec> = self.tensors.iter().map(|(s, _)| s.clone()).collect();
-        let mut enc = GgufEncoder::new(File::create(path).expect("temp file is writable"));
+        let file = File::create(path).expect("temp file is writable");
+        let mut enc = GgufEncoder::new(BufWriter::new(file));
         write_gguf(&mut enc, path, &self.metadata, &specs, |i, spec, enc| {
             let mut data = self.tensors[i].1.clone();
             data.resize(spec.n_bytes()? as usize, 0);
@@ -162,25 +164,41 @@ fn truncation_anywhere_in_the_header_is_an_error() {
     let bytes = fixture_bytes();
     let gguf = GgufFile::open(common::fixture(FIXTURE)).unwrap();
     let header_end = gguf.data_offset as usize;
-    // Every offset, except inside the three big vocabulary arrays where every 29th is enough.
-    let arrays = [
+    // Every offset, except deep inside the repetitive parts (the three vocabulary arrays, the
+    // chat template, the middle of the tensor directory), where a sample is enough: they repeat
+    // the same few structures thousands of times, and each parse of a long prefix costs.
+    let key_end = |key: &str| after_string(&bytes, key);
+    let template = key_end("tokenizer.chat_template");
+    let template_end = template + 12 + read_u64(&bytes, template + 4) as usize;
+    let first_name = &gguf.tensors[0].name;
+    let directory = key_end(first_name) - 8 - first_name.len();
+    let repetitive = [
         (
-            after_string(&bytes, "tokenizer.ggml.tokens"),
-            after_string(&bytes, "tokenizer.ggml.token_type"),
+            key_end("tokenizer.ggml.tokens"),
+            key_end("tokenizer.ggml.token_type"),
+            97,
         ),
         (
-            after_string(&bytes, "tokenizer.ggml.token_type"),
-            after_string(&bytes, "tokenizer.ggml.merges"),
+            key_end("tokenizer.ggml.token_type"),
+            key_end("tokenizer.ggml.merges"),
+            97,
         ),
         (
-            after_string(&bytes, "tokenizer.ggml.merges"),
-            after_string(&bytes, "tokenizer.ggml.bos_token_id"),
+            key_end("tokenizer.ggml.merges"),
+            key_end("tokenizer.ggml.bos_token_id"),
+            97,
         ),
+        (template, template_end, 29),
+        (directory + 256, header_end - 256, 7),
     ];
-    let inside_array = |len: usize| arrays.iter().any(|&(a, b)| len > a + 64 && len + 64 < b);
+    let skipped = |len: usize| {
+        repetitive
+            .iter()
+            .any(|&(a, b, step)| len > a + 64 && len + 64 < b && !len.is_multiple_of(step))
+    };
     let mut checked = 0;
     for len in 0..header_end {
-        if inside_array(len) && len % 29 != 0 {
+        if skipped(len) {
             continue;
         }
         let err = describe_bytes(&bytes[..len]).expect_err("a truncated header is an error");
@@ -194,7 +212,7 @@ fn truncation_anywhere_in_the_header_is_an_error() {
         }
         checked += 1;
     }
-    assert!(checked > 10_000, "{checked}");
+    assert!(checked > 4_000, "{checked}");
 }
 
 #[test]

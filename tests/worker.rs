@@ -10,8 +10,8 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use smoldesk::chat::conversation::{ChatSettings, GenerationStats, Message, Role, StopReason};
 use smoldesk::engine::sampling::SamplingParams;
 use smoldesk::engine::session::LoadOptions;
-use smoldesk::worker::messages::{Command, Event, GenerateRequest, SegmentKind};
 use smoldesk::worker::WorkerHandle;
+use smoldesk::worker::messages::{Command, Event, GenerateRequest, SegmentKind};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 

@@ -98,7 +98,7 @@ impl InfoReport {
                     h.rope_theta, self.rope_layers, h.n_layer
                 ),
             ),
-            ("RMS epsilon", format!("{:e}", h.rms_eps)),
+            ("RMS epsilon", format!("{:.1e}", h.rms_eps)),
             ("vocabulary", format!("{} tokens", h.vocab_size)),
             (
                 "embeddings",
@@ -124,11 +124,14 @@ impl InfoReport {
     }
 
     fn quantization_text(&self) -> String {
+        if self.info.tensor_types.is_empty() {
+            return "(no weights: vocabulary only)".into();
+        }
         match (&self.info.file_type, &self.main_quantization) {
             (Some(file_type), Some(main)) => format!("{file_type} (mostly {main})"),
             (None, Some(main)) => format!("mostly {main}"),
             (Some(file_type), None) => file_type.clone(),
-            (None, None) => "(no weights: vocabulary only)".into(),
+            (None, None) => "unknown".into(),
         }
     }
 

@@ -380,6 +380,33 @@ pub fn tensor_byte_size(dims: &[u64], dtype: GgmlDType) -> Result<u64, String> {
         .ok_or_else(|| format!("its shape {dims:?} is impossibly large"))
 }
 
+/// What the reader was reading when it failed, for error messages (formatted only on error).
+#[derive(Debug, Clone, Copy)]
+enum Reading<'a> {
+    /// A fixed description.
+    Label(&'static str),
+    /// The type of a metadata value.
+    TypeOf(&'a str),
+    /// A metadata value.
+    ValueOf(&'a str),
+    /// The header of a metadata array.
+    ArrayOf(&'a str),
+    /// A tensor directory entry.
+    EntryOf(&'a str),
+}
+
+impl std::fmt::Display for Reading<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Label(label) => f.write_str(label),
+            Self::TypeOf(key) => write!(f, "the type of the metadata entry {key}"),
+            Self::ValueOf(key) => write!(f, "the value of the metadata entry {key}"),
+            Self::ArrayOf(key) => write!(f, "the array {key}"),
+            Self::EntryOf(name) => write!(f, "the directory entry of tensor {name}"),
+        }
+    }
+}
+
 /// A reader that knows how many bytes remain, so lengths can be checked before allocating.
 struct BoundedReader<'p, R> {
     inner: R,
@@ -405,7 +432,7 @@ impl<'p, R: Read> BoundedReader<'p, R> {
         self.len.saturating_sub(self.pos)
     }
 
-    fn truncated(&self, what: &str) -> EngineError {
+    fn truncated(&self, what: Reading<'_>) -> EngineError {
         EngineError::Truncated {
             what: what.to_string(),
             offset: self.len.min(self.pos),
@@ -413,7 +440,7 @@ impl<'p, R: Read> BoundedReader<'p, R> {
     }
 
     /// Fills `buf` completely, or fails with a truncation error that names `what`.
-    fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<(), EngineError> {
+    fn fill(&mut self, buf: &mut [u8], what: Reading<'_>) -> Result<(), EngineError> {
         if self.remaining() < buf.len() as u64 {
             self.pos = self.len;
             return Err(self.truncated(what));
@@ -431,22 +458,27 @@ impl<'p, R: Read> BoundedReader<'p, R> {
         }
     }
 
-    fn bytes<const N: usize>(&mut self, what: &str) -> Result<[u8; N], EngineError> {
+    fn bytes<const N: usize>(&mut self, what: Reading<'_>) -> Result<[u8; N], EngineError> {
         let mut buf = [0u8; N];
         self.fill(&mut buf, what)?;
         Ok(buf)
     }
 
-    fn u32(&mut self, what: &str) -> Result<u32, EngineError> {
+    fn u32(&mut self, what: Reading<'_>) -> Result<u32, EngineError> {
         Ok(u32::from_le_bytes(self.bytes(what)?))
     }
 
-    fn u64(&mut self, what: &str) -> Result<u64, EngineError> {
+    fn u64(&mut self, what: Reading<'_>) -> Result<u64, EngineError> {
         Ok(u64::from_le_bytes(self.bytes(what)?))
     }
 
     /// Checks that `count` items of at least `min_item_bytes` each can still fit in the file.
-    fn check_count(&self, what: &str, count: u64, min_item_bytes: u64) -> Result<(), EngineError> {
+    fn check_count(
+        &self,
+        what: Reading<'_>,
+        count: u64,
+        min_item_bytes: u64,
+    ) -> Result<(), EngineError> {
         let needed = count.saturating_mul(min_item_bytes.max(1));
         if needed > self.remaining() {
             return Err(EngineError::ImplausibleCount {
@@ -459,7 +491,7 @@ impl<'p, R: Read> BoundedReader<'p, R> {
         Ok(())
     }
 
-    fn string(&mut self, what: &str) -> Result<String, EngineError> {
+    fn string(&mut self, what: Reading<'_>) -> Result<String, EngineError> {
         let len = self.u64(what)?;
         check_limit(what, len, MAX_STRING_LEN)?;
         self.check_count(what, len, 1)?;
@@ -471,21 +503,21 @@ impl<'p, R: Read> BoundedReader<'p, R> {
     }
 
     fn value(&mut self, type_id: u32, key: &str) -> Result<MetaValue, EngineError> {
-        let what = || format!("the value of {key}");
+        let what = Reading::ValueOf(key);
         Ok(match type_id {
-            0 => MetaValue::U8(u8::from_le_bytes(self.bytes(&what())?)),
-            1 => MetaValue::I8(i8::from_le_bytes(self.bytes(&what())?)),
-            2 => MetaValue::U16(u16::from_le_bytes(self.bytes(&what())?)),
-            3 => MetaValue::I16(i16::from_le_bytes(self.bytes(&what())?)),
-            4 => MetaValue::U32(self.u32(&what())?),
-            5 => MetaValue::I32(i32::from_le_bytes(self.bytes(&what())?)),
-            6 => MetaValue::F32(f32::from_le_bytes(self.bytes(&what())?)),
-            7 => MetaValue::Bool(self.bytes::<1>(&what())? != [0]),
-            8 => MetaValue::String(self.string(&what())?),
+            0 => MetaValue::U8(u8::from_le_bytes(self.bytes(what)?)),
+            1 => MetaValue::I8(i8::from_le_bytes(self.bytes(what)?)),
+            2 => MetaValue::U16(u16::from_le_bytes(self.bytes(what)?)),
+            3 => MetaValue::I16(i16::from_le_bytes(self.bytes(what)?)),
+            4 => MetaValue::U32(self.u32(what)?),
+            5 => MetaValue::I32(i32::from_le_bytes(self.bytes(what)?)),
+            6 => MetaValue::F32(f32::from_le_bytes(self.bytes(what)?)),
+            7 => MetaValue::Bool(self.bytes::<1>(what)? != [0]),
+            8 => MetaValue::String(self.string(what)?),
             9 => MetaValue::Array(self.array(key)?),
-            10 => MetaValue::U64(self.u64(&what())?),
-            11 => MetaValue::I64(i64::from_le_bytes(self.bytes(&what())?)),
-            12 => MetaValue::F64(f64::from_le_bytes(self.bytes(&what())?)),
+            10 => MetaValue::U64(self.u64(what)?),
+            11 => MetaValue::I64(i64::from_le_bytes(self.bytes(what)?)),
+            12 => MetaValue::F64(f64::from_le_bytes(self.bytes(what)?)),
             other => {
                 return Err(EngineError::InvalidMetadata {
                     key: key.to_string(),
@@ -496,9 +528,9 @@ impl<'p, R: Read> BoundedReader<'p, R> {
     }
 
     fn array(&mut self, key: &str) -> Result<Vec<MetaValue>, EngineError> {
-        let what = format!("the array {key}");
-        let elem_type = self.u32(&what)?;
-        let count = self.u64(&what)?;
+        let what = Reading::ArrayOf(key);
+        let elem_type = self.u32(what)?;
+        let count = self.u64(what)?;
         let min_size = match elem_type {
             9 => {
                 return Err(EngineError::InvalidMetadata {
@@ -511,11 +543,11 @@ impl<'p, R: Read> BoundedReader<'p, R> {
                 reason: format!("its element type {other} is not a GGUF type"),
             })?,
         };
-        check_limit(&what, count, MAX_ARRAY_LEN)?;
-        self.check_count(&what, count, min_size)?;
+        check_limit(what, count, MAX_ARRAY_LEN)?;
+        self.check_count(what, count, min_size)?;
         self.array_elements = self.array_elements.saturating_add(count);
         check_limit(
-            "the metadata arrays (all together)",
+            Reading::Label("the metadata arrays (all together)"),
             self.array_elements,
             MAX_TOTAL_ARRAY_ELEMENTS,
         )?;
@@ -527,7 +559,7 @@ impl<'p, R: Read> BoundedReader<'p, R> {
     }
 }
 
-fn check_limit(what: &str, count: u64, limit: u64) -> Result<(), EngineError> {
+fn check_limit(what: Reading<'_>, count: u64, limit: u64) -> Result<(), EngineError> {
     if count > limit {
         return Err(EngineError::LimitExceeded {
             what: what.to_string(),
@@ -584,12 +616,16 @@ impl GgufFile {
     pub fn read<R: Read>(reader: R, file_size: u64, path: &Path) -> Result<Self, EngineError> {
         let mut r = BoundedReader::new(reader, file_size, path);
         let version = read_preamble(&mut r)?;
-        let n_tensors = r.u64("the tensor count")?;
-        let n_kv = r.u64("the metadata count")?;
-        r.check_count("the metadata count", n_kv, MIN_KV_BYTES)?;
-        r.check_count("the tensor count", n_tensors, MIN_TENSOR_ENTRY_BYTES)?;
+        let n_tensors = r.u64(Reading::Label("the tensor count"))?;
+        let n_kv = r.u64(Reading::Label("the metadata count"))?;
+        r.check_count(Reading::Label("the metadata count"), n_kv, MIN_KV_BYTES)?;
+        r.check_count(
+            Reading::Label("the tensor count"),
+            n_tensors,
+            MIN_TENSOR_ENTRY_BYTES,
+        )?;
         let needed = (n_kv * MIN_KV_BYTES).saturating_add(n_tensors * MIN_TENSOR_ENTRY_BYTES);
-        r.check_count("the metadata and tensor counts", needed, 1)?;
+        r.check_count(Reading::Label("the metadata and tensor counts"), needed, 1)?;
 
         let metadata = read_metadata(&mut r, n_kv)?;
         let raw_tensors = read_tensor_directory(&mut r, n_tensors)?;
@@ -738,11 +774,13 @@ fn read_preamble<R: Read>(r: &mut BoundedReader<'_, R>) -> Result<u32, EngineErr
     let not_gguf = || EngineError::NotGguf {
         path: path.to_path_buf(),
     };
-    let magic: [u8; 4] = r.bytes("the magic").map_err(|_| not_gguf())?;
+    let magic: [u8; 4] = r
+        .bytes(Reading::Label("the magic"))
+        .map_err(|_| not_gguf())?;
     if magic != GGUF_MAGIC {
         return Err(not_gguf());
     }
-    let version = r.u32("the version")?;
+    let version = r.u32(Reading::Label("the version"))?;
     if version.swap_bytes() == 2 || version.swap_bytes() == 3 {
         return Err(EngineError::UnsupportedModel(
             "the big-endian GGUF layout (made for IBM mainframes)".into(),
@@ -760,8 +798,8 @@ fn read_metadata<R: Read>(
 ) -> Result<BTreeMap<String, MetaValue>, EngineError> {
     let mut metadata = BTreeMap::new();
     for _ in 0..n_kv {
-        let key = r.string("a metadata key")?;
-        let type_id = r.u32(&format!("the type of {key}"))?;
+        let key = r.string(Reading::Label("a metadata key"))?;
+        let type_id = r.u32(Reading::TypeOf(&key))?;
         let value = r.value(type_id, &key)?;
         if metadata.contains_key(&key) {
             return Err(EngineError::DuplicateKey(key));
@@ -778,9 +816,9 @@ fn read_tensor_directory<R: Read>(
     let mut raw_tensors = Vec::with_capacity(n_tensors as usize);
     let mut names = HashSet::new();
     for _ in 0..n_tensors {
-        let name = r.string("a tensor name")?;
-        let what = format!("the directory entry of tensor {name}");
-        let n_dims = r.u32(&what)?;
+        let name = r.string(Reading::Label("a tensor name"))?;
+        let what = Reading::EntryOf(&name);
+        let n_dims = r.u32(what)?;
         if n_dims == 0 || n_dims > MAX_DIMS {
             return Err(EngineError::BadTensor {
                 name,
@@ -790,10 +828,10 @@ fn read_tensor_directory<R: Read>(
             });
         }
         let dims = (0..n_dims)
-            .map(|_| r.u64(&what))
+            .map(|_| r.u64(what))
             .collect::<Result<Vec<_>, _>>()?;
-        let type_id = r.u32(&what)?;
-        let rel_offset = r.u64(&what)?;
+        let type_id = r.u32(what)?;
+        let rel_offset = r.u64(what)?;
         if !names.insert(name.clone()) {
             return Err(EngineError::DuplicateTensor(name));
         }

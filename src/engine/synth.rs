@@ -285,7 +285,11 @@ impl SynthPreset {
 
 /// llama.cpp's `use_more_bits`: which of `n` layers get more bits in the K-quant mixes.
 pub fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    let first = n / 8;
+    if i < first || i >= 7 * n / 8 {
+        return true;
+    }
+    (i - first) % 3 == 2
 }
 
 /// The type llama.cpp's Q4_K_M recipe gives a tensor of a model with `n_layer` layers: Q6_K for
