@@ -305,9 +305,9 @@ fn errors_are_reported_and_the_worker_stays_usable() {
         other => panic!("unexpected {other:?}"),
     }
 
-    load(&worker, &common::fixture("tiny-smollm3-q4_k_m.gguf"), 64);
+    load(&worker, &common::fixture("tiny-smollm3-q4_k_m.gguf"), 256);
     // A message longer than the whole context is refused with a clear error.
-    let long = "word ".repeat(400);
+    let long = "word ".repeat(2000);
     worker.send(request(11, vec![user(&long)], settings(false, 4)));
     match next(&worker) {
         Event::Error { id, message } => {
