@@ -522,3 +522,27 @@ fn a_huge_paste_does_not_freeze_and_is_counted() {
         "a draft that cannot fit was sent"
     );
 }
+
+#[test]
+fn the_layout_is_stable_from_frame_to_frame() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    send_message(
+        &mut harness,
+        "A message with a fairly long title to fill the sidebar row",
+    );
+    let request = fake.last_request();
+    fake.finished(request.id, GenerationStats::default());
+    harness.run_steps(3);
+    let width = |h: &egui_kittest::Harness<'_, smoldesk::ui::App>| {
+        h.get_by_label("Search conversations").rect().width()
+    };
+    let before = width(&harness);
+    harness.run_steps(30);
+    assert_eq!(
+        width(&harness),
+        before,
+        "the sidebar changed width by itself"
+    );
+}

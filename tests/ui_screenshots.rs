@@ -76,12 +76,12 @@ fn storage_with(theme: ThemeChoice) -> MemoryStorage {
 #[test]
 #[ignore = "writes screenshots; run by scripts/screenshot.sh"]
 fn render_screenshots() {
-    let data = tempfile::tempdir().unwrap();
     let models = tempfile::tempdir().unwrap();
     let model = models.path().join("SmolLM3-3B-Q4_K_M.gguf");
     std::fs::copy(common::fixture("tiny-smollm3-q4_k_m.gguf"), &model).unwrap();
 
     for (theme, suffix) in [(ThemeChoice::Dark, "dark"), (ThemeChoice::Light, "light")] {
+        let data = tempfile::tempdir().unwrap();
         let fake = Fake::default();
         let storage = storage_with(theme);
         let mut harness = rendered_app(&fake, &storage, models.path(), data.path());

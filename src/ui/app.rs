@@ -34,6 +34,8 @@ pub struct AppOptions {
     pub model_dirs: Option<Vec<PathBuf>>,
     /// The inference backend (`None`: start the real worker thread).
     pub backend: Option<Box<dyn Backend>>,
+    /// Turn a panic while drawing into an error banner (tests turn this off to see panics).
+    pub catch_panics: bool,
 }
 
 impl AppOptions {
@@ -45,6 +47,7 @@ impl AppOptions {
             restore_last_model: true,
             model_dirs: None,
             backend: None,
+            catch_panics: true,
         }
     }
 }
@@ -180,6 +183,7 @@ pub struct App {
     pub(crate) settings_dirty_since: Option<Instant>,
     /// Bumped on every change to any conversation (for caches keyed on content).
     pub(crate) revision: u64,
+    catch_panics: bool,
 }
 
 impl App {
@@ -220,6 +224,7 @@ impl App {
             windows: OpenWindows::default(),
             settings_dirty_since: None,
             revision: 0,
+            catch_panics: options.catch_panics,
             prefs,
         };
         app.load_conversations();
@@ -422,8 +427,11 @@ impl eframe::App for App {
             self.apply_shortcut(action);
         }
         self.take_dropped_files(&ctx);
-        let drawn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.draw(ui)));
-        if let Err(panic) = drawn {
+        if !self.catch_panics {
+            self.draw(ui);
+        } else if let Err(panic) =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.draw(ui)))
+        {
             self.notices.error(format!(
                 "Something went wrong while drawing the window ({}). SmolDesk recovered; if it \
                  keeps happening, please report it.",

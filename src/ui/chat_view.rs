@@ -37,14 +37,17 @@ pub struct ChatViewState {
     pub scroll_to_bottom: bool,
     /// The user message being edited: its index and the new text.
     pub editing: Option<(usize, String)>,
-    /// The reply whose thinking just ended (its block folds once).
-    pub thinking_just_ended: Option<usize>,
+    /// Whether each reply's thinking block is open, by conversation and message index.
+    /// Opened when thinking starts streaming, folded when it ends; the user may toggle it.
+    pub thinking_open: HashMap<(String, usize), bool>,
     /// Text to put on the clipboard this frame.
     pub copy_request: Option<String>,
     /// More worker events are waiting than one frame applies.
     pub more_events_pending: bool,
     /// Whether the view showed the bottom of the conversation last frame.
     pub at_bottom: bool,
+    /// Height of the conversation last frame.
+    pub content_height: f32,
     /// Measured heights of messages, for skipping those far outside the view.
     heights: HashMap<MessageKey, f32>,
 }
@@ -137,7 +140,7 @@ fn empty_conversation(app: &mut App, ui: &mut Ui) {
         );
         ui.add_space(18.0);
         for suggestion in SUGGESTIONS {
-            let button = egui::Button::new(suggestion).min_size(egui::vec2(360.0, 32.0));
+            let button = egui::Button::new(suggestion).min_size(egui::vec2(440.0, 32.0));
             if ui.add(button).clicked() {
                 picked = Some(suggestion);
             }
@@ -156,7 +159,8 @@ struct MessageView<'a> {
     editing: &'a mut Option<(usize, String)>,
     actions: &'a mut Vec<Action>,
     generation: Option<&'a Generation>,
-    thinking_just_ended: Option<usize>,
+    thinking_open: &'a mut HashMap<(String, usize), bool>,
+    conversation_id: &'a str,
     show_thinking: bool,
     model_ready: bool,
     last_index: usize,
@@ -176,7 +180,8 @@ fn conversation(app: &mut App, ui: &mut Ui) {
         editing: &mut app.chat.editing,
         actions: &mut actions,
         generation,
-        thinking_just_ended: app.chat.thinking_just_ended.take(),
+        thinking_open: &mut app.chat.thinking_open,
+        conversation_id: &conversation.id,
         show_thinking: app.prefs.show_thinking,
         model_ready: matches!(app.model, ModelState::Ready(_)),
         last_index: conversation.messages.len().saturating_sub(1),
@@ -186,7 +191,8 @@ fn conversation(app: &mut App, ui: &mut Ui) {
         .stick_to_bottom(true)
         .auto_shrink(false);
     if app.chat.scroll_to_bottom {
-        scroll = scroll.vertical_scroll_offset(f32::MAX);
+        // Past the end is clamped to the end; a finite value keeps egui's arithmetic finite.
+        scroll = scroll.vertical_scroll_offset(app.chat.content_height + 100_000.0);
         app.chat.scroll_to_bottom = false;
     }
     let heights = &mut app.chat.heights;
@@ -237,6 +243,7 @@ fn conversation(app: &mut App, ui: &mut Ui) {
     let bottom_gap =
         output.content_size.y - (output.state.clamped_offset().y + output.inner_rect.height());
     app.chat.at_bottom = bottom_gap <= 24.0;
+    app.chat.content_height = output.content_size.y;
     if !app.chat.at_bottom {
         jump_to_latest(app, ui, output.inner_rect);
     }
@@ -286,17 +293,15 @@ fn user_message(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, message: 
         }
         return;
     }
-    let max_width = ui.available_width() * 0.85;
+    let margin = egui::Margin::symmetric(12, 8);
+    let max_text_width = ui.available_width() * 0.85 - margin.sum().x;
     ui.with_layout(egui::Layout::right_to_left(egui::Align::Min), |ui| {
         egui::Frame::new()
             .fill(theme::user_bubble_fill(ui.visuals()))
             .corner_radius(12)
-            .inner_margin(egui::Margin::symmetric(12, 8))
+            .inner_margin(margin)
             .show(ui, |ui| {
-                ui.set_max_width(max_width);
-                ui.with_layout(egui::Layout::top_down(egui::Align::Min), |ui| {
-                    folded_text(ui, index, &message.content);
-                });
+                folded_text(ui, index, &message.content, max_text_width)
             });
     });
     let busy = view.generation.is_some();
@@ -323,31 +328,42 @@ fn user_message(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, message: 
     });
 }
 
-/// A user's message; very long ones (pastes) are folded to keep the view light.
-fn folded_text(ui: &mut Ui, index: usize, text: &str) {
+/// A user's message, as wide as its text (at most `max_width`); very long ones (pastes) are
+/// folded to keep the view light.
+fn folded_text(ui: &mut Ui, index: usize, text: &str, max_width: f32) {
     let chars = text.chars().count();
     let id = ui.make_persistent_id(("unfolded", index));
     let unfolded = ui.data(|d| d.get_temp::<bool>(id).unwrap_or(false));
-    if chars <= FOLD_CHARS || unfolded {
-        ui.add(egui::Label::new(text).selectable(true).wrap());
-        if unfolded && ui.small_button("Show less").clicked() {
+    let folded = chars > FOLD_CHARS && !unfolded;
+    let shown = if folded {
+        let cut = text
+            .char_indices()
+            .nth(FOLDED_PREVIEW_CHARS)
+            .map_or(text.len(), |(i, _)| i);
+        format!("{}…", &text[..cut])
+    } else {
+        text.to_string()
+    };
+    let galley = egui::WidgetText::from(shown).into_galley(
+        ui,
+        Some(egui::TextWrapMode::Wrap),
+        max_width,
+        egui::TextStyle::Body,
+    );
+    let width = galley.size().x.max(40.0);
+    let layout = egui::Layout::top_down(egui::Align::Min);
+    ui.allocate_ui_with_layout(egui::vec2(width, 0.0), layout, |ui| {
+        ui.set_width(width);
+        ui.add(egui::Label::new(galley).selectable(true));
+        if folded {
+            let label = format!("Show all {} characters", format_count(chars));
+            if ui.small_button(label).clicked() {
+                ui.data_mut(|d| d.insert_temp(id, true));
+            }
+        } else if unfolded && ui.small_button("Show less").clicked() {
             ui.data_mut(|d| d.insert_temp(id, false));
         }
-        return;
-    }
-    let cut = text
-        .char_indices()
-        .nth(FOLDED_PREVIEW_CHARS)
-        .map_or(text.len(), |(i, _)| i);
-    ui.add(
-        egui::Label::new(format!("{}…", &text[..cut]))
-            .selectable(true)
-            .wrap(),
-    );
-    let label = format!("Show all {} characters", format_count(chars));
-    if ui.small_button(label).clicked() {
-        ui.data_mut(|d| d.insert_temp(id, true));
-    }
+    });
 }
 
 /// The inline editor of a user message; returns whether the edit was cancelled.
@@ -442,7 +458,7 @@ fn waiting_line(ui: &mut Ui, generation: &Generation, message: &Message) {
 /// The thinking span: open while it streams, then folded under "Thought for …".
 fn thinking_block(
     ui: &mut Ui,
-    view: &MessageView<'_>,
+    view: &mut MessageView<'_>,
     index: usize,
     message: &Message,
     live: Option<&Generation>,
@@ -457,17 +473,12 @@ fn thinking_block(
     } else {
         thought_summary(message.stats.as_ref(), live)
     };
-    let open = if streaming {
-        Some(true)
-    } else if view.thinking_just_ended == Some(index) {
-        Some(false)
-    } else {
-        None
-    };
+    let key = (view.conversation_id.to_string(), index);
+    let open = view.thinking_open.get(&key).copied().unwrap_or(false);
     let color = theme::thinking_text_color(ui.visuals());
-    egui::CollapsingHeader::new(RichText::new(header).color(color))
+    let response = egui::CollapsingHeader::new(RichText::new(header).color(color))
         .id_salt(("thinking", index))
-        .open(open)
+        .open(Some(open))
         .show(ui, |ui| {
             egui::Frame::new()
                 .inner_margin(egui::Margin {
@@ -482,8 +493,14 @@ fn thinking_block(
                             .selectable(true)
                             .wrap(),
                     );
+                    if streaming {
+                        ui.spinner();
+                    }
                 });
         });
+    if response.header_response.clicked() {
+        view.thinking_open.insert(key, !open);
+    }
 }
 
 /// "Thought for 12 s · 340 tokens" from the reply's statistics.

@@ -239,6 +239,17 @@ fn meter_row(app: &App, ui: &mut Ui) {
         return;
     }
     let muted = theme::muted_text_color(ui.visuals());
+    if let (Some(generation), Some(model)) = (&app.generation, app.loaded_model())
+        && let Some(tokens) = generation.prompt_tokens
+    {
+        let text = format!(
+            "Context: {} / {} tokens, plus the reply being written",
+            format_count(tokens),
+            format_count(model.context_length())
+        );
+        ui.label(RichText::new(text).small().color(muted));
+        return;
+    }
     let Some((count, current)) = app.meter.latest() else {
         ui.label(RichText::new("Counting tokens…").small().color(muted));
         return;

@@ -37,6 +37,7 @@ impl App {
                 info,
                 tokenizer,
                 load_secs,
+                ..
             } => self.on_loaded(info, tokenizer, load_secs),
             Event::LoadFailed { path, message } => self.on_load_failed(&path, &message),
             Event::Unloaded => {
@@ -49,15 +50,8 @@ impl App {
                 prompt_tokens,
                 prompt_text,
                 dropped_messages,
-                template_fallback,
-            } => {
-                if let Some(reason) = template_fallback {
-                    self.notices.info(format!(
-                        "The model's chat template could not be used, so ChatML is: {reason}"
-                    ));
-                }
-                self.on_started(id, prompt_tokens, prompt_text, dropped_messages)
-            }
+                ..
+            } => self.on_started(id, prompt_tokens, prompt_text, dropped_messages),
             Event::Segment { id, kind, text } => self.on_segment(id, kind, &text),
             Event::Finished { id, stats } => self.on_finished(id, stats),
             Event::Error { id, message } => self.on_error(id, message),
@@ -157,20 +151,23 @@ impl App {
             return;
         };
         let now = Instant::now();
+        let key = (generation.conversation_id.clone(), generation.message_index);
         match kind {
             SegmentKind::Thinking => {
+                if generation.phase != Phase::Thinking {
+                    self.chat.thinking_open.insert(key.clone(), true);
+                }
                 generation.phase = Phase::Thinking;
                 generation.thinking_since.get_or_insert(now);
             }
             SegmentKind::Answer => {
                 if generation.phase == Phase::Thinking {
-                    self.chat.thinking_just_ended = Some(generation.message_index);
+                    self.chat.thinking_open.insert(key.clone(), false);
                 }
                 generation.phase = Phase::Answering;
             }
         }
-        let (conversation_id, index) =
-            (generation.conversation_id.clone(), generation.message_index);
+        let (conversation_id, index) = key;
         let Some(message) = self
             .conversation_mut(&conversation_id)
             .and_then(|c| c.messages.get_mut(index))
@@ -191,6 +188,8 @@ impl App {
         let Some(generation) = self.generation.take_if(|g| g.id == id) else {
             return;
         };
+        let key = (generation.conversation_id.clone(), generation.message_index);
+        self.chat.thinking_open.insert(key, false);
         self.end_reply(&generation, Some(stats), None);
     }
 

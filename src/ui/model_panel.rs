@@ -221,13 +221,17 @@ pub fn show_welcome(app: &mut App, ui: &mut Ui) {
 /// The "Model" window: the loaded model's card, reload/unload, and the chooser.
 pub fn show_window(app: &mut App, ctx: &egui::Context) {
     let mut open = app.windows.model;
+    let screen = ctx.content_rect();
     egui::Window::new("Model")
         .open(&mut open)
-        .default_width(520.0)
-        .max_height(ctx.content_rect().height() * 0.85)
+        .default_width(540.0)
+        .default_pos(egui::pos2(screen.left() + 120.0, screen.top() + 48.0))
         .collapsible(false)
         .show(ctx, |ui| {
-            egui::ScrollArea::vertical().auto_shrink([false, true]).show(ui, |ui| {
+            egui::ScrollArea::vertical()
+                .max_height(screen.height() - 140.0)
+                .auto_shrink([false, true])
+                .show(ui, |ui| {
                 if let ModelState::Ready(model) = &app.model {
                     ui.heading(model.display_name());
                     let context = model.context_length();

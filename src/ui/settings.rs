@@ -17,13 +17,16 @@ pub const CONTEXT_CHOICES: [usize; 7] = [2048, 4096, 8192, 16384, 32768, 65536, 
 /// Draws the settings window when it is open.
 pub fn show_window(app: &mut App, ctx: &egui::Context) {
     let mut open = app.windows.settings;
+    let screen = ctx.content_rect();
     egui::Window::new("Settings")
         .open(&mut open)
-        .default_width(440.0)
-        .max_height(ctx.content_rect().height() * 0.85)
+        .default_width(460.0)
+        .default_pos(egui::pos2(screen.right() - 490.0, screen.top() + 48.0))
         .collapsible(false)
         .show(ctx, |ui| {
+            ui.spacing_mut().slider_width = 200.0;
             egui::ScrollArea::vertical()
+                .max_height(screen.height() - 140.0)
                 .auto_shrink([false, true])
                 .show(ui, |ui| contents(app, ui));
         });
@@ -48,7 +51,11 @@ fn contents(app: &mut App, ui: &mut Ui) {
 }
 
 fn section(ui: &mut Ui, title: &str) {
-    ui.label(RichText::new(title).strong().heading());
+    ui.label(
+        RichText::new(title)
+            .strong()
+            .size(ui.text_style_height(&egui::TextStyle::Body) * 1.15),
+    );
     ui.separator();
 }
 

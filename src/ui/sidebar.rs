@@ -42,6 +42,12 @@ pub fn show(app: &mut App, ui: &mut Ui) {
         .id_salt("conversation-list")
         .auto_shrink(false)
         .show(ui, |ui| {
+            if ids.is_empty() && app.sidebar.search.trim().is_empty() {
+                ui.label(
+                    RichText::new("No conversations yet")
+                        .color(theme::muted_text_color(ui.visuals())),
+                );
+            }
             if ids.is_empty() && !app.sidebar.search.trim().is_empty() {
                 ui.label(
                     RichText::new(format!("No chats match “{}”", app.sidebar.search.trim()))
@@ -77,18 +83,9 @@ pub fn show(app: &mut App, ui: &mut Ui) {
 }
 
 fn search_field(app: &mut App, ui: &mut Ui) {
-    ui.horizontal(|ui| {
-        let clear_width = if app.sidebar.search.is_empty() {
-            0.0
-        } else {
-            28.0
-        };
-        ui.add(
-            egui::TextEdit::singleline(&mut app.sidebar.search)
-                .hint_text("🔍 Search chats")
-                .desired_width(ui.available_width() - clear_width),
-        )
-        .accessible_name("Search conversations");
+    let size = egui::vec2(ui.available_width(), ui.spacing().interact_size.y);
+    let layout = egui::Layout::right_to_left(egui::Align::Center);
+    ui.allocate_ui_with_layout(size, layout, |ui| {
         if !app.sidebar.search.is_empty()
             && ui
                 .small_button("✖")
@@ -98,6 +95,12 @@ fn search_field(app: &mut App, ui: &mut Ui) {
         {
             app.sidebar.search.clear();
         }
+        ui.add(
+            egui::TextEdit::singleline(&mut app.sidebar.search)
+                .hint_text("🔍 Search chats")
+                .desired_width(f32::INFINITY),
+        )
+        .accessible_name("Search conversations");
     });
 }
 
@@ -138,20 +141,28 @@ fn row(app: &mut App, ui: &mut Ui, id: &str, selected: bool, actions: &mut Vec<A
         exports_dir: app.data_dir.join("exports"),
     };
     let mut start_rename = false;
+    let menu_size = egui::vec2(32.0, 28.0);
     ui.horizontal(|ui| {
-        let menu_width = if selected { 30.0 } else { 0.0 };
-        let button = egui::Button::selectable(selected, &title)
+        let reserved = if selected {
+            menu_size.x + ui.spacing().item_spacing.x
+        } else {
+            0.0
+        };
+        let size = egui::vec2((ui.available_width() - reserved).max(40.0), 28.0);
+        let button = egui::Button::selectable(selected, (title.as_str(), egui::Atom::grow()))
             .truncate()
-            .min_size(egui::vec2(ui.available_width() - menu_width, 28.0));
-        let response = ui.add(button).on_hover_text(&title);
+            .min_size(size);
+        let response = ui.add_sized(size, button).on_hover_text(&title);
         if response.clicked() {
             actions.push(Action::Select(id.to_string()));
         }
         start_rename |= response.double_clicked();
         response.context_menu(|ui| start_rename |= menu_info.show(ui, actions));
         if selected {
-            ui.menu_button("⏷", |ui| start_rename |= menu_info.show(ui, actions))
-                .response
+            let button = egui::Button::new("⏷").min_size(menu_size);
+            let (response, _) = egui::containers::menu::MenuButton::from_button(button)
+                .ui(ui, |ui| start_rename |= menu_info.show(ui, actions));
+            response
                 .on_hover_text("Rename, export or delete")
                 .accessible_name("Conversation menu");
         }
@@ -210,7 +221,7 @@ fn matching_ids(app: &mut App) -> Vec<String> {
     let ids: Vec<String> = app
         .conversations
         .iter()
-        .filter(|c| matches(c, &query))
+        .filter(|c| !c.messages.is_empty() && matches(c, &query))
         .map(|c| c.id.clone())
         .collect();
     app.sidebar.matches = Some((query, app.revision, ids.clone()));

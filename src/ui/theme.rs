@@ -76,12 +76,16 @@ fn tune_visuals(visuals: &mut Visuals) {
     visuals.widgets.active.corner_radius = egui::CornerRadius::same(6);
     visuals.widgets.open.corner_radius = egui::CornerRadius::same(6);
     if visuals.dark_mode {
+        visuals.widgets.noninteractive.fg_stroke.color = Color32::from_rgb(222, 224, 228);
+        visuals.widgets.inactive.fg_stroke.color = Color32::from_rgb(214, 216, 220);
         visuals.panel_fill = Color32::from_rgb(30, 31, 34);
         visuals.window_fill = Color32::from_rgb(36, 37, 41);
         visuals.extreme_bg_color = Color32::from_rgb(22, 23, 25);
         visuals.code_bg_color = Color32::from_rgb(44, 46, 52);
         visuals.error_fg_color = Color32::from_rgb(255, 110, 100);
     } else {
+        visuals.widgets.noninteractive.fg_stroke.color = Color32::from_rgb(28, 30, 34);
+        visuals.widgets.inactive.fg_stroke.color = Color32::from_rgb(36, 38, 44);
         visuals.panel_fill = Color32::from_rgb(250, 250, 251);
         visuals.window_fill = Color32::from_rgb(255, 255, 255);
         visuals.extreme_bg_color = Color32::from_rgb(255, 255, 255);

@@ -174,7 +174,13 @@ fn build<'a>(
             if let Some(storage) = storage {
                 cc.storage = Some(storage);
             }
-            App::new(cc, options)
+            App::new(
+                cc,
+                AppOptions {
+                    catch_panics: false,
+                    ..options
+                },
+            )
         })
 }
 
