@@ -15,10 +15,13 @@ use smoldesk::worker::messages::{Command, Event, GenerateRequest, SegmentKind};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The two ends the gate uses: "reached" to the test, "release" from it.
+type GateEnds = (Sender<()>, Receiver<()>);
+
 /// A waker that can hold the worker still at its next event until the test lets it go.
 #[derive(Clone, Default)]
 struct Gate {
-    armed: Arc<Mutex<Option<(Sender<()>, Receiver<()>)>>>,
+    armed: Arc<Mutex<Option<GateEnds>>>,
 }
 
 impl Gate {

@@ -344,7 +344,7 @@ fn attention(
         .reshape((n_head, seq, hd))?
         .transpose(0, 1)?
         .reshape((seq, n_head * hd))?;
-    Ok(block.wo.forward(&out)?)
+    block.wo.forward(&out)
 }
 
 /// Applies interleaved (adjacent-pair) RoPE to `(heads, seq, head_dim)`.

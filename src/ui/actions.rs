@@ -534,8 +534,10 @@ mod tests {
 
     #[test]
     fn export_names_are_safe_file_names() {
-        let mut c = Conversation::default();
-        c.title = "What's 2/3 of ../etc?".into();
+        let c = Conversation {
+            title: "What's 2/3 of ../etc?".into(),
+            ..Conversation::default()
+        };
         let name = export_file_name(&c);
         assert!(name.starts_with("What-s-2-3-of-etc-"), "{name}");
         assert!(name.ends_with(".md"));
