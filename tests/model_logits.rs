@@ -7,10 +7,14 @@ use smoldesk::engine::ModelInfo;
 use smoldesk::engine::gguf::GgufFile;
 use smoldesk::engine::model::{Model, argmax};
 
+/// Loads a fixture with the KV cache precision its reference was computed with (the f32
+/// model's reference used an f32 cache, the quantized one llama.cpp's default f16).
 fn load(name: &str) -> Model {
     let gguf = GgufFile::open(common::fixture(name)).expect("open fixture");
     let info = ModelInfo::from_gguf(&gguf).expect("model info");
-    Model::load(&gguf, &info, 4096, &mut |_| true).expect("load model")
+    let mut model = Model::load(&gguf, &info, 4096, &mut |_| true).expect("load model");
+    model.set_kv_cache_f32(name.contains("f32"));
+    model
 }
 
 fn ids(v: &Value) -> Vec<u32> {

@@ -1,1 +1,303 @@
 //! Fitting a conversation into the context window by dropping the oldest turns.
+//!
+//! The system prompt is not part of the message list (the caller renders it with every
+//! candidate), and the newest message is never dropped. Messages are dropped from the start, a
+//! user message together with the assistant reply after it, so the kept part starts with a user
+//! message whenever that fits; only when nothing else fits is the newest message kept alone.
+
+use super::conversation::{Message, Role};
+
+/// A conversation cut to fit the context.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fitted {
+    /// The messages that are kept, oldest first.
+    pub messages: Vec<Message>,
+    /// How many messages were dropped from the start.
+    pub dropped: usize,
+    /// Tokens of the prompt rendered from the kept messages, as the counter reported them.
+    pub prompt_tokens: usize,
+}
+
+/// Why a conversation cannot be fitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContextError {
+    /// Even the newest message alone (with the system prompt) is over the budget.
+    #[error("the message needs {tokens} tokens but the context has room for only {budget}")]
+    TooLong {
+        /// Tokens of the smallest prompt that could be built.
+        tokens: usize,
+        /// The budget it had to fit.
+        budget: usize,
+    },
+}
+
+/// Drops the oldest messages until the prompt fits `budget_tokens`, calling `count_tokens`
+/// (which renders and tokenizes a candidate list) O(log n) times.
+///
+/// Assumes that dropping messages never makes the prompt longer.
+pub fn fit_to_context(
+    messages: &[Message],
+    budget_tokens: usize,
+    count_tokens: &mut dyn FnMut(&[Message]) -> usize,
+) -> Result<Fitted, ContextError> {
+    let fits = |tokens: usize| tokens <= budget_tokens;
+    let too_long = |tokens: usize| ContextError::TooLong {
+        tokens,
+        budget: budget_tokens,
+    };
+    let all_tokens = count_tokens(messages);
+    if fits(all_tokens) {
+        return Ok(kept_from(messages, 0, all_tokens));
+    }
+    let cuts = drop_points(messages);
+    let Some((&newest_only, _)) = cuts.split_last().filter(|(_, rest)| !rest.is_empty()) else {
+        return Err(too_long(all_tokens));
+    };
+    let newest_only_tokens = count_tokens(&messages[newest_only..]);
+    if !fits(newest_only_tokens) {
+        return Err(too_long(newest_only_tokens));
+    }
+    // cuts[too_many] does not fit, cuts[enough] does; find the first that fits in between.
+    let mut too_many = 0;
+    let mut enough = cuts.len() - 1;
+    let mut enough_tokens = newest_only_tokens;
+    while enough - too_many > 1 {
+        let middle = too_many + (enough - too_many) / 2;
+        let tokens = count_tokens(&messages[cuts[middle]..]);
+        if fits(tokens) {
+            enough = middle;
+            enough_tokens = tokens;
+        } else {
+            too_many = middle;
+        }
+    }
+    Ok(kept_from(messages, cuts[enough], enough_tokens))
+}
+
+/// The numbers of messages that may be dropped, ascending: none, every count that leaves a
+/// non-assistant message first, and all but the newest.
+fn drop_points(messages: &[Message]) -> Vec<usize> {
+    let Some(newest) = messages.len().checked_sub(1) else {
+        return vec![0];
+    };
+    let mut points: Vec<usize> = messages[..newest]
+        .iter()
+        .enumerate()
+        .filter(|(first_kept, message)| *first_kept == 0 || message.role != Role::Assistant)
+        .map(|(first_kept, _)| first_kept)
+        .collect();
+    points.push(newest);
+    points
+}
+
+fn kept_from(messages: &[Message], dropped: usize, prompt_tokens: usize) -> Fitted {
+    Fitted {
+        messages: messages[dropped..].to_vec(),
+        dropped,
+        prompt_tokens,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SYSTEM_TOKENS: usize = 10;
+    const PER_MESSAGE_TOKENS: usize = 4;
+
+    /// A fake renderer: a fixed system prompt, a few tokens per message, one per character.
+    struct FakeCounter {
+        calls: usize,
+    }
+
+    impl FakeCounter {
+        fn new() -> Self {
+            Self { calls: 0 }
+        }
+
+        fn count(&mut self, messages: &[Message]) -> usize {
+            self.calls += 1;
+            SYSTEM_TOKENS
+                + messages
+                    .iter()
+                    .map(|m| PER_MESSAGE_TOKENS + m.content.len())
+                    .sum::<usize>()
+        }
+    }
+
+    fn fit(messages: &[Message], budget: usize) -> (Result<Fitted, ContextError>, usize) {
+        let mut counter = FakeCounter::new();
+        let result = fit_to_context(messages, budget, &mut |m| counter.count(m));
+        (result, counter.calls)
+    }
+
+    fn user(text: &str) -> Message {
+        Message::new(Role::User, text)
+    }
+
+    fn assistant(text: &str) -> Message {
+        Message::new(Role::Assistant, text)
+    }
+
+    /// `pairs` user/assistant pairs of 10-character messages, then a final user message.
+    fn conversation(pairs: usize) -> Vec<Message> {
+        let mut messages = Vec::new();
+        for i in 0..pairs {
+            messages.push(user(&format!("question{i:02}")));
+            messages.push(assistant(&format!("answer{i:04}")));
+        }
+        messages.push(user("final"));
+        messages
+    }
+
+    fn cost(messages: &[Message]) -> usize {
+        FakeCounter::new().count(messages)
+    }
+
+    #[test]
+    fn a_conversation_that_fits_is_kept_whole_with_one_count() {
+        let messages = conversation(3);
+        let (result, calls) = fit(&messages, 1000);
+        let fitted = result.unwrap();
+        assert_eq!(fitted.messages, messages);
+        assert_eq!(fitted.dropped, 0);
+        assert_eq!(fitted.prompt_tokens, cost(&messages));
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn oldest_pairs_are_dropped_first() {
+        let messages = conversation(5);
+        // Room for the final message and exactly two pairs.
+        let budget = cost(&messages[6..]);
+        let fitted = fit(&messages, budget).0.unwrap();
+        assert_eq!(fitted.dropped, 6);
+        assert_eq!(fitted.messages, messages[6..].to_vec());
+        assert_eq!(fitted.prompt_tokens, budget);
+        assert_eq!(fitted.messages[0].role, Role::User);
+    }
+
+    #[test]
+    fn a_user_message_goes_with_its_reply() {
+        let messages = conversation(5);
+        // Room for the assistant reply of the third pair too, but not without its question.
+        let budget = cost(&messages[5..]);
+        let fitted = fit(&messages, budget).0.unwrap();
+        assert_eq!(fitted.dropped, 6);
+        assert_eq!(fitted.messages[0], user("question03"));
+        assert_eq!(fitted.prompt_tokens, cost(&messages[6..]));
+    }
+
+    #[test]
+    fn the_newest_message_alone_when_nothing_else_fits() {
+        let messages = conversation(4);
+        let newest = messages.len() - 1;
+        let budget = cost(&messages[newest..]);
+        let fitted = fit(&messages, budget).0.unwrap();
+        assert_eq!(fitted.dropped, newest);
+        assert_eq!(fitted.messages, vec![user("final")]);
+    }
+
+    #[test]
+    fn a_newest_assistant_message_is_kept_alone_if_need_be() {
+        let messages = vec![user("a long question here"), assistant("ok")];
+        let budget = cost(&messages[1..]);
+        let fitted = fit(&messages, budget).0.unwrap();
+        assert_eq!(fitted.dropped, 1);
+        assert_eq!(fitted.messages, vec![assistant("ok")]);
+    }
+
+    #[test]
+    fn too_long_when_the_newest_message_alone_does_not_fit() {
+        let messages = conversation(3);
+        let newest_cost = cost(&messages[messages.len() - 1..]);
+        let (result, _) = fit(&messages, newest_cost - 1);
+        assert_eq!(
+            result,
+            Err(ContextError::TooLong {
+                tokens: newest_cost,
+                budget: newest_cost - 1
+            })
+        );
+        let single = [user("hello")];
+        let (result, calls) = fit(&single, 3);
+        assert_eq!(
+            result,
+            Err(ContextError::TooLong {
+                tokens: cost(&single),
+                budget: 3
+            })
+        );
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn an_empty_conversation_fits_or_the_system_prompt_is_too_long() {
+        let fitted = fit(&[], 100).0.unwrap();
+        assert_eq!((fitted.dropped, fitted.prompt_tokens), (0, SYSTEM_TOKENS));
+        assert!(fit(&[], SYSTEM_TOKENS - 1).0.is_err());
+    }
+
+    #[test]
+    fn counts_tokens_a_logarithmic_number_of_times() {
+        let messages = conversation(500);
+        let budget = cost(&messages[700..]);
+        let (result, calls) = fit(&messages, budget);
+        assert_eq!(result.unwrap().dropped, 700);
+        // 501 drop points: the whole list, the newest alone, then a binary search over the rest.
+        assert!(calls <= 2 + 9, "{calls} calls");
+    }
+
+    /// The first drop point (in the order `drop_points` lists them) whose rest fits.
+    fn linear_fit(messages: &[Message], budget: usize) -> Option<usize> {
+        drop_points(messages)
+            .into_iter()
+            .find(|&dropped| cost(&messages[dropped..]) <= budget)
+    }
+
+    #[test]
+    fn binary_search_agrees_with_a_linear_scan() {
+        let lengths = [3usize, 40, 7, 1, 25, 12, 0, 9, 31, 5, 18, 2, 14];
+        for size in 1..lengths.len() {
+            let messages: Vec<Message> = (0..size)
+                .map(|i| {
+                    let role = if i % 3 == 2 {
+                        Role::Assistant
+                    } else if i % 2 == 0 {
+                        Role::User
+                    } else {
+                        Role::Assistant
+                    };
+                    Message::new(role, "x".repeat(lengths[i]))
+                })
+                .collect();
+            for budget in 0..cost(&messages) + 2 {
+                let result = fit(&messages, budget).0;
+                match linear_fit(&messages, budget) {
+                    Some(dropped) => {
+                        let fitted = result.unwrap();
+                        assert_eq!(fitted.dropped, dropped, "size {size} budget {budget}");
+                        assert_eq!(fitted.prompt_tokens, cost(&messages[dropped..]));
+                    }
+                    None => assert!(result.is_err(), "size {size} budget {budget}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn drop_points_skip_assistant_replies() {
+        let messages = vec![
+            user("a"),
+            assistant("b"),
+            user("c"),
+            assistant("d"),
+            assistant("e"),
+            user("f"),
+            assistant("g"),
+        ];
+        assert_eq!(drop_points(&messages), vec![0, 2, 5, 6]);
+        assert_eq!(drop_points(&[]), vec![0]);
+        assert_eq!(drop_points(&[user("only")]), vec![0]);
+    }
+}

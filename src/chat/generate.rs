@@ -1,1 +1,275 @@
-//! The generation loop: prompt, prefill with KV reuse, sampling, stopping, thinking split.
+//! The generation loop shared by the worker thread and the CLI: fit the conversation into the
+//! context, render the prompt with the model's template, prefill (reusing the KV cache), sample
+//! until a stop condition, and stream the reply split into thinking and answer.
+
+use std::time::Instant;
+
+use chrono::NaiveDate;
+
+use super::context::{ContextError, fit_to_context};
+use super::conversation::{ChatSettings, GenerationStats, Message, StopReason};
+use super::template::{PromptFormatter, RenderOptions};
+use super::thinking::{Segment, SegmentKind, ThinkSplitter, ThinkTags, prompt_ends_inside_think};
+use crate::engine::EngineError;
+use crate::engine::sampling::{Sampler, SamplingParams};
+use crate::engine::session::Engine;
+use crate::engine::tokenizer::{GgufTokenizer, StreamDecoder};
+
+/// Why a reply could not be generated.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// The engine failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Even the newest message alone does not fit the context.
+    #[error(transparent)]
+    Context(#[from] ContextError),
+}
+
+/// Progress of one reply, in order.
+#[derive(Debug, Clone)]
+pub enum GenerationEvent {
+    /// The prompt is ready and about to be computed.
+    Started {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// The prompt text after the chat template.
+        prompt_text: String,
+        /// Messages dropped from the start to fit the context.
+        dropped_messages: usize,
+        /// Why the model's own template was not used, if it was not.
+        template_fallback: Option<String>,
+    },
+    /// New text of the reply.
+    Segment(Segment),
+}
+
+/// A finished reply.
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    /// The reasoning text (without tags).
+    pub thinking: String,
+    /// The answer text.
+    pub answer: String,
+    /// Every generated token id, end-of-turn token excluded.
+    pub tokens: Vec<u32>,
+    /// Measurements.
+    pub stats: GenerationStats,
+}
+
+/// What the generation loop needs besides the engine.
+pub struct GenerationContext<'a> {
+    /// The template to render the conversation with.
+    pub formatter: &'a PromptFormatter,
+    /// The date the template's `strftime_now` sees.
+    pub date: NaiveDate,
+    /// Returns true when the reply should stop (checked before every token and between
+    /// prefill chunks).
+    pub cancelled: &'a dyn Fn() -> bool,
+}
+
+/// Tokens kept free for the reply when fitting the conversation into the context.
+fn reply_reserve(context: usize, max_tokens: usize) -> usize {
+    max_tokens.clamp(1, (context / 4).max(1))
+}
+
+/// Renders the conversation as the model's prompt text.
+pub fn render_prompt(
+    formatter: &PromptFormatter,
+    tokenizer: &GgufTokenizer,
+    settings: &ChatSettings,
+    messages: &[Message],
+    date: NaiveDate,
+) -> super::template::RenderedPrompt {
+    let options = RenderOptions {
+        add_generation_prompt: true,
+        enable_thinking: Some(settings.thinking),
+        date,
+        bos_token: tokenizer.bos_text().to_string(),
+        eos_token: tokenizer.eos_text().to_string(),
+        ..RenderOptions::default()
+    };
+    formatter.render(&settings.system_prompt, messages, &options)
+}
+
+/// Generates the assistant's next reply to `messages` (which end with the user's message).
+pub fn generate_reply(
+    engine: &mut Engine,
+    ctx: &GenerationContext<'_>,
+    messages: &[Message],
+    settings: &ChatSettings,
+    on_event: &mut dyn FnMut(GenerationEvent),
+) -> Result<Reply, GenerateError> {
+    let tokenizer = engine.tokenizer().clone();
+    let context = engine.context_length();
+    let budget = context.saturating_sub(reply_reserve(context, settings.sampling.max_tokens));
+
+    let mut count_tokens = |candidate: &[Message]| {
+        let rendered = render_prompt(ctx.formatter, &tokenizer, settings, candidate, ctx.date);
+        tokenizer
+            .encode_prompt(&rendered.text)
+            .map_or(usize::MAX, |ids| ids.len())
+    };
+    let fitted = fit_to_context(messages, budget, &mut count_tokens)?;
+    let rendered = render_prompt(
+        ctx.formatter,
+        &tokenizer,
+        settings,
+        &fitted.messages,
+        ctx.date,
+    );
+    let prompt = tokenizer.encode_prompt(&rendered.text)?;
+    let starts_in_thinking = prompt_ends_inside_think(&rendered.text);
+    on_event(GenerationEvent::Started {
+        prompt_tokens: prompt.len(),
+        prompt_text: rendered.text,
+        dropped_messages: fitted.dropped,
+        template_fallback: rendered.fallback,
+    });
+    let mut reply = generate_from_tokens(
+        engine,
+        ctx,
+        &prompt,
+        starts_in_thinking,
+        &settings.sampling,
+        on_event,
+    )?;
+    reply.stats.dropped_messages = fitted.dropped;
+    Ok(reply)
+}
+
+/// Generates a completion of an already tokenized prompt (no template), streaming segments.
+pub fn generate_from_tokens(
+    engine: &mut Engine,
+    ctx: &GenerationContext<'_>,
+    prompt: &[u32],
+    starts_in_thinking: bool,
+    sampling: &SamplingParams,
+    on_event: &mut dyn FnMut(GenerationEvent),
+) -> Result<Reply, GenerateError> {
+    let request_start = Instant::now();
+    let tokenizer = engine.tokenizer().clone();
+    let context = engine.context_length();
+    let prefill_start = Instant::now();
+    let prefill = engine.prefill_cancellable(prompt, ctx.cancelled)?;
+    let prefill_secs = prefill_start.elapsed().as_secs_f64();
+
+    let mut run = ReplyRun::new(&tokenizer, starts_in_thinking, on_event);
+    run.stats.prompt_tokens = prompt.len();
+    run.stats.prefilled_tokens = prefill.computed;
+    run.stats.prefill_tok_per_sec = prefill.computed as f64 / prefill_secs.max(1e-9);
+
+    let mut sampler = Sampler::new(sampling);
+    let mut history: Vec<u32> = prompt.to_vec();
+    let mut logits = prefill.logits;
+    let decode_start = Instant::now();
+    let stop_reason = loop {
+        if (ctx.cancelled)() {
+            break StopReason::Cancelled;
+        }
+        let window_start = history.len().saturating_sub(sampling.repeat_last_n);
+        let next = sampler.sample(&logits, &history[window_start..]);
+        if run.reply.tokens.is_empty() {
+            run.stats.time_to_first_token_secs = request_start.elapsed().as_secs_f64();
+        }
+        if tokenizer.is_end_of_turn(next) {
+            break StopReason::EndOfTurn;
+        }
+        run.push_token(next);
+        history.push(next);
+        if run.reply.tokens.len() >= sampling.max_tokens {
+            break StopReason::MaxTokens;
+        }
+        if engine.cached_tokens().len() >= context {
+            break StopReason::ContextFull;
+        }
+        logits = engine.decode(next)?;
+    };
+    let decode_secs = decode_start.elapsed().as_secs_f64();
+    let generated = run.reply.tokens.len();
+    run.stats.decode_tok_per_sec = if generated > 1 {
+        (generated - 1) as f64 / decode_secs.max(1e-9)
+    } else {
+        0.0
+    };
+    Ok(run.finish(stop_reason))
+}
+
+/// The state of one reply while tokens stream in.
+struct ReplyRun<'a> {
+    tokenizer: &'a GgufTokenizer,
+    decoder: StreamDecoder,
+    splitter: ThinkSplitter,
+    on_event: &'a mut dyn FnMut(GenerationEvent),
+    reply: Reply,
+    stats: GenerationStats,
+    started: Instant,
+    thinking_ended_at: Option<f64>,
+}
+
+impl<'a> ReplyRun<'a> {
+    fn new(
+        tokenizer: &'a GgufTokenizer,
+        starts_in_thinking: bool,
+        on_event: &'a mut dyn FnMut(GenerationEvent),
+    ) -> Self {
+        let (open_id, close_id) = tokenizer.think_ids().unzip();
+        Self {
+            tokenizer,
+            decoder: StreamDecoder::new(),
+            splitter: ThinkSplitter::new(ThinkTags { open_id, close_id }, starts_in_thinking),
+            on_event,
+            reply: Reply::default(),
+            stats: GenerationStats::default(),
+            started: Instant::now(),
+            thinking_ended_at: None,
+        }
+    }
+
+    fn push_token(&mut self, id: u32) {
+        let was_thinking = self.splitter.in_thinking();
+        let text = self.decoder.push(self.tokenizer, id);
+        let segments = self.splitter.push(id, &text);
+        let now_thinking = self.splitter.in_thinking();
+        if was_thinking || now_thinking {
+            self.stats.thinking_tokens += 1;
+        }
+        if was_thinking && !now_thinking {
+            self.thinking_ended_at = Some(self.started.elapsed().as_secs_f64());
+        }
+        self.reply.tokens.push(id);
+        self.emit(segments);
+    }
+
+    fn emit(&mut self, segments: Vec<Segment>) {
+        for segment in segments {
+            match segment.kind {
+                SegmentKind::Thinking => self.reply.thinking.push_str(&segment.text),
+                SegmentKind::Answer => self.reply.answer.push_str(&segment.text),
+            }
+            (self.on_event)(GenerationEvent::Segment(segment));
+        }
+    }
+
+    fn finish(mut self, stop_reason: StopReason) -> Reply {
+        let tail = self.decoder.finish();
+        let mut segments = if tail.is_empty() {
+            Vec::new()
+        } else {
+            self.splitter.push(u32::MAX, &tail)
+        };
+        let still_thinking = self.splitter.in_thinking();
+        segments.extend(self.splitter.finish());
+        self.emit(segments);
+        if self.stats.thinking_tokens > 0 {
+            self.stats.thinking_secs = match (self.thinking_ended_at, still_thinking) {
+                (Some(t), false) => t,
+                _ => self.started.elapsed().as_secs_f64(),
+            };
+        }
+        self.stats.generated_tokens = self.reply.tokens.len();
+        self.stats.stop_reason = stop_reason;
+        self.reply.stats = self.stats;
+        self.reply
+    }
+}

@@ -1,1 +1,749 @@
 //! Chat templates: rendering the GGUF's own Jinja template the way Hugging Face does.
+//!
+//! Hugging Face transformers renders `tokenizer.chat_template` with
+//! `jinja2.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)`, the
+//! `loopcontrols` extension, its own `{% generation %}` tag, a `tojson` filter that does not
+//! escape HTML, and the globals `raise_exception` and `strftime_now`. [`ChatTemplate`] reproduces
+//! that environment with minijinja so that prompts are byte-identical to the reference.
+//! [`PromptFormatter`] picks the template a model should use and falls back to ChatML when the
+//! template cannot be used.
+
+use std::fmt;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::NaiveDate;
+use minijinja::syntax::SyntaxConfig;
+use minijinja::value::{Kwargs, Value, ValueKind};
+use minijinja::{Environment, Error, ErrorKind};
+
+use crate::chat::conversation::{Message, Role};
+
+/// The name the template is registered under (no extension, so nothing is auto-escaped).
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// The ChatML template used when a model has none or its own cannot be used.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Why a chat template could not be loaded or rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// The template does not parse.
+    #[error("the chat template has a syntax error: {0}")]
+    Syntax(String),
+    /// Rendering failed (an undefined value, a wrong type, a bad `strftime_now` format...).
+    #[error("the chat template failed to render: {0}")]
+    Render(String),
+    /// The template called `raise_exception(message)`; the message is kept as written.
+    #[error("the chat template refused the conversation: {0}")]
+    Raised(String),
+    /// A template file could not be read.
+    #[error("cannot read the chat template {path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The variables a template is rendered with besides the messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderOptions {
+    /// End the prompt with the start of an assistant turn.
+    pub add_generation_prompt: bool,
+    /// The template's `enable_thinking`; `None` leaves it undefined (SmolLM3 then thinks).
+    pub enable_thinking: Option<bool>,
+    /// The date `strftime_now` formats (the time of day is the local clock's).
+    pub date: NaiveDate,
+    /// The text of the model's beginning-of-sequence token.
+    pub bos_token: String,
+    /// The text of the model's end-of-sequence token.
+    pub eos_token: String,
+    /// Other keyword arguments (`tools`, `xml_tools`, `documents`...), passed as they are.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        Self {
+            add_generation_prompt: true,
+            enable_thinking: None,
+            date: chrono::Local::now().date_naive(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+/// A compiled chat template. Cheap to clone, and shareable between threads.
+#[derive(Clone)]
+pub struct ChatTemplate {
+    source: Arc<str>,
+    env: Arc<Environment<'static>>,
+}
+
+impl fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source_len", &self.source.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChatTemplate {
+    /// Compiles a Jinja chat template.
+    pub fn new(source: &str) -> Result<Self, TemplateError> {
+        let env =
+            build_environment(source).map_err(|err| TemplateError::Syntax(err.to_string()))?;
+        Ok(Self {
+            source: Arc::from(source),
+            env: Arc::new(env),
+        })
+    }
+
+    /// The plain ChatML template.
+    pub fn chatml() -> Self {
+        // The constant is covered by tests; it always compiles.
+        Self::new(CHATML_TEMPLATE).expect("the built-in ChatML template compiles")
+    }
+
+    /// Reads and compiles a template file.
+    pub fn from_file(path: &Path) -> Result<Self, TemplateError> {
+        let source = std::fs::read_to_string(path).map_err(|source| TemplateError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::new(&source)
+    }
+
+    /// The template's source as given (before the `{% generation %}` tags are rewritten).
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Renders messages given as JSON objects (`role`, `content` and any other fields).
+    pub fn render_json(
+        &self,
+        messages: &[serde_json::Value],
+        opts: &RenderOptions,
+    ) -> Result<String, TemplateError> {
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|err| TemplateError::Syntax(err.to_string()))?;
+        template
+            .render(render_context(messages, opts))
+            .map_err(classify_render_error)
+    }
+
+    /// Renders conversation messages: role and content only (the assistant's thinking is not
+    /// sent back, the history keeps answers only).
+    pub fn render(
+        &self,
+        messages: &[Message],
+        opts: &RenderOptions,
+    ) -> Result<String, TemplateError> {
+        self.render_json(&messages_to_json(messages), opts)
+    }
+}
+
+/// The template a model should use: override file > embedded template > ChatML, with fallback.
+#[derive(Debug, Clone)]
+pub struct PromptFormatter {
+    template: ChatTemplate,
+    fallback_reason: Option<String>,
+}
+
+/// A rendered prompt, and why ChatML was used instead of the model's template, if it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedPrompt {
+    /// The exact prompt text.
+    pub text: String,
+    /// Why the preferred template was not used (it did not compile, or failed to render and
+    /// ChatML was used); `None` when it was.
+    pub fallback: Option<String>,
+}
+
+impl PromptFormatter {
+    /// Chooses the template: the override if it compiles, else the embedded template if it
+    /// compiles, else ChatML. Never fails; a template that does not compile is recorded as the
+    /// fallback reason (and logged).
+    pub fn new(embedded: Option<&str>, override_source: Option<&str>) -> Self {
+        let mut failures = Vec::new();
+        let candidates = [
+            ("the template file", override_source),
+            ("the model's chat template", embedded),
+        ];
+        for (what, source) in candidates {
+            let Some(source) = source.filter(|s| !s.trim().is_empty()) else {
+                continue;
+            };
+            match ChatTemplate::new(source) {
+                Ok(template) => {
+                    return Self::with_failures(template, failures);
+                }
+                Err(err) => failures.push(format!("{what} cannot be used ({err})")),
+            }
+        }
+        Self::with_failures(ChatTemplate::chatml(), failures)
+    }
+
+    /// Builds the formatter, turning earlier failures into the fallback reason.
+    fn with_failures(template: ChatTemplate, failures: Vec<String>) -> Self {
+        let fallback_reason = (!failures.is_empty()).then(|| failures.join("; "));
+        if let Some(reason) = &fallback_reason {
+            log::warn!("chat template fallback: {reason}");
+        }
+        Self {
+            template,
+            fallback_reason,
+        }
+    }
+
+    /// The template in use.
+    pub fn template(&self) -> &ChatTemplate {
+        &self.template
+    }
+
+    /// Why the preferred template is not in use, if it is not.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.fallback_reason.as_deref()
+    }
+
+    /// Renders a conversation, preceded by a system message when `system_prompt` is not blank.
+    /// If the template fails, the prompt is rendered with ChatML and the reason is returned.
+    pub fn render(
+        &self,
+        system_prompt: &str,
+        messages: &[Message],
+        opts: &RenderOptions,
+    ) -> RenderedPrompt {
+        let mut json = Vec::with_capacity(messages.len() + 1);
+        if !system_prompt.trim().is_empty() {
+            json.push(message_json(Role::System, system_prompt));
+        }
+        json.extend(messages_to_json(messages));
+        self.render_json(&json, opts)
+    }
+
+    /// Renders JSON messages as they are, falling back to ChatML if the template fails.
+    pub fn render_json(
+        &self,
+        messages: &[serde_json::Value],
+        opts: &RenderOptions,
+    ) -> RenderedPrompt {
+        match self.template.render_json(messages, opts) {
+            Ok(text) => RenderedPrompt {
+                text,
+                fallback: self.fallback_reason.clone(),
+            },
+            Err(err) => {
+                let reason = format!("{err}; using ChatML instead");
+                log::warn!("{reason}");
+                RenderedPrompt {
+                    text: chatml_prompt(messages, opts.add_generation_prompt),
+                    fallback: Some(reason),
+                }
+            }
+        }
+    }
+}
+
+/// Renders ChatML directly, without a template engine (the fallback of last resort).
+pub fn chatml_prompt(messages: &[serde_json::Value], add_generation_prompt: bool) -> String {
+    let mut out = String::new();
+    for message in messages {
+        let field = |name: &str| message.get(name).map(json_text).unwrap_or_default();
+        out.push_str("<|im_start|>");
+        out.push_str(&field("role"));
+        out.push('\n');
+        out.push_str(&field("content"));
+        out.push_str("<|im_end|>\n");
+    }
+    if add_generation_prompt {
+        out.push_str("<|im_start|>assistant\n");
+    }
+    out
+}
+
+/// A JSON value as Jinja would print it: strings bare, anything else as its JSON text.
+fn json_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => json_to_value(other).to_string(),
+    }
+}
+
+/// The JSON form of conversation messages that templates see.
+fn messages_to_json(messages: &[Message]) -> Vec<serde_json::Value> {
+    messages
+        .iter()
+        .map(|m| message_json(m.role, &m.content))
+        .collect()
+}
+
+/// One `{role, content}` message.
+fn message_json(role: Role, content: &str) -> serde_json::Value {
+    serde_json::json!({ "role": role.as_str(), "content": content })
+}
+
+/// Rewrites `{% generation %}` / `{% endgeneration %}` (Hugging Face's assistant-mask tags, which
+/// minijinja does not know) into an always-true `if` block with the same whitespace control, so
+/// the output is exactly what Hugging Face produces.
+pub fn rewrite_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let (before, tag) = rest.split_at(start);
+        out.push_str(before);
+        match rewrite_generation_tag(tag) {
+            Some((replacement, consumed)) => {
+                out.push_str(&replacement);
+                rest = tag.get(consumed..).unwrap_or_default();
+            }
+            None => {
+                out.push_str("{%");
+                rest = tag.get(2..).unwrap_or_default();
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// If `text` starts with a generation tag, its replacement and the tag's length in bytes.
+fn rewrite_generation_tag(text: &str) -> Option<(String, usize)> {
+    let inner = text.strip_prefix("{%")?;
+    let end = inner.find("%}")?;
+    let body = inner.get(..end)?;
+    let (left, body) = split_leading_control(body);
+    let (body, right) = split_trailing_control(body);
+    let keyword = match body.trim() {
+        "generation" => "if true",
+        "endgeneration" => "endif",
+        _ => return None,
+    };
+    Some((format!("{{%{left} {keyword} {right}%}}"), end + 4))
+}
+
+/// Splits a leading `-` or `+` whitespace-control marker from a tag body: (marker, rest).
+fn split_leading_control(body: &str) -> (&str, &str) {
+    match body.chars().next() {
+        Some('-' | '+') => body.split_at(1),
+        _ => ("", body),
+    }
+}
+
+/// Splits a trailing `-` or `+` whitespace-control marker from a tag body: (rest, marker).
+fn split_trailing_control(body: &str) -> (&str, &str) {
+    match body.chars().next_back() {
+        Some('-' | '+') => body.split_at(body.len() - 1),
+        _ => (body, ""),
+    }
+}
+
+/// The minijinja environment Hugging Face's Jinja environment corresponds to.
+fn build_environment(source: &str) -> Result<Environment<'static>, Error> {
+    let mut env = Environment::new();
+    env.set_syntax(
+        SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .keep_trailing_newline(false)
+            .build()?,
+    );
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_filter("tojson", tojson);
+    env.add_function("raise_exception", raise_exception);
+    env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))?;
+    Ok(env)
+}
+
+/// The variables of one render, as Hugging Face passes them.
+fn render_context(messages: &[serde_json::Value], opts: &RenderOptions) -> Value {
+    let mut vars: Vec<(String, Value)> = vec![
+        ("tools".into(), Value::from(())),
+        ("documents".into(), Value::from(())),
+        ("bos_token".into(), Value::from(opts.bos_token.as_str())),
+        ("eos_token".into(), Value::from(opts.eos_token.as_str())),
+    ];
+    vars.extend(
+        opts.extra
+            .iter()
+            .map(|(key, value)| (key.clone(), json_to_value(value))),
+    );
+    vars.push((
+        "messages".into(),
+        messages.iter().map(json_to_value).collect(),
+    ));
+    vars.push((
+        "add_generation_prompt".into(),
+        Value::from(opts.add_generation_prompt),
+    ));
+    if let Some(enable_thinking) = opts.enable_thinking {
+        vars.push(("enable_thinking".into(), Value::from(enable_thinking)));
+    }
+    vars.push(("strftime_now".into(), strftime_now(opts.date)));
+    // Later entries win, like keyword arguments given after `**kwargs`.
+    let map: std::collections::BTreeMap<String, Value> = vars.into_iter().collect();
+    Value::from_pairs(map)
+}
+
+/// Converts JSON to a template value.
+fn json_to_value(json: &serde_json::Value) -> Value {
+    use serde_json::Value as J;
+    match json {
+        J::Null => Value::from(()),
+        J::Bool(b) => Value::from(*b),
+        J::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => Value::from(i),
+            (None, Some(u), _) => Value::from(u),
+            (None, None, f) => Value::from(f.unwrap_or(f64::NAN)),
+        },
+        J::String(s) => Value::from(s.as_str()),
+        J::Array(items) => items.iter().map(json_to_value).collect(),
+        J::Object(map) => {
+            Value::from_pairs(map.iter().map(|(k, v)| (k.as_str(), json_to_value(v))))
+        }
+    }
+}
+
+/// Marks an error raised by the template itself through `raise_exception`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RaisedByTemplate(String);
+
+/// The `raise_exception(message)` global: fails the render with the template's message.
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message.clone())
+        .with_source(RaisedByTemplate(message)))
+}
+
+/// Maps a minijinja render error to a [`TemplateError`], recognising `raise_exception`.
+fn classify_render_error(err: Error) -> TemplateError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(current) = source {
+        if let Some(raised) = current.downcast_ref::<RaisedByTemplate>() {
+            return TemplateError::Raised(raised.0.clone());
+        }
+        source = current.source();
+    }
+    if err.kind() == ErrorKind::SyntaxError {
+        TemplateError::Syntax(err.to_string())
+    } else {
+        TemplateError::Render(err.to_string())
+    }
+}
+
+/// The `strftime_now(format)` function for one render: `date` at the local time of day.
+fn strftime_now(date: NaiveDate) -> Value {
+    Value::from_function(move |format: &str| -> Result<String, Error> {
+        let now = date.and_time(chrono::Local::now().time());
+        let mut out = String::new();
+        write!(out, "{}", now.format(format)).map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidOperation,
+                format!("strftime_now: invalid format {format:?}"),
+            )
+        })?;
+        Ok(out)
+    })
+}
+
+/// How `tojson` lays out its output, as Python's `json.dumps` arguments say.
+struct JsonLayout {
+    ensure_ascii: bool,
+    indent: Option<String>,
+    item_separator: String,
+    key_separator: String,
+    sort_keys: bool,
+}
+
+impl JsonLayout {
+    /// Reads Hugging Face's `tojson(x, ensure_ascii=False, indent=None, separators=None,
+    /// sort_keys=False)` arguments.
+    fn from_args(ensure_ascii: Option<bool>, kwargs: &Kwargs) -> Result<Self, Error> {
+        let ensure_ascii = match ensure_ascii {
+            Some(flag) => flag,
+            None => kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+        };
+        let indent = match kwargs.get::<Option<Value>>("indent")? {
+            None => None,
+            Some(v) if v.is_none() => None,
+            Some(v) => match v.as_str() {
+                Some(text) => Some(text.to_string()),
+                None => Some(" ".repeat(usize::try_from(v)?)),
+            },
+        };
+        let separators = kwargs.get::<Option<Vec<String>>>("separators")?;
+        let (item_separator, key_separator) = match separators.as_deref() {
+            Some([item, key]) => (item.clone(), key.clone()),
+            Some(_) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidOperation,
+                    "tojson: separators must be a pair of strings",
+                ));
+            }
+            None if indent.is_some() => (",".to_string(), ": ".to_string()),
+            None => (", ".to_string(), ": ".to_string()),
+        };
+        let sort_keys = kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false);
+        kwargs.assert_all_used()?;
+        Ok(Self {
+            ensure_ascii,
+            indent,
+            item_separator,
+            key_separator,
+            sort_keys,
+        })
+    }
+}
+
+/// Hugging Face's `tojson` filter: Python's `json.dumps` without HTML escaping.
+fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<String, Error> {
+    let layout = JsonLayout::from_args(ensure_ascii, &kwargs)?;
+    let mut out = String::new();
+    write_json(&mut out, value, &layout, 0)?;
+    Ok(out)
+}
+
+/// Writes one value as JSON.
+fn write_json(
+    out: &mut String,
+    value: &Value,
+    layout: &JsonLayout,
+    depth: usize,
+) -> Result<(), Error> {
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("null"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
+        ValueKind::Number => write_json_number(out, value),
+        ValueKind::String => write_json_string(out, value.as_str().unwrap_or_default(), layout),
+        ValueKind::Seq | ValueKind::Iterable => {
+            let items: Vec<Value> = value.try_iter()?.collect();
+            write_json_container(out, ('[', ']'), &items, layout, depth, |out, item| {
+                write_json(out, item, layout, depth + 1)
+            })?;
+        }
+        ValueKind::Map => {
+            let mut keys: Vec<Value> = value.try_iter()?.collect();
+            if layout.sort_keys {
+                keys.sort_by_key(|k| k.to_string());
+            }
+            write_json_container(out, ('{', '}'), &keys, layout, depth, |out, key| {
+                write_json_string(out, &json_key(key), layout);
+                out.push_str(&layout.key_separator);
+                write_json(out, &value.get_item(key)?, layout, depth + 1)
+            })?;
+        }
+        kind => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("tojson: a value of type {kind} is not JSON serializable"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the items of an array or object with the layout's separators and indentation.
+fn write_json_container<T>(
+    out: &mut String,
+    (open, close): (char, char),
+    items: &[T],
+    layout: &JsonLayout,
+    depth: usize,
+    mut write_item: impl FnMut(&mut String, &T) -> Result<(), Error>,
+) -> Result<(), Error> {
+    out.push(open);
+    if items.is_empty() {
+        out.push(close);
+        return Ok(());
+    }
+    for (idx, item) in items.iter().enumerate() {
+        if idx > 0 {
+            out.push_str(&layout.item_separator);
+        }
+        if let Some(indent) = &layout.indent {
+            out.push('\n');
+            out.push_str(&indent.repeat(depth + 1));
+        }
+        write_item(out, item)?;
+    }
+    if let Some(indent) = &layout.indent {
+        out.push('\n');
+        out.push_str(&indent.repeat(depth));
+    }
+    out.push(close);
+    Ok(())
+}
+
+/// An object key as Python's `json.dumps` converts it to a string.
+fn json_key(key: &Value) -> String {
+    match key.kind() {
+        ValueKind::String => key.as_str().unwrap_or_default().to_string(),
+        ValueKind::Bool => if key.is_true() { "true" } else { "false" }.to_string(),
+        ValueKind::None | ValueKind::Undefined => "null".to_string(),
+        _ => key.to_string(),
+    }
+}
+
+/// Writes a number like Python's `json.dumps`.
+fn write_json_number(out: &mut String, value: &Value) {
+    let text = value.to_string();
+    match text.as_str() {
+        "NaN" => out.push_str("NaN"),
+        "inf" => out.push_str("Infinity"),
+        "-inf" => out.push_str("-Infinity"),
+        _ => out.push_str(&text),
+    }
+}
+
+/// Writes a JSON string literal with Python's escapes (`\uXXXX` for non-ASCII if asked).
+fn write_json_string(out: &mut String, text: &str, layout: &JsonLayout) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 || (layout.ensure_ascii && !(' '..='~').contains(&c)) => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> RenderOptions {
+        RenderOptions {
+            date: NaiveDate::from_ymd_opt(2026, 11, 26).unwrap_or_default(),
+            ..RenderOptions::default()
+        }
+    }
+
+    #[test]
+    fn rewrites_generation_tags_keeping_whitespace_control() {
+        assert_eq!(
+            rewrite_generation_tags("a{% generation %}b{% endgeneration %}c"),
+            "a{% if true %}b{% endif %}c"
+        );
+        assert_eq!(
+            rewrite_generation_tags("{%- generation -%}x{%+endgeneration+%}"),
+            "{%- if true -%}x{%+ endif +%}"
+        );
+        assert_eq!(
+            rewrite_generation_tags("{%\n  generation\n%}{%-endgeneration%}"),
+            "{% if true %}{%- endif %}"
+        );
+    }
+
+    #[test]
+    fn leaves_other_tags_alone() {
+        let source = "{% if generation %}{% set generations = 1 %}{{ '%}' }}{% endif %}{%";
+        assert_eq!(rewrite_generation_tags(source), source);
+    }
+
+    #[test]
+    fn chatml_template_and_direct_chatml_agree() {
+        let messages = [
+            serde_json::json!({"role": "system", "content": "Be brief."}),
+            serde_json::json!({"role": "user", "content": "Hi\n"}),
+            serde_json::json!({"role": "assistant", "content": "Hello"}),
+        ];
+        for add_generation_prompt in [true, false] {
+            let opts = RenderOptions {
+                add_generation_prompt,
+                ..opts()
+            };
+            let rendered = ChatTemplate::chatml().render_json(&messages, &opts);
+            assert_eq!(
+                rendered.ok(),
+                Some(chatml_prompt(&messages, add_generation_prompt))
+            );
+        }
+    }
+
+    #[test]
+    fn chat_template_is_send_sync_and_clone() {
+        fn assert_traits<T: Send + Sync + Clone>() {}
+        assert_traits::<ChatTemplate>();
+        assert_traits::<PromptFormatter>();
+    }
+
+    #[test]
+    fn enable_thinking_is_undefined_unless_set() {
+        let template = ChatTemplate::new(
+            "{% if enable_thinking is defined %}{{ enable_thinking }}{% else %}unset{% endif %}",
+        );
+        let Ok(template) = template else {
+            panic!("template compiles");
+        };
+        let render = |enable_thinking| {
+            let opts = RenderOptions {
+                enable_thinking,
+                ..opts()
+            };
+            template.render(&[], &opts).ok()
+        };
+        assert_eq!(render(None).as_deref(), Some("unset"));
+        assert_eq!(render(Some(false)).as_deref(), Some("False"));
+        assert_eq!(render(Some(true)).as_deref(), Some("True"));
+    }
+
+    #[test]
+    fn strftime_now_with_a_bad_format_is_a_render_error() {
+        let Ok(template) = ChatTemplate::new("{{ strftime_now('%Q %') }}") else {
+            panic!("template compiles");
+        };
+        let result = template.render(&[], &opts());
+        assert!(
+            matches!(result, Err(TemplateError::Render(_))),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_reported_at_compile_time() {
+        let result = ChatTemplate::new("{% for m in messages %}");
+        assert!(
+            matches!(result, Err(TemplateError::Syntax(_))),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn python_string_methods_are_available() {
+        let Ok(template) = ChatTemplate::new(
+            "{{ '  a/think '.replace('/think', '').strip().upper() }}|{{ '\\n\\nx'.lstrip('\\n') }}|{{ 'a,b'.split(',')|length }}",
+        ) else {
+            panic!("template compiles");
+        };
+        assert_eq!(template.render(&[], &opts()).ok().as_deref(), Some("A|x|2"));
+    }
+
+    #[test]
+    fn tojson_rejects_unknown_arguments() {
+        let Ok(template) = ChatTemplate::new("{{ [1] | tojson(width=3) }}") else {
+            panic!("template compiles");
+        };
+        assert!(template.render(&[], &opts()).is_err());
+    }
+}

@@ -1,10 +1,196 @@
-//! `smoldesk prompt` (to be written).
+//! `smoldesk prompt`: renders a conversation with a chat template and prints the exact prompt.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use chrono::NaiveDate;
+
+use crate::chat::template::{ChatTemplate, PromptFormatter, RenderOptions};
+use crate::engine::gguf::GgufFile;
 
 /// Arguments of `smoldesk prompt`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+#[command(group(clap::ArgGroup::new("template_source").required(true).multiple(true).args(["model", "template"])))]
+pub struct Args {
+    /// A GGUF model: its embedded chat template (ChatML if it has none or it fails, as in the
+    /// app) and its BOS/EOS tokens.
+    #[arg(short = 'm', long)]
+    pub model: Option<PathBuf>,
+    /// A Jinja template file to render with instead (errors are reported, not worked around).
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// A JSON file: an array of {role, content} messages, or an object with "messages" (its
+    /// other keys, such as "tools", are passed to the template as keyword arguments).
+    #[arg(long)]
+    pub messages: PathBuf,
+    /// Set enable_thinking to true.
+    #[arg(long, conflicts_with = "no_think")]
+    pub think: bool,
+    /// Set enable_thinking to false.
+    #[arg(long)]
+    pub no_think: bool,
+    /// The date strftime_now uses, e.g. "26 November 2026" or "2026-11-26" (default: today).
+    #[arg(long)]
+    pub date: Option<String>,
+    /// Do not end the prompt with the start of an assistant turn.
+    #[arg(long)]
+    pub no_generation_prompt: bool,
+}
 
 /// Runs the subcommand.
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let (messages, extra) = read_messages(&args.messages)?;
+    let mut opts = RenderOptions {
+        add_generation_prompt: !args.no_generation_prompt,
+        enable_thinking: thinking_flag(&args),
+        extra,
+        ..RenderOptions::default()
+    };
+    if let Some(date) = &args.date {
+        opts.date = parse_date(date)?;
+    }
+    let model = args.model.as_deref().map(open_model).transpose()?;
+    if let Some(model) = &model {
+        opts.bos_token = special_token_text(model, "tokenizer.ggml.bos_token_id");
+        opts.eos_token = special_token_text(model, "tokenizer.ggml.eos_token_id");
+    }
+    let text = match (&args.template, &model) {
+        (Some(path), _) => ChatTemplate::from_file(path)?
+            .render_json(&messages, &opts)
+            .with_context(|| format!("cannot render {}", path.display()))?,
+        (None, Some(model)) => render_with_model_template(model, &messages, &opts),
+        (None, None) => bail!("give a model (-m) or a template file (--template)"),
+    };
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(text.as_bytes())?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// `--think` / `--no-think` as the template's `enable_thinking` (unset without either).
+fn thinking_flag(args: &Args) -> Option<bool> {
+    match (args.think, args.no_think) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
+/// Renders with the model's embedded template the way the app does, warning on a fallback.
+fn render_with_model_template(
+    model: &GgufFile,
+    messages: &[serde_json::Value],
+    opts: &RenderOptions,
+) -> String {
+    let embedded = model
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.as_str());
+    if embedded.is_none() {
+        eprintln!("note: the model has no chat template; using ChatML");
+    }
+    let rendered = PromptFormatter::new(embedded, None).render_json(messages, opts);
+    if let Some(reason) = &rendered.fallback {
+        eprintln!("warning: {reason}");
+    }
+    rendered.text
+}
+
+/// Opens a GGUF file's metadata.
+fn open_model(path: &Path) -> anyhow::Result<GgufFile> {
+    GgufFile::open(path).with_context(|| format!("cannot open model {}", path.display()))
+}
+
+/// The text of the token whose id is stored under `id_key` (empty if the model has none).
+fn special_token_text(model: &GgufFile, id_key: &str) -> String {
+    let Some(id) = model.get(id_key).and_then(|v| v.as_u64()) else {
+        return String::new();
+    };
+    model
+        .get("tokenizer.ggml.tokens")
+        .and_then(|tokens| tokens.as_array())
+        .and_then(|tokens| tokens.get(usize::try_from(id).ok()?))
+        .and_then(|token| token.as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Reads the messages file: the messages, and any other keys of an object as template kwargs.
+fn read_messages(
+    path: &Path,
+) -> anyhow::Result<(
+    Vec<serde_json::Value>,
+    serde_json::Map<String, serde_json::Value>,
+)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read messages file {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let (messages, extra) = match json {
+        serde_json::Value::Array(messages) => (messages, serde_json::Map::new()),
+        serde_json::Value::Object(mut object) => match object.remove("messages") {
+            Some(serde_json::Value::Array(messages)) => (messages, object),
+            _ => bail!(
+                "{}: the \"messages\" key must hold an array of messages",
+                path.display()
+            ),
+        },
+        _ => bail!(
+            "{}: expected an array of messages or an object with \"messages\"",
+            path.display()
+        ),
+    };
+    if let Some(bad) = messages.iter().position(|m| !m.is_object()) {
+        bail!("{}: message {bad} is not a JSON object", path.display());
+    }
+    Ok((messages, extra))
+}
+
+/// Parses a date like "26 November 2026", "26 Nov 2026" or "2026-11-26".
+fn parse_date(text: &str) -> anyhow::Result<NaiveDate> {
+    let text = text.trim();
+    ["%d %B %Y", "%d %b %Y", "%Y-%m-%d"]
+        .iter()
+        .find_map(|format| NaiveDate::parse_from_str(text, format).ok())
+        .with_context(|| {
+            format!("cannot read the date {text:?} (expected e.g. \"26 November 2026\" or \"2026-11-26\")")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_fixture_date_and_iso_dates() {
+        let expected = NaiveDate::from_ymd_opt(2026, 11, 26);
+        assert_eq!(parse_date("26 November 2026").ok(), expected);
+        assert_eq!(parse_date("26 Nov 2026").ok(), expected);
+        assert_eq!(parse_date(" 2026-11-26 ").ok(), expected);
+        assert!(parse_date("November the 26th").is_err());
+    }
+
+    #[test]
+    fn reads_an_array_or_an_object_of_messages() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let array = dir.path().join("array.json");
+        std::fs::write(&array, r#"[{"role": "user", "content": "Hi"}]"#)?;
+        let (messages, extra) = read_messages(&array)?;
+        assert_eq!(messages.len(), 1);
+        assert!(extra.is_empty());
+
+        let object = dir.path().join("object.json");
+        std::fs::write(
+            &object,
+            r#"{"messages": [{"role": "user", "content": "Hi"}], "tools": [{"name": "f"}]}"#,
+        )?;
+        let (messages, extra) = read_messages(&object)?;
+        assert_eq!(messages.len(), 1);
+        assert!(extra.contains_key("tools"));
+
+        let bad = dir.path().join("bad.json");
+        std::fs::write(&bad, r#"["just text"]"#)?;
+        assert!(read_messages(&bad).is_err());
+        Ok(())
+    }
 }

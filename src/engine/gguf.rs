@@ -1,12 +1,14 @@
 //! A bounded, validating reader for GGUF files.
 //!
 //! Every count and length read from the file is checked against the bytes that are actually left
-//! in the file before anything is allocated, so a corrupt or hostile file yields an
-//! [`EngineError`] instead of an abort or a panic.
+//! in the file (and against fixed sanity limits) before anything is allocated, so a corrupt or
+//! hostile file yields an [`EngineError`] instead of an abort, a panic or a huge allocation.
+//! After the header is read, the tensor directory is checked as a whole: known types, sizes that
+//! match the shapes, aligned offsets, data inside the file, no two tensors sharing bytes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{BufReader, ErrorKind, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
@@ -19,7 +21,19 @@ pub const GGUF_MAGIC: [u8; 4] = *b"GGUF";
 /// Default tensor data alignment when `general.alignment` is absent.
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 /// Largest tensor rank GGUF allows.
-const MAX_DIMS: u32 = 4;
+pub const MAX_DIMS: u32 = 4;
+/// Longest string (key, value or tensor name) accepted, in bytes.
+pub const MAX_STRING_LEN: u64 = 64 << 20;
+/// Most elements accepted in one metadata array (real vocabularies have a few hundred thousand).
+pub const MAX_ARRAY_LEN: u64 = 1 << 22;
+/// Most array elements accepted over all metadata, which bounds the memory the metadata takes.
+pub const MAX_TOTAL_ARRAY_ELEMENTS: u64 = 1 << 24;
+/// Largest `general.alignment` accepted.
+const MAX_ALIGNMENT: u64 = 1 << 20;
+/// Smallest possible metadata entry: key length, empty key, value type, one-byte value.
+const MIN_KV_BYTES: u64 = 8 + 4 + 1;
+/// Smallest possible tensor entry: name length, rank, one dimension, type, offset.
+const MIN_TENSOR_ENTRY_BYTES: u64 = 8 + 4 + 8 + 4 + 8;
 
 /// One metadata value of a GGUF file.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +103,14 @@ impl MetaValue {
         }
     }
 
+    /// The value as a boolean, if it is one.
+    pub fn as_bool(&self) -> Option<bool> {
+        match *self {
+            MetaValue::Bool(v) => Some(v),
+            _ => None,
+        }
+    }
+
     /// The value as a string slice, if it is a string.
     pub fn as_str(&self) -> Option<&str> {
         match self {
@@ -102,6 +124,25 @@ impl MetaValue {
         match self {
             MetaValue::Array(a) => Some(a),
             _ => None,
+        }
+    }
+
+    /// The GGUF type id of the value (0 to 12).
+    pub fn type_id(&self) -> u32 {
+        match self {
+            MetaValue::U8(_) => 0,
+            MetaValue::I8(_) => 1,
+            MetaValue::U16(_) => 2,
+            MetaValue::I16(_) => 3,
+            MetaValue::U32(_) => 4,
+            MetaValue::I32(_) => 5,
+            MetaValue::F32(_) => 6,
+            MetaValue::Bool(_) => 7,
+            MetaValue::String(_) => 8,
+            MetaValue::Array(_) => 9,
+            MetaValue::U64(_) => 10,
+            MetaValue::I64(_) => 11,
+            MetaValue::F64(_) => 12,
         }
     }
 
@@ -151,6 +192,11 @@ impl TensorInfo {
         let dims: Vec<usize> = self.dims.iter().rev().map(|&d| d as usize).collect();
         Shape::from(dims)
     }
+
+    /// Absolute offset one past the last byte of the data.
+    pub fn end(&self) -> u64 {
+        self.offset + self.n_bytes
+    }
 }
 
 /// A parsed GGUF header: metadata and tensor directory, with the tensor data left on disk.
@@ -166,6 +212,8 @@ pub struct GgufFile {
     pub metadata: BTreeMap<String, MetaValue>,
     /// Tensor directory in file order.
     pub tensors: Vec<TensorInfo>,
+    /// Alignment of the tensor data (from `general.alignment`, default 32).
+    pub alignment: u64,
     /// Absolute offset where tensor data begins.
     pub data_offset: u64,
 }
@@ -192,6 +240,27 @@ pub fn ggml_dtype_from_id(id: u32) -> Option<GgmlDType> {
     })
 }
 
+/// The GGUF type id of a quantization type (the inverse of [`ggml_dtype_from_id`]).
+pub fn ggml_dtype_id(dtype: GgmlDType) -> u32 {
+    match dtype {
+        GgmlDType::F32 => 0,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q4_1 => 3,
+        GgmlDType::Q5_0 => 6,
+        GgmlDType::Q5_1 => 7,
+        GgmlDType::Q8_0 => 8,
+        GgmlDType::Q8_1 => 9,
+        GgmlDType::Q2K => 10,
+        GgmlDType::Q3K => 11,
+        GgmlDType::Q4K => 12,
+        GgmlDType::Q5K => 13,
+        GgmlDType::Q6K => 14,
+        GgmlDType::Q8K => 15,
+        GgmlDType::BF16 => 30,
+    }
+}
+
 /// A human name for a quantization type, as llama.cpp prints it (`Q4_K`, `F32`, …).
 pub fn dtype_name(dtype: GgmlDType) -> &'static str {
     match dtype {
@@ -213,47 +282,203 @@ pub fn dtype_name(dtype: GgmlDType) -> &'static str {
     }
 }
 
-/// A reader that knows how many bytes remain, so lengths can be checked before allocating.
-struct BoundedReader<R> {
-    inner: R,
-    pos: u64,
-    len: u64,
+/// A label for any GGUF tensor type id, including the ones this engine cannot run
+/// (`IQ4_XS (type 23)`), for error messages.
+pub fn ggml_type_label(id: u32) -> String {
+    if let Some(dtype) = ggml_dtype_from_id(id) {
+        return dtype_name(dtype).to_string();
+    }
+    let name = match id {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => return format!("unknown type {id}"),
+    };
+    format!("{name} (type {id})")
 }
 
-impl<R: Read> BoundedReader<R> {
+/// The name llama.cpp gives a `general.file_type` value (`Q4_K_M` for 15).
+pub fn file_type_name(file_type: u64) -> Option<&'static str> {
+    Some(match file_type {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        19 => "IQ2_XXS",
+        20 => "IQ2_XS",
+        21 => "Q2_K_S",
+        22 => "IQ3_XS",
+        23 => "IQ3_XXS",
+        24 => "IQ1_S",
+        25 => "IQ4_NL",
+        26 => "IQ3_S",
+        27 => "IQ3_M",
+        28 => "IQ2_S",
+        29 => "IQ2_M",
+        30 => "IQ4_XS",
+        31 => "IQ1_M",
+        32 => "BF16",
+        36 => "TQ1_0",
+        37 => "TQ2_0",
+        38 => "MXFP4_MOE",
+        _ => return None,
+    })
+}
+
+/// Bytes a tensor of this type and GGUF-order shape occupies, after checking that the shape is
+/// usable (1 to 4 non-zero dimensions, rows made of whole blocks, no overflow).
+pub fn tensor_byte_size(dims: &[u64], dtype: GgmlDType) -> Result<u64, String> {
+    if dims.is_empty() || dims.len() > MAX_DIMS as usize {
+        return Err(format!(
+            "it has {} dimensions (between 1 and {MAX_DIMS} are allowed)",
+            dims.len()
+        ));
+    }
+    if dims.contains(&0) {
+        return Err(format!("its shape {dims:?} contains a zero"));
+    }
+    let elem_count = dims
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| format!("its shape {dims:?} is impossibly large"))?;
+    let block = dtype.block_size() as u64;
+    if !dims[0].is_multiple_of(block) {
+        return Err(format!(
+            "its row length {} is not a multiple of the {} block size {block}",
+            dims[0],
+            dtype_name(dtype)
+        ));
+    }
+    (elem_count / block)
+        .checked_mul(dtype.type_size() as u64)
+        .ok_or_else(|| format!("its shape {dims:?} is impossibly large"))
+}
+
+/// What the reader was reading when it failed, for error messages (formatted only on error).
+#[derive(Debug, Clone, Copy)]
+enum Reading<'a> {
+    /// A fixed description.
+    Label(&'static str),
+    /// The type of a metadata value.
+    TypeOf(&'a str),
+    /// A metadata value.
+    ValueOf(&'a str),
+    /// The header of a metadata array.
+    ArrayOf(&'a str),
+    /// A tensor directory entry.
+    EntryOf(&'a str),
+}
+
+impl std::fmt::Display for Reading<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Label(label) => f.write_str(label),
+            Self::TypeOf(key) => write!(f, "the type of the metadata entry {key}"),
+            Self::ValueOf(key) => write!(f, "the value of the metadata entry {key}"),
+            Self::ArrayOf(key) => write!(f, "the array {key}"),
+            Self::EntryOf(name) => write!(f, "the directory entry of tensor {name}"),
+        }
+    }
+}
+
+/// A reader that knows how many bytes remain, so lengths can be checked before allocating.
+struct BoundedReader<'p, R> {
+    inner: R,
+    path: &'p Path,
+    pos: u64,
+    len: u64,
+    /// Array elements read so far, bounded by [`MAX_TOTAL_ARRAY_ELEMENTS`].
+    array_elements: u64,
+}
+
+impl<'p, R: Read> BoundedReader<'p, R> {
+    fn new(inner: R, len: u64, path: &'p Path) -> Self {
+        Self {
+            inner,
+            path,
+            pos: 0,
+            len,
+            array_elements: 0,
+        }
+    }
+
     fn remaining(&self) -> u64 {
         self.len.saturating_sub(self.pos)
     }
 
-    fn truncated(&self, what: &str) -> EngineError {
+    fn truncated(&self, what: Reading<'_>) -> EngineError {
         EngineError::Truncated {
             what: what.to_string(),
-            offset: self.pos,
+            offset: self.len.min(self.pos),
         }
     }
 
-    fn bytes<const N: usize>(&mut self, what: &str) -> Result<[u8; N], EngineError> {
-        if self.remaining() < N as u64 {
+    /// Fills `buf` completely, or fails with a truncation error that names `what`.
+    fn fill(&mut self, buf: &mut [u8], what: Reading<'_>) -> Result<(), EngineError> {
+        if self.remaining() < buf.len() as u64 {
+            self.pos = self.len;
             return Err(self.truncated(what));
         }
+        match self.inner.read_exact(buf) {
+            Ok(()) => {
+                self.pos += buf.len() as u64;
+                Ok(())
+            }
+            Err(err) if err.kind() == ErrorKind::UnexpectedEof => Err(self.truncated(what)),
+            Err(err) => Err(EngineError::Io {
+                path: self.path.to_path_buf(),
+                source: err,
+            }),
+        }
+    }
+
+    fn bytes<const N: usize>(&mut self, what: Reading<'_>) -> Result<[u8; N], EngineError> {
         let mut buf = [0u8; N];
-        self.inner
-            .read_exact(&mut buf)
-            .map_err(|_| self.truncated(what))?;
-        self.pos += N as u64;
+        self.fill(&mut buf, what)?;
         Ok(buf)
     }
 
-    fn u32(&mut self, what: &str) -> Result<u32, EngineError> {
+    fn u32(&mut self, what: Reading<'_>) -> Result<u32, EngineError> {
         Ok(u32::from_le_bytes(self.bytes(what)?))
     }
 
-    fn u64(&mut self, what: &str) -> Result<u64, EngineError> {
+    fn u64(&mut self, what: Reading<'_>) -> Result<u64, EngineError> {
         Ok(u64::from_le_bytes(self.bytes(what)?))
     }
 
     /// Checks that `count` items of at least `min_item_bytes` each can still fit in the file.
-    fn check_count(&self, what: &str, count: u64, min_item_bytes: u64) -> Result<(), EngineError> {
+    fn check_count(
+        &self,
+        what: Reading<'_>,
+        count: u64,
+        min_item_bytes: u64,
+    ) -> Result<(), EngineError> {
         let needed = count.saturating_mul(min_item_bytes.max(1));
         if needed > self.remaining() {
             return Err(EngineError::ImplausibleCount {
@@ -266,171 +491,151 @@ impl<R: Read> BoundedReader<R> {
         Ok(())
     }
 
-    fn string(&mut self, what: &str) -> Result<String, EngineError> {
+    fn string(&mut self, what: Reading<'_>) -> Result<String, EngineError> {
         let len = self.u64(what)?;
+        check_limit(what, len, MAX_STRING_LEN)?;
         self.check_count(what, len, 1)?;
         let mut buf = vec![0u8; len as usize];
-        self.inner
-            .read_exact(&mut buf)
-            .map_err(|_| self.truncated(what))?;
-        self.pos += len;
+        self.fill(&mut buf, what)?;
         String::from_utf8(buf).map_err(|_| EngineError::InvalidUtf8 {
             what: what.to_string(),
         })
     }
 
-    fn value(&mut self, type_id: u32, key: &str, depth: u32) -> Result<MetaValue, EngineError> {
+    fn value(&mut self, type_id: u32, key: &str) -> Result<MetaValue, EngineError> {
+        let what = Reading::ValueOf(key);
         Ok(match type_id {
-            0 => MetaValue::U8(u8::from_le_bytes(self.bytes(key)?)),
-            1 => MetaValue::I8(i8::from_le_bytes(self.bytes(key)?)),
-            2 => MetaValue::U16(u16::from_le_bytes(self.bytes(key)?)),
-            3 => MetaValue::I16(i16::from_le_bytes(self.bytes(key)?)),
-            4 => MetaValue::U32(u32::from_le_bytes(self.bytes(key)?)),
-            5 => MetaValue::I32(i32::from_le_bytes(self.bytes(key)?)),
-            6 => MetaValue::F32(f32::from_le_bytes(self.bytes(key)?)),
-            7 => MetaValue::Bool(self.bytes::<1>(key)?[0] != 0),
-            8 => MetaValue::String(self.string(key)?),
-            9 => {
-                if depth > 0 {
-                    return Err(EngineError::InvalidMetadata {
-                        key: key.to_string(),
-                        reason: "nested arrays are not supported".into(),
-                    });
-                }
-                let elem_type = self.u32(key)?;
-                let count = self.u64(key)?;
-                let min_size =
-                    min_value_size(elem_type).ok_or_else(|| EngineError::InvalidMetadata {
-                        key: key.to_string(),
-                        reason: format!("unknown array element type {elem_type}"),
-                    })?;
-                self.check_count(key, count, min_size)?;
-                let mut items = Vec::with_capacity(count as usize);
-                for _ in 0..count {
-                    items.push(self.value(elem_type, key, depth + 1)?);
-                }
-                MetaValue::Array(items)
-            }
-            10 => MetaValue::U64(self.u64(key)?),
-            11 => MetaValue::I64(i64::from_le_bytes(self.bytes(key)?)),
-            12 => MetaValue::F64(f64::from_le_bytes(self.bytes(key)?)),
+            0 => MetaValue::U8(u8::from_le_bytes(self.bytes(what)?)),
+            1 => MetaValue::I8(i8::from_le_bytes(self.bytes(what)?)),
+            2 => MetaValue::U16(u16::from_le_bytes(self.bytes(what)?)),
+            3 => MetaValue::I16(i16::from_le_bytes(self.bytes(what)?)),
+            4 => MetaValue::U32(self.u32(what)?),
+            5 => MetaValue::I32(i32::from_le_bytes(self.bytes(what)?)),
+            6 => MetaValue::F32(f32::from_le_bytes(self.bytes(what)?)),
+            7 => MetaValue::Bool(self.bytes::<1>(what)? != [0]),
+            8 => MetaValue::String(self.string(what)?),
+            9 => MetaValue::Array(self.array(key)?),
+            10 => MetaValue::U64(self.u64(what)?),
+            11 => MetaValue::I64(i64::from_le_bytes(self.bytes(what)?)),
+            12 => MetaValue::F64(f64::from_le_bytes(self.bytes(what)?)),
             other => {
                 return Err(EngineError::InvalidMetadata {
                     key: key.to_string(),
-                    reason: format!("unknown value type {other}"),
+                    reason: format!("its value type {other} is not a GGUF type"),
                 });
             }
         })
     }
+
+    fn array(&mut self, key: &str) -> Result<Vec<MetaValue>, EngineError> {
+        let what = Reading::ArrayOf(key);
+        let elem_type = self.u32(what)?;
+        let count = self.u64(what)?;
+        let min_size = match elem_type {
+            9 => {
+                return Err(EngineError::InvalidMetadata {
+                    key: key.to_string(),
+                    reason: "arrays of arrays are not supported".into(),
+                });
+            }
+            other => min_value_size(other).ok_or_else(|| EngineError::InvalidMetadata {
+                key: key.to_string(),
+                reason: format!("its element type {other} is not a GGUF type"),
+            })?,
+        };
+        check_limit(what, count, MAX_ARRAY_LEN)?;
+        self.check_count(what, count, min_size)?;
+        self.array_elements = self.array_elements.saturating_add(count);
+        check_limit(
+            Reading::Label("the metadata arrays (all together)"),
+            self.array_elements,
+            MAX_TOTAL_ARRAY_ELEMENTS,
+        )?;
+        let mut items = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            items.push(self.value(elem_type, key)?);
+        }
+        Ok(items)
+    }
 }
 
-/// The smallest number of bytes one value of a GGUF type can occupy.
+fn check_limit(what: Reading<'_>, count: u64, limit: u64) -> Result<(), EngineError> {
+    if count > limit {
+        return Err(EngineError::LimitExceeded {
+            what: what.to_string(),
+            count,
+            limit,
+        });
+    }
+    Ok(())
+}
+
+/// The smallest number of bytes one value of a GGUF type (other than an array) can occupy.
 fn min_value_size(type_id: u32) -> Option<u64> {
     Some(match type_id {
         0 | 1 | 7 => 1,
         2 | 3 => 2,
         4..=6 => 4,
         8 | 10..=12 => 8,
-        9 => 12,
         _ => return None,
     })
+}
+
+/// A tensor directory entry as read, before its type and placement are checked.
+struct RawTensor {
+    name: String,
+    dims: Vec<u64>,
+    type_id: u32,
+    rel_offset: u64,
 }
 
 impl GgufFile {
     /// Opens and parses the header of a GGUF file, validating its structure.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, EngineError> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|source| EngineError::Io {
+        let io_err = |source| EngineError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
-        let file_size = file
-            .metadata()
-            .map_err(|source| EngineError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len();
-        Self::read(BufReader::with_capacity(1 << 20, file), file_size, path)
+        };
+        let file = File::open(path).map_err(io_err)?;
+        let metadata = file.metadata().map_err(io_err)?;
+        if metadata.is_dir() {
+            return Err(io_err(std::io::Error::new(
+                ErrorKind::IsADirectory,
+                "it is a folder, not a file",
+            )));
+        }
+        Self::read(
+            BufReader::with_capacity(1 << 20, file),
+            metadata.len(),
+            path,
+        )
     }
 
     /// Parses a GGUF header from any reader of `file_size` bytes.
     pub fn read<R: Read>(reader: R, file_size: u64, path: &Path) -> Result<Self, EngineError> {
-        let mut r = BoundedReader {
-            inner: reader,
-            pos: 0,
-            len: file_size,
-        };
-        let magic: [u8; 4] = r.bytes("magic").map_err(|_| EngineError::NotGguf {
-            path: path.to_path_buf(),
-        })?;
-        if magic != GGUF_MAGIC {
-            return Err(EngineError::NotGguf {
-                path: path.to_path_buf(),
-            });
-        }
-        let version = r.u32("version")?;
-        if !(2..=3).contains(&version) {
-            return Err(EngineError::UnsupportedVersion(version));
-        }
-        let n_tensors = r.u64("tensor count")?;
-        let n_kv = r.u64("metadata count")?;
-        // A key/value pair needs at least a key length, a type and a 1-byte value.
-        r.check_count("metadata count", n_kv, 13)?;
-        // A tensor entry needs at least a name length, a rank, a type and an offset.
-        r.check_count("tensor count", n_tensors, 24)?;
+        let mut r = BoundedReader::new(reader, file_size, path);
+        let version = read_preamble(&mut r)?;
+        let n_tensors = r.u64(Reading::Label("the tensor count"))?;
+        let n_kv = r.u64(Reading::Label("the metadata count"))?;
+        r.check_count(Reading::Label("the metadata count"), n_kv, MIN_KV_BYTES)?;
+        r.check_count(
+            Reading::Label("the tensor count"),
+            n_tensors,
+            MIN_TENSOR_ENTRY_BYTES,
+        )?;
+        let needed = (n_kv * MIN_KV_BYTES).saturating_add(n_tensors * MIN_TENSOR_ENTRY_BYTES);
+        r.check_count(Reading::Label("the metadata and tensor counts"), needed, 1)?;
 
-        let mut metadata = BTreeMap::new();
-        for _ in 0..n_kv {
-            let key = r.string("metadata key")?;
-            let type_id = r.u32(&key)?;
-            let value = r.value(type_id, &key, 0)?;
-            metadata.insert(key, value);
-        }
-
-        let mut raw_tensors = Vec::with_capacity(n_tensors as usize);
-        for _ in 0..n_tensors {
-            let name = r.string("tensor name")?;
-            let n_dims = r.u32(&name)?;
-            if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(EngineError::BadTensor {
-                    name,
-                    reason: format!("rank {n_dims} is not between 1 and {MAX_DIMS}"),
-                });
-            }
-            let mut dims = Vec::with_capacity(n_dims as usize);
-            for _ in 0..n_dims {
-                dims.push(r.u64(&name)?);
-            }
-            let type_id = r.u32(&name)?;
-            let offset = r.u64(&name)?;
-            raw_tensors.push((name, dims, type_id, offset));
-        }
-
-        let alignment = match metadata.get("general.alignment") {
-            None => DEFAULT_ALIGNMENT,
-            Some(v) => match v.as_u64() {
-                Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 20 => a,
-                _ => {
-                    return Err(EngineError::InvalidMetadata {
-                        key: "general.alignment".into(),
-                        reason: format!("{v:?} is not a power of two"),
-                    });
-                }
-            },
-        };
+        let metadata = read_metadata(&mut r, n_kv)?;
+        let raw_tensors = read_tensor_directory(&mut r, n_tensors)?;
+        let alignment = read_alignment(&metadata)?;
         let data_offset = r.pos.div_ceil(alignment) * alignment;
-
-        let mut tensors = Vec::with_capacity(raw_tensors.len());
-        for (name, dims, type_id, rel_offset) in raw_tensors {
-            let dtype =
-                ggml_dtype_from_id(type_id).ok_or_else(|| EngineError::UnknownQuantization {
-                    name: name.clone(),
-                    type_id,
-                })?;
-            let info = tensor_info(name, dims, dtype, rel_offset, data_offset, file_size)?;
-            tensors.push(info);
-        }
+        let tensors = raw_tensors
+            .into_iter()
+            .map(|raw| resolve_tensor(raw, data_offset, alignment, file_size))
+            .collect::<Result<Vec<_>, _>>()?;
+        check_no_overlap(&tensors)?;
 
         Ok(Self {
             path: path.to_path_buf(),
@@ -438,6 +643,7 @@ impl GgufFile {
             version,
             metadata,
             tensors,
+            alignment,
             data_offset,
         })
     }
@@ -456,39 +662,60 @@ impl GgufFile {
     /// A required string key.
     pub fn get_str(&self, key: &str) -> Result<&str, EngineError> {
         let v = self.require(key)?;
-        v.as_str().ok_or_else(|| wrong_type(key, "string", v))
+        v.as_str().ok_or_else(|| wrong_type(key, "a string", v))
     }
 
     /// A required unsigned integer key.
     pub fn get_u64(&self, key: &str) -> Result<u64, EngineError> {
         let v = self.require(key)?;
         v.as_u64()
-            .ok_or_else(|| wrong_type(key, "unsigned integer", v))
+            .ok_or_else(|| wrong_type(key, "a non-negative integer", v))
     }
 
     /// A required float key (integers are accepted).
     pub fn get_f64(&self, key: &str) -> Result<f64, EngineError> {
         let v = self.require(key)?;
-        v.as_f64().ok_or_else(|| wrong_type(key, "number", v))
+        v.as_f64().ok_or_else(|| wrong_type(key, "a number", v))
+    }
+
+    /// A required boolean key.
+    pub fn get_bool(&self, key: &str) -> Result<bool, EngineError> {
+        let v = self.require(key)?;
+        v.as_bool().ok_or_else(|| wrong_type(key, "a boolean", v))
     }
 
     /// A required array of strings.
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, EngineError> {
         let v = self.require(key)?;
-        let arr = v.as_array().ok_or_else(|| wrong_type(key, "array", v))?;
+        let arr = v.as_array().ok_or_else(|| wrong_type(key, "an array", v))?;
         arr.iter()
-            .map(|item| item.as_str().ok_or_else(|| wrong_type(key, "string", item)))
+            .map(|item| {
+                item.as_str()
+                    .ok_or_else(|| wrong_type(key, "strings", item))
+            })
             .collect()
     }
 
     /// A required array of integers.
     pub fn get_i64_array(&self, key: &str) -> Result<Vec<i64>, EngineError> {
         let v = self.require(key)?;
-        let arr = v.as_array().ok_or_else(|| wrong_type(key, "array", v))?;
+        let arr = v.as_array().ok_or_else(|| wrong_type(key, "an array", v))?;
         arr.iter()
             .map(|item| {
                 item.as_i64()
-                    .ok_or_else(|| wrong_type(key, "integer", item))
+                    .ok_or_else(|| wrong_type(key, "integers", item))
+            })
+            .collect()
+    }
+
+    /// A required array of numbers (integers are accepted).
+    pub fn get_f64_array(&self, key: &str) -> Result<Vec<f64>, EngineError> {
+        let v = self.require(key)?;
+        let arr = v.as_array().ok_or_else(|| wrong_type(key, "an array", v))?;
+        arr.iter()
+            .map(|item| {
+                item.as_f64()
+                    .ok_or_else(|| wrong_type(key, "numbers", item))
             })
             .collect()
     }
@@ -500,14 +727,20 @@ impl GgufFile {
 
     /// Reads one tensor's data from `file` into a (still quantized) candle tensor.
     ///
-    /// `scratch` is reused across calls to avoid a fresh allocation per tensor.
+    /// `scratch` is reused across calls to avoid a fresh allocation per tensor. The file may have
+    /// changed since it was opened: a short read is reported as [`EngineError::Truncated`].
     pub fn load_qtensor(
         &self,
         file: &mut File,
         info: &TensorInfo,
         scratch: &mut Vec<u64>,
     ) -> Result<QTensor, EngineError> {
-        let n_bytes = info.n_bytes as usize;
+        // The size was checked against the file when the directory was read, so this allocation
+        // is bounded by the file's size.
+        let n_bytes = usize::try_from(info.n_bytes).map_err(|_| EngineError::BadTensor {
+            name: info.name.clone(),
+            reason: "it is too large for this computer's memory".into(),
+        })?;
         // u64 words keep the buffer 8-byte aligned, which candle needs to view it as blocks.
         scratch.clear();
         scratch.resize(n_bytes.div_ceil(8), 0);
@@ -519,14 +752,172 @@ impl GgufFile {
             source,
         };
         file.seek(SeekFrom::Start(info.offset)).map_err(io_err)?;
-        file.read_exact(bytes).map_err(|_| EngineError::Truncated {
-            what: format!("data of tensor {}", info.name),
-            offset: info.offset,
+        file.read_exact(bytes).map_err(|err| {
+            if err.kind() == ErrorKind::UnexpectedEof {
+                EngineError::Truncated {
+                    what: format!("the data of tensor {}", info.name),
+                    offset: info.offset,
+                }
+            } else {
+                io_err(err)
+            }
         })?;
         let storage =
             QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &Device::Cpu, info.dtype)?;
         Ok(QTensor::new(storage, info.shape())?)
     }
+}
+
+/// Reads the magic and the version, recognising the common ways a file is not a GGUF.
+fn read_preamble<R: Read>(r: &mut BoundedReader<'_, R>) -> Result<u32, EngineError> {
+    let path = r.path;
+    let not_gguf = || EngineError::NotGguf {
+        path: path.to_path_buf(),
+    };
+    let magic: [u8; 4] = r
+        .bytes(Reading::Label("the magic"))
+        .map_err(|_| not_gguf())?;
+    if magic != GGUF_MAGIC {
+        return Err(not_gguf());
+    }
+    let version = r.u32(Reading::Label("the version"))?;
+    if version.swap_bytes() == 2 || version.swap_bytes() == 3 {
+        return Err(EngineError::UnsupportedModel(
+            "the big-endian GGUF layout (made for IBM mainframes)".into(),
+        ));
+    }
+    if !(2..=3).contains(&version) {
+        return Err(EngineError::UnsupportedVersion(version));
+    }
+    Ok(version)
+}
+
+fn read_metadata<R: Read>(
+    r: &mut BoundedReader<'_, R>,
+    n_kv: u64,
+) -> Result<BTreeMap<String, MetaValue>, EngineError> {
+    let mut metadata = BTreeMap::new();
+    for _ in 0..n_kv {
+        let key = r.string(Reading::Label("a metadata key"))?;
+        let type_id = r.u32(Reading::TypeOf(&key))?;
+        let value = r.value(type_id, &key)?;
+        if metadata.contains_key(&key) {
+            return Err(EngineError::DuplicateKey(key));
+        }
+        metadata.insert(key, value);
+    }
+    Ok(metadata)
+}
+
+fn read_tensor_directory<R: Read>(
+    r: &mut BoundedReader<'_, R>,
+    n_tensors: u64,
+) -> Result<Vec<RawTensor>, EngineError> {
+    let mut raw_tensors = Vec::with_capacity(n_tensors as usize);
+    let mut names = HashSet::new();
+    for _ in 0..n_tensors {
+        let name = r.string(Reading::Label("a tensor name"))?;
+        let what = Reading::EntryOf(&name);
+        let n_dims = r.u32(what)?;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(EngineError::BadTensor {
+                name,
+                reason: format!(
+                    "it has {n_dims} dimensions (between 1 and {MAX_DIMS} are allowed)"
+                ),
+            });
+        }
+        let dims = (0..n_dims)
+            .map(|_| r.u64(what))
+            .collect::<Result<Vec<_>, _>>()?;
+        let type_id = r.u32(what)?;
+        let rel_offset = r.u64(what)?;
+        if !names.insert(name.clone()) {
+            return Err(EngineError::DuplicateTensor(name));
+        }
+        raw_tensors.push(RawTensor {
+            name,
+            dims,
+            type_id,
+            rel_offset,
+        });
+    }
+    Ok(raw_tensors)
+}
+
+fn read_alignment(metadata: &BTreeMap<String, MetaValue>) -> Result<u64, EngineError> {
+    let Some(v) = metadata.get("general.alignment") else {
+        return Ok(DEFAULT_ALIGNMENT);
+    };
+    match v.as_u64() {
+        Some(a) if a.is_power_of_two() && a <= MAX_ALIGNMENT => Ok(a),
+        _ => Err(EngineError::InvalidMetadata {
+            key: "general.alignment".into(),
+            reason: format!("{v:?} is not a power of two up to {MAX_ALIGNMENT}"),
+        }),
+    }
+}
+
+/// Checks one directory entry's type, shape and placement, and resolves its absolute offset.
+fn resolve_tensor(
+    raw: RawTensor,
+    data_offset: u64,
+    alignment: u64,
+    file_size: u64,
+) -> Result<TensorInfo, EngineError> {
+    let RawTensor {
+        name,
+        dims,
+        type_id,
+        rel_offset,
+    } = raw;
+    let Some(dtype) = ggml_dtype_from_id(type_id) else {
+        return Err(EngineError::UnknownQuantization { name, type_id });
+    };
+    let n_bytes = match tensor_byte_size(&dims, dtype) {
+        Ok(n) => n,
+        Err(reason) => return Err(EngineError::BadTensor { name, reason }),
+    };
+    if !rel_offset.is_multiple_of(alignment) {
+        return Err(EngineError::MisalignedTensor {
+            name,
+            offset: rel_offset,
+            alignment,
+        });
+    }
+    let end = data_offset
+        .checked_add(rel_offset)
+        .and_then(|start| start.checked_add(n_bytes));
+    match end {
+        Some(end) if end <= file_size => Ok(TensorInfo {
+            name,
+            dims,
+            dtype,
+            offset: data_offset + rel_offset,
+            n_bytes,
+        }),
+        _ => Err(EngineError::Truncated {
+            what: format!("the data of tensor {name}"),
+            offset: file_size,
+        }),
+    }
+}
+
+/// Fails if the data of any two tensors share a byte.
+fn check_no_overlap(tensors: &[TensorInfo]) -> Result<(), EngineError> {
+    let mut by_offset: Vec<&TensorInfo> = tensors.iter().collect();
+    by_offset.sort_by_key(|t| t.offset);
+    for pair in by_offset.windows(2) {
+        if let [first, second] = pair
+            && first.end() > second.offset
+        {
+            return Err(EngineError::OverlappingTensors {
+                first: first.name.clone(),
+                second: second.name.clone(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn wrong_type(key: &str, expected: &str, found: &MetaValue) -> EngineError {
@@ -536,54 +927,245 @@ fn wrong_type(key: &str, expected: &str, found: &MetaValue) -> EngineError {
     }
 }
 
-/// Validates one tensor directory entry against the file's size and the type's block layout.
-fn tensor_info(
-    name: String,
-    dims: Vec<u64>,
-    dtype: GgmlDType,
-    rel_offset: u64,
-    data_offset: u64,
-    file_size: u64,
-) -> Result<TensorInfo, EngineError> {
-    let bad = |reason: String| EngineError::BadTensor {
-        name: name.clone(),
-        reason,
-    };
-    let elem_count = dims
-        .iter()
-        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| bad(format!("dimensions {dims:?} overflow")))?;
-    if dims.contains(&0) {
-        return Err(bad(format!("dimensions {dims:?} contain zero")));
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::synth::GgufEncoder;
+
+    fn parse(bytes: &[u8]) -> Result<GgufFile, EngineError> {
+        GgufFile::read(bytes, bytes.len() as u64, Path::new("test.gguf"))
     }
-    let block = dtype.block_size() as u64;
-    if dims[0] % block != 0 {
-        return Err(bad(format!(
-            "row length {} is not a multiple of the {} block size {block}",
-            dims[0],
-            dtype_name(dtype)
-        )));
+
+    /// A header with the given metadata and tensor entries `(name, dims, type id, offset)`,
+    /// followed by `data_len` zero bytes of tensor data.
+    fn file_with(
+        metadata: &[(&str, MetaValue)],
+        tensors: &[(&str, &[u64], u32, u64)],
+        data_len: usize,
+    ) -> Vec<u8> {
+        let mut enc = GgufEncoder::new(Vec::new());
+        enc.header(3, tensors.len() as u64, metadata.len() as u64)
+            .unwrap();
+        for (key, value) in metadata {
+            enc.key_value(key, value).unwrap();
+        }
+        for (name, dims, type_id, offset) in tensors {
+            enc.tensor_entry(name, dims, *type_id, *offset).unwrap();
+        }
+        enc.pad_to(DEFAULT_ALIGNMENT).unwrap();
+        let mut bytes = enc.into_inner();
+        bytes.resize(bytes.len() + data_len, 0);
+        bytes
     }
-    let n_bytes = (elem_count / block)
-        .checked_mul(dtype.type_size() as u64)
-        .ok_or_else(|| bad("size overflows".into()))?;
-    let offset = data_offset
-        .checked_add(rel_offset)
-        .ok_or_else(|| bad("offset overflows".into()))?;
-    let end = offset
-        .checked_add(n_bytes)
-        .ok_or_else(|| bad("offset overflows".into()))?;
-    if end > file_size {
-        return Err(EngineError::Truncated {
-            what: format!("data of tensor {name} (needs bytes {offset}..{end})"),
-            offset: file_size,
-        });
+
+    #[test]
+    fn parses_metadata_of_every_type() {
+        let metadata = [
+            ("a.u8", MetaValue::U8(7)),
+            ("a.i8", MetaValue::I8(-7)),
+            ("a.u16", MetaValue::U16(700)),
+            ("a.i16", MetaValue::I16(-700)),
+            ("a.u32", MetaValue::U32(70_000)),
+            ("a.i32", MetaValue::I32(-70_000)),
+            ("a.f32", MetaValue::F32(1.5)),
+            ("a.bool", MetaValue::Bool(true)),
+            ("a.str", MetaValue::String("héllo".into())),
+            (
+                "a.arr",
+                MetaValue::Array(vec![MetaValue::I32(1), MetaValue::I32(-2)]),
+            ),
+            ("a.u64", MetaValue::U64(1 << 40)),
+            ("a.i64", MetaValue::I64(-(1 << 40))),
+            ("a.f64", MetaValue::F64(-2.25)),
+        ];
+        let file = parse(&file_with(&metadata, &[], 0)).unwrap();
+        for (key, value) in &metadata {
+            assert_eq!(file.get(key), Some(value), "{key}");
+        }
+        assert_eq!(file.get_i64_array("a.arr").unwrap(), vec![1, -2]);
+        assert_eq!(file.get_u64("a.i32").ok(), None);
+        assert!(file.get_bool("a.bool").unwrap());
     }
-    Ok(TensorInfo {
-        name,
-        dims,
-        dtype,
-        offset,
-        n_bytes,
-    })
+
+    #[test]
+    fn rejects_wrong_magic_and_version() {
+        assert!(matches!(parse(b"GGU"), Err(EngineError::NotGguf { .. })));
+        assert!(matches!(
+            parse(b"<html><body>Not found</body></html>"),
+            Err(EngineError::NotGguf { .. })
+        ));
+        let mut v1 = file_with(&[], &[], 0);
+        v1[4] = 1;
+        assert!(matches!(
+            parse(&v1),
+            Err(EngineError::UnsupportedVersion(1))
+        ));
+        let mut big_endian = file_with(&[], &[], 0);
+        big_endian[4..8].copy_from_slice(&3u32.to_be_bytes());
+        assert!(matches!(
+            parse(&big_endian),
+            Err(EngineError::UnsupportedModel(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_absurd_counts_before_allocating() {
+        let mut enc = GgufEncoder::new(Vec::new());
+        enc.header(3, u64::MAX / 2, 1).unwrap();
+        assert!(matches!(
+            parse(&enc.into_inner()),
+            Err(EngineError::ImplausibleCount { .. })
+        ));
+
+        let mut enc = GgufEncoder::new(Vec::new());
+        enc.header(3, 0, 1).unwrap();
+        enc.string("big").unwrap();
+        enc.u32(9).unwrap();
+        enc.u32(0).unwrap();
+        enc.u64(1 << 40).unwrap();
+        assert!(matches!(
+            parse(&enc.into_inner()),
+            Err(EngineError::LimitExceeded { .. })
+        ));
+
+        let mut enc = GgufEncoder::new(Vec::new());
+        enc.header(3, 0, 1).unwrap();
+        enc.u64(u64::MAX).unwrap();
+        enc.raw(&[0; 32]).unwrap();
+        assert!(matches!(
+            parse(&enc.into_inner()),
+            Err(EngineError::LimitExceeded { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_nested_arrays_and_unknown_value_types() {
+        let nested = MetaValue::Array(vec![MetaValue::Array(vec![])]);
+        let bytes = file_with(&[("x", nested)], &[], 0);
+        assert!(matches!(
+            parse(&bytes),
+            Err(EngineError::InvalidMetadata { .. })
+        ));
+        let mut enc = GgufEncoder::new(Vec::new());
+        enc.header(3, 0, 1).unwrap();
+        enc.string("x").unwrap();
+        enc.u32(13).unwrap();
+        enc.u64(0).unwrap();
+        assert!(matches!(
+            parse(&enc.into_inner()),
+            Err(EngineError::InvalidMetadata { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_duplicates() {
+        let bytes = file_with(&[("k", MetaValue::U8(1)), ("k", MetaValue::U8(2))], &[], 0);
+        assert!(matches!(parse(&bytes), Err(EngineError::DuplicateKey(k)) if k == "k"));
+        let bytes = file_with(&[], &[("t", &[8], 0, 0), ("t", &[8], 0, 32)], 64);
+        assert!(matches!(parse(&bytes), Err(EngineError::DuplicateTensor(t)) if t == "t"));
+    }
+
+    #[test]
+    fn checks_tensor_placement() {
+        let good = file_with(&[], &[("a", &[8], 0, 0), ("b", &[8], 0, 32)], 64);
+        let file = parse(&good).unwrap();
+        assert_eq!(file.tensors[1].offset, file.data_offset + 32);
+        assert_eq!(file.tensors[1].n_bytes, 32);
+
+        let misaligned = file_with(&[], &[("a", &[8], 0, 4)], 64);
+        assert!(matches!(
+            parse(&misaligned),
+            Err(EngineError::MisalignedTensor { .. })
+        ));
+        let overlapping = file_with(&[], &[("a", &[16], 0, 0), ("b", &[8], 0, 32)], 96);
+        assert!(matches!(
+            parse(&overlapping),
+            Err(EngineError::OverlappingTensors { .. })
+        ));
+        let outside = file_with(&[], &[("a", &[8], 0, 1 << 60)], 64);
+        assert!(matches!(
+            parse(&outside),
+            Err(EngineError::Truncated { .. })
+        ));
+        let wrapping = file_with(&[], &[("a", &[8], 0, u64::MAX - 31)], 64);
+        assert!(matches!(
+            parse(&wrapping),
+            Err(EngineError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn checks_tensor_shapes_and_types() {
+        let unknown = file_with(&[], &[("a", &[256], 23, 0)], 256);
+        let err = parse(&unknown).unwrap_err();
+        assert!(matches!(
+            err,
+            EngineError::UnknownQuantization { type_id: 23, .. }
+        ));
+        assert!(err.to_string().contains("IQ4_XS"), "{err}");
+
+        for dims in [&[][..], &[0], &[1, 2, 3, 4, 5], &[u64::MAX, u64::MAX]] {
+            let bytes = file_with(&[], &[("a", dims, 0, 0)], 64);
+            assert!(
+                matches!(parse(&bytes), Err(EngineError::BadTensor { .. })),
+                "{dims:?}"
+            );
+        }
+        // A Q4_K row must be made of whole 256-element blocks.
+        let partial_block = file_with(&[], &[("a", &[100], 12, 0)], 256);
+        assert!(matches!(
+            parse(&partial_block),
+            Err(EngineError::BadTensor { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_alignment() {
+        let bytes = file_with(&[("general.alignment", MetaValue::U32(24))], &[], 0);
+        assert!(matches!(
+            parse(&bytes),
+            Err(EngineError::InvalidMetadata { .. })
+        ));
+        let bytes = file_with(
+            &[("general.alignment", MetaValue::U32(64))],
+            &[("a", &[8], 0, 0)],
+            64,
+        );
+        let file = parse(&bytes).unwrap();
+        assert_eq!(file.alignment, 64);
+        assert_eq!(file.data_offset % 64, 0);
+    }
+
+    #[test]
+    fn every_truncation_of_a_small_file_is_an_error() {
+        let bytes = file_with(
+            &[
+                ("general.architecture", MetaValue::String("llama".into())),
+                (
+                    "tokens",
+                    MetaValue::Array(vec![MetaValue::String("a".into()); 3]),
+                ),
+            ],
+            &[("a", &[8], 0, 0)],
+            32,
+        );
+        assert!(parse(&bytes).is_ok());
+        for len in 0..bytes.len() {
+            assert!(parse(&bytes[..len]).is_err(), "truncated at {len}");
+        }
+    }
+
+    #[test]
+    fn names_unsupported_types_and_file_types() {
+        assert_eq!(ggml_type_label(12), "Q4_K");
+        assert_eq!(ggml_type_label(20), "IQ4_NL (type 20)");
+        assert_eq!(ggml_type_label(999), "unknown type 999");
+        assert_eq!(file_type_name(15), Some("Q4_K_M"));
+        assert_eq!(file_type_name(4), None);
+        for id in 0..64 {
+            if let Some(dtype) = ggml_dtype_from_id(id) {
+                assert_eq!(ggml_dtype_id(dtype), id);
+            }
+        }
+    }
 }

@@ -35,6 +35,8 @@ struct Block {
 
 /// Keys and values of one layer for the tokens seen so far, in a buffer that grows on demand.
 struct LayerCache {
+    /// Element type of the cache: F16 (llama.cpp's default, half the memory) or F32.
+    dtype: DType,
     /// `(n_head_kv, capacity, head_dim)` keys; only the first `len` positions are valid.
     k: Option<Tensor>,
     v: Option<Tensor>,
@@ -110,7 +112,11 @@ impl Model {
         let rope = RopeTables::new(&h, max_context, freq_factors.as_deref())?;
         Ok(Self {
             cache: (0..h.n_layer)
-                .map(|_| LayerCache { k: None, v: None })
+                .map(|_| LayerCache {
+                    dtype: DType::F16,
+                    k: None,
+                    v: None,
+                })
                 .collect(),
             hparams: h,
             embedding,
@@ -141,6 +147,16 @@ impl Model {
     /// Forgets every cached position from `len` on (keeps a prefix for reuse).
     pub fn truncate_cache(&mut self, len: usize) {
         self.cache_len = self.cache_len.min(len);
+    }
+
+    /// Chooses the KV cache's precision: f16 by default (as llama.cpp), or f32 for exact
+    /// comparisons. Clears the cache.
+    pub fn set_kv_cache_f32(&mut self, f32_cache: bool) {
+        self.clear_cache();
+        let dtype = if f32_cache { DType::F32 } else { DType::F16 };
+        for layer in &mut self.cache {
+            layer.dtype = dtype;
+        }
     }
 
     /// Forgets the whole cache and frees its memory.
@@ -308,12 +324,13 @@ fn attention(
     }
     let (k_all, v_all) = cache.append(&k, &v, offset)?;
     let total = offset + seq;
+    let kv_dtype = k_all.dtype();
 
     // Query heads sharing a KV head are stacked so one batched matmul serves the group.
     let n_rep = n_head / n_kv;
-    let q = q.reshape((n_kv, n_rep * seq, hd))?;
+    let q = q.reshape((n_kv, n_rep * seq, hd))?.to_dtype(kv_dtype)?;
     let scale = 1.0 / (hd as f64).sqrt();
-    let scores = (q.matmul(&k_all.t()?)? * scale)?;
+    let scores = (q.matmul(&k_all.t()?)?.to_dtype(DType::F32)? * scale)?;
     let scores = match mask {
         Some(mask) => scores
             .reshape((n_kv, n_rep, seq, total))?
@@ -321,13 +338,13 @@ fn attention(
             .reshape((n_kv, n_rep * seq, total))?,
         None => scores,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let out = probs.matmul(&v_all)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(kv_dtype)?;
+    let out = probs.matmul(&v_all)?.to_dtype(DType::F32)?;
     let out = out
         .reshape((n_head, seq, hd))?
         .transpose(0, 1)?
         .reshape((seq, n_head * hd))?;
-    Ok(block.wo.forward(&out)?)
+    block.wo.forward(&out)
 }
 
 /// Applies interleaved (adjacent-pair) RoPE to `(heads, seq, head_dim)`.
@@ -366,23 +383,29 @@ impl LayerCache {
         let capacity = self.k.as_ref().map_or(0, |t| t.dim(1).unwrap_or(0));
         if total > capacity {
             let new_capacity = total.max(capacity * 2).max(256).next_multiple_of(256);
-            self.k = Some(grow(self.k.take(), offset, (n_kv, new_capacity, hd))?);
-            self.v = Some(grow(self.v.take(), offset, (n_kv, new_capacity, hd))?);
+            let shape = (n_kv, new_capacity, hd);
+            self.k = Some(grow(self.k.take(), offset, shape, self.dtype)?);
+            self.v = Some(grow(self.v.take(), offset, shape, self.dtype)?);
         }
         let (Some(k_buf), Some(v_buf)) = (&self.k, &self.v) else {
             return Err(EngineError::Candle(candle_core::Error::Msg(
                 "KV cache buffer missing".into(),
             )));
         };
-        k_buf.slice_set(k, 1, offset)?;
-        v_buf.slice_set(v, 1, offset)?;
+        k_buf.slice_set(&k.to_dtype(self.dtype)?, 1, offset)?;
+        v_buf.slice_set(&v.to_dtype(self.dtype)?, 1, offset)?;
         Ok((k_buf.narrow(1, 0, total)?, v_buf.narrow(1, 0, total)?))
     }
 }
 
 /// A zeroed buffer of `shape` holding the first `keep` positions of `old`.
-fn grow(old: Option<Tensor>, keep: usize, shape: (usize, usize, usize)) -> Result<Tensor> {
-    let buf = Tensor::zeros(shape, DType::F32, &Device::Cpu)?;
+fn grow(
+    old: Option<Tensor>,
+    keep: usize,
+    shape: (usize, usize, usize),
+    dtype: DType,
+) -> Result<Tensor> {
+    let buf = Tensor::zeros(shape, dtype, &Device::Cpu)?;
     if let Some(old) = old
         && keep > 0
     {

@@ -9,10 +9,14 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::error::{EngineError, Result};
-use super::gguf::{GgufFile, dtype_name};
+use super::gguf::{GgufFile, dtype_name, file_type_name};
+
+/// Tokens a prompt is processed in at once, assumed by the memory estimate.
+const PREFILL_CHUNK: usize = 512;
 
 /// Model architectures this engine can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Architecture {
     /// SmolLM3: Llama-like with NoPE on every fourth layer and tied embeddings.
     SmolLm3,
@@ -77,6 +81,13 @@ impl HParams {
     pub fn layer_uses_rope(&self, i: usize) -> bool {
         self.no_rope_layer_interval == 0 || !(i + 1).is_multiple_of(self.no_rope_layer_interval)
     }
+
+    /// Number of layers that apply rotary position embeddings.
+    pub fn rope_layer_count(&self) -> usize {
+        (0..self.n_layer)
+            .filter(|&i| self.layer_uses_rope(i))
+            .count()
+    }
 }
 
 /// Everything known about a model file before its weights are loaded.
@@ -96,11 +107,14 @@ pub struct ModelInfo {
     pub n_params: u64,
     /// Bytes of tensor data (what the weights take in memory).
     pub weight_bytes: u64,
-    /// Number of tensors of each quantization type, e.g. `{"Q4_K": 217, "Q6_K": 37, "F32": 73}`.
+    /// Number of tensors of each quantization type, e.g. `{"Q4_K": 216, "Q6_K": 37, "F32": 73}`.
     pub tensor_types: BTreeMap<String, usize>,
+    /// The quantization recipe named by `general.file_type`, e.g. `Q4_K_M`.
+    pub file_type: Option<String>,
     /// Whether the output head is the token embedding (no `output.weight`).
     pub tied_embeddings: bool,
     /// The chat template embedded in the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,
     /// Whether the model can produce `<think>` reasoning spans.
     pub can_think: bool,
@@ -117,23 +131,11 @@ impl ModelInfo {
         if !gguf.tensors.is_empty() {
             validate_tensors(gguf, &hparams, tied_embeddings)?;
         }
-        let mut tensor_types = BTreeMap::new();
-        for t in &gguf.tensors {
-            *tensor_types
-                .entry(dtype_name(t.dtype).to_string())
-                .or_insert(0) += 1;
-        }
         let chat_template = gguf
             .get("tokenizer.chat_template")
             .and_then(|v| v.as_str())
             .map(str::to_string);
-        let has_think_token = gguf
-            .get("tokenizer.ggml.tokens")
-            .and_then(|v| v.as_array())
-            .is_some_and(|toks| toks.iter().any(|t| t.as_str() == Some("<think>")));
-        let template_thinks = chat_template
-            .as_deref()
-            .is_some_and(|t| t.contains("enable_thinking") || t.contains("<think>"));
+        let can_think = can_think(gguf, chat_template.as_deref());
         Ok(Self {
             path: gguf.path.clone(),
             architecture,
@@ -145,10 +147,15 @@ impl ModelInfo {
             file_size: gguf.file_size,
             n_params: gguf.tensors.iter().map(|t| t.elem_count()).sum(),
             weight_bytes: gguf.tensors.iter().map(|t| t.n_bytes).sum(),
-            tensor_types,
+            tensor_types: count_tensor_types(gguf),
+            file_type: gguf
+                .get("general.file_type")
+                .and_then(|v| v.as_u64())
+                .and_then(file_type_name)
+                .map(str::to_string),
             tied_embeddings,
             chat_template,
-            can_think: has_think_token && template_thinks,
+            can_think,
         })
     }
 
@@ -158,75 +165,104 @@ impl ModelInfo {
             .iter()
             .filter(|(name, _)| name.as_str() != "F32")
             .max_by_key(|(_, count)| **count)
+            .or_else(|| self.tensor_types.iter().next())
             .map(|(name, _)| name.as_str())
     }
 
     /// Bytes the KV cache takes at a given context length (f32 keys and values).
     pub fn kv_cache_bytes(&self, context: usize) -> u64 {
         let h = &self.hparams;
-        (2 * h.n_layer * h.n_head_kv * h.head_dim * context * std::mem::size_of::<f32>()) as u64
+        let per_token = 2 * h.n_layer * h.n_head_kv * h.head_dim * std::mem::size_of::<f32>();
+        per_token as u64 * context as u64
     }
 
-    /// Estimated memory to run the model at a given context length: weights plus KV cache plus
-    /// working buffers.
+    /// Estimated memory to run the model at a given context length: weights, the KV cache, and
+    /// the working buffers of a 512-token prompt chunk (attention scores, feed-forward
+    /// activations, logits).
     pub fn ram_estimate_bytes(&self, context: usize) -> u64 {
-        let scratch = (self.hparams.vocab_size * 4 * 2 + self.hparams.n_ff * 4 * 512) as u64;
-        self.weight_bytes + self.kv_cache_bytes(context) + scratch
+        let h = &self.hparams;
+        let f32_size = std::mem::size_of::<f32>() as u64;
+        let chunk = PREFILL_CHUNK.min(context.max(1)) as u64;
+        let scores = h.n_head as u64 * chunk * context as u64 * f32_size;
+        let ffn = 3 * h.n_ff as u64 * chunk * f32_size;
+        let logits = 2 * h.vocab_size as u64 * f32_size;
+        self.weight_bytes + self.kv_cache_bytes(context) + scores + ffn + logits
     }
 }
 
-/// Reads a hyper-parameter, checking it lies in a sane range.
+fn count_tensor_types(gguf: &GgufFile) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for t in &gguf.tensors {
+        *counts.entry(dtype_name(t.dtype).to_string()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A model can think when its vocabulary has `<think>` and its template knows about thinking.
+fn can_think(gguf: &GgufFile, chat_template: Option<&str>) -> bool {
+    let has_think_token = gguf
+        .get("tokenizer.ggml.tokens")
+        .and_then(|v| v.as_array())
+        .is_some_and(|toks| toks.iter().any(|t| t.as_str() == Some("<think>")));
+    let template_thinks =
+        chat_template.is_some_and(|t| t.contains("enable_thinking") || t.contains("<think>"));
+    has_think_token && template_thinks
+}
+
+/// Reads a hyper-parameter, checking it lies in `1..=max`.
 fn bounded(gguf: &GgufFile, key: &str, max: u64) -> Result<usize> {
     let v = gguf.get_u64(key)?;
     if v == 0 || v > max {
         return Err(EngineError::InvalidMetadata {
             key: key.to_string(),
-            reason: format!("{v} is outside 1..={max}"),
+            reason: format!("{v} is outside the range 1 to {max}"),
         });
     }
-    Ok(v as usize)
+    usize::try_from(v).map_err(|_| EngineError::InvalidMetadata {
+        key: key.to_string(),
+        reason: format!("{v} is too large for this computer"),
+    })
+}
+
+/// Reads an optional hyper-parameter, checking it lies in `1..=max`.
+fn bounded_or(gguf: &GgufFile, key: &str, max: u64, default: usize) -> Result<usize> {
+    match gguf.get(key) {
+        Some(_) => bounded(gguf, key, max),
+        None => Ok(default),
+    }
+}
+
+/// Reads a float hyper-parameter that must be finite and positive.
+fn positive(gguf: &GgufFile, key: &str, default: Option<f64>) -> Result<f64> {
+    let v = match (gguf.get(key), default) {
+        (None, Some(default)) => default,
+        _ => gguf.get_f64(key)?,
+    };
+    if !(v.is_finite() && v > 0.0) {
+        return Err(EngineError::InvalidMetadata {
+            key: key.to_string(),
+            reason: format!("{v} is not a positive number"),
+        });
+    }
+    Ok(v)
 }
 
 fn read_hparams(gguf: &GgufFile, arch: Architecture) -> Result<HParams> {
     let p = arch.gguf_name();
     let key = |k: &str| format!("{p}.{k}");
+    reject_unsupported_features(gguf, &key)?;
     let n_layer = bounded(gguf, &key("block_count"), 1024)?;
     let n_embd = bounded(gguf, &key("embedding_length"), 1 << 17)?;
     let n_ff = bounded(gguf, &key("feed_forward_length"), 1 << 20)?;
     let n_head = bounded(gguf, &key("attention.head_count"), 1024)?;
-    let n_head_kv = match gguf.get(&key("attention.head_count_kv")) {
-        Some(_) => bounded(gguf, &key("attention.head_count_kv"), 1024)?,
-        None => n_head,
-    };
+    let n_head_kv = bounded_or(gguf, &key("attention.head_count_kv"), 1024, n_head)?;
     if !n_head.is_multiple_of(n_head_kv) {
         return Err(EngineError::InvalidMetadata {
             key: key("attention.head_count_kv"),
             reason: format!("{n_head} query heads are not a multiple of {n_head_kv} KV heads"),
         });
     }
-    let head_dim = match gguf.get(&key("attention.key_length")) {
-        Some(_) => bounded(gguf, &key("attention.key_length"), 4096)?,
-        None => n_embd / n_head,
-    };
-    let rms_eps = gguf.get_f64(&key("attention.layer_norm_rms_epsilon"))?;
-    let rope_theta = match gguf.get(&key("rope.freq_base")) {
-        Some(_) => gguf.get_f64(&key("rope.freq_base"))?,
-        None => 10_000.0,
-    };
-    let context_length = bounded(gguf, &key("context_length"), 1 << 24)?;
-    let vocab_size = match gguf.tensor_info("token_embd.weight") {
-        Some(t) if t.dims.len() == 2 => t.dims[1] as usize,
-        _ => match gguf.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()) {
-            Some(tokens) => tokens.len(),
-            None => bounded(gguf, &key("vocab_size"), 1 << 24)?,
-        },
-    };
-    if !(rms_eps.is_finite() && rms_eps > 0.0 && rope_theta.is_finite() && rope_theta > 0.0) {
-        return Err(EngineError::InvalidMetadata {
-            key: key("attention.layer_norm_rms_epsilon"),
-            reason: format!("epsilon {rms_eps} or RoPE base {rope_theta} is not positive"),
-        });
-    }
+    let head_dim = read_head_dim(gguf, &key, n_embd, n_head)?;
     Ok(HParams {
         n_layer,
         n_embd,
@@ -234,15 +270,94 @@ fn read_hparams(gguf: &GgufFile, arch: Architecture) -> Result<HParams> {
         n_head,
         n_head_kv,
         head_dim,
-        rms_eps,
-        rope_theta,
-        context_length,
-        vocab_size,
+        rms_eps: positive(gguf, &key("attention.layer_norm_rms_epsilon"), None)?,
+        rope_theta: positive(gguf, &key("rope.freq_base"), Some(10_000.0))?,
+        context_length: bounded(gguf, &key("context_length"), 1 << 24)?,
+        vocab_size: read_vocab_size(gguf, &key)?,
         no_rope_layer_interval: match arch {
             Architecture::SmolLm3 => 4,
             Architecture::Llama => 0,
         },
     })
+}
+
+/// Fails for variants of a supported architecture that the model code does not implement.
+fn reject_unsupported_features(gguf: &GgufFile, key: &dyn Fn(&str) -> String) -> Result<()> {
+    let experts = gguf
+        .get(&key("expert_count"))
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    if experts > 0 {
+        return Err(EngineError::UnsupportedModel(format!(
+            "a mixture of {experts} experts"
+        )));
+    }
+    Ok(())
+}
+
+/// The attention head size, checked against the key, value and RoPE sizes the file declares.
+fn read_head_dim(
+    gguf: &GgufFile,
+    key: &dyn Fn(&str) -> String,
+    n_embd: usize,
+    n_head: usize,
+) -> Result<usize> {
+    if gguf.get(&key("attention.key_length")).is_none() && !n_embd.is_multiple_of(n_head) {
+        return Err(EngineError::InvalidMetadata {
+            key: key("attention.head_count"),
+            reason: format!("the hidden size {n_embd} is not a multiple of {n_head} heads"),
+        });
+    }
+    let head_dim = bounded_or(gguf, &key("attention.key_length"), 4096, n_embd / n_head)?;
+    if !head_dim.is_multiple_of(2) {
+        return Err(EngineError::InvalidMetadata {
+            key: key("attention.key_length"),
+            reason: format!("the head size {head_dim} is odd"),
+        });
+    }
+    let value_dim = bounded_or(gguf, &key("attention.value_length"), 4096, head_dim)?;
+    if value_dim != head_dim {
+        return Err(EngineError::UnsupportedModel(format!(
+            "attention heads with keys of size {head_dim} but values of size {value_dim}"
+        )));
+    }
+    let rope_dim = bounded_or(gguf, &key("rope.dimension_count"), 4096, head_dim)?;
+    if rope_dim != head_dim {
+        return Err(EngineError::UnsupportedModel(format!(
+            "rotary embeddings on {rope_dim} of the {head_dim} dimensions of each head"
+        )));
+    }
+    Ok(head_dim)
+}
+
+/// The vocabulary size: the tokenizer's token count, else the embedding rows, else the
+/// `vocab_size` key. The embedding's shape is checked against it later.
+fn read_vocab_size(gguf: &GgufFile, key: &dyn Fn(&str) -> String) -> Result<usize> {
+    if let Some(tokens) = gguf.get("tokenizer.ggml.tokens") {
+        let tokens = tokens
+            .as_array()
+            .ok_or_else(|| EngineError::InvalidMetadata {
+                key: "tokenizer.ggml.tokens".into(),
+                reason: format!("expected an array, found {}", tokens.type_name()),
+            })?;
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidMetadata {
+                key: "tokenizer.ggml.tokens".into(),
+                reason: "the vocabulary is empty".into(),
+            });
+        }
+        return Ok(tokens.len());
+    }
+    match gguf
+        .tensor_info("token_embd.weight")
+        .map(|t| t.dims.as_slice())
+    {
+        Some(&[_, rows]) => usize::try_from(rows).map_err(|_| EngineError::BadTensor {
+            name: "token_embd.weight".into(),
+            reason: format!("its {rows} rows are too many for this computer"),
+        }),
+        _ => bounded(gguf, &key("vocab_size"), 1 << 24),
+    }
 }
 
 /// The tensors an architecture needs, with their GGUF-order shapes.
@@ -277,7 +392,11 @@ pub fn expected_tensors(h: &HParams, tied_embeddings: bool) -> Vec<(String, Vec<
 }
 
 fn validate_tensors(gguf: &GgufFile, h: &HParams, tied_embeddings: bool) -> Result<()> {
-    for (name, expected) in expected_tensors(h, tied_embeddings) {
+    let mut expected = expected_tensors(h, tied_embeddings);
+    if gguf.tensor_info("rope_freqs.weight").is_some() {
+        expected.push(("rope_freqs.weight".into(), vec![(h.head_dim / 2) as u64]));
+    }
+    for (name, expected) in expected {
         let info = gguf
             .tensor_info(&name)
             .ok_or_else(|| EngineError::MissingTensor(name.clone()))?;
@@ -290,4 +409,52 @@ fn validate_tensors(gguf: &GgufFile, h: &HParams, tied_embeddings: bool) -> Resu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hparams(n_layer: usize, interval: usize) -> HParams {
+        HParams {
+            n_layer,
+            n_embd: 64,
+            n_ff: 128,
+            n_head: 4,
+            n_head_kv: 2,
+            head_dim: 16,
+            rms_eps: 1e-6,
+            rope_theta: 1e4,
+            context_length: 1024,
+            vocab_size: 100,
+            no_rope_layer_interval: interval,
+        }
+    }
+
+    #[test]
+    fn every_fourth_layer_skips_rope_in_smollm3() {
+        let h = hparams(8, 4);
+        let uses: Vec<bool> = (0..8).map(|i| h.layer_uses_rope(i)).collect();
+        assert_eq!(uses, [true, true, true, false, true, true, true, false]);
+        assert_eq!(h.rope_layer_count(), 6);
+        assert_eq!(hparams(8, 0).rope_layer_count(), 8);
+    }
+
+    #[test]
+    fn expected_tensors_follow_the_hyper_parameters() {
+        let h = hparams(2, 4);
+        let tied = expected_tensors(&h, true);
+        assert_eq!(tied.len(), 2 + 2 * 9);
+        assert!(tied.iter().all(|(name, _)| name != "output.weight"));
+        let untied = expected_tensors(&h, false);
+        assert_eq!(untied.len(), tied.len() + 1);
+        let shape = |name: &str| {
+            tied.iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, dims)| dims.clone())
+        };
+        assert_eq!(shape("blk.1.attn_k.weight"), Some(vec![64, 32]));
+        assert_eq!(shape("blk.0.ffn_down.weight"), Some(vec![128, 64]));
+        assert_eq!(shape("token_embd.weight"), Some(vec![64, 100]));
+    }
 }

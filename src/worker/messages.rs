@@ -36,10 +36,15 @@ pub enum Command {
     },
     /// Generate the next reply.
     Generate(GenerateRequest),
+    /// Use this chat template file instead of the model's own (`None`: the model's own).
+    SetTemplateOverride(Option<PathBuf>),
     /// Drop the loaded model and free its memory.
     Unload,
     /// End the worker thread.
     Shutdown,
+    /// Panics inside the worker, to test that a panic becomes an [`Event::Error`].
+    #[doc(hidden)]
+    TestPanic,
 }
 
 /// Events from the worker to the UI, in the order they happen.
@@ -78,6 +83,8 @@ pub enum Event {
         prompt_tokens: usize,
         /// The exact prompt text sent to the model (after the chat template).
         prompt_text: String,
+        /// Why the model's own chat template was not used (ChatML instead), if it was not.
+        template_fallback: Option<String>,
         /// Messages dropped from the start of the conversation to fit.
         dropped_messages: usize,
     },

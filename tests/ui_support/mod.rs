@@ -100,6 +100,7 @@ impl Fake {
             prompt_tokens: 42,
             prompt_text: prompt_text.to_string(),
             dropped_messages,
+            template_fallback: None,
         });
     }
 
