@@ -63,6 +63,8 @@ pub enum Action {
     SetThinking(bool),
     /// Show or hide thinking spans.
     ToggleShowThinking,
+    /// Use this chat template file instead of the model's own (`None`: the model's own).
+    SetTemplateOverride(Option<PathBuf>),
 }
 
 impl App {
@@ -92,6 +94,7 @@ impl App {
             Action::Reload => self.reload(),
             Action::SetThinking(on) => self.set_thinking(on),
             Action::ToggleShowThinking => self.prefs.show_thinking = !self.prefs.show_thinking,
+            Action::SetTemplateOverride(path) => self.set_template_override(path),
         }
     }
 
@@ -240,6 +243,46 @@ impl App {
             c.settings.thinking = on;
         }
         self.settings_changed();
+    }
+
+    /// Reads a chat template file and tells the worker (and the token counter) to use it.
+    pub(crate) fn set_template_override(&mut self, path: Option<PathBuf>) {
+        let source = match &path {
+            None => None,
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(source) => Some((path.clone(), source)),
+                Err(err) => {
+                    self.notices.error(format!(
+                        "Cannot read the chat template {}: {err}. The model's own template stays in use.",
+                        path.display()
+                    ));
+                    return;
+                }
+            },
+        };
+        self.template_override = source;
+        self.prefs.template_override = path.clone();
+        self.backend.send(Command::SetTemplateOverride(path));
+        if let ModelState::Ready(model) = &mut self.model {
+            let formatter = crate::chat::template::PromptFormatter::new(
+                model.info.chat_template.as_deref(),
+                self.template_override.as_ref().map(|(_, s)| s.as_str()),
+            );
+            if let Some(reason) = formatter.fallback_reason() {
+                self.notices
+                    .error(format!("The chat template cannot be used: {reason}"));
+            }
+            model.counting = std::sync::Arc::new(super::token_meter::CountingModel {
+                formatter,
+                ..(*model.counting).clone()
+            });
+            self.meter.reset();
+        }
+    }
+
+    /// The text of the chat template file in use instead of the model's own, if any.
+    pub(crate) fn template_override_source(&self) -> Option<String> {
+        self.template_override.as_ref().map(|(_, s)| s.clone())
     }
 
     // ----- generating -----

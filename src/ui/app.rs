@@ -22,6 +22,14 @@ use crate::engine::{LoadOptions, ModelInfo};
 use crate::worker::WorkerHandle;
 use crate::worker::messages::RequestId;
 
+/// Longest wait between a background event (a token, load progress) and the frame that shows
+/// it: about 30 frames a second with a GPU.
+pub const WAKE_DELAY: Duration = Duration::from_millis(30);
+
+/// The same without a GPU (the window is drawn in software, which costs CPU the model needs):
+/// about 10 frames a second, still smooth for streaming text.
+pub const SOFTWARE_WAKE_DELAY: Duration = Duration::from_millis(100);
+
 /// How the app starts.
 pub struct AppOptions {
     /// Where conversations are kept (see [`crate::paths::data_dir`]).
@@ -183,6 +191,8 @@ pub struct App {
     pub(crate) settings_dirty_since: Option<Instant>,
     /// Bumped on every change to any conversation (for caches keyed on content).
     pub(crate) revision: u64,
+    /// The chat template file in use instead of the model's own, and its text.
+    pub(crate) template_override: Option<(PathBuf, String)>,
     catch_panics: bool,
 }
 
@@ -192,7 +202,13 @@ impl App {
     pub fn new(cc: &eframe::CreationContext<'_>, options: AppOptions) -> Self {
         let prefs = Preferences::load(cc.storage);
         let ctx = cc.egui_ctx.clone();
-        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || ctx.request_repaint());
+        let delay = if renders_in_software(cc) {
+            log::info!("drawing without a GPU: fewer frames while text streams");
+            SOFTWARE_WAKE_DELAY
+        } else {
+            WAKE_DELAY
+        };
+        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || ctx.request_repaint_after(delay));
         let backend = options.backend.unwrap_or_else(|| {
             let wake = wake.clone();
             Box::new(WorkerHandle::spawn(Arc::new(move || wake())))
@@ -224,10 +240,14 @@ impl App {
             windows: OpenWindows::default(),
             settings_dirty_since: None,
             revision: 0,
+            template_override: None,
             catch_panics: options.catch_panics,
             prefs,
         };
         app.load_conversations();
+        if let Some(path) = app.prefs.template_override.clone() {
+            app.set_template_override(Some(path));
+        }
         app.open_initial_model(options.model, options.restore_last_model);
         app
     }
@@ -452,6 +472,13 @@ impl eframe::App for App {
         let id = self.current.clone();
         self.save_conversation(&id);
     }
+}
+
+/// Whether the window is drawn by a software rasterizer (e.g. llvmpipe) rather than a GPU.
+fn renders_in_software(cc: &eframe::CreationContext<'_>) -> bool {
+    cc.wgpu_render_state
+        .as_ref()
+        .is_some_and(|state| state.adapter.get_info().device_type == eframe::wgpu::DeviceType::Cpu)
 }
 
 /// The text of a caught panic.

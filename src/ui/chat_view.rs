@@ -414,7 +414,7 @@ fn assistant_message(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, mess
         thinking_block(ui, view, index, message, live);
     } else if thinking_now {
         ui.horizontal(|ui| {
-            ui.spinner();
+            super::widgets::spinner(ui);
             ui.label(RichText::new("Thinking…").color(theme::thinking_text_color(ui.visuals())));
         });
     }
@@ -424,14 +424,15 @@ fn assistant_message(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, mess
         });
     }
     if let Some(generation) = live {
-        waiting_line(ui, generation, message);
+        waiting_line(ui, generation);
         return;
     }
     reply_footer(ui, view, index, message);
 }
 
-/// While the model reads the prompt: a spinner and what it is doing.
-fn waiting_line(ui: &mut Ui, generation: &Generation, message: &Message) {
+/// While the model reads the prompt: a spinner and what it is doing. Once text streams in,
+/// the text itself shows progress.
+fn waiting_line(ui: &mut Ui, generation: &Generation) {
     let text = match generation.phase {
         Phase::Waiting => "Starting…".to_string(),
         Phase::Prefill => match generation.prompt_tokens {
@@ -441,18 +442,12 @@ fn waiting_line(ui: &mut Ui, generation: &Generation, message: &Message) {
             ),
             None => "Reading the conversation…".to_string(),
         },
-        Phase::Thinking | Phase::Answering if message.content.is_empty() => String::new(),
-        Phase::Thinking | Phase::Answering => {
-            ui.spinner();
-            return;
-        }
+        Phase::Thinking | Phase::Answering => return,
     };
-    if !text.is_empty() {
-        ui.horizontal(|ui| {
-            ui.spinner();
-            ui.label(RichText::new(text).color(theme::muted_text_color(ui.visuals())));
-        });
-    }
+    ui.horizontal(|ui| {
+        super::widgets::spinner(ui);
+        ui.label(RichText::new(text).color(theme::muted_text_color(ui.visuals())));
+    });
 }
 
 /// The thinking span: open while it streams, then folded under "Thought for …".
@@ -493,9 +488,6 @@ fn thinking_block(
                             .selectable(true)
                             .wrap(),
                     );
-                    if streaming {
-                        ui.spinner();
-                    }
                 });
         });
     if response.header_response.clicked() {

@@ -200,6 +200,8 @@ fn update_meter(app: &mut App, ctx: &egui::Context) {
         app.revision,
         app.composer.revision,
         conversation.settings.thinking,
+        conversation.settings.sampling.max_tokens,
+        &conversation.settings.system_prompt,
         Arc::as_ptr(&model) as usize,
     )
         .hash(&mut hasher);
@@ -208,10 +210,9 @@ fn update_meter(app: &mut App, ctx: &egui::Context) {
     let make_request = || {
         Some(CountRequest {
             model: model.clone(),
-            system_prompt: conversation.settings.system_prompt.clone(),
+            settings: conversation.settings.clone(),
             history: conversation.messages.clone(),
             draft: draft.clone(),
-            thinking: conversation.settings.thinking,
         })
     };
     let wait = app.meter.update(key, Instant::now(), make_request);

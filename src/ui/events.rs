@@ -9,6 +9,7 @@ use super::actions::file_name;
 use super::app::{App, LoadedModel, ModelState, Phase, PromptReport};
 use super::token_meter::CountingModel;
 use crate::chat::conversation::GenerationStats;
+use crate::chat::template::PromptFormatter;
 use crate::engine::ModelInfo;
 use crate::engine::tokenizer::GgufTokenizer;
 use crate::worker::Event;
@@ -50,8 +51,16 @@ impl App {
                 prompt_tokens,
                 prompt_text,
                 dropped_messages,
-                ..
-            } => self.on_started(id, prompt_tokens, prompt_text, dropped_messages),
+                template_fallback,
+            } => {
+                if let Some(reason) = template_fallback {
+                    self.notices.info_once(format!(
+                        "The model's chat template could not be used ({reason}); the standard \
+                         ChatML format is used instead."
+                    ));
+                }
+                self.on_started(id, prompt_tokens, prompt_text, dropped_messages);
+            }
             Event::Segment { id, kind, text } => self.on_segment(id, kind, &text),
             Event::Finished { id, stats } => self.on_finished(id, stats),
             Event::Error { id, message } => self.on_error(id, message),
@@ -70,7 +79,10 @@ impl App {
         let options = self.prefs.load_options.clone();
         self.prefs.remember_model(&info.path);
         let counting = Arc::new(CountingModel {
-            chat_template: info.chat_template.clone(),
+            formatter: PromptFormatter::new(
+                info.chat_template.as_deref(),
+                self.template_override_source().as_deref(),
+            ),
             tokenizer: tokenizer.clone(),
             context_length: options
                 .context_length

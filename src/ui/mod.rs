@@ -23,6 +23,7 @@ pub mod sidebar;
 pub mod theme;
 pub mod token_meter;
 pub mod toolbar;
+pub mod widgets;
 
 use std::path::PathBuf;
 

@@ -242,6 +242,7 @@ pub fn show_window(app: &mut App, ctx: &egui::Context) {
         .default_width(540.0)
         .default_pos(egui::pos2(screen.left() + 120.0, screen.top() + 48.0))
         .collapsible(false)
+        .resizable(false)
         .show(ctx, |ui| {
             egui::ScrollArea::vertical()
                 .max_height(screen.height() - 140.0)
@@ -293,7 +294,7 @@ pub fn picker_contents(app: &mut App, ui: &mut Ui) {
             actions.push(Action::OpenFileDialog);
         }
         if app.picker.dialog_open() {
-            ui.spinner();
+            super::widgets::spinner(ui);
             ui.label("Waiting for the file dialog…");
         }
     });
@@ -471,7 +472,7 @@ fn card_section(app: &App, ui: &mut Ui, card: &Card, actions: &mut Vec<Action>) 
             match card {
                 Card::Reading(path) => {
                     ui.horizontal(|ui| {
-                        ui.spinner();
+                        super::widgets::spinner(ui);
                         ui.label(format!("Reading {}…", file_name(path)));
                     });
                 }

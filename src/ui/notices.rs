@@ -76,6 +76,14 @@ impl Notices {
         self.push(Level::Info, text.into(), None)
     }
 
+    /// Shows information unless the same text is already shown.
+    pub fn info_once(&mut self, text: impl Into<String>) {
+        let text = text.into();
+        if !self.items.iter().any(|n| n.text == text) {
+            self.info(text);
+        }
+    }
+
     /// Offers to undo deleting a conversation.
     pub fn undo_delete(&mut self, title: &str, conversation_id: &str) -> u64 {
         self.items.retain(|n| n.undo_conversation.is_none());

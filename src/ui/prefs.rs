@@ -63,6 +63,8 @@ pub struct Preferences {
     pub last_conversation: Option<String>,
     /// Whether new conversations start with thinking on.
     pub think_by_default: bool,
+    /// A chat template file used instead of the model's own.
+    pub template_override: Option<PathBuf>,
 }
 
 impl Default for Preferences {
@@ -77,6 +79,7 @@ impl Default for Preferences {
             load_options: LoadOptions::default(),
             last_conversation: None,
             think_by_default: true,
+            template_override: None,
         }
     }
 }

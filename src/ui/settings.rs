@@ -22,8 +22,8 @@ pub fn show_window(app: &mut App, ctx: &egui::Context) {
         .open(&mut open)
         .default_width(460.0)
         .default_pos(egui::pos2(screen.right() - 490.0, screen.top() + 48.0))
-        .default_height(screen.height() - 120.0)
         .collapsible(false)
+        .resizable(false)
         .show(ctx, |ui| {
             ui.spacing_mut().slider_width = 200.0;
             egui::ScrollArea::vertical()
@@ -46,6 +46,8 @@ fn contents(app: &mut App, ui: &mut Ui) {
     ui.add_space(10.0);
     section(ui, "Model");
     model_settings(app, ui);
+    ui.add_space(4.0);
+    template_settings(app, ui);
     ui.add_space(10.0);
     section(ui, "Appearance");
     appearance(app, ui);
@@ -202,6 +204,48 @@ fn model_settings(app: &mut App, ui: &mut Ui) {
                 }
             });
         }
+    }
+}
+
+/// The chat template: the model's own, or a file the user picks.
+fn template_settings(app: &mut App, ui: &mut Ui) {
+    let id = egui::Id::unique("template-path-input");
+    let mut input = ui.data(|d| d.get_temp::<String>(id)).unwrap_or_else(|| {
+        app.prefs
+            .template_override
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    });
+    let status = match &app.template_override {
+        Some((path, _)) => format!("Chat template: {}", path.display()),
+        None => "Chat template: the model's own".to_string(),
+    };
+    ui.label(status);
+    let mut action = None;
+    ui.horizontal(|ui| {
+        let field = ui.add(
+            egui::TextEdit::singleline(&mut input)
+                .hint_text("/path/to/template.jinja")
+                .desired_width(ui.available_width() - 130.0),
+        );
+        field.accessible_name("Chat template file");
+        let has_text = !input.trim().is_empty();
+        if ui.add_enabled(has_text, egui::Button::new("Use")).clicked() {
+            action = Some(Action::SetTemplateOverride(Some(input.trim().into())));
+        }
+        if ui
+            .add_enabled(app.template_override.is_some(), egui::Button::new("Reset"))
+            .on_hover_text("Use the model's own chat template")
+            .clicked()
+        {
+            input.clear();
+            action = Some(Action::SetTemplateOverride(None));
+        }
+    });
+    ui.data_mut(|d| d.insert_temp(id, input));
+    if let Some(action) = action {
+        app.apply(action);
     }
 }
 

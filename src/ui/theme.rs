@@ -68,6 +68,9 @@ fn tune_visuals(visuals: &mut Visuals) {
         Color32::from_rgb(20, 40, 60)
     };
     visuals.hyperlink_color = accent;
+    // A blinking cursor redraws the window twice a second forever; without a GPU that costs
+    // CPU the model needs.
+    visuals.text_cursor.blink = false;
     visuals.window_corner_radius = egui::CornerRadius::same(10);
     visuals.menu_corner_radius = egui::CornerRadius::same(8);
     visuals.widgets.noninteractive.corner_radius = egui::CornerRadius::same(6);

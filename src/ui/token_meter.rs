@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
-use crate::chat::conversation::{Message, Role};
+use crate::chat::conversation::{ChatSettings, Message, Role};
+use crate::chat::template::PromptFormatter;
 use crate::engine::tokenizer::GgufTokenizer;
 
 /// How long the draft must stay unchanged before it is counted.
@@ -16,8 +17,8 @@ pub const DEBOUNCE: Duration = Duration::from_millis(250);
 /// What the counting thread needs from the loaded model.
 #[derive(Clone)]
 pub struct CountingModel {
-    /// The chat template embedded in the model, if any.
-    pub chat_template: Option<String>,
+    /// The template the worker renders prompts with (the same override and fallbacks).
+    pub formatter: PromptFormatter,
     /// The model's tokenizer.
     pub tokenizer: Arc<GgufTokenizer>,
     /// Tokens the context holds.
@@ -29,14 +30,12 @@ pub struct CountingModel {
 pub struct CountRequest {
     /// The model to count with.
     pub model: Arc<CountingModel>,
-    /// The conversation's system prompt.
-    pub system_prompt: String,
+    /// The conversation's system prompt, thinking mode and sampling.
+    pub settings: ChatSettings,
     /// The conversation so far (answers only).
     pub history: Vec<Message>,
     /// The draft message.
     pub draft: String,
-    /// Whether thinking is on (it changes the template's ending).
-    pub thinking: bool,
 }
 
 /// The counts for one request.
@@ -48,17 +47,19 @@ pub struct Count {
     pub draft_alone: usize,
     /// Tokens the context holds.
     pub context_length: usize,
+    /// Tokens the prompt may take: the context minus the room kept for the reply.
+    pub budget: usize,
 }
 
 impl Count {
-    /// Whether even the draft alone does not fit.
+    /// Whether even the draft alone does not fit (the worker would refuse it).
     pub fn draft_too_long(&self) -> bool {
-        self.draft_alone >= self.context_length
+        self.draft_alone > self.budget
     }
 
     /// Whether old messages will be dropped to make room.
     pub fn history_overflows(&self) -> bool {
-        self.total >= self.context_length && !self.draft_too_long()
+        self.total > self.budget && !self.draft_too_long()
     }
 
     /// Share of the context used, from 0 to 1.
@@ -139,9 +140,10 @@ impl TokenMeter {
 
     /// The newest count, and whether it is for the current input (`false` while re-counting).
     pub fn latest(&self) -> Option<(&Result<Count, String>, bool)> {
+        let current_key = self.seen.map(|(key, _)| key);
         self.latest
             .as_ref()
-            .map(|(key, count)| (count, Some(*key) == self.sent_key))
+            .map(|(key, count)| (count, Some(*key) == current_key))
     }
 
     /// Forgets all counts (e.g. another model was loaded).
@@ -162,13 +164,20 @@ fn count_loop(
             next = newer;
         }
         let (key, request) = next;
-        let count = std::panic::catch_unwind(|| count_request(&request))
-            .unwrap_or_else(|_| Err("the token counter failed".to_string()));
+        let count =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| count_request(&request)))
+                .unwrap_or_else(|_| Err("the token counter failed".to_string()));
         if results.send((key, count)).is_err() {
             break;
         }
         wake();
     }
+}
+
+/// Room kept free for the reply when the worker fits a conversation into the context (the
+/// same rule as the generation loop: the reply's token limit, at most a quarter of the context).
+pub fn reply_reserve(context: usize, max_tokens: usize) -> usize {
+    max_tokens.clamp(1, (context / 4).max(1))
 }
 
 /// Counts one request: the whole prompt, and the draft alone.
@@ -177,59 +186,40 @@ pub fn count_request(request: &CountRequest) -> Result<Count, String> {
     let draft = Message::new(Role::User, request.draft.clone());
     let mut all = request.history.clone();
     all.push(draft.clone());
-    let total = count_prompt(model, &request.system_prompt, &all, request.thinking)?;
-    let draft_alone = count_prompt(
-        model,
-        &request.system_prompt,
-        std::slice::from_ref(&draft),
-        request.thinking,
-    )?;
+    let total = count_prompt(model, &request.settings, &all)?;
+    let draft_alone = count_prompt(model, &request.settings, std::slice::from_ref(&draft))?;
+    let context_length = model.context_length;
     Ok(Count {
         total,
         draft_alone,
-        context_length: model.context_length,
+        context_length,
+        budget: context_length.saturating_sub(reply_reserve(
+            context_length,
+            request.settings.sampling.max_tokens,
+        )),
     })
 }
 
-/// Tokens of the prompt the model would see for these messages.
+/// Tokens of the prompt the worker would build for these messages: the same template, options
+/// and tokenizer.
 fn count_prompt(
     model: &CountingModel,
-    system_prompt: &str,
+    settings: &ChatSettings,
     messages: &[Message],
-    thinking: bool,
 ) -> Result<usize, String> {
-    let text = render_prompt(model, system_prompt, messages, thinking);
-    count_tokens(model, &text)
-}
-
-/// Renders the prompt. (Until the template work lands: ChatML, which is what SmolLM models use.)
-fn render_prompt(
-    _model: &CountingModel,
-    system_prompt: &str,
-    messages: &[Message],
-    thinking: bool,
-) -> String {
-    let mut text = String::new();
-    if !system_prompt.is_empty() {
-        text.push_str(&format!("<|im_start|>system\n{system_prompt}<|im_end|>\n"));
-    }
-    for m in messages {
-        text.push_str(&format!(
-            "<|im_start|>{}\n{}<|im_end|>\n",
-            m.role.as_str(),
-            m.content
-        ));
-    }
-    text.push_str("<|im_start|>assistant\n");
-    if !thinking {
-        text.push_str("<think>\n\n</think>\n");
-    }
-    text
-}
-
-/// Counts tokens. (Until the tokenizer work lands: an estimate of four bytes per token.)
-fn count_tokens(_model: &CountingModel, text: &str) -> Result<usize, String> {
-    Ok(text.len().div_ceil(4))
+    let today = chrono::Local::now().date_naive();
+    let rendered = crate::chat::generate::render_prompt(
+        &model.formatter,
+        &model.tokenizer,
+        settings,
+        messages,
+        today,
+    );
+    model
+        .tokenizer
+        .encode_prompt(&rendered.text)
+        .map(|ids| ids.len())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -240,8 +230,9 @@ mod tests {
     fn counts_flag_drafts_that_cannot_fit() {
         let count = Count {
             total: 9000,
-            draft_alone: 9000,
+            draft_alone: 7000,
             context_length: 8192,
+            budget: 6144,
         };
         assert!(count.draft_too_long());
         assert!(!count.history_overflows());
@@ -249,9 +240,116 @@ mod tests {
             total: 9000,
             draft_alone: 100,
             context_length: 8192,
+            budget: 6144,
         };
         assert!(!count.draft_too_long());
         assert!(count.history_overflows());
         assert_eq!(count.fraction(), 1.0);
+    }
+
+    #[test]
+    fn the_reply_reserve_is_the_reply_limit_but_at_most_a_quarter() {
+        assert_eq!(reply_reserve(8192, 512), 512);
+        assert_eq!(reply_reserve(8192, 100_000), 2048);
+        assert_eq!(reply_reserve(8192, 0), 1);
+    }
+
+    fn smollm3_model(context_length: usize) -> Arc<CountingModel> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/tiny-smollm3-q4_k_m.gguf");
+        let path = if path.is_file() {
+            path
+        } else {
+            "/work/shared/fixtures/tiny-smollm3-q4_k_m.gguf".into()
+        };
+        let gguf = crate::engine::gguf::GgufFile::open(&path).unwrap();
+        let info = crate::engine::ModelInfo::from_gguf(&gguf).unwrap();
+        let tokenizer = Arc::new(GgufTokenizer::from_gguf(&gguf).unwrap());
+        Arc::new(CountingModel {
+            formatter: PromptFormatter::new(info.chat_template.as_deref(), None),
+            tokenizer,
+            context_length,
+        })
+    }
+
+    #[test]
+    fn counts_match_the_prompt_the_worker_builds() {
+        let model = smollm3_model(4096);
+        let settings = ChatSettings::default();
+        let history = vec![
+            Message::new(Role::User, "Hello there"),
+            Message::new(Role::Assistant, "Hi! How can I help?"),
+        ];
+        let request = CountRequest {
+            model: model.clone(),
+            settings: settings.clone(),
+            history: history.clone(),
+            draft: "Tell me a joke".into(),
+        };
+        let count = count_request(&request).unwrap();
+        let mut all = history;
+        all.push(Message::new(Role::User, "Tell me a joke"));
+        let today = chrono::Local::now().date_naive();
+        let prompt = crate::chat::generate::render_prompt(
+            &model.formatter,
+            &model.tokenizer,
+            &settings,
+            &all,
+            today,
+        );
+        let expected = model.tokenizer.encode_prompt(&prompt.text).unwrap().len();
+        assert_eq!(count.total, expected);
+        assert!(count.draft_alone < count.total);
+        assert_eq!(count.budget, 4096 - 1024);
+    }
+
+    #[test]
+    fn thinking_changes_the_count() {
+        let model = smollm3_model(4096);
+        let mut request = CountRequest {
+            model,
+            settings: ChatSettings::default(),
+            history: Vec::new(),
+            draft: "Hi".into(),
+        };
+        let with_thinking = count_request(&request).unwrap().total;
+        request.settings.thinking = false;
+        let without = count_request(&request).unwrap().total;
+        // SmolLM3's template explains the reasoning mode in its system block, and pre-fills an
+        // empty think block when thinking is off: the two prompts differ.
+        assert_ne!(without, with_thinking);
+    }
+
+    #[test]
+    fn the_meter_counts_in_the_background_and_keeps_the_newest() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut meter = TokenMeter::new(Arc::new(move || {
+            let _ = tx.send(());
+        }));
+        let model = smollm3_model(1024);
+        let request = |draft: &str| CountRequest {
+            model: model.clone(),
+            settings: ChatSettings::default(),
+            history: Vec::new(),
+            draft: draft.to_string(),
+        };
+        let start = Instant::now();
+        assert_eq!(meter.update(1, start, || Some(request("short"))), None);
+        rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        meter.update(1, start, || None);
+        let (first, current) = meter.latest().unwrap();
+        assert!(current);
+        let first = first.clone().unwrap();
+        assert!(!first.draft_too_long());
+        // A new draft waits for the debounce, then counts.
+        let long = "word ".repeat(1000);
+        assert!(meter.update(2, start, || Some(request(&long))).is_some());
+        assert!(!meter.latest().unwrap().1, "the old count is stale now");
+        meter.update(2, start + DEBOUNCE, || Some(request(&long)));
+        rx.recv_timeout(Duration::from_secs(30)).unwrap();
+        meter.update(2, start + DEBOUNCE, || None);
+        let (second, current) = meter.latest().unwrap();
+        assert!(current);
+        assert!(second.as_ref().unwrap().draft_too_long());
     }
 }

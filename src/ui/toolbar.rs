@@ -88,7 +88,7 @@ fn model_button(app: &App, ui: &mut Ui, actions: &mut Vec<Action>, toggle_model_
             cancelling,
             ..
         } => {
-            ui.spinner();
+            super::widgets::spinner(ui);
             ui.label(format!("Loading {}", file_name(path)));
             ui.add(
                 egui::ProgressBar::new(*fraction)

@@ -99,8 +99,8 @@ impl Fake {
             id,
             prompt_tokens: 42,
             prompt_text: prompt_text.to_string(),
-            dropped_messages,
             template_fallback: None,
+            dropped_messages,
         });
     }
 
