@@ -25,7 +25,6 @@ fn prompt_tokens_and_greedy_tokens_match_llama_cpp() {
     )
     .expect("load");
     let eos = reference["eos"].as_u64().expect("eos") as u32;
-    let mut full_matches = 0;
     for case in reference["cases"].as_array().expect("cases") {
         let question = case["question"].as_str().expect("question");
         let prompt = case["prompt"].as_str().expect("prompt");
@@ -35,45 +34,54 @@ fn prompt_tokens_and_greedy_tokens_match_llama_cpp() {
         let prompt_ids = engine.tokenizer().encode_prompt(prompt).expect("tokenize");
         assert_eq!(prompt_ids, expected_prompt, "prompt tokens of {question:?}");
 
+        // The whole reply, token by token, as llama.cpp generated it: prefill, then decode.
         let mut logits = engine.prefill(&prompt_ids).expect("prefill").logits;
         let mut generated = Vec::new();
-        let mut divergence_margin = None;
         while generated.len() < expected.len() {
             let next = argmax(&logits);
-            let want = expected[generated.len()];
-            if next != want && divergence_margin.is_none() {
-                divergence_margin = Some(logits[next as usize] - logits[want as usize]);
-            }
             generated.push(next);
             if next == eos {
                 break;
             }
             logits = engine.decode(next).expect("decode");
         }
-        let matching = generated
-            .iter()
-            .zip(&expected)
-            .take_while(|(a, b)| a == b)
-            .count();
         eprintln!(
-            "{question:?}: {matching}/{} greedy tokens match llama.cpp (divergence margin {divergence_margin:?})",
+            "{question:?}: {} greedy tokens generated, llama.cpp has {}",
+            generated.len(),
             expected.len()
         );
-        if matching >= expected.len().min(20) {
-            full_matches += 1;
-        } else {
-            // Where we part ways the two candidates must be a near tie, not a wrong model.
-            let margin = divergence_margin.unwrap_or(f32::INFINITY);
-            assert!(
-                margin < 0.05,
-                "{question:?}: diverges after {matching} tokens with margin {margin}\nours:   {generated:?}\ntheirs: {expected:?}"
-            );
-        }
+        assert_eq!(
+            generated, expected,
+            "{question:?}: greedy reply differs from llama.cpp's"
+        );
     }
-    // At most one of the four replies may part ways (on a near tie) before 20 tokens.
+}
+
+/// A first token that llama.cpp picks by a 0.02 margin is picked the same way: every operation
+/// (Q8_1 activations, RMSNorm, RoPE, f16 attention, softmax, SwiGLU) rounds as its CPU backend
+/// does (`scripts/llamacpp/logits.py` shows the logits equal to the last bit).
+#[test]
+fn a_near_tie_is_resolved_like_llama_cpp() {
+    let reference = common::read_json("smollm2-135m-chat.ref.json");
+    let mut engine = Engine::load(
+        &common::smollm2_path(),
+        &LoadOptions::default(),
+        &mut |_| true,
+    )
+    .expect("load");
+    // The haiku prompt: llama.cpp's top two first tokens are only 0.02 apart there.
+    let case = &reference["cases"][1];
+    let logits = engine
+        .prefill(&ids(&case["prompt_tokens"]))
+        .expect("prefill")
+        .logits;
+    let first = ids(&case["generated"])[0];
+    assert_eq!(argmax(&logits), first);
+    let mut sorted = logits.clone();
+    sorted.sort_by(|a, b| b.total_cmp(a));
     assert!(
-        full_matches >= 3,
-        "only {full_matches} replies match llama.cpp"
+        sorted[0] - sorted[1] < 0.05,
+        "the case should be a near tie"
     );
 }
 

@@ -302,6 +302,33 @@ fn think_off_is_sent_with_the_request() {
 }
 
 #[test]
+fn new_chats_use_the_loaded_models_recommended_sampling() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    send_message(&mut harness, "Hello SmolLM3");
+    let request = fake.last_request();
+    assert_eq!(
+        (
+            request.settings.sampling.temperature,
+            request.settings.sampling.top_p
+        ),
+        (0.6, 0.95)
+    );
+    fake.finished(request.id, GenerationStats::default());
+    harness.run_steps(3);
+
+    // SmolLM2 (Llama architecture) recommends temperature 0.2 and top-p 0.9.
+    fake.push(loaded_event(&common::smollm2_path()));
+    harness.run_steps(3);
+    harness.key_press_modifiers(Modifiers::COMMAND, Key::N);
+    harness.run_steps(2);
+    send_message(&mut harness, "Hello SmolLM2");
+    let smollm2 = fake.last_request().settings.sampling;
+    assert_eq!((smollm2.temperature, smollm2.top_p), (0.2, 0.9));
+}
+
+#[test]
 fn regenerate_and_edit_replace_replies() {
     let fake = Fake::default();
     let dirs = dirs();

@@ -1,8 +1,10 @@
 //! The inference engine: GGUF parsing and validation, the quantized transformer, the tokenizer
 //! built from GGUF metadata, and token sampling. Nothing here knows about the UI.
 
+pub mod attention;
 pub mod error;
 pub mod gguf;
+pub mod kernels;
 pub mod model;
 pub mod model_info;
 pub mod sampling;

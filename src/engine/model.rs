@@ -7,45 +7,59 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use candle_core::quantized::k_quants::{self, BlockQ6K};
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
+use half::f16;
+
+use super::attention::{AttentionShape, KvRows, SumOrder, attend, swiglu};
 use super::error::{EngineError, Result};
 use super::gguf::{GgufFile, TensorInfo};
+use super::kernels;
 use super::model_info::{HParams, ModelInfo, expected_tensors};
 
-/// Most tokens computed in one forward call; longer inputs are split so attention scores stay
-/// small (n_head × chunk × context floats).
+/// Most tokens computed in one forward call (llama.cpp's default batch); longer inputs are split
+/// so activations stay small.
 pub const PREFILL_CHUNK: usize = 512;
 
 /// One transformer block's weights.
 struct Block {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     wq: Linear,
     wk: Linear,
     wv: Linear,
     wo: Linear,
-    ffn_norm: Tensor,
+    ffn_norm: Vec<f32>,
     w_gate: Linear,
     w_up: Linear,
     w_down: Linear,
     uses_rope: bool,
 }
 
-/// Keys and values of one layer for the tokens seen so far, in a buffer that grows on demand.
-struct LayerCache {
-    /// Element type of the cache: F16 (llama.cpp's default, half the memory) or F32.
-    dtype: DType,
-    /// `(n_head_kv, capacity, head_dim)` keys; only the first `len` positions are valid.
-    k: Option<Tensor>,
-    v: Option<Tensor>,
+/// Keys and values of one layer for the tokens seen so far.
+enum LayerCache {
+    /// f16 entries, as llama.cpp's default cache (half the memory).
+    F16(KvRows<f16>),
+    /// f32 entries, for exact comparisons.
+    F32(KvRows<f32>),
 }
 
-/// Precomputed RoPE rotation tables for positions `0..capacity`.
+impl LayerCache {
+    fn new(f32_entries: bool) -> Self {
+        if f32_entries {
+            Self::F32(KvRows::default())
+        } else {
+            Self::F16(KvRows::default())
+        }
+    }
+}
+
+/// RoPE rotations for positions `0..capacity`, `(cos, sin)` per position and pair, computed as
+/// llama.cpp does (angles stepped by repeated f32 multiplication).
 struct RopeTables {
-    cos: Tensor,
-    sin: Tensor,
+    pairs: usize,
+    cos_sin: Vec<(f32, f32)>,
 }
 
 /// A loaded SmolLM3 or Llama model with its KV cache.
@@ -53,12 +67,13 @@ pub struct Model {
     hparams: HParams,
     embedding: Arc<QTensor>,
     output: Linear,
-    output_norm: Tensor,
+    output_norm: Vec<f32>,
     blocks: Vec<Block>,
     rope: RopeTables,
     cache: Vec<LayerCache>,
     cache_len: usize,
     max_context: usize,
+    attention_order: SumOrder,
 }
 
 impl Model {
@@ -84,19 +99,19 @@ impl Model {
         for i in 0..h.n_layer {
             let name = |n: &str| format!("blk.{i}.{n}.weight");
             blocks.push(Block {
-                attn_norm: loader.dense(&name("attn_norm"))?,
+                attn_norm: loader.dense(&name("attn_norm"))?.to_vec1()?,
                 wq: loader.matmul(&name("attn_q"))?,
                 wk: loader.matmul(&name("attn_k"))?,
                 wv: loader.matmul(&name("attn_v"))?,
                 wo: loader.matmul(&name("attn_output"))?,
-                ffn_norm: loader.dense(&name("ffn_norm"))?,
+                ffn_norm: loader.dense(&name("ffn_norm"))?.to_vec1()?,
                 w_gate: loader.matmul(&name("ffn_gate"))?,
                 w_up: loader.matmul(&name("ffn_up"))?,
                 w_down: loader.matmul(&name("ffn_down"))?,
                 uses_rope: h.layer_uses_rope(i),
             });
         }
-        let output_norm = loader.dense("output_norm.weight")?;
+        let output_norm = loader.dense("output_norm.weight")?.to_vec1()?;
         let output = if info.tied_embeddings {
             Linear::new(embedding.clone())?
         } else {
@@ -109,15 +124,9 @@ impl Model {
         drop(loader);
 
         let max_context = max_context.clamp(1, h.context_length);
-        let rope = RopeTables::new(&h, max_context, freq_factors.as_deref())?;
+        let rope = RopeTables::new(&h, max_context, freq_factors.as_deref());
         Ok(Self {
-            cache: (0..h.n_layer)
-                .map(|_| LayerCache {
-                    dtype: DType::F16,
-                    k: None,
-                    v: None,
-                })
-                .collect(),
+            cache: (0..h.n_layer).map(|_| LayerCache::new(false)).collect(),
             hparams: h,
             embedding,
             output,
@@ -126,6 +135,7 @@ impl Model {
             rope,
             cache_len: 0,
             max_context,
+            attention_order: SumOrder::default(),
         })
     }
 
@@ -153,18 +163,22 @@ impl Model {
     /// comparisons. Clears the cache.
     pub fn set_kv_cache_f32(&mut self, f32_cache: bool) {
         self.clear_cache();
-        let dtype = if f32_cache { DType::F32 } else { DType::F16 };
         for layer in &mut self.cache {
-            layer.dtype = dtype;
+            *layer = LayerCache::new(f32_cache);
         }
+    }
+
+    /// Chooses how attention sums (llama.cpp's order by default; see [`SumOrder`]).
+    pub fn set_attention_order(&mut self, order: SumOrder) {
+        self.attention_order = order;
     }
 
     /// Forgets the whole cache and frees its memory.
     pub fn clear_cache(&mut self) {
         self.cache_len = 0;
+        let f32_cache = matches!(self.cache.first(), Some(LayerCache::F32(_)));
         for layer in &mut self.cache {
-            layer.k = None;
-            layer.v = None;
+            *layer = LayerCache::new(f32_cache);
         }
     }
 
@@ -208,29 +222,35 @@ impl Model {
     ) -> Result<Option<Tensor>> {
         let seq = tokens.len();
         let offset = self.cache_len;
+        let eps = self.hparams.rms_eps as f32;
         let ids = Tensor::new(tokens, &Device::Cpu)?;
         let mut x = self.embedding.embedding(&ids)?;
-        let mask = causal_mask(seq, offset)?;
-        let (cos, sin) = self.rope.window(offset, seq)?;
         for (block, cache) in self.blocks.iter().zip(self.cache.iter_mut()) {
-            let attn_in =
-                candle_nn::ops::rms_norm(&x, &block.attn_norm, self.hparams.rms_eps as f32)?;
+            let attn_in = kernels::rms_norm(&x, &block.attn_norm, eps)?;
             let attn = attention(
                 block,
                 cache,
                 &self.hparams,
+                &self.rope,
+                self.attention_order,
                 &attn_in,
                 offset,
-                mask.as_ref(),
-                &cos,
-                &sin,
             )?;
             x = (x + attn)?;
-            let ffn_in =
-                candle_nn::ops::rms_norm(&x, &block.ffn_norm, self.hparams.rms_eps as f32)?;
-            let gate = candle_nn::ops::silu(&block.w_gate.forward(&ffn_in)?)?;
-            let up = block.w_up.forward(&ffn_in)?;
-            x = (x + block.w_down.forward(&(gate * up)?)?)?;
+            let ffn_in = kernels::rms_norm(&x, &block.ffn_norm, eps)?;
+            let gate = block
+                .w_gate
+                .forward(&ffn_in)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let up = block
+                .w_up
+                .forward(&ffn_in)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let hidden =
+                Tensor::from_vec(swiglu(&gate, &up), (seq, gate.len() / seq), &Device::Cpu)?;
+            x = (x + block.w_down.forward(&hidden)?)?;
         }
         self.cache_len = offset + seq;
         if !want_logits {
@@ -239,214 +259,124 @@ impl Model {
         if !all_positions {
             x = x.narrow(0, seq - 1, 1)?;
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.output_norm, self.hparams.rms_eps as f32)?;
+        let x = kernels::rms_norm(&x, &self.output_norm, eps)?;
         Ok(Some(self.output.forward(&x)?))
     }
 }
 
-/// A weight matrix applied to `(tokens, in)` activations.
-///
-/// Q6_K weights bypass candle's repacked kernel, whose multi-row tiles round differently from its
-/// single-row path: through the generic kernel every row is computed the same way whether it is
-/// decoded alone or prefilled with others, so incremental decoding reproduces a prefill's logits.
+/// A weight matrix applied to `(tokens, in)` activations (see [`kernels`] for why some types
+/// bypass candle's `QMatMul`).
 enum Linear {
-    /// Candle's quantized matmul (Q4_K and others; plain f32 matmul for float weights).
+    /// Candle's quantized matmul (Q4_0, Q8_0 and others; plain matmul for float weights).
     Candle(QMatMul),
-    /// Q6_K weights `(n_out, n_in)` through the row-independent generic kernel.
+    /// Q4_1 weights `(n_out, n_in)` with llama.cpp's Q8_1 rounding.
+    Q4_1(Arc<QTensor>),
+    /// Q4_K weights `(n_out, n_in)` through the generic kernel.
+    Q4K(Arc<QTensor>),
+    /// Q6_K weights `(n_out, n_in)` through the generic kernel.
     Q6K(Arc<QTensor>),
 }
 
 impl Linear {
     fn new(weight: Arc<QTensor>) -> Result<Self> {
-        Ok(if weight.dtype() == GgmlDType::Q6K {
-            Self::Q6K(weight)
-        } else {
-            Self::Candle(QMatMul::from_arc(weight)?)
+        Ok(match weight.dtype() {
+            GgmlDType::Q4K if !repacked_q4k() => Self::Q4K(weight),
+            GgmlDType::Q6K => Self::Q6K(weight),
+            GgmlDType::Q4_1 => Self::Q4_1(weight),
+            _ => Self::Candle(QMatMul::from_arc(weight)?),
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Self::Candle(m) => Ok(m.forward(x)?),
-            Self::Q6K(w) => q6k_matmul(w, x),
+            Self::Q4_1(w) => kernels::q4_1_matmul(w, x),
+            Self::Q4K(w) => kernels::generic_matmul::<BlockQ4K>(w, x),
+            Self::Q6K(w) => kernels::generic_matmul::<BlockQ6K>(w, x),
         }
     }
 }
 
-/// `x (m, k) × wᵀ` for a Q6_K `w (n, k)` with candle's generic k-quant kernel.
-fn q6k_matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
-    let (n, k) = w.shape().dims2()?;
-    let (m, xk) = x.dims2()?;
-    if xk != k {
-        return Err(candle_core::Error::Msg(format!("matmul shape mismatch: {k} vs {xk}")).into());
-    }
-    let lhs = x.flatten_all()?.to_vec1::<f32>()?;
-    let data = w.data()?;
-    let block_bytes = std::mem::size_of::<BlockQ6K>();
-    let n_blocks = data.len() / block_bytes;
-    if n_blocks * block_bytes != data.len()
-        || data.as_ptr().align_offset(std::mem::align_of::<BlockQ6K>()) != 0
-    {
-        return Err(candle_core::Error::Msg("misaligned Q6_K storage".into()).into());
-    }
-    // SAFETY: the storage is candle's own Vec<BlockQ6K> (length and alignment checked above),
-    // and BlockQ6K is a plain repr(C) struct of integers and an f16.
-    let blocks: &[BlockQ6K] =
-        unsafe { std::slice::from_raw_parts(data.as_ptr().cast::<BlockQ6K>(), n_blocks) };
-    let mut dst = vec![0f32; m * n];
-    k_quants::matmul::<BlockQ6K>((m, k, n), &lhs, blocks, &mut dst)?;
-    Ok(Tensor::from_vec(dst, (m, n), &Device::Cpu)?)
+/// Whether Q4_K weights use candle's repacked x86 kernel (`SMOLDESK_Q4K_REPACK=1`, for
+/// benchmarks) instead of the generic one.
+fn repacked_q4k() -> bool {
+    std::env::var_os("SMOLDESK_Q4K_REPACK").is_some_and(|v| v == "1")
 }
 
-/// Self-attention of one block for `x` (`seq × n_embd`), appending keys and values to `cache`.
-#[allow(clippy::too_many_arguments)]
+/// Self-attention of one block for `x` (`seq × n_embd`) at positions `offset..`, appending
+/// keys and values to `cache`.
 fn attention(
     block: &Block,
     cache: &mut LayerCache,
     h: &HParams,
+    rope: &RopeTables,
+    order: SumOrder,
     x: &Tensor,
     offset: usize,
-    mask: Option<&Tensor>,
-    cos: &Tensor,
-    sin: &Tensor,
 ) -> Result<Tensor> {
     let seq = x.dim(0)?;
-    let (n_head, n_kv, hd) = (h.n_head, h.n_head_kv, h.head_dim);
-    let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-        Ok(t.reshape((seq, n, hd))?.transpose(0, 1)?.contiguous()?)
-    };
-    let mut q = heads(block.wq.forward(x)?, n_head)?;
-    let mut k = heads(block.wk.forward(x)?, n_kv)?;
-    let v = heads(block.wv.forward(x)?, n_kv)?;
+    let project = |w: &Linear| -> Result<Vec<f32>> { Ok(w.forward(x)?.flatten_all()?.to_vec1()?) };
+    let mut q = project(&block.wq)?;
+    let mut k = project(&block.wk)?;
+    let v = project(&block.wv)?;
     if block.uses_rope {
-        q = rope(&q, cos, sin)?;
-        k = rope(&k, cos, sin)?;
+        rope.apply(&mut q, offset, seq, h.head_dim);
+        rope.apply(&mut k, offset, seq, h.head_dim);
     }
-    let (k_all, v_all) = cache.append(&k, &v, offset)?;
-    let total = offset + seq;
-    let kv_dtype = k_all.dtype();
-
-    // Query heads sharing a KV head are stacked so one batched matmul serves the group.
-    let n_rep = n_head / n_kv;
-    let q = q.reshape((n_kv, n_rep * seq, hd))?.to_dtype(kv_dtype)?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let scores = (q.matmul(&k_all.t()?)?.to_dtype(DType::F32)? * scale)?;
-    let scores = match mask {
-        Some(mask) => scores
-            .reshape((n_kv, n_rep, seq, total))?
-            .broadcast_add(mask)?
-            .reshape((n_kv, n_rep * seq, total))?,
-        None => scores,
+    let shape = AttentionShape {
+        n_head: h.n_head,
+        n_kv: h.n_head_kv,
+        head_dim: h.head_dim,
+        offset,
+        seq,
+        order,
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(kv_dtype)?;
-    let out = probs.matmul(&v_all)?.to_dtype(DType::F32)?;
-    let out = out
-        .reshape((n_head, seq, hd))?
-        .transpose(0, 1)?
-        .reshape((seq, n_head * hd))?;
+    let row = h.n_head_kv * h.head_dim;
+    let out = match cache {
+        LayerCache::F16(kv) => {
+            kv.append(offset, row, &k, &v);
+            attend(&q, kv, shape)
+        }
+        LayerCache::F32(kv) => {
+            kv.append(offset, row, &k, &v);
+            attend(&q, kv, shape)
+        }
+    };
+    let out = Tensor::from_vec(out, (seq, h.n_head * h.head_dim), &Device::Cpu)?;
     block.wo.forward(&out)
 }
 
-/// Applies interleaved (adjacent-pair) RoPE to `(heads, seq, head_dim)`.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let x = x.unsqueeze(0)?;
-    Ok(candle_nn::rotary_emb::rope_i(&x, cos, sin)?.squeeze(0)?)
-}
-
-/// `-inf` above the diagonal for a chunk of `seq` queries starting at position `offset`;
-/// `None` for a single query, which may see everything.
-fn causal_mask(seq: usize, offset: usize) -> Result<Option<Tensor>> {
-    if seq <= 1 {
-        return Ok(None);
-    }
-    let total = offset + seq;
-    let mask: Vec<f32> = (0..seq)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Ok(Some(Tensor::from_vec(mask, (seq, total), &Device::Cpu)?))
-}
-
-impl LayerCache {
-    /// Stores `k`/`v` (`(n_kv, seq, head_dim)`) at `offset` and returns views of all
-    /// `offset + seq` cached positions.
-    fn append(&mut self, k: &Tensor, v: &Tensor, offset: usize) -> Result<(Tensor, Tensor)> {
-        let (n_kv, seq, hd) = k.dims3()?;
-        let total = offset + seq;
-        let capacity = self.k.as_ref().map_or(0, |t| t.dim(1).unwrap_or(0));
-        if total > capacity {
-            let new_capacity = total.max(capacity * 2).max(256).next_multiple_of(256);
-            let shape = (n_kv, new_capacity, hd);
-            self.k = Some(grow(self.k.take(), offset, shape, self.dtype)?);
-            self.v = Some(grow(self.v.take(), offset, shape, self.dtype)?);
-        }
-        let (Some(k_buf), Some(v_buf)) = (&self.k, &self.v) else {
-            return Err(EngineError::Candle(candle_core::Error::Msg(
-                "KV cache buffer missing".into(),
-            )));
-        };
-        k_buf.slice_set(&k.to_dtype(self.dtype)?, 1, offset)?;
-        v_buf.slice_set(&v.to_dtype(self.dtype)?, 1, offset)?;
-        Ok((k_buf.narrow(1, 0, total)?, v_buf.narrow(1, 0, total)?))
-    }
-}
-
-/// A zeroed buffer of `shape` holding the first `keep` positions of `old`.
-fn grow(
-    old: Option<Tensor>,
-    keep: usize,
-    shape: (usize, usize, usize),
-    dtype: DType,
-) -> Result<Tensor> {
-    let buf = Tensor::zeros(shape, dtype, &Device::Cpu)?;
-    if let Some(old) = old
-        && keep > 0
-    {
-        buf.slice_set(&old.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
-    }
-    Ok(buf)
-}
-
 impl RopeTables {
-    fn new(h: &HParams, positions: usize, freq_factors: Option<&[f32]>) -> Result<Self> {
-        let half = h.head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| {
-                let base = h.rope_theta.powf(-2.0 * i as f64 / h.head_dim as f64);
-                let factor = freq_factors
-                    .and_then(|f| f.get(i))
-                    .map_or(1.0, |&f| f as f64);
-                base / factor
-            })
-            .collect();
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
+    fn new(h: &HParams, positions: usize, freq_factors: Option<&[f32]>) -> Self {
+        let pairs = h.head_dim / 2;
+        let theta_scale = (h.rope_theta as f32).powf(-2.0 / h.head_dim as f32);
+        let mut cos_sin = Vec::with_capacity(positions * pairs);
         for p in 0..positions {
-            for f in &inv_freq {
-                let angle = p as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+            let mut theta = p as f32;
+            for i in 0..pairs {
+                let factor = freq_factors.and_then(|f| f.get(i)).copied().unwrap_or(1.0);
+                let angle = theta / factor;
+                cos_sin.push((angle.cos(), angle.sin()));
+                theta *= theta_scale;
             }
         }
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (positions, half), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (positions, half), &Device::Cpu)?,
-        })
+        Self { pairs, cos_sin }
     }
 
-    /// The rows for positions `offset..offset + seq`.
-    fn window(&self, offset: usize, seq: usize) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.cos.narrow(0, offset, seq)?.contiguous()?,
-            self.sin.narrow(0, offset, seq)?.contiguous()?,
-        ))
+    /// Rotates adjacent pairs of every head of `x` (`seq × heads × head_dim`) for positions
+    /// `offset..`.
+    fn apply(&self, x: &mut [f32], offset: usize, seq: usize, head_dim: usize) {
+        for (t, row) in x.chunks_mut(x.len() / seq).enumerate() {
+            let table = &self.cos_sin[(offset + t) * self.pairs..][..self.pairs];
+            for head in row.chunks_mut(head_dim) {
+                for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(table) {
+                    let (x0, x1) = (pair[0], pair[1]);
+                    // llama.cpp's compiled `x0*cos - x1*sin` fuses the first product.
+                    pair[0] = x0.mul_add(cos, -(x1 * sin));
+                    pair[1] = x0.mul_add(sin, x1 * cos);
+                }
+            }
+        }
     }
 }
 

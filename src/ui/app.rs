@@ -17,6 +17,7 @@ use super::token_meter::{CountingModel, TokenMeter};
 use super::{chat_view, composer, model_panel, settings, shortcuts, sidebar, toolbar};
 use crate::chat::conversation::{ChatSettings, Conversation};
 use crate::chat::store::ConversationStore;
+use crate::engine::sampling::model_defaults;
 use crate::engine::tokenizer::GgufTokenizer;
 use crate::engine::{LoadOptions, ModelInfo};
 use crate::worker::WorkerHandle;
@@ -339,6 +340,7 @@ impl App {
         };
         if let Some(model) = self.loaded_model() {
             settings.thinking &= model.info.can_think;
+            settings.sampling = model_defaults(model.info.architecture);
         }
         settings
     }

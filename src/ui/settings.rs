@@ -37,8 +37,9 @@ pub fn show_window(app: &mut App, ctx: &egui::Context) {
 fn contents(app: &mut App, ui: &mut Ui) {
     section(ui, "This conversation");
     let mut changed = false;
+    let defaults = app.new_chat_settings().sampling;
     if let Some(conversation) = app.current_mut() {
-        changed = conversation_settings(ui, &mut conversation.settings);
+        changed = conversation_settings(ui, &mut conversation.settings, &defaults);
     }
     if changed {
         app.settings_changed();
@@ -62,8 +63,13 @@ fn section(ui: &mut Ui, title: &str) {
     ui.separator();
 }
 
-/// System prompt and sampling; returns whether anything changed.
-pub fn conversation_settings(ui: &mut Ui, settings: &mut ChatSettings) -> bool {
+/// System prompt and sampling; returns whether anything changed. "Reset sampling" restores
+/// `defaults` (the loaded model's recommended settings).
+pub fn conversation_settings(
+    ui: &mut Ui,
+    settings: &mut ChatSettings,
+    defaults: &SamplingParams,
+) -> bool {
     let mut changed = false;
     let label = ui.label("System prompt");
     let prompt = ui.add(
@@ -74,11 +80,11 @@ pub fn conversation_settings(ui: &mut Ui, settings: &mut ChatSettings) -> bool {
     );
     changed |= prompt.labelled_by(label.id).changed();
     ui.add_space(6.0);
-    changed |= sampling(ui, &mut settings.sampling);
+    changed |= sampling(ui, &mut settings.sampling, defaults);
     changed
 }
 
-fn sampling(ui: &mut Ui, params: &mut SamplingParams) -> bool {
+fn sampling(ui: &mut Ui, params: &mut SamplingParams, defaults: &SamplingParams) -> bool {
     let mut changed = false;
     let muted = theme::muted_text_color(ui.visuals());
     changed |= ui
@@ -129,8 +135,12 @@ fn sampling(ui: &mut Ui, params: &mut SamplingParams) -> bool {
         .on_hover_text("The same seed and conversation give the same reply")
         .changed();
     ui.horizontal(|ui| {
-        if ui.button("Reset sampling").clicked() {
-            *params = SamplingParams::default();
+        if ui
+            .button("Reset sampling")
+            .on_hover_text("The loaded model's recommended settings")
+            .clicked()
+        {
+            *params = defaults.clone();
             changed = true;
         }
         ui.label(

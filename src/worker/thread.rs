@@ -135,7 +135,8 @@ struct Worker {
     epochs: Arc<Epochs>,
     engine: Option<Engine>,
     formatter: PromptFormatter,
-    template_override: Option<(PathBuf, String)>,
+    /// Source of the user's chat template file, used instead of the model's own.
+    template_override: Option<String>,
 }
 
 impl Worker {
@@ -223,7 +224,7 @@ impl Worker {
     }
 
     fn make_formatter(&self, embedded: Option<&str>) -> PromptFormatter {
-        let override_source = self.template_override.as_ref().map(|(_, s)| s.as_str());
+        let override_source = self.template_override.as_deref();
         PromptFormatter::new(embedded, override_source)
     }
 
@@ -231,7 +232,7 @@ impl Worker {
         self.template_override = match path {
             None => None,
             Some(path) => match std::fs::read_to_string(&path) {
-                Ok(source) => Some((path, source)),
+                Ok(source) => Some(source),
                 Err(err) => {
                     self.send(Event::Error {
                         id: None,

@@ -1,0 +1,528 @@
+//! Causal self-attention over a KV cache, rounded the way llama.cpp's CPU backend rounds it.
+//!
+//! A 3B model's greedy choice can hinge on logits 0.01 apart, and 8-bit activation rounding in
+//! the next matmul turns any last-bit difference into a visible one. So this follows llama.cpp
+//! (non-flash attention, f16 cache) operation by operation: queries and probabilities rounded to
+//! the cache precision, dot products summed in the same lane order (its tiled `sgemm` for
+//! prompts, `ggml_vec_dot_f16` for single tokens), its `expf` polynomial, its softmax sums.
+//! Products of two f16 values are exact in f32, so a plain multiply-add equals its fused one.
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+/// Lanes of one AVX register of f32, the unit of llama.cpp's summation order.
+const LANES: usize = 8;
+/// Accumulators of `ggml_vec_dot_f16` (32 values per step).
+const DOT_ACCUMULATORS: usize = 4;
+
+/// A value type the KV cache can hold: f16 (llama.cpp's default) or f32.
+pub trait KvValue: Copy + Send + Sync + 'static {
+    /// Rounds an f32 to this type.
+    fn from_f32(value: f32) -> Self;
+    /// Widens to f32 (exact).
+    fn to_f32(self) -> f32;
+    /// Widens a slice into `dst` (same length).
+    fn widen(src: &[Self], dst: &mut [f32]);
+}
+
+impl KvValue for f16 {
+    fn from_f32(value: f32) -> Self {
+        f16::from_f32(value)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        src.convert_to_f32_slice(dst);
+    }
+}
+
+impl KvValue for f32 {
+    fn from_f32(value: f32) -> Self {
+        value
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+}
+
+/// Keys and values of one layer, one row of `n_kv × head_dim` per position.
+#[derive(Debug, Default)]
+pub struct KvRows<T> {
+    /// Keys, position-major.
+    pub k: Vec<T>,
+    /// Values, position-major.
+    pub v: Vec<T>,
+}
+
+impl<T: KvValue> KvRows<T> {
+    /// Keeps the first `positions` rows of `row` values each and appends `k`/`v` (f32,
+    /// `seq × row`), rounded to `T`. Capacity grows in steps of 256 positions.
+    pub fn append(&mut self, positions: usize, row: usize, k: &[f32], v: &[f32]) {
+        for (store, new) in [(&mut self.k, k), (&mut self.v, v)] {
+            store.truncate(positions * row);
+            let needed = store.len() + new.len();
+            if needed > store.capacity() {
+                let target = (needed / row).next_multiple_of(256) * row;
+                store.reserve_exact(target - store.len());
+            }
+            store.extend(new.iter().map(|&x| T::from_f32(x)));
+        }
+    }
+}
+
+/// Shapes of one attention call.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads (grouped-query attention shares each among `n_head / n_kv` queries).
+    pub n_kv: usize,
+    /// Values per head.
+    pub head_dim: usize,
+    /// Cached positions before this chunk.
+    pub offset: usize,
+    /// Query positions in this chunk.
+    pub seq: usize,
+    /// How dot products are summed.
+    pub order: SumOrder,
+}
+
+/// The order attention sums its dot products in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SumOrder {
+    /// As llama.cpp: its tiled sgemm order for a chunk of several tokens, `ggml_vec_dot_f16`'s
+    /// for a single token. Logits then equal llama.cpp's to the last bit, but a token decoded
+    /// alone can round differently from the same token inside a prompt (so does llama.cpp).
+    #[default]
+    LlamaCpp,
+    /// One order for every row, so decoding token by token reproduces a prefill exactly.
+    SameForEveryRow,
+}
+
+/// Query tokens one parallel task handles (its keys and values are widened to f32 once).
+const TOKENS_PER_TASK: usize = 16;
+
+/// Attention of `q` (`seq × n_head × head_dim`, after RoPE) over the cached keys and values of
+/// positions `0..offset + seq`, causal. Returns `seq × n_head × head_dim`. Runs on the current
+/// rayon pool, one task per (KV head, block of query tokens).
+pub fn attend<T: KvValue>(q: &[f32], kv: &KvRows<T>, shape: AttentionShape) -> Vec<f32> {
+    let blocks = shape.seq.div_ceil(TOKENS_PER_TASK);
+    let tasks: Vec<(usize, usize)> = (0..shape.n_kv)
+        .flat_map(|g| (0..blocks).map(move |b| (g, b)))
+        .collect();
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(g, block)| attend_group_dispatch(q, kv, shape, g, block))
+        .collect();
+    let (n_rep, hd) = (shape.n_head / shape.n_kv, shape.head_dim);
+    let mut out = vec![0f32; shape.seq * shape.n_head * hd];
+    for (&(g, block), result) in tasks.iter().zip(&results) {
+        let first = block * TOKENS_PER_TASK;
+        for (i, head_out) in result.chunks_exact(hd).enumerate() {
+            let (t, r) = (first + i / n_rep, i % n_rep);
+            let h = g * n_rep + r;
+            out[(t * shape.n_head + h) * hd..][..hd].copy_from_slice(head_out);
+        }
+    }
+    out
+}
+
+/// [`attend_group`], compiled for AVX2 and FMA when the CPU has them.
+fn attend_group_dispatch<T: KvValue>(
+    q: &[f32],
+    kv: &KvRows<T>,
+    shape: AttentionShape,
+    g: usize,
+    block: usize,
+) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { attend_group_avx2(q, kv, shape, g, block) };
+    }
+    attend_group(q, kv, shape, g, block)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn attend_group_avx2<T: KvValue>(
+    q: &[f32],
+    kv: &KvRows<T>,
+    shape: AttentionShape,
+    g: usize,
+    block: usize,
+) -> Vec<f32> {
+    attend_group(q, kv, shape, g, block)
+}
+
+/// Outputs of the query heads sharing KV head `g`, for query tokens of `block`: `tokens ×
+/// n_rep × head_dim`.
+#[inline(always)]
+fn attend_group<T: KvValue>(
+    q: &[f32],
+    kv: &KvRows<T>,
+    shape: AttentionShape,
+    g: usize,
+    block: usize,
+) -> Vec<f32> {
+    let AttentionShape {
+        n_head,
+        n_kv,
+        head_dim: hd,
+        offset,
+        seq,
+        ..
+    } = shape;
+    let n_rep = n_head / n_kv;
+    let scale = 1.0f32 / (hd as f32).sqrt();
+    // llama.cpp takes its tiled sgemm for two or more query rows, vec_dot for one.
+    let single = match shape.order {
+        SumOrder::LlamaCpp => seq == 1,
+        SumOrder::SameForEveryRow => false,
+    };
+    let first = block * TOKENS_PER_TASK;
+    let last = (first + TOKENS_PER_TASK).min(seq);
+    let visible_max = offset + last;
+    let widen = |store: &[T]| -> Vec<f32> {
+        let mut rows = vec![0f32; visible_max * hd];
+        for (j, row) in rows.chunks_exact_mut(hd).enumerate() {
+            T::widen(&store[(j * n_kv + g) * hd..][..hd], row);
+        }
+        rows
+    };
+    let (keys, values) = (widen(&kv.k), widen(&kv.v));
+    let mut out = vec![0f32; (last - first) * n_rep * hd];
+    let mut query = vec![0f32; hd];
+    let mut weights = Vec::with_capacity(visible_max);
+    for (t, out_t) in (first..last).zip(out.chunks_exact_mut(n_rep * hd)) {
+        let visible = offset + t + 1;
+        for (r, head_out) in out_t.chunks_exact_mut(hd).enumerate() {
+            let h = g * n_rep + r;
+            for (dst, &x) in query.iter_mut().zip(&q[(t * n_head + h) * hd..][..hd]) {
+                *dst = T::from_f32(x).to_f32();
+            }
+            weights.clear();
+            weights.extend(keys[..visible * hd].chunks_exact(hd).map(|key| {
+                let s = if single {
+                    dot_vec(key, &query)
+                } else {
+                    dot_tiled(key, &query)
+                };
+                s * scale
+            }));
+            softmax(&mut weights);
+            for w in &mut weights {
+                *w = T::from_f32(*w).to_f32();
+            }
+            if single {
+                weighted_sum_vec(&weights, &values, head_out);
+            } else {
+                weighted_sum_tiled(&weights, &values, head_out);
+            }
+        }
+    }
+    out
+}
+
+/// llama.cpp's horizontal sum of 8 lanes: high half plus low half, then pairs.
+#[inline(always)]
+fn hsum(lanes: &[f32; LANES]) -> f32 {
+    let a: [f32; 4] = std::array::from_fn(|i| lanes[i + 4] + lanes[i]);
+    (a[0] + a[2]) + (a[1] + a[3])
+}
+
+/// `ggml_vec_dot_f16`'s reduction of its 4 accumulators of 8 lanes (stored as 32 values).
+#[inline(always)]
+fn reduce_accumulators(acc: &[f32; LANES * DOT_ACCUMULATORS]) -> f32 {
+    let a01: [f32; LANES] = std::array::from_fn(|l| {
+        (acc[l] + acc[2 * LANES + l]) + (acc[LANES + l] + acc[3 * LANES + l])
+    });
+    let t0: [f32; 4] = std::array::from_fn(|i| a01[i] + a01[i + 4]);
+    (t0[0] + t0[1]) + (t0[2] + t0[3])
+}
+
+/// A dot product in the order of llama.cpp's tiled sgemm (8 lanes, then [`hsum`]). Lengths
+/// are multiples of 8 (head sizes).
+#[inline(always)]
+fn dot_tiled(x: &[f32], y: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    for (xs, ys) in x.chunks_exact(LANES).zip(y.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            lanes[l] += xs[l] * ys[l];
+        }
+    }
+    hsum(&lanes)
+}
+
+/// A dot product in the order of `ggml_vec_dot_f16` (4 × 8 lanes over steps of 32; the rest in
+/// f64).
+#[inline(always)]
+fn dot_vec(x: &[f32], y: &[f32]) -> f32 {
+    const STEP: usize = LANES * DOT_ACCUMULATORS;
+    let full = x.len() / STEP * STEP;
+    let mut acc = [0f32; STEP];
+    for (xs, ys) in x[..full]
+        .chunks_exact(STEP)
+        .zip(y[..full].chunks_exact(STEP))
+    {
+        for i in 0..STEP {
+            acc[i] += xs[i] * ys[i];
+        }
+    }
+    let mut sum = f64::from(reduce_accumulators(&acc));
+    for (a, b) in x[full..].iter().zip(&y[full..]) {
+        sum += f64::from(a * b);
+    }
+    sum as f32
+}
+
+/// `out[d] = Σ_j weights[j] · values[j][d]` summed like llama.cpp's tiled sgemm over `j`.
+#[inline(always)]
+fn weighted_sum_tiled(weights: &[f32], values: &[f32], out: &mut [f32]) {
+    let hd = out.len();
+    let mut lanes = vec![0f32; LANES * hd];
+    for (j, (&w, value)) in weights.iter().zip(values.chunks_exact(hd)).enumerate() {
+        let lane = &mut lanes[(j % LANES) * hd..][..hd];
+        for (acc, &v) in lane.iter_mut().zip(value) {
+            *acc += w * v;
+        }
+    }
+    for (d, o) in out.iter_mut().enumerate() {
+        *o = hsum(&std::array::from_fn(|l| lanes[l * hd + d]));
+    }
+}
+
+/// `out[d] = Σ_j weights[j] · values[j][d]` summed like `ggml_vec_dot_f16` over `j`. The KV
+/// length llama.cpp sums over is padded to 256 with zero weights, so no tail is left over.
+#[inline(always)]
+fn weighted_sum_vec(weights: &[f32], values: &[f32], out: &mut [f32]) {
+    const STEP: usize = LANES * DOT_ACCUMULATORS;
+    let hd = out.len();
+    let mut acc = vec![0f32; STEP * hd];
+    for (j, (&w, value)) in weights.iter().zip(values.chunks_exact(hd)).enumerate() {
+        let row = &mut acc[(j % STEP) * hd..][..hd];
+        for (a, &v) in row.iter_mut().zip(value) {
+            *a += w * v;
+        }
+    }
+    for (d, o) in out.iter_mut().enumerate() {
+        *o = reduce_accumulators(&std::array::from_fn(|i| acc[i * hd + d]));
+    }
+}
+
+/// In-place softmax as llama.cpp's `soft_max` computes it: [`expf`] of `x - max` in chunks of
+/// 8 summed with [`hsum`] into an f64 total, then a multiply by `1 / total`.
+#[inline(always)]
+fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for chunk in x.chunks_mut(LANES) {
+        let mut lanes = [0f32; LANES];
+        for (lane, v) in lanes.iter_mut().zip(chunk.iter_mut()) {
+            *v = expf(*v - max);
+            *lane = *v;
+        }
+        sum += f64::from(hsum(&lanes));
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x {
+        *v *= inv;
+    }
+}
+
+/// `e^x` with llama.cpp's AVX2 `ggml_v_expf` polynomial (one lane of it).
+#[inline(always)]
+pub fn expf(x: f32) -> f32 {
+    let r = f32::from_bits(0x4b40_0000); // 0x1.8p23
+    let z = x.mul_add(f32::from_bits(0x3fb8_aa3b), r); // log2(e)
+    let n = z - r;
+    let b = (-n).mul_add(
+        f32::from_bits(0x35bf_be8e),                  // 0x1.7f7d1cp-20
+        (-n).mul_add(f32::from_bits(0x3f31_7200), x), // 0x1.62e4p-1
+    );
+    let e = z.to_bits() << 23;
+    let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
+    let u = b * b;
+    let j = f32::from_bits(0x3c07_2010) // 0x1.0e4020p-7
+        .mul_add(b, f32::from_bits(0x3d2b_9f17)) // 0x1.573e2ep-5
+        .mul_add(
+            u,
+            f32::from_bits(0x3e2a_af33).mul_add(b, f32::from_bits(0x3eff_fedb)), // 0x1.555e66p-3, 0x1.fffdb6p-2
+        )
+        .mul_add(u, f32::from_bits(0x3f7f_fff6) * b); // 0x1.ffffecp-1
+    // Comparisons written as AVX's ordered ones, so NaN takes the same branch.
+    let out_of_range = n.abs() > 126.0;
+    if !out_of_range {
+        return j.mul_add(k, k);
+    }
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+    let s2 = f32::from_bits(e.wrapping_sub(g));
+    if n.abs() > 192.0 {
+        s1 * s1
+    } else {
+        s2.mul_add(j, s2) * s1
+    }
+}
+
+/// `silu(gate) · up` element-wise, as llama.cpp's `swiglu`: `x / (1 + e^-x)` with [`expf`].
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports FMA (checked just above).
+        return unsafe { swiglu_fma(gate, up) };
+    }
+    swiglu_portable(gate, up)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn swiglu_fma(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    swiglu_portable(gate, up)
+}
+
+#[inline(always)]
+fn swiglu_portable(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.iter()
+        .zip(up)
+        .map(|(&x, &u)| x / (1.0 + expf(-x)) * u)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expf_is_close_to_exp_over_the_whole_range() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.05;
+            let (got, want) = (expf(x), x.exp());
+            if want.is_infinite() {
+                assert_eq!(got, want, "expf({x})");
+                continue;
+            }
+            let tolerance = want * 4e-7 + f32::MIN_POSITIVE;
+            assert!(
+                (got - want).abs() <= tolerance,
+                "expf({x}) = {got}, exp = {want}"
+            );
+        }
+        assert_eq!(expf(f32::NEG_INFINITY), 0.0);
+        assert_eq!(expf(-200.0), 0.0);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_ignores_masked_positions() {
+        let mut x = vec![
+            1.0,
+            2.0,
+            3.0,
+            f32::NEG_INFINITY,
+            0.5,
+            -1.0,
+            4.0,
+            2.5,
+            0.0,
+            1.5,
+        ];
+        softmax(&mut x);
+        assert_eq!(x[3], 0.0);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[6] > x[2] && x[2] > x[1]);
+    }
+
+    #[test]
+    fn dot_orders_agree_with_a_plain_sum() {
+        let x: Vec<f32> = (0..128).map(|i| (i as f32 - 60.0) / 16.0).collect();
+        let y: Vec<f32> = (0..128)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+            .collect();
+        let plain: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
+        assert!((dot_tiled(&x, &y) - plain).abs() < 1e-3);
+        assert!((dot_vec(&x, &y) - plain).abs() < 1e-3);
+        assert!((dot_vec(&x[..40], &y[..40]) - dot_tiled(&x[..40], &y[..40])).abs() < 1e-3);
+    }
+
+    /// Attention computed naively in f64 on the same (f16-rounded) inputs.
+    fn naive(q: &[f32], kv: &KvRows<f16>, s: AttentionShape) -> Vec<f32> {
+        let hd = s.head_dim;
+        let mut out = vec![0f32; s.seq * s.n_head * hd];
+        for t in 0..s.seq {
+            for h in 0..s.n_head {
+                let g = h / (s.n_head / s.n_kv);
+                let qv = &q[(t * s.n_head + h) * hd..][..hd];
+                let n = s.offset + t + 1;
+                let scores: Vec<f64> = (0..n)
+                    .map(|j| {
+                        let k = &kv.k[(j * s.n_kv + g) * hd..][..hd];
+                        k.iter()
+                            .zip(qv)
+                            .map(|(a, b)| f64::from(a.to_f32()) * f64::from(*b))
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for d in 0..hd {
+                    let v: f64 = (0..n)
+                        .map(|j| {
+                            (scores[j] - max).exp() / total
+                                * f64::from(kv.v[(j * s.n_kv + g) * hd + d].to_f32())
+                        })
+                        .sum();
+                    out[(t * s.n_head + h) * hd + d] = v as f32;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_matches_a_naive_computation_for_prompts_and_single_tokens() {
+        let (n_head, n_kv, hd, total) = (4, 2, 16, 21);
+        let row = n_kv * hd;
+        let k: Vec<f32> = (0..total * row)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 9.0)
+            .collect();
+        let v: Vec<f32> = (0..total * row)
+            .map(|i| ((i * 11 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let q: Vec<f32> = (0..total * n_head * hd)
+            .map(|i| ((i * 5 % 19) as f32 - 9.0) / 5.0)
+            .collect();
+        let mut kv = KvRows::<f16>::default();
+        kv.append(0, row, &k, &v);
+        for (offset, seq) in [(0, total), (total - 1, 1)] {
+            let shape = AttentionShape {
+                n_head,
+                n_kv,
+                head_dim: hd,
+                offset,
+                seq,
+                order: SumOrder::LlamaCpp,
+            };
+            let q = &q[offset * n_head * hd..(offset + seq) * n_head * hd];
+            let got = attend(q, &kv, shape);
+            let want = naive(q, &kv, shape);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 2e-2, "offset {offset}: {g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn append_truncates_back_to_a_prefix() {
+        let mut kv = KvRows::<f32>::default();
+        kv.append(0, 2, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
+        kv.append(1, 2, &[9.0, 10.0], &[11.0, 12.0]);
+        assert_eq!(kv.k, vec![1.0, 2.0, 9.0, 10.0]);
+        assert_eq!(kv.v, vec![5.0, 6.0, 11.0, 12.0]);
+    }
+}
