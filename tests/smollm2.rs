@@ -15,15 +15,19 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn prompt_tokens_and_greedy_tokens_match_llama_cpp() {
-    let reference = common::read_json("smollm2-135m-chat.ref.json");
-    let mut engine = Engine::load(
+fn load_smollm2() -> Engine {
+    Engine::load(
         &common::smollm2_path(),
         &LoadOptions::default(),
         &mut |_| true,
     )
-    .expect("load");
+    .expect("load SmolLM2")
+}
+
+#[test]
+fn prompt_tokens_and_greedy_tokens_match_llama_cpp() {
+    let reference = common::read_json("smollm2-135m-chat.ref.json");
+    let mut engine = load_smollm2();
     let eos = reference["eos"].as_u64().expect("eos") as u32;
     for case in reference["cases"].as_array().expect("cases") {
         let question = case["question"].as_str().expect("question");
@@ -63,12 +67,7 @@ fn prompt_tokens_and_greedy_tokens_match_llama_cpp() {
 #[test]
 fn a_near_tie_is_resolved_like_llama_cpp() {
     let reference = common::read_json("smollm2-135m-chat.ref.json");
-    let mut engine = Engine::load(
-        &common::smollm2_path(),
-        &LoadOptions::default(),
-        &mut |_| true,
-    )
-    .expect("load");
+    let mut engine = load_smollm2();
     // The haiku prompt: llama.cpp's top two first tokens are only 0.02 apart there.
     let case = &reference["cases"][1];
     let logits = engine

@@ -284,34 +284,35 @@ fn dot_vec(x: &[f32], y: &[f32]) -> f32 {
 /// `out[d] = Σ_j weights[j] · values[j][d]` summed like llama.cpp's tiled sgemm over `j`.
 #[inline(always)]
 fn weighted_sum_tiled(weights: &[f32], values: &[f32], out: &mut [f32]) {
-    let hd = out.len();
-    let mut lanes = vec![0f32; LANES * hd];
-    for (j, (&w, value)) in weights.iter().zip(values.chunks_exact(hd)).enumerate() {
-        let lane = &mut lanes[(j % LANES) * hd..][..hd];
-        for (acc, &v) in lane.iter_mut().zip(value) {
-            *acc += w * v;
-        }
-    }
-    for (d, o) in out.iter_mut().enumerate() {
-        *o = hsum(&std::array::from_fn(|l| lanes[l * hd + d]));
-    }
+    weighted_sum::<LANES>(weights, values, out, hsum);
 }
 
 /// `out[d] = Σ_j weights[j] · values[j][d]` summed like `ggml_vec_dot_f16` over `j`. The KV
 /// length llama.cpp sums over is padded to 256 with zero weights, so no tail is left over.
 #[inline(always)]
 fn weighted_sum_vec(weights: &[f32], values: &[f32], out: &mut [f32]) {
-    const STEP: usize = LANES * DOT_ACCUMULATORS;
+    weighted_sum::<{ LANES * DOT_ACCUMULATORS }>(weights, values, out, reduce_accumulators);
+}
+
+/// `Σ_j weights[j] · values[j]` with position `j` summed into accumulator `j % N`, the `N`
+/// accumulators of each output then combined by `reduce`.
+#[inline(always)]
+fn weighted_sum<const N: usize>(
+    weights: &[f32],
+    values: &[f32],
+    out: &mut [f32],
+    reduce: impl Fn(&[f32; N]) -> f32,
+) {
     let hd = out.len();
-    let mut acc = vec![0f32; STEP * hd];
+    let mut acc = vec![0f32; N * hd];
     for (j, (&w, value)) in weights.iter().zip(values.chunks_exact(hd)).enumerate() {
-        let row = &mut acc[(j % STEP) * hd..][..hd];
+        let row = &mut acc[(j % N) * hd..][..hd];
         for (a, &v) in row.iter_mut().zip(value) {
             *a += w * v;
         }
     }
     for (d, o) in out.iter_mut().enumerate() {
-        *o = reduce_accumulators(&std::array::from_fn(|i| acc[i * hd + d]));
+        *o = reduce(&std::array::from_fn(|i| acc[i * hd + d]));
     }
 }
 
