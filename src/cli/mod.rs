@@ -53,7 +53,10 @@ pub fn main() -> ExitCode {
         Some(Commands::Info(a)) => info::run(a),
         Some(Commands::Tokenize(a)) => tokenize::run(a),
         Some(Commands::Logits(a)) => logits::run(a),
-        Some(Commands::Bench(a)) => bench::run(a),
+        Some(Commands::Bench(a)) => {
+            limit_kernel_threads(a.threads);
+            bench::run(a)
+        }
         Some(Commands::Prompt(a)) => prompt::run(a),
         Some(Commands::Generate(a)) => generate::run(a),
         Some(Commands::Synth(a)) => synth::run(a),
@@ -68,6 +71,15 @@ pub fn main() -> ExitCode {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Makes candle's matmul kernels, which keep their own worker pool, use `threads` too (0 = their
+/// default, one per core). Must run before the first matmul, while this is the only thread.
+fn limit_kernel_threads(threads: usize) {
+    if threads > 0 {
+        // SAFETY: called at the start of `main`, before any other thread exists.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", threads.to_string()) };
     }
 }
 

@@ -152,21 +152,52 @@ fn quantize_q8_1(row: &[f32]) -> Vec<Q8_1> {
 /// fused-multiply-added per block, then the minimums' term added last.
 fn dot_q4_1_q8_1(weights: &[u8], activations: &[Q8_1]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports FMA (checked just above).
-        return unsafe { dot_q4_1_q8_1_fma(weights, activations) };
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        return unsafe { dot_q4_1_q8_1_avx2(weights, activations) };
     }
     dot_q4_1_q8_1_portable(weights, activations)
 }
 
-/// [`dot_q4_1_q8_1`] compiled with FMA instructions (`mul_add` inlines to one instruction).
+/// [`dot_q4_1_q8_1`] with llama.cpp's AVX2 instructions (same lanes, same rounding).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-fn dot_q4_1_q8_1_fma(weights: &[u8], activations: &[Q8_1]) -> f32 {
-    dot_q4_1_q8_1_portable(weights, activations)
+#[target_feature(enable = "avx2,fma")]
+fn dot_q4_1_q8_1_avx2(weights: &[u8], activations: &[Q8_1]) -> f32 {
+    use std::arch::x86_64::*;
+    let mut acc = _mm256_setzero_ps();
+    let mut mins = 0f32;
+    let low_mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    for (block, act) in weights.chunks_exact(Q4_1_BLOCK_BYTES).zip(activations) {
+        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
+        let m = f16::from_le_bytes([block[2], block[3]]).to_f32();
+        mins += m * act.s;
+        let scale = _mm256_set1_ps(d * act.d);
+        let nibbles: &[u8; 16] = block[4..Q4_1_BLOCK_BYTES].try_into().unwrap_or(&[0; 16]);
+        // SAFETY: both loads read exactly the 16 and 32 bytes of the arrays they point into.
+        let (packed, y) = unsafe {
+            (
+                _mm_loadu_si128(nibbles.as_ptr().cast()),
+                _mm256_loadu_si256(act.qs.as_ptr().cast()),
+            )
+        };
+        let both = _mm256_insertf128_si256::<1>(
+            _mm256_castsi128_si256(packed),
+            _mm_srli_epi16::<4>(packed),
+        );
+        let x = _mm256_and_si256(low_mask, both);
+        let pairs = _mm256_maddubs_epi16(x, y);
+        let quads = _mm256_cvtepi32_ps(_mm256_madd_epi16(ones, pairs));
+        acc = _mm256_fmadd_ps(scale, quads, acc);
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds exactly 8 f32.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    let a: [f32; 4] = std::array::from_fn(|i| lanes[i + 4] + lanes[i]);
+    ((a[0] + a[2]) + (a[1] + a[3])) + mins
 }
 
-#[inline(always)]
+/// The same sums without SIMD (CPUs without AVX2 and FMA).
 fn dot_q4_1_q8_1_portable(weights: &[u8], activations: &[Q8_1]) -> f32 {
     let mut acc = [0f32; 8];
     let mut mins = 0f32;
@@ -232,6 +263,20 @@ mod tests {
         let all = q4_1_matmul(&w, &x).unwrap().to_vec2::<f32>().unwrap();
         let last = q4_1_matmul(&w, &x.narrow(0, 4, 1).unwrap()).unwrap();
         assert_eq!(last.to_vec2::<f32>().unwrap()[0], all[4]);
+    }
+
+    #[test]
+    fn simd_and_portable_dot_products_agree_to_the_bit() {
+        let (w, x) = test_inputs(2, 7, 256);
+        let data = w.data().unwrap();
+        let row_bytes = 256 / QK * Q4_1_BLOCK_BYTES;
+        for x_row in x.to_vec2::<f32>().unwrap() {
+            let act = quantize_q8_1(&x_row);
+            for row in data.chunks_exact(row_bytes) {
+                let portable = dot_q4_1_q8_1_portable(row, &act);
+                assert_eq!(dot_q4_1_q8_1(row, &act).to_bits(), portable.to_bits());
+            }
+        }
     }
 
     #[test]
