@@ -231,7 +231,7 @@ fn attend_group<T: KvValue>(
 
 /// llama.cpp's horizontal sum of 8 lanes: high half plus low half, then pairs.
 #[inline(always)]
-fn hsum(lanes: &[f32; LANES]) -> f32 {
+pub(crate) fn hsum(lanes: &[f32; LANES]) -> f32 {
     let a: [f32; 4] = std::array::from_fn(|i| lanes[i + 4] + lanes[i]);
     (a[0] + a[2]) + (a[1] + a[3])
 }

@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 use half::f16;
 use rayon::prelude::*;
 
+use super::attention::hsum;
 use super::error::Result;
 
 /// Values per Q4_1 / Q8_1 block.
@@ -193,8 +194,7 @@ fn dot_q4_1_q8_1_avx2(weights: &[u8], activations: &[Q8_1]) -> f32 {
     let mut lanes = [0f32; 8];
     // SAFETY: `lanes` holds exactly 8 f32.
     unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-    let a: [f32; 4] = std::array::from_fn(|i| lanes[i + 4] + lanes[i]);
-    ((a[0] + a[2]) + (a[1] + a[3])) + mins
+    hsum(&lanes) + mins
 }
 
 /// The same sums without SIMD (CPUs without AVX2 and FMA).
@@ -219,8 +219,7 @@ fn dot_q4_1_q8_1_portable(weights: &[u8], activations: &[Q8_1]) -> f32 {
             *acc = scale.mul_add(sum as f32, *acc);
         }
     }
-    let a: [f32; 4] = std::array::from_fn(|i| acc[i + 4] + acc[i]);
-    ((a[0] + a[2]) + (a[1] + a[3])) + mins
+    hsum(&acc) + mins
 }
 
 #[cfg(test)]
