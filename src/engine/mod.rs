@@ -2,6 +2,7 @@
 //! built from GGUF metadata, and token sampling. Nothing here knows about the UI.
 
 pub mod attention;
+pub mod cpu;
 pub mod error;
 pub mod gguf;
 pub mod kernels;
