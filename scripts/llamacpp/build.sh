@@ -3,7 +3,7 @@
 # reference tools, into a cache directory outside the checkout. Idempotent: an up-to-date build
 # does nothing; a partial one resumes.
 #
-#   scripts/llamacpp/build.sh                       # llama, llama-bench, llama-quantize, kernel-golden
+#   scripts/llamacpp/build.sh                       # llama, llama-bench, llama-quantize, kernel-golden, requant
 #   scripts/llamacpp/build.sh llama-quantize        # only the named targets
 #   VARIANT=avx2 scripts/llamacpp/build.sh          # portable AVX2+FMA+F16C build (no -march=native)
 #
@@ -20,7 +20,7 @@ jobs="${JOBS:-2}"
 sdist="$cache/llama_cpp_python-$version"
 src="$sdist/vendor/llama.cpp"
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(llama llama-bench llama-quantize kernel-golden)
+[ ${#targets[@]} -gt 0 ] || targets=(llama llama-bench llama-quantize kernel-golden requant)
 
 log() { echo "build.sh: $*" >&2; }
 
@@ -59,14 +59,15 @@ configure() {
     >"$build.configure.log" 2>&1 || { cat "$build.configure.log" >&2; exit 1; }
 }
 
-# The kernel golden-vector harness: one C++ file linked against this build's ggml libraries.
-build_kernel_golden() {
-  local exe="$build/bin/kernel-golden" source="$here/kernel_golden.cpp"
-  [ -x "$exe" ] && [ "$exe" -nt "$source" ] && [ "$exe" -nt "$build/bin/libggml-cpu.so" ] && return
-  log "compiling kernel-golden"
+# A helper tool of this folder (TOOL.cpp, with _ for -) linked against this build's ggml libraries:
+# kernel-golden (golden vectors of the CPU kernels), requant (llama-quantize replay, ggml-base only).
+build_tool() {
+  local tool="$1" exe="$build/bin/$1" source="$here/${1//-/_}.cpp" libs=(-lggml-base)
+  [ "$tool" = kernel-golden ] && libs=(-lggml -lggml-base -lggml-cpu)
+  [ -x "$exe" ] && [ "$exe" -nt "$source" ] && [ "$exe" -nt "$build/bin/libggml-base.so" ] && return
+  log "compiling $tool"
   nice -n 10 g++ -std=c++17 -O2 -Wall -Wextra -o "$exe" "$source" \
-    -I"$src/ggml/include" -L"$build/bin" -lggml -lggml-base -lggml-cpu \
-    -Wl,-rpath,"$build/bin"
+    -I"$src/ggml/include" -L"$build/bin" "${libs[@]}" -Wl,-rpath,"$build/bin"
 }
 
 fetch_sdist
@@ -76,13 +77,14 @@ cmake_targets=()
 for t in "${targets[@]}"; do
   case "$t" in
     kernel-golden) cmake_targets+=(ggml) ;;
+    requant) cmake_targets+=(ggml-base) ;;
     *) cmake_targets+=("$t") ;;
   esac
 done
 start=$(date +%s)
 nice -n 10 cmake --build "$build" -j "$jobs" --target "${cmake_targets[@]}" >&2
 for t in "${targets[@]}"; do
-  [ "$t" = kernel-golden ] && build_kernel_golden
+  case "$t" in kernel-golden | requant) build_tool "$t" ;; esac
 done
 log "built ${targets[*]} in $(($(date +%s) - start)) s"
 echo "$build/bin"
