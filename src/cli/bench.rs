@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::engine::session::{Engine, LoadOptions};
@@ -107,7 +107,11 @@ fn run_model(args: &Args, model: &Path) -> Result<BenchResult> {
     let file_bytes = std::fs::metadata(model)
         .with_context(|| format!("cannot read {}", model.display()))?
         .len();
-    let depth_run = if args.depth > 0 { args.depth + args.depth_gen_tokens } else { 0 };
+    let depth_run = if args.depth > 0 {
+        args.depth + args.depth_gen_tokens
+    } else {
+        0
+    };
     let options = LoadOptions {
         context_length: (args.prompt_tokens + args.gen_tokens).max(depth_run) + 1,
         threads: args.threads,
@@ -270,7 +274,10 @@ fn sum_words(words: &[u64]) -> u64 {
             *lane = lane.wrapping_add(w);
         }
     }
-    let rest = chunks.remainder().iter().fold(0u64, |a, &w| a.wrapping_add(w));
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(0u64, |a, &w| a.wrapping_add(w));
     lanes.iter().fold(rest, |a, &l| a.wrapping_add(l))
 }
 
@@ -288,7 +295,11 @@ mod tests {
     fn pseudo_random_prompt_stays_in_the_ordinary_range_and_streams_differ() {
         let a = pseudo_random_prompt(300, 49_152, 0);
         let b = pseudo_random_prompt(300, 49_152, 1);
-        assert!(a.iter().chain(&b).all(|&t| (500..49_152 - 500).contains(&t)));
+        assert!(
+            a.iter()
+                .chain(&b)
+                .all(|&t| (500..49_152 - 500).contains(&t))
+        );
         assert_ne!(a, b);
     }
 
