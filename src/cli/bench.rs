@@ -128,7 +128,7 @@ fn run_model(args: &Args, model: &Path) -> Result<BenchResult> {
     let next = argmax(&prefill.logits);
     let ttft_s = start.elapsed().as_secs_f64();
     let decode_tok_s = decode_rate(&mut engine, next, args.gen_tokens)?;
-    let peak_rss_mb = peak_rss_mb().unwrap_or(f64::NAN);
+    let rss_after_decode = peak_rss_mb().unwrap_or(f64::NAN);
 
     let depth_decode_tok_s = if args.depth > 0 {
         engine.reset();
@@ -147,7 +147,7 @@ fn run_model(args: &Args, model: &Path) -> Result<BenchResult> {
         prefill_tok_s: args.prompt_tokens as f64 / ttft_s,
         decode_tok_s,
         ttft_s,
-        peak_rss_mb,
+        peak_rss_mb: rss_after_decode,
         depth: args.depth,
         depth_gen_tokens: args.depth_gen_tokens,
         depth_decode_tok_s,
