@@ -1,15 +1,33 @@
 """Shared helpers of the llama.cpp comparison scripts (llama-cpp-python)."""
 
 import ctypes
+import os
 import sys
 
+SDIST_VERSION = "0.3.36"
+CACHE = os.environ.get("LLAMACPP_CACHE", "/var/tmp/llamacpp")
+SDIST = os.path.join(CACHE, f"llama_cpp_python-{SDIST_VERSION}")
+LIB_DIR = os.environ.get(
+    "LLAMA_CPP_LIB_PATH",
+    os.path.join(CACHE, f"build-{os.environ.get('VARIANT', 'native')}", "bin"),
+)
+
+
+def _use_local_build():
+    """Imports the sdist's pure-Python package against libllama.so from scripts/llamacpp/build.sh."""
+    if os.path.exists(os.path.join(LIB_DIR, "libllama.so")) and os.path.isdir(SDIST):
+        os.environ["LLAMA_CPP_LIB_PATH"] = LIB_DIR
+        sys.path.insert(0, SDIST)
+
+
+_use_local_build()
 try:
     import llama_cpp
     from llama_cpp import Llama
-except ImportError:  # pragma: no cover - depends on the machine
+except ImportError as error:  # pragma: no cover - depends on the machine
     sys.exit(
-        "llama-cpp-python is not installed: run scripts/llamacpp/install.sh "
-        "(builds llama.cpp from source, slow on 2 cores)"
+        f"llama-cpp-python is not usable ({error}): run scripts/llamacpp/install.sh "
+        "(builds llama.cpp from source into /var/tmp/llamacpp, ~10 min on 2 cores)"
     )
 
 import numpy as np
@@ -57,4 +75,5 @@ def perf(llm):
 
 
 def version():
-    return llama_cpp.__version__
+    """The llama-cpp-python version and where its libllama comes from."""
+    return f"{llama_cpp.__version__} ({os.environ.get('LLAMA_CPP_LIB_PATH', 'bundled lib')})"

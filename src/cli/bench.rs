@@ -1,30 +1,42 @@
-//! `smoldesk bench`: load time, prefill and decode speed, time to first token, peak memory.
+//! `smoldesk bench`: load time, prefill and decode speed (also after a long context), time to
+//! first token, peak memory; or, with `--bandwidth`, the machine's multi-threaded read bandwidth.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::engine::model::argmax;
 use crate::engine::session::{Engine, LoadOptions};
 
 /// Arguments of `smoldesk bench`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// The GGUF model.
-    #[arg(short, long)]
-    pub model: PathBuf,
-    /// Prompt length in tokens.
+    /// The GGUF model (not needed with --bandwidth).
+    #[arg(short, long, required_unless_present = "bandwidth")]
+    pub model: Option<PathBuf>,
+    /// Prompt length in tokens (prefill speed, measured on an empty cache).
     #[arg(long, default_value_t = 512)]
     pub prompt_tokens: usize,
-    /// Tokens to generate after the prompt.
+    /// Tokens to generate after the prompt (decode speed).
     #[arg(long, default_value_t = 128)]
     pub gen_tokens: usize,
+    /// Also measure decoding after this many tokens of context (0 = skip), like llama-bench -d.
+    #[arg(long, default_value_t = 0)]
+    pub depth: usize,
+    /// Tokens to generate after the --depth context.
+    #[arg(long, default_value_t = 32)]
+    pub depth_gen_tokens: usize,
     /// Compute threads (0 = all physical cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// Print JSON.
+    /// Measure read bandwidth over a buffer instead of running a model.
+    #[arg(long)]
+    pub bandwidth: bool,
+    /// Buffer size of --bandwidth, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub bandwidth_mb: usize,
+    /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
 }
@@ -32,66 +44,165 @@ pub struct Args {
 /// What one benchmark run measured.
 #[derive(Debug, Serialize)]
 pub struct BenchResult {
+    /// The model file's size in bytes.
+    pub file_bytes: u64,
+    /// Compute threads requested (0 = all physical cores).
+    pub threads: usize,
+    /// Prompt length of the prefill measurement.
+    pub prompt_tokens: usize,
+    /// Tokens generated for the decode measurement.
+    pub gen_tokens: usize,
     /// Seconds to open, validate and load the model (tokenizer included).
     pub load_s: f64,
     /// Prompt tokens per second.
     pub prefill_tok_s: f64,
-    /// Generated tokens per second (after the first).
+    /// Generated tokens per second right after the prompt.
     pub decode_tok_s: f64,
     /// Seconds from starting the prompt to having the first generated token.
     pub ttft_s: f64,
-    /// Peak resident memory of the process in MB.
+    /// Peak resident memory in MB after the prompt and decode runs (before any --depth run).
     pub peak_rss_mb: f64,
+    /// Context length of the depth measurement (0 = not measured).
+    pub depth: usize,
+    /// Tokens generated after the depth context.
+    pub depth_gen_tokens: usize,
+    /// Generated tokens per second after `depth` tokens of context (null when not measured).
+    pub depth_decode_tok_s: Option<f64>,
+    /// Peak resident memory in MB at the end, the depth run included.
+    pub peak_rss_end_mb: f64,
+}
+
+/// What `--bandwidth` measured.
+#[derive(Debug, Serialize)]
+pub struct BandwidthResult {
+    /// Reading threads.
+    pub threads: usize,
+    /// Buffer size in MiB.
+    pub buffer_mb: usize,
+    /// Best read bandwidth over the passes, in GB/s (10^9 bytes).
+    pub read_gb_s: f64,
 }
 
 /// Runs the subcommand.
 pub fn run(args: Args) -> Result<()> {
-    let options = LoadOptions {
-        context_length: args.prompt_tokens + args.gen_tokens + 1,
-        threads: args.threads,
-    };
-    let start = Instant::now();
-    let mut engine = Engine::load(&args.model, &options, &mut |_| true)
-        .with_context(|| format!("cannot load {}", args.model.display()))?;
-    let load_s = start.elapsed().as_secs_f64();
-
-    let vocab = engine.info().hparams.vocab_size.min(100_000) as u64;
-    // Deterministic pseudo-random prompt ids from ordinary text-token range.
-    let prompt: Vec<u32> = (0..args.prompt_tokens as u64)
-        .map(|i| ((i * 2_654_435_761 + 12_345) % (vocab - 1000) + 500) as u32)
-        .collect();
-    let start = Instant::now();
-    let prefill = engine.prefill(&prompt)?;
-    let mut next = argmax(&prefill.logits);
-    let ttft_s = start.elapsed().as_secs_f64();
-    let prefill_tok_s = args.prompt_tokens as f64 / ttft_s;
-
-    let start = Instant::now();
-    for _ in 0..args.gen_tokens {
-        next = argmax(&engine.decode(next)?);
+    if args.bandwidth {
+        return run_bandwidth(&args);
     }
-    let decode_tok_s = args.gen_tokens as f64 / start.elapsed().as_secs_f64();
-
-    let result = BenchResult {
-        load_s,
-        prefill_tok_s,
-        decode_tok_s,
-        ttft_s,
-        peak_rss_mb: peak_rss_mb().unwrap_or(f64::NAN),
+    let Some(model) = args.model.as_deref() else {
+        bail!("--model is required");
     };
+    let result = run_model(&args, model)?;
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
-        println!(
-            "load {:.2} s | prefill {:.1} tok/s | decode {:.2} tok/s | TTFT {:.2} s | peak RSS {:.0} MB",
-            result.load_s,
-            result.prefill_tok_s,
-            result.decode_tok_s,
-            result.ttft_s,
-            result.peak_rss_mb
-        );
+        print_model_result(&result);
     }
     Ok(())
+}
+
+fn run_model(args: &Args, model: &Path) -> Result<BenchResult> {
+    if args.prompt_tokens == 0 {
+        bail!("--prompt-tokens must be at least 1");
+    }
+    let file_bytes = std::fs::metadata(model)
+        .with_context(|| format!("cannot read {}", model.display()))?
+        .len();
+    let depth_run = if args.depth > 0 {
+        args.depth + args.depth_gen_tokens
+    } else {
+        0
+    };
+    let options = LoadOptions {
+        context_length: (args.prompt_tokens + args.gen_tokens).max(depth_run) + 1,
+        threads: args.threads,
+    };
+    let start = Instant::now();
+    let mut engine = Engine::load(model, &options, &mut |_| true)
+        .with_context(|| format!("cannot load {}", model.display()))?;
+    let load_s = start.elapsed().as_secs_f64();
+    let vocab = vocab_size(&mut engine)?;
+
+    let prompt = pseudo_random_prompt(args.prompt_tokens, vocab, 0);
+    let start = Instant::now();
+    let prefill = engine.prefill(&prompt)?;
+    let next = argmax(&prefill.logits);
+    let ttft_s = start.elapsed().as_secs_f64();
+    let decode_tok_s = decode_rate(&mut engine, next, args.gen_tokens)?;
+    let rss_after_decode = peak_rss_mb().unwrap_or(f64::NAN);
+
+    let depth_decode_tok_s = if args.depth > 0 {
+        engine.reset();
+        let context = pseudo_random_prompt(args.depth, vocab, 1);
+        let next = argmax(&engine.prefill(&context)?.logits);
+        Some(decode_rate(&mut engine, next, args.depth_gen_tokens)?)
+    } else {
+        None
+    };
+    Ok(BenchResult {
+        file_bytes,
+        threads: args.threads,
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        load_s,
+        prefill_tok_s: args.prompt_tokens as f64 / ttft_s,
+        decode_tok_s,
+        ttft_s,
+        peak_rss_mb: rss_after_decode,
+        depth: args.depth,
+        depth_gen_tokens: args.depth_gen_tokens,
+        depth_decode_tok_s,
+        peak_rss_end_mb: peak_rss_mb().unwrap_or(f64::NAN),
+    })
+}
+
+fn print_model_result(r: &BenchResult) {
+    print!(
+        "load {:.2} s | prefill {:.1} tok/s | decode {:.2} tok/s | TTFT {:.2} s | peak RSS {:.0} MB",
+        r.load_s, r.prefill_tok_s, r.decode_tok_s, r.ttft_s, r.peak_rss_mb
+    );
+    if let Some(rate) = r.depth_decode_tok_s {
+        print!(" | decode after {} tokens {:.2} tok/s", r.depth, rate);
+    }
+    println!();
+}
+
+/// The vocabulary size, from the length of the logits of a one-token prompt (cache reset after).
+fn vocab_size(engine: &mut Engine) -> Result<usize> {
+    let vocab = engine.prefill(&[1])?.logits.len();
+    engine.reset();
+    if vocab < 2000 {
+        bail!("the model's vocabulary ({vocab} tokens) is too small to benchmark");
+    }
+    Ok(vocab)
+}
+
+/// Deterministic pseudo-random ids from the ordinary text-token range (away from both ends,
+/// where special tokens live). `stream` selects an independent sequence.
+fn pseudo_random_prompt(len: usize, vocab: usize, stream: u64) -> Vec<u32> {
+    let range = (vocab.min(100_000) - 1000) as u64;
+    (0..len as u64)
+        .map(|i| (((i + stream * 7_919) * 2_654_435_761 + 12_345) % range + 500) as u32)
+        .collect()
+}
+
+/// Greedy-decodes `tokens` tokens starting from `next`; returns tokens per second.
+fn decode_rate(engine: &mut Engine, mut next: u32, tokens: usize) -> Result<f64> {
+    let start = Instant::now();
+    for _ in 0..tokens {
+        next = argmax(&engine.decode(next)?);
+    }
+    Ok(tokens as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Index of the largest logit (the first on ties).
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in MB.
@@ -100,4 +211,105 @@ fn peak_rss_mb() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+const BANDWIDTH_PASSES: usize = 5;
+
+fn run_bandwidth(args: &Args) -> Result<()> {
+    let threads = if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        args.threads
+    };
+    if args.bandwidth_mb == 0 {
+        bail!("--bandwidth-mb must be at least 1");
+    }
+    let result = BandwidthResult {
+        threads,
+        buffer_mb: args.bandwidth_mb,
+        read_gb_s: read_bandwidth_gb_s(args.bandwidth_mb << 20, threads),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "read bandwidth {:.1} GB/s ({} threads, {} MiB buffer, best of {BANDWIDTH_PASSES})",
+            result.read_gb_s, result.threads, result.buffer_mb
+        );
+    }
+    Ok(())
+}
+
+/// Best read bandwidth over a few passes of `threads` threads each summing its share of a
+/// `bytes`-long buffer, in GB/s.
+fn read_bandwidth_gb_s(bytes: usize, threads: usize) -> f64 {
+    // Distinct non-zero values so that every page is really backed by memory.
+    let buffer: Vec<u64> = (0..bytes / 8).map(|i| i as u64 | 1).collect();
+    let share = buffer.len().div_ceil(threads);
+    let mut best: f64 = 0.0;
+    for _ in 0..BANDWIDTH_PASSES {
+        let start = Instant::now();
+        let total = std::thread::scope(|scope| {
+            let workers: Vec<_> = buffer
+                .chunks(share)
+                .map(|part| scope.spawn(move || sum_words(part)))
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.max((buffer.len() * 8) as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// Wrapping sum of `words` with independent lanes, so loads are not serialised by one adder.
+fn sum_words(words: &[u64]) -> u64 {
+    let mut lanes = [0u64; 8];
+    let mut chunks = words.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (lane, &w) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.wrapping_add(w);
+        }
+    }
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(0u64, |a, &w| a.wrapping_add(w));
+    lanes.iter().fold(rest, |a, &l| a.wrapping_add(l))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sum_words_adds_every_word_including_the_remainder() {
+        let words: Vec<u64> = (1..=21).collect();
+        assert_eq!(sum_words(&words), 21 * 22 / 2);
+    }
+
+    #[test]
+    fn pseudo_random_prompt_stays_in_the_ordinary_range_and_streams_differ() {
+        let a = pseudo_random_prompt(300, 49_152, 0);
+        let b = pseudo_random_prompt(300, 49_152, 1);
+        assert!(
+            a.iter()
+                .chain(&b)
+                .all(|&t| (500..49_152 - 500).contains(&t))
+        );
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn argmax_picks_the_first_largest() {
+        assert_eq!(argmax(&[0.5, 2.0, -1.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn bandwidth_is_positive_on_a_small_buffer() {
+        assert!(read_bandwidth_gb_s(1 << 20, 2) > 0.0);
+    }
 }
