@@ -49,7 +49,10 @@ variant_flags() {
 configure() {
   [ -f "$build/CMakeCache.txt" ] && return
   # A fresh machine has a C++ compiler but maybe no CMake: PyPI ships one.
-  command -v cmake >/dev/null || python3 -m pip install --quiet cmake >&2
+  if ! command -v cmake >/dev/null; then
+    python3 -m pip install --quiet cmake >&2
+    command -v pyenv >/dev/null && pyenv rehash
+  fi
   local generator=()
   command -v ninja >/dev/null && generator=(-G Ninja)
   log "configuring $build ($variant)"
