@@ -118,6 +118,7 @@ pub fn deinterleave(block: &BlockQ4Kx8) -> [BlockQ4K; 8] {
     })
 }
 
+#[inline(always)]
 fn group(scales: &[u8; 96], sub: usize) -> &[u8; 12] {
     scales[12 * sub..12 * sub + 12]
         .try_into()
@@ -307,7 +308,7 @@ fn gemm_portable(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ4Kx8, BlockQ8K, BlockQ8Kx4};
+    use super::{BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, group};
     use std::arch::x86_64::*;
 
     const KMASK1: u32 = 0x3f3f_3f3f;
@@ -318,7 +319,13 @@ mod avx2 {
     /// 6-bit scales, then their minimums.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn mins_and_scales(group: &[u8]) -> __m128i {
+    fn mins_and_scales(group: &[u8; 12]) -> __m128i {
+        let u = utmp(group);
+        _mm_set_epi32(u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32)
+    }
+
+    #[inline(always)]
+    fn utmp(group: &[u8; 12]) -> [u32; 4] {
         let word = |i: usize| {
             u32::from_le_bytes([
                 group[4 * i],
@@ -333,7 +340,7 @@ mod avx2 {
         u[1] = (u[2] & KMASK2) | (((u[0] >> 6) & KMASK3) << 4);
         u[2] = aux;
         u[0] &= KMASK1;
-        _mm_set_epi32(u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32)
+        u
     }
 
     #[inline]
@@ -420,8 +427,8 @@ mod avx2 {
                 let lo = raw.map(|v| _mm256_and_si256(v, m4b));
                 let hi = raw.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4b));
 
-                let ms0 = mins_and_scales(&wb.scales[24 * sb..]);
-                let ms1 = mins_and_scales(&wb.scales[12 + 24 * sb..]);
+                let ms0 = mins_and_scales(group(&wb.scales, 2 * sb));
+                let ms1 = mins_and_scales(group(&wb.scales, 2 * sb + 1));
                 let scales_0 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(ms0, scalemask));
                 let scales_1 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(ms1, scalemask));
                 let mins_01 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(
@@ -541,8 +548,8 @@ mod avx2 {
                 c2367[1][half * 4 + t] = _mm256_shuffle_epi32::<221>(b);
             }
         }
-        let ms0 = mins_and_scales(&wb.scales[24 * sb..]);
-        let ms1 = mins_and_scales(&wb.scales[12 + 24 * sb..]);
+        let ms0 = mins_and_scales(group(&wb.scales, 2 * sb));
+        let ms1 = mins_and_scales(group(&wb.scales, 2 * sb + 1));
         let scales_0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(ms0, ms0));
         let scales_1 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(ms1, ms1));
         RhsPair {
