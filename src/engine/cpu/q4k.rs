@@ -284,10 +284,10 @@ fn gemm_portable(
             let mut acc_min = [[0.0f32; 8]; 4];
             for (wb, ab) in wg.iter().zip(ag) {
                 let (d, dmin) = (f16s(&wb.d), f16s(&wb.dmin));
+                let rows: [_; 4] = std::array::from_fn(|r| activation_row(ab, r));
                 for pair in 0..4 {
-                    for r in 0..4 {
-                        let (qs, bsums) = activation_row(ab, r);
-                        let (dots, mins) = pair_sums(wb, &qs, &bsums, pair);
+                    for (r, (qs, bsums)) in rows.iter().enumerate() {
+                        let (dots, mins) = pair_sums(wb, qs, bsums, pair);
                         for c in 0..8 {
                             acc[r][c] = (dots[c] as f32).mul_add(d[c] * ab.d[r], acc[r][c]);
                             acc_min[r][c] =
