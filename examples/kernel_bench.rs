@@ -5,38 +5,33 @@
 //! plus the Q8_K activation quantizers. Numbers are rough on a shared machine.
 
 use half::f16;
-use smoldesk::engine::cpu::blocks::{BlockQ4K, BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, QK_K};
+use smoldesk::engine::cpu::blocks::{BlockQ4K, BlockQ4Kx8, QK_K};
 use smoldesk::engine::cpu::q4k::{gemm_q4k_x8, gemv_q4k_x8, interleave};
-use smoldesk::engine::cpu::q8k::{quantize_row_q8k, quantize_rows_q8k_x4};
+use smoldesk::engine::cpu::q8k::{
+    quantize_row_q8k, quantize_rows_q8k_x4, zeroed_q8k, zeroed_q8k_x4,
+};
 use smoldesk::engine::cpu::{SimdLevel, simd_level};
 use std::time::{Duration, Instant};
 
-/// splitmix64, so runs are repeatable without a dependency.
-struct Rng(u64);
+/// Deterministic pseudo-random bits (speed does not depend on the values).
+fn hash(i: usize) -> u64 {
+    (i as u64 ^ 0x5bd1_e995).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 24
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
+/// Pseudo-random in [-1, 1).
+fn uniform(i: usize) -> f32 {
+    (hash(i) & 0xff_ffff) as f32 / (1u32 << 23) as f32 - 1.0
 }
 
 /// `n` × `k` random Q4_K weights, repacked eight rows at a time.
-fn weights(n: usize, k: usize, rng: &mut Rng) -> Vec<BlockQ4Kx8> {
+fn weights(n: usize, k: usize) -> Vec<BlockQ4Kx8> {
     let nb = k / QK_K;
     let blocks: Vec<BlockQ4K> = (0..n * nb)
-        .map(|_| BlockQ4K {
-            d: f16::from_f32(rng.uniform() * 0.01),
-            dmin: f16::from_f32(rng.uniform() * 0.01),
-            scales: std::array::from_fn(|_| rng.next() as u8),
-            qs: std::array::from_fn(|_| rng.next() as u8),
+        .map(|b| BlockQ4K {
+            d: f16::from_f32(uniform(3 * b) * 0.01),
+            dmin: f16::from_f32(uniform(3 * b + 1) * 0.01),
+            scales: std::array::from_fn(|i| hash(3 * b + 2 + 7 * i) as u8),
+            qs: std::array::from_fn(|i| hash(b * 128 + i) as u8),
         })
         .collect();
     (0..n / 8)
@@ -65,20 +60,12 @@ fn main() {
         _ => simd_level(),
     };
     println!("kernels: {}", level.name());
-    let mut rng = Rng(42);
     let budget = Duration::from_millis(1500);
 
     for (n, k) in [(2048, 2048), (11008, 2048)] {
-        let w = weights(n, k, &mut rng);
-        let x: Vec<f32> = (0..k).map(|_| rng.uniform()).collect();
-        let mut act = vec![
-            BlockQ8K {
-                d: 0.0,
-                qs: [0; QK_K],
-                bsums: [0; 16]
-            };
-            k / QK_K
-        ];
+        let w = weights(n, k);
+        let x: Vec<f32> = (0..k).map(uniform).collect();
+        let mut act = zeroed_q8k(k / QK_K);
         quantize_row_q8k(&x, &mut act);
         let mut out = vec![0.0f32; n];
         let t = best_time(budget, || gemv_q4k_x8(level, k, &w, &act, &mut out));
@@ -91,14 +78,9 @@ fn main() {
     }
 
     let (n, k, m) = (2048, 2048, 512);
-    let w = weights(n, k, &mut rng);
-    let x: Vec<f32> = (0..m * k).map(|_| rng.uniform()).collect();
-    let empty = BlockQ8Kx4 {
-        d: [0.0; 4],
-        qs: [0; 1024],
-        bsums: [0; 64],
-    };
-    let mut act = vec![empty; m / 4 * k / QK_K];
+    let w = weights(n, k);
+    let x: Vec<f32> = (0..m * k).map(uniform).collect();
+    let mut act = zeroed_q8k_x4(m / 4 * k / QK_K);
     let tq = best_time(budget, || {
         for (rows, a) in x.chunks_exact(4 * k).zip(act.chunks_exact_mut(k / QK_K)) {
             quantize_rows_q8k_x4(level, rows, k, a);
@@ -119,14 +101,7 @@ fn main() {
         tq.as_secs_f64() * 1e6,
         (m * k * 4) as f64 / tq.as_secs_f64() / 1e9
     );
-    let mut row = vec![
-        BlockQ8K {
-            d: 0.0,
-            qs: [0; QK_K],
-            bsums: [0; 16]
-        };
-        k / QK_K
-    ];
+    let mut row = zeroed_q8k(k / QK_K);
     let tr = best_time(budget, || quantize_row_q8k(&x[..k], &mut row));
     println!(
         "quantize one row of {k} to Q8_K: {:8.2} us",

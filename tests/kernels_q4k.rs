@@ -1,9 +1,11 @@
 //! Bit-exactness of the Q8_K quantizer and the repacked Q4_K matmul against llama.cpp's own
 //! outputs (golden vectors in tests/fixtures/kernels/, format in its README.md).
 
-use smoldesk::engine::cpu::blocks::{BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, QK_K};
+use smoldesk::engine::cpu::blocks::{BlockQ4Kx8, BlockQ8K, QK_K};
 use smoldesk::engine::cpu::q4k::{gemm_q4k_x8, gemv_q4k_x8, repack_q4k_x8_in_place};
-use smoldesk::engine::cpu::q8k::{quantize_row_q8k, quantize_rows_q8k_x4};
+use smoldesk::engine::cpu::q8k::{
+    quantize_row_q8k, quantize_rows_q8k_x4, zeroed_q8k, zeroed_q8k_x4,
+};
 use smoldesk::engine::cpu::{SimdLevel, avx2_available};
 use std::path::PathBuf;
 
@@ -62,17 +64,6 @@ fn q8k_bytes(b: &BlockQ8K) -> Vec<u8> {
     v
 }
 
-const EMPTY_Q8K: BlockQ8K = BlockQ8K {
-    d: 0.0,
-    qs: [0; QK_K],
-    bsums: [0; QK_K / 16],
-};
-const EMPTY_Q8KX4: BlockQ8Kx4 = BlockQ8Kx4 {
-    d: [0.0; 4],
-    qs: [0; QK_K * 4],
-    bsums: [0; QK_K / 4],
-};
-
 #[test]
 fn quantize_row_q8k_matches_llama_cpp_bit_for_bit() {
     let bytes = fixture("q-q8_K.bin");
@@ -88,7 +79,7 @@ fn quantize_row_q8k_matches_llama_cpp_bit_for_bit() {
     let x = r.f32s(rows * k);
     for (row, x) in x.chunks_exact(k).enumerate() {
         let expected = r.take(row_bytes);
-        let mut out = vec![EMPTY_Q8K; k / QK_K];
+        let mut out = zeroed_q8k(k / QK_K);
         quantize_row_q8k(x, &mut out);
         let ours: Vec<u8> = out.iter().flat_map(q8k_bytes).collect();
         assert_eq!(ours, expected, "row {row}");
@@ -161,7 +152,7 @@ fn matmul(level: SimdLevel, w: &[BlockQ4Kx8], n: usize, k: usize, x: &[f32], m: 
     let nb = k / QK_K;
     let tiled = m - m % 4;
     let mut out = vec![f32::NAN; m * n];
-    let mut act4 = vec![EMPTY_Q8KX4; tiled / 4 * nb];
+    let mut act4 = zeroed_q8k_x4(tiled / 4 * nb);
     for (rows, a) in x[..tiled * k]
         .chunks_exact(4 * k)
         .zip(act4.chunks_exact_mut(nb))
@@ -170,7 +161,7 @@ fn matmul(level: SimdLevel, w: &[BlockQ4Kx8], n: usize, k: usize, x: &[f32], m: 
     }
     gemm_q4k_x8(level, k, w, &act4, tiled, &mut out, n);
     for r in tiled..m {
-        let mut act = vec![EMPTY_Q8K; nb];
+        let mut act = zeroed_q8k(nb);
         quantize_row_q8k(&x[r * k..(r + 1) * k], &mut act);
         gemv_q4k_x8(level, k, w, &act, &mut out[r * n..(r + 1) * n]);
     }

@@ -730,7 +730,9 @@ mod avx2 {
 pub(crate) mod tests {
     use super::*;
     use crate::engine::cpu::q8k::tests::{TestRng, tricky_rows};
-    use crate::engine::cpu::q8k::{quantize_row_q8k, quantize_rows_q8k_x4};
+    use crate::engine::cpu::q8k::{
+        quantize_row_q8k, quantize_rows_q8k_x4, zeroed_q8k, zeroed_q8k_x4,
+    };
     use candle_core::quantized::GgmlType;
     use candle_core::quantized::k_quants::BlockQ4K as CandleQ4K;
 
@@ -792,14 +794,7 @@ pub(crate) mod tests {
     }
 
     fn q8k_rows(x: &[f32], k: usize) -> Vec<BlockQ8K> {
-        let mut out = vec![
-            BlockQ8K {
-                d: 0.0,
-                qs: [0; QK_K],
-                bsums: [0; 16]
-            };
-            x.len() / QK_K
-        ];
+        let mut out = zeroed_q8k(x.len() / QK_K);
         for (row, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(k / QK_K)) {
             quantize_row_q8k(row, o);
         }
@@ -807,12 +802,7 @@ pub(crate) mod tests {
     }
 
     fn q8k_x4(level: SimdLevel, x: &[f32], k: usize) -> Vec<BlockQ8Kx4> {
-        let empty = BlockQ8Kx4 {
-            d: [0.0; 4],
-            qs: [0; 1024],
-            bsums: [0; 64],
-        };
-        let mut out = vec![empty; x.len() / QK_K / 4];
+        let mut out = zeroed_q8k_x4(x.len() / QK_K / 4);
         for (rows, o) in x.chunks_exact(4 * k).zip(out.chunks_exact_mut(k / QK_K)) {
             quantize_rows_q8k_x4(level, rows, k, o);
         }

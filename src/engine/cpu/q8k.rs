@@ -11,6 +11,30 @@
 use super::SimdLevel;
 use super::blocks::{BlockQ8K, BlockQ8Kx4, QK_K};
 
+/// `n` zeroed [`BlockQ8K`]s: room for a quantized row of `n * QK_K` values.
+pub fn zeroed_q8k(n: usize) -> Vec<BlockQ8K> {
+    vec![
+        BlockQ8K {
+            d: 0.0,
+            qs: [0; QK_K],
+            bsums: [0; QK_K / 16]
+        };
+        n
+    ]
+}
+
+/// `n` zeroed [`BlockQ8Kx4`]s: room for four quantized rows of `n * QK_K` values.
+pub fn zeroed_q8k_x4(n: usize) -> Vec<BlockQ8Kx4> {
+    vec![
+        BlockQ8Kx4 {
+            d: [0.0; 4],
+            qs: [0; QK_K * 4],
+            bsums: [0; QK_K / 4]
+        };
+        n
+    ]
+}
+
 /// llama.cpp's `quantize_row_q8_K` on x86: `x.len() == out.len() * QK_K`.
 ///
 /// An all-zero block gets `d = 0`, zero values and zero sums (llama.cpp leaves its sums
@@ -303,13 +327,8 @@ pub(crate) mod tests {
         let mut rng = TestRng(7);
         for k in [256, 512, 1024, 2048] {
             let x = tricky_rows(k, &mut rng);
-            let empty = BlockQ8Kx4 {
-                d: [0.0; 4],
-                qs: [0; 1024],
-                bsums: [0; 64],
-            };
-            let mut portable = vec![empty; k / QK_K];
-            let mut avx2 = vec![empty; k / QK_K];
+            let mut portable = zeroed_q8k_x4(k / QK_K);
+            let mut avx2 = zeroed_q8k_x4(k / QK_K);
             quantize_rows_q8k_x4(SimdLevel::Portable, &x, k, &mut portable);
             quantize_rows_q8k_x4(SimdLevel::Avx2, &x, k, &mut avx2);
             assert_eq!(bits_of_x4(&portable), bits_of_x4(&avx2), "k = {k}");
@@ -321,22 +340,10 @@ pub(crate) mod tests {
         let mut rng = TestRng(11);
         let k = 512;
         let x = tricky_rows(k, &mut rng);
-        let empty = BlockQ8Kx4 {
-            d: [0.0; 4],
-            qs: [0; 1024],
-            bsums: [0; 64],
-        };
-        let mut x4 = vec![empty; k / QK_K];
+        let mut x4 = zeroed_q8k_x4(k / QK_K);
         quantize_rows_q8k_x4(SimdLevel::Portable, &x, k, &mut x4);
         for r in 0..4 {
-            let mut row = vec![
-                BlockQ8K {
-                    d: 0.0,
-                    qs: [0; QK_K],
-                    bsums: [0; 16]
-                };
-                k / QK_K
-            ];
+            let mut row = zeroed_q8k(k / QK_K);
             quantize_row_q8k(&x[r * k..(r + 1) * k], &mut row);
             for (i, (blk, b4)) in row.iter().zip(&x4).enumerate() {
                 // Rows 2 and 3 start with a block holding -max before +max: the two quantizers
