@@ -8,6 +8,13 @@
 //! `acc - acc_min`. The gemv does one such step per 256-value block, the gemm one per pair of
 //! 32-value sub-blocks (four per block), so the same row gives slightly different bits through
 //! the two (as in llama.cpp).
+//!
+//! Using them as llama.cpp's `forward_mul_mat` does: quantize activation rows
+//! `0 .. m - m % 4` four at a time ([`quantize_rows_q8k_x4`](super::q8k::quantize_rows_q8k_x4))
+//! and run [`gemm_q4k_x8`] on them; quantize each remaining row with
+//! [`quantize_row_q8k`](super::q8k::quantize_row_q8k) and run [`gemv_q4k_x8`]. Every output is
+//! computed whole by one call, so splitting the weight rows across threads in chunks of whole
+//! 8-row groups (llama.cpp: multiples of 8) gives the same bits for any thread count.
 
 use super::SimdLevel;
 use super::blocks::{BlockQ4K, BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, QK_K, as_blocks, as_blocks_mut};
