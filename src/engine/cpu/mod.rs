@@ -7,6 +7,8 @@
 //! forces a lower one so every path can be tested and benchmarked on one machine.
 
 pub mod blocks;
+pub mod matmul;
+pub mod pool;
 pub mod q4k;
 pub mod q8k;
 
