@@ -9,7 +9,9 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use rayon::prelude::*;
+
+use super::cpu::pool::{Pool, SharedMut};
+use super::cpu::{SimdLevel, simd_level};
 
 /// Lanes of one AVX register of f32, the unit of llama.cpp's summation order.
 const LANES: usize = 8;
@@ -24,6 +26,10 @@ pub trait KvValue: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// Widens a slice into `dst` (same length).
     fn widen(src: &[Self], dst: &mut [f32]);
+    /// Appends the little-endian bytes.
+    fn write_le(self, out: &mut Vec<u8>);
+    /// Reads from little-endian bytes (exactly the type's size).
+    fn from_le(bytes: &[u8]) -> Self;
 }
 
 impl KvValue for f16 {
@@ -36,6 +42,12 @@ impl KvValue for f16 {
     fn widen(src: &[Self], dst: &mut [f32]) {
         src.convert_to_f32_slice(dst);
     }
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn from_le(bytes: &[u8]) -> Self {
+        f16::from_le_bytes([bytes[0], bytes[1]])
+    }
 }
 
 impl KvValue for f32 {
@@ -47,6 +59,12 @@ impl KvValue for f32 {
     }
     fn widen(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
+    }
+    fn write_le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    fn from_le(bytes: &[u8]) -> Self {
+        f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
     }
 }
 
@@ -104,32 +122,56 @@ pub enum SumOrder {
     SameForEveryRow,
 }
 
-/// Query tokens one parallel task handles (its keys and values are widened to f32 once).
+/// Query tokens one parallel task handles: each key and value row of the task's KV head is
+/// widened to f32 once per task and used for all of them and all their query heads.
 const TOKENS_PER_TASK: usize = 16;
 
 /// Attention of `q` (`seq × n_head × head_dim`, after RoPE) over the cached keys and values of
-/// positions `0..offset + seq`, causal. Returns `seq × n_head × head_dim`. Runs on the current
-/// rayon pool, one task per (KV head, block of query tokens).
-pub fn attend<T: KvValue>(q: &[f32], kv: &KvRows<T>, shape: AttentionShape) -> Vec<f32> {
+/// positions `0..offset + seq`, causal, into `out` (`seq × n_head × head_dim`). Runs on `pool`,
+/// one task per (KV head, block of query tokens); each task serves every query head of its KV
+/// head and reads the cache in place.
+pub fn attend_into<T: KvValue>(
+    pool: &Pool,
+    q: &[f32],
+    kv: &KvRows<T>,
+    shape: AttentionShape,
+    out: &mut [f32],
+) {
     let blocks = shape.seq.div_ceil(TOKENS_PER_TASK);
-    let tasks: Vec<(usize, usize)> = (0..shape.n_kv)
-        .flat_map(|g| (0..blocks).map(move |b| (g, b)))
-        .collect();
-    let results: Vec<Vec<f32>> = tasks
-        .par_iter()
-        .map(|&(g, block)| attend_group_dispatch(q, kv, shape, g, block))
-        .collect();
-    let (n_rep, hd) = (shape.n_head / shape.n_kv, shape.head_dim);
-    let mut out = vec![0f32; shape.seq * shape.n_head * hd];
-    for (&(g, block), result) in tasks.iter().zip(&results) {
-        let first = block * TOKENS_PER_TASK;
-        for (i, head_out) in result.chunks_exact(hd).enumerate() {
-            let (t, r) = (first + i / n_rep, i % n_rep);
-            let h = g * n_rep + r;
-            out[(t * shape.n_head + h) * hd..][..hd].copy_from_slice(head_out);
+    let out = SharedMut::new(&mut out[..shape.seq * shape.n_head * shape.head_dim]);
+    pool.for_each_chunk(shape.n_kv * blocks, 1, |tasks| {
+        for task in tasks {
+            let (g, block) = (task / blocks, task % blocks);
+            SCRATCH.with(|scratch| {
+                let scratch = &mut scratch.borrow_mut();
+                attend_group_dispatch(q, kv, shape, g, block, scratch, out);
+            });
         }
-    }
+    });
+}
+
+/// [`attend_into`] on a one-thread pool, returning the output.
+pub fn attend<T: KvValue>(q: &[f32], kv: &KvRows<T>, shape: AttentionShape) -> Vec<f32> {
+    let mut out = vec![0f32; shape.seq * shape.n_head * shape.head_dim];
+    attend_into(&Pool::new(1), q, kv, shape, &mut out);
     out
+}
+
+/// Per-thread buffers of one attention task, reused across calls.
+#[derive(Default)]
+struct Scratch {
+    /// The task's queries rounded to the cache precision, `tokens × n_rep × head_dim`.
+    queries: Vec<f32>,
+    /// Scores, then probabilities, `tokens × n_rep × visible`.
+    weights: Vec<f32>,
+    /// One key or value row widened to f32.
+    row: Vec<f32>,
+    /// Weighted-sum accumulators, `tokens × n_rep × N × head_dim`.
+    acc: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 /// [`attend_group`], compiled for AVX2 and FMA when the CPU has them.
@@ -139,13 +181,15 @@ fn attend_group_dispatch<T: KvValue>(
     shape: AttentionShape,
     g: usize,
     block: usize,
-) -> Vec<f32> {
+    scratch: &mut Scratch,
+    out: SharedMut<'_, f32>,
+) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { attend_group_avx2(q, kv, shape, g, block) };
+    if simd_level() >= SimdLevel::Avx2 {
+        // SAFETY: the CPU supports AVX2 and FMA (the SIMD level says so).
+        return unsafe { attend_group_avx2(q, kv, shape, g, block, scratch, out) };
     }
-    attend_group(q, kv, shape, g, block)
+    attend_group(q, kv, shape, g, block, scratch, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -156,12 +200,14 @@ fn attend_group_avx2<T: KvValue>(
     shape: AttentionShape,
     g: usize,
     block: usize,
-) -> Vec<f32> {
-    attend_group(q, kv, shape, g, block)
+    scratch: &mut Scratch,
+    out: SharedMut<'_, f32>,
+) {
+    attend_group(q, kv, shape, g, block, scratch, out)
 }
 
-/// Outputs of the query heads sharing KV head `g`, for query tokens of `block`: `tokens ×
-/// n_rep × head_dim`.
+/// Outputs of the query heads sharing KV head `g`, for the query tokens of `block`, written to
+/// their places in `out`.
 #[inline(always)]
 fn attend_group<T: KvValue>(
     q: &[f32],
@@ -169,7 +215,9 @@ fn attend_group<T: KvValue>(
     shape: AttentionShape,
     g: usize,
     block: usize,
-) -> Vec<f32> {
+    scratch: &mut Scratch,
+    out: SharedMut<'_, f32>,
+) {
     let AttentionShape {
         n_head,
         n_kv,
@@ -187,46 +235,96 @@ fn attend_group<T: KvValue>(
     };
     let first = block * TOKENS_PER_TASK;
     let last = (first + TOKENS_PER_TASK).min(seq);
+    let tokens = last - first;
     let visible_max = offset + last;
-    let widen = |store: &[T]| -> Vec<f32> {
-        let mut rows = vec![0f32; visible_max * hd];
-        for (j, row) in rows.chunks_exact_mut(hd).enumerate() {
-            T::widen(&store[(j * n_kv + g) * hd..][..hd], row);
-        }
-        rows
-    };
-    let (keys, values) = (widen(&kv.k), widen(&kv.v));
-    let mut out = vec![0f32; (last - first) * n_rep * hd];
-    let mut query = vec![0f32; hd];
-    let mut weights = Vec::with_capacity(visible_max);
-    for (t, out_t) in (first..last).zip(out.chunks_exact_mut(n_rep * hd)) {
-        let visible = offset + t + 1;
-        for (r, head_out) in out_t.chunks_exact_mut(hd).enumerate() {
+    let heads = tokens * n_rep;
+
+    scratch.queries.clear();
+    for t in first..last {
+        for r in 0..n_rep {
             let h = g * n_rep + r;
-            for (dst, &x) in query.iter_mut().zip(&q[(t * n_head + h) * hd..][..hd]) {
-                *dst = T::from_f32(x).to_f32();
-            }
-            weights.clear();
-            weights.extend(keys[..visible * hd].chunks_exact(hd).map(|key| {
-                let s = if single {
-                    dot_vec(key, &query)
-                } else {
-                    dot_tiled(key, &query)
-                };
-                s * scale
-            }));
-            softmax(&mut weights);
-            for w in &mut weights {
-                *w = T::from_f32(*w).to_f32();
-            }
-            if single {
-                weighted_sum_vec(&weights, &values, head_out);
+            let query = &q[(t * n_head + h) * hd..][..hd];
+            scratch
+                .queries
+                .extend(query.iter().map(|&x| T::from_f32(x).to_f32()));
+        }
+    }
+    scratch.row.resize(hd, 0.0);
+    scratch.weights.clear();
+    scratch.weights.resize(heads * visible_max, f32::NEG_INFINITY);
+    for j in 0..visible_max {
+        T::widen(&kv.k[(j * n_kv + g) * hd..][..hd], &mut scratch.row);
+        // Query tokens that see position j: those at or after it.
+        let from = j.saturating_sub(offset).max(first) - first;
+        for i in from * n_rep..heads {
+            let query = &scratch.queries[i * hd..][..hd];
+            let s = if single {
+                dot_vec(&scratch.row, query)
             } else {
-                weighted_sum_tiled(&weights, &values, head_out);
+                dot_tiled(&scratch.row, query)
+            };
+            scratch.weights[i * visible_max + j] = s * scale;
+        }
+    }
+    for (i, weights) in scratch.weights.chunks_exact_mut(visible_max).enumerate() {
+        let visible = offset + first + i / n_rep + 1;
+        let weights = &mut weights[..visible];
+        softmax(weights);
+        for w in weights {
+            *w = T::from_f32(*w).to_f32();
+        }
+    }
+    if single {
+        weighted_sums::<T, { LANES * DOT_ACCUMULATORS }>(kv, shape, g, first, scratch);
+    } else {
+        weighted_sums::<T, LANES>(kv, shape, g, first, scratch);
+    }
+    for (i, acc) in scratch.acc.chunks_exact(scratch.acc.len() / heads).enumerate() {
+        let (t, r) = (first + i / n_rep, i % n_rep);
+        let h = g * n_rep + r;
+        // SAFETY: each (token, head) output belongs to exactly one task.
+        let head_out = unsafe { out.range_mut((t * n_head + h) * hd..(t * n_head + h + 1) * hd) };
+        let n = acc.len() / hd;
+        debug_assert!(n == LANES || n == LANES * DOT_ACCUMULATORS);
+        for (d, o) in head_out.iter_mut().enumerate() {
+            *o = if n == LANES {
+                hsum(&std::array::from_fn(|a| acc[a * hd + d]))
+            } else {
+                reduce_accumulators(&std::array::from_fn(|a| acc[a * hd + d]))
+            };
+        }
+    }
+}
+
+/// `Σ_j weights[j] · values[j]` for every (token, head) of a task, position `j` summed into
+/// accumulator `j % N`, each value row widened once. Leaves `tokens × n_rep × N × head_dim`
+/// accumulators in `scratch.acc` (combined like llama.cpp's tiled sgemm for `N = 8`, like
+/// `ggml_vec_dot_f16` for `N = 32`).
+#[inline(always)]
+fn weighted_sums<T: KvValue, const N: usize>(
+    kv: &KvRows<T>,
+    shape: AttentionShape,
+    g: usize,
+    first: usize,
+    scratch: &mut Scratch,
+) {
+    let (hd, n_kv, offset) = (shape.head_dim, shape.n_kv, shape.offset);
+    let n_rep = shape.n_head / n_kv;
+    let heads = scratch.queries.len() / hd;
+    let visible_max = scratch.weights.len() / heads;
+    scratch.acc.clear();
+    scratch.acc.resize(heads * N * hd, 0.0);
+    for j in 0..visible_max {
+        T::widen(&kv.v[(j * n_kv + g) * hd..][..hd], &mut scratch.row);
+        let from = j.saturating_sub(offset).max(first) - first;
+        for i in from * n_rep..heads {
+            let w = scratch.weights[i * visible_max + j];
+            let acc = &mut scratch.acc[(i * N + j % N) * hd..][..hd];
+            for (a, &v) in acc.iter_mut().zip(&scratch.row) {
+                *a += w * v;
             }
         }
     }
-    out
 }
 
 /// llama.cpp's horizontal sum of 8 lanes: high half plus low half, then pairs.
@@ -279,41 +377,6 @@ fn dot_vec(x: &[f32], y: &[f32]) -> f32 {
         sum += f64::from(a * b);
     }
     sum as f32
-}
-
-/// `out[d] = Σ_j weights[j] · values[j][d]` summed like llama.cpp's tiled sgemm over `j`.
-#[inline(always)]
-fn weighted_sum_tiled(weights: &[f32], values: &[f32], out: &mut [f32]) {
-    weighted_sum::<LANES>(weights, values, out, hsum);
-}
-
-/// `out[d] = Σ_j weights[j] · values[j][d]` summed like `ggml_vec_dot_f16` over `j`. The KV
-/// length llama.cpp sums over is padded to 256 with zero weights, so no tail is left over.
-#[inline(always)]
-fn weighted_sum_vec(weights: &[f32], values: &[f32], out: &mut [f32]) {
-    weighted_sum::<{ LANES * DOT_ACCUMULATORS }>(weights, values, out, reduce_accumulators);
-}
-
-/// `Σ_j weights[j] · values[j]` with position `j` summed into accumulator `j % N`, the `N`
-/// accumulators of each output then combined by `reduce`.
-#[inline(always)]
-fn weighted_sum<const N: usize>(
-    weights: &[f32],
-    values: &[f32],
-    out: &mut [f32],
-    reduce: impl Fn(&[f32; N]) -> f32,
-) {
-    let hd = out.len();
-    let mut acc = vec![0f32; N * hd];
-    for (j, (&w, value)) in weights.iter().zip(values.chunks_exact(hd)).enumerate() {
-        let row = &mut acc[(j % N) * hd..][..hd];
-        for (a, &v) in row.iter_mut().zip(value) {
-            *a += w * v;
-        }
-    }
-    for (d, o) in out.iter_mut().enumerate() {
-        *o = reduce(&std::array::from_fn(|i| acc[i * hd + d]));
-    }
 }
 
 /// In-place softmax as llama.cpp's `soft_max` computes it: [`expf`] of `x - max` in chunks of
@@ -371,30 +434,6 @@ pub fn expf(x: f32) -> f32 {
     }
 }
 
-/// `silu(gate) · up` element-wise, as llama.cpp's `swiglu`: `x / (1 + e^-x)` with [`expf`].
-pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports FMA (checked just above).
-        return unsafe { swiglu_fma(gate, up) };
-    }
-    swiglu_portable(gate, up)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "fma")]
-fn swiglu_fma(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    swiglu_portable(gate, up)
-}
-
-#[inline(always)]
-fn swiglu_portable(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.iter()
-        .zip(up)
-        .map(|(&x, &u)| x / (1.0 + expf(-x)) * u)
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,6 +487,141 @@ mod tests {
         assert!((dot_tiled(&x, &y) - plain).abs() < 1e-3);
         assert!((dot_vec(&x, &y) - plain).abs() < 1e-3);
         assert!((dot_vec(&x[..40], &y[..40]) - dot_tiled(&x[..40], &y[..40])).abs() < 1e-3);
+    }
+
+
+    /// The previous implementation (widening the whole prefix per task), the bit-exact
+    /// reference for [`attend`].
+    fn attend_widening<T: KvValue>(q: &[f32], kv: &KvRows<T>, shape: AttentionShape) -> Vec<f32> {
+        let AttentionShape {
+            n_head,
+            n_kv,
+            head_dim: hd,
+            offset,
+            seq,
+            ..
+        } = shape;
+        let n_rep = n_head / n_kv;
+        let scale = 1.0f32 / (hd as f32).sqrt();
+        let single = match shape.order {
+            SumOrder::LlamaCpp => seq == 1,
+            SumOrder::SameForEveryRow => false,
+        };
+        let visible_max = offset + seq;
+        let mut out = vec![0f32; seq * n_head * hd];
+        for g in 0..n_kv {
+            let widen = |store: &[T]| -> Vec<f32> {
+                let mut rows = vec![0f32; visible_max * hd];
+                for (j, row) in rows.chunks_exact_mut(hd).enumerate() {
+                    T::widen(&store[(j * n_kv + g) * hd..][..hd], row);
+                }
+                rows
+            };
+            let (keys, values) = (widen(&kv.k), widen(&kv.v));
+            let mut query = vec![0f32; hd];
+            for t in 0..seq {
+                let visible = offset + t + 1;
+                for r in 0..n_rep {
+                    let h = g * n_rep + r;
+                    for (dst, &x) in query.iter_mut().zip(&q[(t * n_head + h) * hd..][..hd]) {
+                        *dst = T::from_f32(x).to_f32();
+                    }
+                    let mut weights: Vec<f32> = keys[..visible * hd]
+                        .chunks_exact(hd)
+                        .map(|key| {
+                            let s = if single {
+                                dot_vec(key, &query)
+                            } else {
+                                dot_tiled(key, &query)
+                            };
+                            s * scale
+                        })
+                        .collect();
+                    softmax(&mut weights);
+                    for w in &mut weights {
+                        *w = T::from_f32(*w).to_f32();
+                    }
+                    let head_out = &mut out[(t * n_head + h) * hd..][..hd];
+                    if single {
+                        weighted_sum_vec(&weights, &values, head_out);
+                    } else {
+                        weighted_sum_tiled(&weights, &values, head_out);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `out[d] = Σ_j weights[j] · values[j][d]` summed like llama.cpp's tiled sgemm over `j`.
+    fn weighted_sum_tiled(weights: &[f32], values: &[f32], out: &mut [f32]) {
+        weighted_sum::<LANES>(weights, values, out, hsum);
+    }
+
+    /// `out[d] = Σ_j weights[j] · values[j][d]` summed like `ggml_vec_dot_f16` over `j`. The KV
+    /// length llama.cpp sums over is padded to 256 with zero weights, so no tail is left over.
+    fn weighted_sum_vec(weights: &[f32], values: &[f32], out: &mut [f32]) {
+        weighted_sum::<{ LANES * DOT_ACCUMULATORS }>(weights, values, out, reduce_accumulators);
+    }
+
+    /// `Σ_j weights[j] · values[j]` with position `j` summed into accumulator `j % N`, the `N`
+    /// accumulators of each output then combined by `reduce`.
+    fn weighted_sum<const N: usize>(
+        weights: &[f32],
+        values: &[f32],
+        out: &mut [f32],
+        reduce: impl Fn(&[f32; N]) -> f32,
+    ) {
+        let hd = out.len();
+        let mut acc = vec![0f32; N * hd];
+        for (j, (&w, value)) in weights.iter().zip(values.chunks_exact(hd)).enumerate() {
+            let row = &mut acc[(j % N) * hd..][..hd];
+            for (a, &v) in row.iter_mut().zip(value) {
+                *a += w * v;
+            }
+        }
+        for (d, o) in out.iter_mut().enumerate() {
+            *o = reduce(&std::array::from_fn(|i| acc[i * hd + d]));
+        }
+    }
+
+
+    #[test]
+    fn attention_on_the_cache_equals_the_widening_implementation_to_the_bit() {
+        let (n_head, n_kv, hd, total) = (6, 2, 64, 45);
+        let row = n_kv * hd;
+        let k: Vec<f32> = (0..total * row)
+            .map(|i| ((i * 31 % 17) as f32 - 8.0) / 9.0)
+            .collect();
+        let v: Vec<f32> = (0..total * row)
+            .map(|i| ((i * 11 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let q: Vec<f32> = (0..total * n_head * hd)
+            .map(|i| ((i * 5 % 19) as f32 - 9.0) / 5.0)
+            .collect();
+        let mut kv16 = KvRows::<f16>::default();
+        kv16.append(0, row, &k, &v);
+        let mut kv32 = KvRows::<f32>::default();
+        kv32.append(0, row, &k, &v);
+        let pool = Pool::new(2);
+        for order in [SumOrder::LlamaCpp, SumOrder::SameForEveryRow] {
+            for (offset, seq) in [(0, total), (total - 1, 1), (3, 20), (10, 35)] {
+                let shape = AttentionShape {
+                    n_head,
+                    n_kv,
+                    head_dim: hd,
+                    offset,
+                    seq,
+                    order,
+                };
+                let q = &q[offset * n_head * hd..(offset + seq) * n_head * hd];
+                let mut got = vec![0f32; seq * n_head * hd];
+                attend_into(&pool, q, &kv16, shape, &mut got);
+                assert_eq!(got, attend_widening(q, &kv16, shape), "f16 {order:?} {offset}+{seq}");
+                attend_into(&pool, q, &kv32, shape, &mut got);
+                assert_eq!(got, attend_widening(q, &kv32, shape), "f32 {order:?} {offset}+{seq}");
+            }
+        }
     }
 
     /// Attention computed naively in f64 on the same (f16-rounded) inputs.

@@ -768,6 +768,48 @@ impl GgufFile {
     }
 }
 
+impl GgufFile {
+    /// Maps the file privately (copy-on-write: tensors can be rewritten in place, e.g.
+    /// repacked, without touching the file), after checking every tensor still lies inside it,
+    /// so a file truncated since it was opened gives [`EngineError::Truncated`] here instead of
+    /// a fault when its pages are read.
+    pub fn map_copy(&self) -> Result<memmap2::MmapMut, EngineError> {
+        let io_err = |source| EngineError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let file = File::open(&self.path).map_err(io_err)?;
+        let len = file.metadata().map_err(io_err)?.len();
+        if let Some(t) = self.tensors.iter().find(|t| t.end() > len) {
+            return Err(EngineError::Truncated {
+                what: format!("the data of tensor {}", t.name),
+                offset: t.offset,
+            });
+        }
+        // SAFETY: the mapping is private, so our writes never reach the file; a file changed
+        // by another program while mapped is outside what any reader can guard against.
+        unsafe { memmap2::MmapOptions::new().map_copy(&file) }.map_err(io_err)
+    }
+
+    /// The byte range of `info`'s data in a mapping of `map_len` bytes.
+    pub fn mapped_range(
+        &self,
+        info: &TensorInfo,
+        map_len: usize,
+    ) -> Result<std::ops::Range<usize>, EngineError> {
+        let truncated = || EngineError::Truncated {
+            what: format!("the data of tensor {}", info.name),
+            offset: info.offset,
+        };
+        let start = usize::try_from(info.offset).map_err(|_| truncated())?;
+        let end = usize::try_from(info.end()).map_err(|_| truncated())?;
+        if end > map_len {
+            return Err(truncated());
+        }
+        Ok(start..end)
+    }
+}
+
 /// Reads the magic and the version, recognising the common ways a file is not a GGUF.
 fn read_preamble<R: Read>(r: &mut BoundedReader<'_, R>) -> Result<u32, EngineError> {
     let path = r.path;

@@ -1,19 +1,19 @@
 //! The quantized transformer forward pass (SmolLM3 and Llama) with its KV cache.
 //!
-//! Weights stay in their GGUF quantization: matrices run through candle's quantized matmul
-//! kernels, the token embedding is looked up row by row from the quantized table, and with tied
-//! embeddings the same table serves as the output head.
+//! The model file is mapped, not read: weights stay in their GGUF quantization where the file
+//! has them (see [`Matrix`]). The forward pass works on preallocated f32 buffers and runs every
+//! heavy operation on the model's one compute [`Pool`]. The token embedding is looked up row by
+//! row from the quantized table, and with tied embeddings the same table is the output head.
 
-use std::fs::File;
+use std::ops::Range;
 use std::sync::Arc;
-
-use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
 
 use half::f16;
 
-use super::attention::{AttentionShape, KvRows, SumOrder, attend, swiglu};
+use super::attention::{AttentionShape, KvRows, KvValue, SumOrder, attend_into, expf};
+use super::cpu::matmul::{Activations, Matrix, Store, WeightBytes};
+use super::cpu::pool::{Pool, SharedMut};
+use super::cpu::q4k::repack_q4k_x8_in_place;
 use super::error::{EngineError, Result};
 use super::gguf::{GgufFile, TensorInfo};
 use super::kernels;
@@ -23,17 +23,22 @@ use super::model_info::{HParams, ModelInfo, expected_tensors};
 /// so activations stay small.
 pub const PREFILL_CHUNK: usize = 512;
 
+/// Rows of element-wise work (norms, RoPE) one pool task takes.
+const ROWS_PER_TASK: usize = 8;
+/// Values of element-wise work (SwiGLU, residual adds) one pool task takes.
+const VALUES_PER_TASK: usize = 4096;
+
 /// One transformer block's weights.
 struct Block {
     attn_norm: Vec<f32>,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
     ffn_norm: Vec<f32>,
-    w_gate: Linear,
-    w_up: Linear,
-    w_down: Linear,
+    w_gate: Matrix,
+    w_up: Matrix,
+    w_down: Matrix,
     uses_rope: bool,
 }
 
@@ -62,11 +67,33 @@ struct RopeTables {
     cos_sin: Vec<(f32, f32)>,
 }
 
+/// The forward pass's working memory, grown to the largest chunk and reused.
+#[derive(Default)]
+struct Buffers {
+    /// The residual stream, `seq × n_embd`.
+    x: Vec<f32>,
+    /// A normalized copy of `x`.
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention output, `seq × n_head × head_dim`.
+    attn: Vec<f32>,
+    /// Gate projection, then the SwiGLU product.
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// Output of the attention and down projections, `seq × n_embd`.
+    proj: Vec<f32>,
+    logits: Vec<f32>,
+    act: Activations,
+}
+
 /// A loaded SmolLM3 or Llama model with its KV cache.
 pub struct Model {
     hparams: HParams,
-    embedding: Arc<QTensor>,
-    output: Linear,
+    pool: Pool,
+    embedding: Matrix,
+    output: Matrix,
     output_norm: Vec<f32>,
     blocks: Vec<Block>,
     rope: RopeTables,
@@ -74,60 +101,79 @@ pub struct Model {
     cache_len: usize,
     max_context: usize,
     attention_order: SumOrder,
+    buffers: Buffers,
 }
 
 impl Model {
-    /// Loads every weight of a validated model file.
+    /// Loads every weight of a validated model file, computing on one thread per physical core.
     ///
     /// `max_context` is the KV cache limit in tokens (clamped to the trained context).
-    /// `progress` receives the fraction of bytes read so far and returns `false` to cancel.
+    /// `progress` receives the fraction of bytes loaded so far and returns `false` to cancel.
     pub fn load(
         gguf: &GgufFile,
         info: &ModelInfo,
         max_context: usize,
         progress: &mut dyn FnMut(f32) -> bool,
     ) -> Result<Self> {
+        Self::load_with_threads(gguf, info, max_context, 0, progress)
+    }
+
+    /// [`Model::load`] with a compute pool of `threads` threads (0 = one per physical core).
+    pub fn load_with_threads(
+        gguf: &GgufFile,
+        info: &ModelInfo,
+        max_context: usize,
+        threads: usize,
+        progress: &mut dyn FnMut(f32) -> bool,
+    ) -> Result<Self> {
         let h = info.hparams.clone();
-        let mut file = File::open(&gguf.path).map_err(|source| EngineError::Io {
+        let pool = Pool::new(threads);
+        let mut map = gguf.map_copy()?;
+        let names = tensor_names(&h, info.tied_embeddings, gguf);
+        prepare_tensors(gguf, &names, &mut map, &pool, progress)?;
+        let map = map.make_read_only().map_err(|source| EngineError::Io {
             path: gguf.path.clone(),
             source,
         })?;
-        let mut loader = TensorLoader::new(gguf, info, &mut file, progress);
+        let weights = Weights {
+            gguf,
+            store: Arc::new(Store::Mapped(map)),
+        };
 
-        let embedding = Arc::new(loader.qtensor("token_embd.weight")?);
+        let embedding = weights.matrix("token_embd.weight")?;
         let mut blocks = Vec::with_capacity(h.n_layer);
         for i in 0..h.n_layer {
             let name = |n: &str| format!("blk.{i}.{n}.weight");
             blocks.push(Block {
-                attn_norm: loader.dense(&name("attn_norm"))?.to_vec1()?,
-                wq: loader.matmul(&name("attn_q"))?,
-                wk: loader.matmul(&name("attn_k"))?,
-                wv: loader.matmul(&name("attn_v"))?,
-                wo: loader.matmul(&name("attn_output"))?,
-                ffn_norm: loader.dense(&name("ffn_norm"))?.to_vec1()?,
-                w_gate: loader.matmul(&name("ffn_gate"))?,
-                w_up: loader.matmul(&name("ffn_up"))?,
-                w_down: loader.matmul(&name("ffn_down"))?,
+                attn_norm: weights.vector(&name("attn_norm"))?,
+                wq: weights.matrix(&name("attn_q"))?,
+                wk: weights.matrix(&name("attn_k"))?,
+                wv: weights.matrix(&name("attn_v"))?,
+                wo: weights.matrix(&name("attn_output"))?,
+                ffn_norm: weights.vector(&name("ffn_norm"))?,
+                w_gate: weights.matrix(&name("ffn_gate"))?,
+                w_up: weights.matrix(&name("ffn_up"))?,
+                w_down: weights.matrix(&name("ffn_down"))?,
                 uses_rope: h.layer_uses_rope(i),
             });
         }
-        let output_norm = loader.dense("output_norm.weight")?.to_vec1()?;
+        let output_norm = weights.vector("output_norm.weight")?;
         let output = if info.tied_embeddings {
-            Linear::new(embedding.clone())?
+            embedding.clone()
         } else {
-            loader.matmul("output.weight")?
+            weights.matrix("output.weight")?
         };
         let freq_factors = match gguf.tensor_info("rope_freqs.weight") {
-            Some(_) => Some(loader.dense("rope_freqs.weight")?.to_vec1::<f32>()?),
+            Some(_) => Some(weights.vector("rope_freqs.weight")?),
             None => None,
         };
-        drop(loader);
 
         let max_context = max_context.clamp(1, h.context_length);
         let rope = RopeTables::new(&h, max_context, freq_factors.as_deref());
         Ok(Self {
             cache: (0..h.n_layer).map(|_| LayerCache::new(false)).collect(),
             hparams: h,
+            pool,
             embedding,
             output,
             output_norm,
@@ -136,12 +182,18 @@ impl Model {
             cache_len: 0,
             max_context,
             attention_order: SumOrder::default(),
+            buffers: Buffers::default(),
         })
     }
 
     /// The hyper-parameters.
     pub fn hparams(&self) -> &HParams {
         &self.hparams
+    }
+
+    /// Threads of the compute pool every kernel of this model runs on.
+    pub fn threads(&self) -> usize {
+        self.pool.n_threads()
     }
 
     /// Tokens currently held in the KV cache.
@@ -176,16 +228,32 @@ impl Model {
     /// Forgets the whole cache and frees its memory.
     pub fn clear_cache(&mut self) {
         self.cache_len = 0;
-        let f32_cache = matches!(self.cache.first(), Some(LayerCache::F32(_)));
+        let f32_cache = self.kv_cache_is_f32();
         for layer in &mut self.cache {
             *layer = LayerCache::new(f32_cache);
         }
+    }
+
+    /// Whether the KV cache holds f32 (otherwise f16) values.
+    pub fn kv_cache_is_f32(&self) -> bool {
+        matches!(self.cache.first(), Some(LayerCache::F32(_)))
     }
 
     /// Runs `tokens` after the cached positions and returns logits: one row per token when
     /// `all_positions`, otherwise only the last token's row. Inputs longer than
     /// [`PREFILL_CHUNK`] are computed in chunks.
     pub fn forward(&mut self, tokens: &[u32], all_positions: bool) -> Result<Vec<Vec<f32>>> {
+        self.forward_cancellable(tokens, all_positions, &|| false)
+    }
+
+    /// [`Model::forward`], asking `cancelled` before every layer. A cancelled call returns
+    /// [`EngineError::Cancelled`] and keeps the chunks it completed in the cache.
+    pub fn forward_cancellable(
+        &mut self,
+        tokens: &[u32],
+        all_positions: bool,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<Vec<f32>>> {
         let needed = self.cache_len + tokens.len();
         if needed > self.max_context {
             return Err(EngineError::ContextFull {
@@ -205,145 +273,290 @@ impl Model {
         let mut rows = Vec::new();
         let n_chunks = tokens.len().div_ceil(PREFILL_CHUNK);
         for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-            let want_rows = all_positions || i + 1 == n_chunks;
-            let logits = self.forward_chunk(chunk, all_positions, want_rows)?;
-            if let Some(logits) = logits {
-                rows.extend(logits.to_vec2::<f32>()?);
-            }
+            let wanted = if all_positions {
+                0..chunk.len()
+            } else if i + 1 == n_chunks {
+                chunk.len() - 1..chunk.len()
+            } else {
+                0..0
+            };
+            self.forward_chunk(chunk, wanted.clone(), cancelled)?;
+            let vocab = self.hparams.vocab_size;
+            rows.extend(
+                self.buffers.logits[..wanted.len() * vocab]
+                    .chunks_exact(vocab)
+                    .map(<[f32]>::to_vec),
+            );
         }
         Ok(rows)
     }
 
+    /// Runs one chunk, leaving the logits of the rows `wanted` in `buffers.logits`.
     fn forward_chunk(
         &mut self,
         tokens: &[u32],
-        all_positions: bool,
-        want_logits: bool,
-    ) -> Result<Option<Tensor>> {
+        wanted: Range<usize>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<()> {
         let seq = tokens.len();
         let offset = self.cache_len;
-        let eps = self.hparams.rms_eps as f32;
-        let ids = Tensor::new(tokens, &Device::Cpu)?;
-        let mut x = self.embedding.embedding(&ids)?;
+        let h = &self.hparams;
+        let (e, eps) = (h.n_embd, h.rms_eps as f32);
+        let pool = &self.pool;
+        let b = &mut self.buffers;
+        b.resize(h, seq);
+        {
+            let embedding = &self.embedding;
+            for_rows(pool, &mut b.x, e, |t, row| {
+                embedding.dequantize_row(tokens[t] as usize, row)
+            });
+        }
         for (block, cache) in self.blocks.iter().zip(self.cache.iter_mut()) {
-            let attn_in = kernels::rms_norm(&x, &block.attn_norm, eps)?;
-            let attn = attention(
+            if cancelled() {
+                return Err(EngineError::Cancelled);
+            }
+            normalize(pool, &b.x, &mut b.xn, &block.attn_norm, e, eps);
+            let x = Layer {
                 block,
-                cache,
-                &self.hparams,
-                &self.rope,
-                self.attention_order,
-                &attn_in,
+                h,
+                pool,
+                rope: &self.rope,
+                order: self.attention_order,
                 offset,
-            )?;
-            x = (x + attn)?;
-            let ffn_in = kernels::rms_norm(&x, &block.ffn_norm, eps)?;
-            let gate = block
-                .w_gate
-                .forward(&ffn_in)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let up = block
-                .w_up
-                .forward(&ffn_in)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let hidden =
-                Tensor::from_vec(swiglu(&gate, &up), (seq, gate.len() / seq), &Device::Cpu)?;
-            x = (x + block.w_down.forward(&hidden)?)?;
+                seq,
+            };
+            x.attention(b, cache);
+            add(pool, &mut b.x, &b.proj);
+            normalize(pool, &b.x, &mut b.xn, &block.ffn_norm, e, eps);
+            x.feed_forward(b);
+            add(pool, &mut b.x, &b.proj);
         }
         self.cache_len = offset + seq;
-        if !want_logits {
-            return Ok(None);
+        if wanted.is_empty() {
+            return Ok(());
         }
-        if !all_positions {
-            x = x.narrow(0, seq - 1, 1)?;
+        let rows = wanted.len();
+        let last = &b.x[wanted.start * e..wanted.end * e];
+        normalize(pool, last, &mut b.xn, &self.output_norm, e, eps);
+        b.act
+            .quantize(pool, &b.xn, rows, e, &[&self.output]);
+        b.logits.resize(rows * h.vocab_size, 0.0);
+        self.output.matmul(pool, &b.act, &mut b.logits);
+        Ok(())
+    }
+
+    /// The raw keys and values of `layer` for positions `0..len` (at most what the cache
+    /// holds): one row of `n_kv × head_dim` values per position, little-endian f16 (or f32 if
+    /// [`Model::kv_cache_is_f32`]), keys then values.
+    pub fn kv_layer_bytes(&self, layer: usize, len: usize) -> (Vec<u8>, Vec<u8>) {
+        let n = len.min(self.cache_len) * self.hparams.n_head_kv * self.hparams.head_dim;
+        match self.cache.get(layer) {
+            Some(LayerCache::F16(kv)) => (le_bytes(&kv.k[..n]), le_bytes(&kv.v[..n])),
+            Some(LayerCache::F32(kv)) => (le_bytes(&kv.k[..n]), le_bytes(&kv.v[..n])),
+            None => (Vec::new(), Vec::new()),
         }
-        let x = kernels::rms_norm(&x, &self.output_norm, eps)?;
-        Ok(Some(self.output.forward(&x)?))
+    }
+
+    /// Sets the cache to `len` positions whose keys and values per layer are `layers` (as
+    /// [`Model::kv_layer_bytes`] returns them, in the cache's current precision).
+    pub fn import_kv(&mut self, layers: &[(Vec<u8>, Vec<u8>)], len: usize) -> Result<()> {
+        let row = self.hparams.n_head_kv * self.hparams.head_dim;
+        let value_bytes = if self.kv_cache_is_f32() { 4 } else { 2 };
+        let expected = len * row * value_bytes;
+        let bad = layers.len() != self.cache.len()
+            || len > self.max_context
+            || layers
+                .iter()
+                .any(|(k, v)| k.len() != expected || v.len() != expected);
+        if bad {
+            return Err(EngineError::BadTensor {
+                name: "KV cache".into(),
+                reason: format!(
+                    "expected {} layers of {expected} bytes for {len} positions",
+                    self.cache.len()
+                ),
+            });
+        }
+        for (cache, (k, v)) in self.cache.iter_mut().zip(layers) {
+            match cache {
+                LayerCache::F16(kv) => set_from_le_bytes(kv, k, v),
+                LayerCache::F32(kv) => set_from_le_bytes(kv, k, v),
+            }
+        }
+        self.cache_len = len;
+        Ok(())
     }
 }
 
-/// A weight matrix applied to `(tokens, in)` activations (see [`kernels`] for why some types
-/// bypass candle's `QMatMul`).
-enum Linear {
-    /// Candle's quantized matmul (Q4_0, Q8_0 and others; plain matmul for float weights).
-    Candle(QMatMul),
-    /// Q4_1 weights `(n_out, n_in)` with llama.cpp's Q8_1 rounding.
-    Q4_1(Arc<QTensor>),
-    /// Q4_K weights `(n_out, n_in)` through the generic kernel.
-    Q4K(Arc<QTensor>),
-    /// Q6_K weights `(n_out, n_in)` through the generic kernel.
-    Q6K(Arc<QTensor>),
-}
-
-impl Linear {
-    fn new(weight: Arc<QTensor>) -> Result<Self> {
-        Ok(match weight.dtype() {
-            GgmlDType::Q4K if !repacked_q4k() => Self::Q4K(weight),
-            GgmlDType::Q6K => Self::Q6K(weight),
-            GgmlDType::Q4_1 => Self::Q4_1(weight),
-            _ => Self::Candle(QMatMul::from_arc(weight)?),
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Candle(m) => Ok(m.forward(x)?),
-            Self::Q4_1(w) => kernels::q4_1_matmul(w, x),
-            Self::Q4K(w) => kernels::generic_matmul::<BlockQ4K>(w, x),
-            Self::Q6K(w) => kernels::generic_matmul::<BlockQ6K>(w, x),
-        }
-    }
-}
-
-/// Whether Q4_K weights use candle's repacked x86 kernel (`SMOLDESK_Q4K_REPACK=1`, for
-/// benchmarks) instead of the generic one.
-fn repacked_q4k() -> bool {
-    std::env::var_os("SMOLDESK_Q4K_REPACK").is_some_and(|v| v == "1")
-}
-
-/// Self-attention of one block for `x` (`seq × n_embd`) at positions `offset..`, appending
-/// keys and values to `cache`.
-fn attention(
-    block: &Block,
-    cache: &mut LayerCache,
-    h: &HParams,
-    rope: &RopeTables,
+/// One layer's computation for a chunk.
+struct Layer<'a> {
+    block: &'a Block,
+    h: &'a HParams,
+    pool: &'a Pool,
+    rope: &'a RopeTables,
     order: SumOrder,
-    x: &Tensor,
     offset: usize,
-) -> Result<Tensor> {
-    let seq = x.dim(0)?;
-    let project = |w: &Linear| -> Result<Vec<f32>> { Ok(w.forward(x)?.flatten_all()?.to_vec1()?) };
-    let mut q = project(&block.wq)?;
-    let mut k = project(&block.wk)?;
-    let v = project(&block.wv)?;
-    if block.uses_rope {
-        rope.apply(&mut q, offset, seq, h.head_dim);
-        rope.apply(&mut k, offset, seq, h.head_dim);
+    seq: usize,
+}
+
+impl Layer<'_> {
+    /// Self-attention of `b.xn` at positions `offset..`, appending keys and values to `cache`;
+    /// the output projection lands in `b.proj`.
+    fn attention(&self, b: &mut Buffers, cache: &mut LayerCache) {
+        let (block, h, pool, seq) = (self.block, self.h, self.pool, self.seq);
+        b.act
+            .quantize(pool, &b.xn, seq, h.n_embd, &[&block.wq, &block.wk, &block.wv]);
+        block.wq.matmul(pool, &b.act, &mut b.q);
+        block.wk.matmul(pool, &b.act, &mut b.k);
+        block.wv.matmul(pool, &b.act, &mut b.v);
+        if block.uses_rope {
+            let (rope, offset, hd) = (self.rope, self.offset, h.head_dim);
+            for q_or_k in [&mut b.q, &mut b.k] {
+                let width = q_or_k.len() / seq;
+                for_rows(pool, q_or_k, width, |t, row| rope.apply(row, offset + t, hd));
+            }
+        }
+        let shape = AttentionShape {
+            n_head: h.n_head,
+            n_kv: h.n_head_kv,
+            head_dim: h.head_dim,
+            offset: self.offset,
+            seq,
+            order: self.order,
+        };
+        let row = h.n_head_kv * h.head_dim;
+        match cache {
+            LayerCache::F16(kv) => {
+                kv.append(self.offset, row, &b.k, &b.v);
+                attend_into(pool, &b.q, kv, shape, &mut b.attn);
+            }
+            LayerCache::F32(kv) => {
+                kv.append(self.offset, row, &b.k, &b.v);
+                attend_into(pool, &b.q, kv, shape, &mut b.attn);
+            }
+        }
+        let width = h.n_head * h.head_dim;
+        b.act.quantize(pool, &b.attn, seq, width, &[&block.wo]);
+        block.wo.matmul(pool, &b.act, &mut b.proj);
     }
-    let shape = AttentionShape {
-        n_head: h.n_head,
-        n_kv: h.n_head_kv,
-        head_dim: h.head_dim,
-        offset,
-        seq,
-        order,
-    };
-    let row = h.n_head_kv * h.head_dim;
-    let out = match cache {
-        LayerCache::F16(kv) => {
-            kv.append(offset, row, &k, &v);
-            attend(&q, kv, shape)
+
+    /// The SwiGLU feed-forward of `b.xn` into `b.proj`.
+    fn feed_forward(&self, b: &mut Buffers) {
+        let (block, h, pool, seq) = (self.block, self.h, self.pool, self.seq);
+        b.act
+            .quantize(pool, &b.xn, seq, h.n_embd, &[&block.w_gate, &block.w_up]);
+        block.w_gate.matmul(pool, &b.act, &mut b.gate);
+        block.w_up.matmul(pool, &b.act, &mut b.up);
+        swiglu_in_place(pool, &mut b.gate, &b.up);
+        b.act.quantize(pool, &b.gate, seq, h.n_ff, &[&block.w_down]);
+        block.w_down.matmul(pool, &b.act, &mut b.proj);
+    }
+}
+
+impl Buffers {
+    /// Sizes every buffer for a chunk of `seq` tokens (allocating only to grow).
+    fn resize(&mut self, h: &HParams, seq: usize) {
+        let sizes = [
+            (&mut self.x, h.n_embd),
+            (&mut self.xn, h.n_embd),
+            (&mut self.q, h.n_head * h.head_dim),
+            (&mut self.k, h.n_head_kv * h.head_dim),
+            (&mut self.v, h.n_head_kv * h.head_dim),
+            (&mut self.attn, h.n_head * h.head_dim),
+            (&mut self.gate, h.n_ff),
+            (&mut self.up, h.n_ff),
+            (&mut self.proj, h.n_embd),
+        ];
+        for (buf, width) in sizes {
+            buf.resize(seq * width, 0.0);
         }
-        LayerCache::F32(kv) => {
-            kv.append(offset, row, &k, &v);
-            attend(&q, kv, shape)
+    }
+}
+
+/// Calls `f(row index, row)` for each row of `width` values of `data`, rows spread over the
+/// pool.
+fn for_rows(pool: &Pool, data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = data.len() / width;
+    let shared = SharedMut::new(data);
+    pool.for_each_chunk(rows, ROWS_PER_TASK, |range| {
+        for t in range {
+            // SAFETY: each row goes to exactly one task.
+            f(t, unsafe { shared.range_mut(t * width..(t + 1) * width) });
         }
-    };
-    let out = Tensor::from_vec(out, (seq, h.n_head * h.head_dim), &Device::Cpu)?;
-    block.wo.forward(&out)
+    });
+}
+
+/// Calls `f(offset, values)` for consecutive parts of `data`, spread over the pool.
+fn for_values(pool: &Pool, data: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
+    let shared = SharedMut::new(data);
+    pool.for_each_chunk(shared.len(), VALUES_PER_TASK, |range| {
+        let start = range.start;
+        // SAFETY: each range goes to exactly one task.
+        f(start, unsafe { shared.range_mut(range) });
+    });
+}
+
+/// `out = rms_norm(x) · weight`, row by row.
+fn normalize(pool: &Pool, x: &[f32], out: &mut Vec<f32>, weight: &[f32], width: usize, eps: f32) {
+    out.resize(x.len(), 0.0);
+    out.copy_from_slice(x);
+    for_rows(pool, out, width, |_, row| {
+        kernels::rms_norm_row(row, weight, eps)
+    });
+}
+
+/// `x += y`.
+fn add(pool: &Pool, x: &mut [f32], y: &[f32]) {
+    for_values(pool, x, |start, part| {
+        for (a, &b) in part.iter_mut().zip(&y[start..]) {
+            *a += b;
+        }
+    });
+}
+
+/// `gate = silu(gate) · up` element-wise, as llama.cpp's `swiglu`.
+fn swiglu_in_place(pool: &Pool, gate: &mut [f32], up: &[f32]) {
+    for_values(pool, gate, |start, part| swiglu_part(part, &up[start..]));
+}
+
+/// [`swiglu_portable`] compiled with FMA where the CPU has it (for [`expf`]'s multiply-adds).
+fn swiglu_part(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports FMA (checked just above).
+        return unsafe { swiglu_fma(gate, up) };
+    }
+    swiglu_portable(gate, up)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma")]
+fn swiglu_fma(gate: &mut [f32], up: &[f32]) {
+    swiglu_portable(gate, up)
+}
+
+/// `x / (1 + e^-x) · u` with llama.cpp's [`expf`].
+#[inline(always)]
+fn swiglu_portable(gate: &mut [f32], up: &[f32]) {
+    for (x, &u) in gate.iter_mut().zip(up) {
+        *x = *x / (1.0 + expf(-*x)) * u;
+    }
+}
+
+/// The values of a cache as little-endian bytes.
+fn le_bytes<T: KvValue>(values: &[T]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * std::mem::size_of::<T>());
+    for v in values {
+        v.write_le(&mut out);
+    }
+    out
+}
+
+/// Replaces a layer's keys and values with ones decoded from little-endian bytes.
+fn set_from_le_bytes<T: KvValue>(kv: &mut KvRows<T>, k: &[u8], v: &[u8]) {
+    let size = std::mem::size_of::<T>();
+    kv.k = k.chunks_exact(size).map(T::from_le).collect();
+    kv.v = v.chunks_exact(size).map(T::from_le).collect();
 }
 
 impl RopeTables {
@@ -363,86 +576,167 @@ impl RopeTables {
         Self { pairs, cos_sin }
     }
 
-    /// Rotates adjacent pairs of every head of `x` (`seq × heads × head_dim`) for positions
-    /// `offset..`.
-    fn apply(&self, x: &mut [f32], offset: usize, seq: usize, head_dim: usize) {
-        for (t, row) in x.chunks_mut(x.len() / seq).enumerate() {
-            let table = &self.cos_sin[(offset + t) * self.pairs..][..self.pairs];
-            for head in row.chunks_mut(head_dim) {
-                for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(table) {
-                    let (x0, x1) = (pair[0], pair[1]);
-                    // llama.cpp's compiled `x0*cos - x1*sin` fuses the first product.
-                    pair[0] = x0.mul_add(cos, -(x1 * sin));
-                    pair[1] = x0.mul_add(sin, x1 * cos);
-                }
+    /// Rotates adjacent pairs of every head of one token's `row` (`heads × head_dim`) for
+    /// position `position`.
+    fn apply(&self, row: &mut [f32], position: usize, head_dim: usize) {
+        let table = &self.cos_sin[position * self.pairs..][..self.pairs];
+        for head in row.chunks_mut(head_dim) {
+            for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(table) {
+                let (x0, x1) = (pair[0], pair[1]);
+                // llama.cpp's compiled `x0*cos - x1*sin` fuses the first product.
+                pair[0] = x0.mul_add(cos, -(x1 * sin));
+                pair[1] = x0.mul_add(sin, x1 * cos);
             }
         }
     }
 }
 
-/// Reads the tensors of one file in turn, reporting progress by bytes read.
-struct TensorLoader<'a> {
-    gguf: &'a GgufFile,
-    file: &'a mut File,
-    progress: &'a mut dyn FnMut(f32) -> bool,
-    scratch: Vec<u64>,
-    bytes_done: u64,
-    bytes_total: u64,
+/// The tensors a model of these hyper-parameters reads, in file order where present.
+fn tensor_names<'g>(h: &HParams, tied: bool, gguf: &'g GgufFile) -> Vec<&'g TensorInfo> {
+    let wanted: std::collections::HashSet<String> = expected_tensors(h, tied)
+        .into_iter()
+        .map(|(name, _)| name)
+        .chain(std::iter::once("rope_freqs.weight".to_string()))
+        .collect();
+    gguf.tensors
+        .iter()
+        .filter(|t| wanted.contains(&t.name))
+        .collect()
 }
 
-impl<'a> TensorLoader<'a> {
-    fn new(
-        gguf: &'a GgufFile,
-        info: &ModelInfo,
-        file: &'a mut File,
-        progress: &'a mut dyn FnMut(f32) -> bool,
-    ) -> Self {
-        let bytes_total = expected_tensors(&info.hparams, info.tied_embeddings)
-            .iter()
-            .filter_map(|(name, _)| gguf.tensor_info(name))
-            .map(|t| t.n_bytes)
-            .sum::<u64>()
-            .max(1);
-        Self {
-            gguf,
-            file,
-            progress,
-            scratch: Vec::new(),
-            bytes_done: 0,
-            bytes_total,
+/// Brings every tensor the model reads into memory (one touch per page, on the pool),
+/// reporting progress by bytes and stopping when `progress` returns `false`.
+fn prepare_tensors(
+    gguf: &GgufFile,
+    tensors: &[&TensorInfo],
+    map: &mut memmap2::MmapMut,
+    pool: &Pool,
+    progress: &mut dyn FnMut(f32) -> bool,
+) -> Result<()> {
+    const PAGE: usize = 4096;
+    let total = tensors.iter().map(|t| t.n_bytes).sum::<u64>().max(1);
+    let mut done = 0u64;
+    for info in tensors {
+        let range = gguf.mapped_range(info, map.len())?;
+        if let Some((rows, cols)) = repacked_shape(info) {
+            repack_q4k(pool, &mut map[range.clone()], rows, cols, &info.name)?;
+        }
+        let bytes = &map[range];
+        let touched = std::sync::atomic::AtomicU64::new(0);
+        pool.for_each_chunk(bytes.len().div_ceil(PAGE), 256, |pages| {
+            let mut sum = 0u64;
+            for p in pages {
+                sum = sum.wrapping_add(u64::from(bytes[p * PAGE]));
+            }
+            touched.fetch_add(sum, std::sync::atomic::Ordering::Relaxed);
+        });
+        std::hint::black_box(touched.into_inner());
+        done += info.n_bytes;
+        if !progress((done as f64 / total as f64).min(1.0) as f32) {
+            return Err(EngineError::Cancelled);
         }
     }
+    Ok(())
+}
 
-    fn info(&self, name: &str) -> Result<&'a TensorInfo> {
+/// `(rows, cols)` of a Q4_K matrix that is repacked at load.
+fn repacked_shape(info: &TensorInfo) -> Option<(usize, usize)> {
+    let [cols, rows] = info.dims.as_slice() else {
+        return None;
+    };
+    let (rows, cols) = (*rows as usize, *cols as usize);
+    Matrix::repacks_q4k(info.dtype, rows, cols).then_some((rows, cols))
+}
+
+/// Repacks a Q4_K tensor into 8-row groups in place, groups spread over the pool.
+fn repack_q4k(pool: &Pool, data: &mut [u8], rows: usize, cols: usize, name: &str) -> Result<()> {
+    let group_bytes = data.len() / (rows / 8);
+    let failed = std::sync::Mutex::new(None);
+    let shared = SharedMut::new(data);
+    pool.for_each_chunk(rows / 8, 64, |groups| {
+        // SAFETY: each range of groups goes to exactly one task.
+        let part = unsafe { shared.range_mut(groups.start * group_bytes..groups.end * group_bytes) };
+        if let Err(err) = repack_q4k_x8_in_place(part, groups.len() * 8, cols) {
+            *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
+        }
+    });
+    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(err) => Err(EngineError::BadTensor {
+            name: name.into(),
+            reason: err.to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Builds matrices and vectors from the mapped file.
+struct Weights<'a> {
+    gguf: &'a GgufFile,
+    store: Arc<Store>,
+}
+
+impl Weights<'_> {
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
         self.gguf
             .tensor_info(name)
             .ok_or_else(|| EngineError::MissingTensor(name.to_string()))
     }
 
-    fn qtensor(&mut self, name: &str) -> Result<QTensor> {
+    /// A 2-D tensor as a weight matrix (`dims[0]` inputs, `dims[1]` outputs); data misaligned
+    /// in the file is copied.
+    fn matrix(&self, name: &str) -> Result<Matrix> {
         let info = self.info(name)?;
-        let tensor = self.gguf.load_qtensor(self.file, info, &mut self.scratch)?;
-        self.bytes_done += info.n_bytes;
-        let fraction = (self.bytes_done as f64 / self.bytes_total as f64).min(1.0) as f32;
-        if !(self.progress)(fraction) {
-            return Err(EngineError::Cancelled);
+        let (cols, rows) = match info.dims.as_slice() {
+            [cols] => (*cols, 1),
+            [cols, rows] => (*cols, *rows),
+            _ => {
+                return Err(EngineError::BadTensor {
+                    name: name.into(),
+                    reason: format!("expected a matrix, found dimensions {:?}", info.dims),
+                });
+            }
+        };
+        let (rows, cols) = (rows as usize, cols as usize);
+        let range = self.gguf.mapped_range(info, self.store_len())?;
+        let mapped = WeightBytes::new(self.store.clone(), range.start, range.len());
+        let bad = |err: super::cpu::matmul::MatmulError| EngineError::BadTensor {
+            name: name.into(),
+            reason: err.to_string(),
+        };
+        if repacked_shape(info).is_some() {
+            return Matrix::q4k_repacked(rows, cols, mapped).map_err(bad);
         }
-        Ok(tensor)
+        match Matrix::new(info.dtype, rows, cols, mapped.clone()) {
+            Err(super::cpu::matmul::MatmulError::Misaligned(_)) => {
+                Matrix::new(info.dtype, rows, cols, WeightBytes::owned(mapped.bytes()))
+                    .map_err(bad)
+            }
+            other => other.map_err(bad),
+        }
     }
 
-    fn matmul(&mut self, name: &str) -> Result<Linear> {
-        Linear::new(Arc::new(self.qtensor(name)?))
+    /// A 1-D tensor (norm weights, RoPE factors) as f32.
+    fn vector(&self, name: &str) -> Result<Vec<f32>> {
+        let info = self.info(name)?;
+        let n = info.elem_count() as usize;
+        let range = self.gguf.mapped_range(info, self.store_len())?;
+        let bytes = WeightBytes::owned(&self.store_bytes()[range]);
+        let matrix =
+            Matrix::new(info.dtype, 1, n, bytes).map_err(|err| EngineError::BadTensor {
+                name: name.into(),
+                reason: err.to_string(),
+            })?;
+        let mut out = vec![0f32; n];
+        matrix.dequantize_row(0, &mut out);
+        Ok(out)
     }
 
-    /// A small tensor (norm weights) as plain f32.
-    fn dense(&mut self, name: &str) -> Result<Tensor> {
-        let t = self.qtensor(name)?;
-        let t = t.dequantize(&Device::Cpu)?;
-        Ok(if t.dtype() == DType::F32 {
-            t
-        } else {
-            t.to_dtype(DType::F32)?
-        })
+    fn store_bytes(&self) -> &[u8] {
+        self.store.bytes()
+    }
+
+    fn store_len(&self) -> usize {
+        self.store_bytes().len()
     }
 }
 

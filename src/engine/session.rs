@@ -18,7 +18,7 @@ use super::tokenizer::GgufTokenizer;
 pub struct LoadOptions {
     /// KV cache capacity in tokens (clamped to the model's trained context).
     pub context_length: usize,
-    /// Compute threads; 0 = all cores.
+    /// Compute threads; 0 = one per physical core.
     pub threads: usize,
 }
 
@@ -47,8 +47,6 @@ pub struct Engine {
     info: ModelInfo,
     tokenizer: Arc<GgufTokenizer>,
     model: Model,
-    /// Threads the model's kernels run on.
-    pool: rayon::ThreadPool,
     /// The tokens whose keys and values the model's cache holds, in order.
     cached: Vec<u32>,
 }
@@ -69,22 +67,17 @@ impl Engine {
             ));
         }
         let tokenizer = Arc::new(GgufTokenizer::from_gguf(&gguf)?);
-        let model = Model::load(&gguf, &info, options.context_length, progress)?;
-        let mut pool =
-            rayon::ThreadPoolBuilder::new().thread_name(|i| format!("smoldesk-compute-{i}"));
-        if options.threads > 0 {
-            pool = pool.num_threads(options.threads);
-        } else {
-            pool = pool.num_threads(candle_core::utils::get_num_threads());
-        }
-        let pool = pool
-            .build()
-            .map_err(|e| EngineError::Candle(candle_core::Error::Msg(e.to_string())))?;
+        let model = Model::load_with_threads(
+            &gguf,
+            &info,
+            options.context_length,
+            options.threads,
+            progress,
+        )?;
         Ok(Self {
             info,
             tokenizer,
             model,
-            pool,
             cached: Vec::new(),
         })
     }
@@ -92,6 +85,11 @@ impl Engine {
     /// The model's description.
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// Threads of the compute pool the model runs on.
+    pub fn threads(&self) -> usize {
+        self.model.threads()
     }
 
     /// The model's tokenizer.
@@ -121,8 +119,9 @@ impl Engine {
         self.prefill_cancellable(prompt, &|| false)
     }
 
-    /// Like [`Engine::prefill`], asking `cancelled` between chunks of [`PREFILL_CHUNK`] tokens.
-    /// A cancelled prefill keeps what it computed in the cache for the next attempt.
+    /// Like [`Engine::prefill`], asking `cancelled` before every layer. A cancelled prefill
+    /// keeps the chunks of [`PREFILL_CHUNK`] tokens it completed in the cache for the next
+    /// attempt.
     pub fn prefill_cancellable(
         &mut self,
         prompt: &[u32],
@@ -144,10 +143,7 @@ impl Engine {
         self.cached.truncate(reused);
         let mut logits = Vec::new();
         for chunk in prompt[reused..].chunks(PREFILL_CHUNK) {
-            if cancelled() {
-                return Err(EngineError::Cancelled);
-            }
-            let rows = self.run(chunk, false);
+            let rows = self.model.forward_cancellable(chunk, false, cancelled);
             logits = self.after_forward(rows, chunk)?.pop().unwrap_or_default();
         }
         Ok(Prefill {
@@ -159,7 +155,7 @@ impl Engine {
 
     /// Feeds one generated token and returns the logits for the next.
     pub fn decode(&mut self, token: u32) -> Result<Vec<f32>> {
-        let rows = self.run(&[token], false);
+        let rows = self.model.forward(&[token], false);
         let rows = self.after_forward(rows, &[token])?;
         Ok(rows.into_iter().last().unwrap_or_default())
     }
@@ -167,18 +163,13 @@ impl Engine {
     /// Logits at every position of `tokens`, computed from an empty cache.
     pub fn logits_all(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         self.reset();
-        let rows = self.run(tokens, true);
+        let rows = self.model.forward(tokens, true);
         self.after_forward(rows, tokens)
     }
 
-    /// Runs the model on the engine's own thread pool.
-    fn run(&mut self, tokens: &[u32], all_positions: bool) -> Result<Vec<Vec<f32>>> {
-        let model = &mut self.model;
-        self.pool.install(|| model.forward(tokens, all_positions))
-    }
-
-    /// Keeps `cached` in step with the model's cache; a failed forward leaves the cache empty
-    /// so the next call recomputes from scratch.
+    /// Keeps `cached` in step with the model's cache; a cancelled forward keeps what was
+    /// complete before it, any other failure leaves the cache empty so the next call recomputes
+    /// from scratch.
     fn after_forward(&mut self, rows: Result<Vec<Vec<f32>>>, fed: &[u32]) -> Result<Vec<Vec<f32>>> {
         match rows {
             Ok(rows) => {
@@ -186,8 +177,10 @@ impl Engine {
                 Ok(rows)
             }
             Err(err) => {
-                if !matches!(err, EngineError::ContextFull { .. }) {
-                    self.reset();
+                match err {
+                    EngineError::ContextFull { .. } => {}
+                    EngineError::Cancelled => self.cached.truncate(self.model.cache_len()),
+                    _ => self.reset(),
                 }
                 Err(err)
             }

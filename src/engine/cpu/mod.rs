@@ -7,6 +7,10 @@
 //! forces a lower one so every path can be tested and benchmarked on one machine.
 
 pub mod blocks;
+pub mod matmul;
+pub mod pool;
+pub mod q4k;
+pub mod q8k;
 
 use std::sync::OnceLock;
 
@@ -46,7 +50,7 @@ pub fn detected_level() -> SimdLevel {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+        let avx2 = avx2_available();
         let avx512 = avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl");
         if avx512 && AVX512_ENABLED {
             return SimdLevel::Avx512;
@@ -56,6 +60,18 @@ pub fn detected_level() -> SimdLevel {
         }
     }
     SimdLevel::Portable
+}
+
+/// Whether this CPU can run the AVX2 kernels (AVX2, FMA and F16C), whatever `SMOLDESK_SIMD` says.
+/// Kernels check it before taking an AVX2 path, so a wrong [`SimdLevel`] cannot crash.
+pub fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx2") && has!("fma") && has!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whether AVX-512 kernels may be chosen. They stay off until they have been tested on a CPU

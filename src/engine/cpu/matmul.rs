@@ -1,0 +1,787 @@
+//! Weight matrices in their GGUF quantization and the activations they multiply, on the pool.
+//!
+//! A forward pass quantizes each input once ([`Activations::quantize`]) for every matrix that
+//! reads it (Q, K and V; gate and up), then runs [`Matrix::matmul`] for each. Output rows are
+//! handed to the pool's threads in chunks by an atomic counter, so both threads finish
+//! together; each thread computes its rows for every input row, reusing the weights from cache.
+
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+use candle_core::quantized::k_quants::{self, GgmlType};
+use half::f16;
+
+use super::blocks::{BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, QK_K, as_blocks};
+use super::pool::{Pool, SharedMut};
+use super::{q4k, q8k, simd_level};
+use crate::engine::kernels::{self, Q8_1};
+
+/// Output rows one chunk of work covers (a multiple of 8, the interleave of repacked Q4_K).
+const ROWS_PER_CHUNK: usize = 32;
+
+/// Calls `$f::<B>(args)` with candle's block type `B` for `$dtype`.
+macro_rules! with_candle_block {
+    ($dtype:expr, $f:ident, $($arg:expr),*) => {
+        match $dtype {
+            GgmlDType::Q4_0 => $f::<k_quants::BlockQ4_0>($($arg),*),
+            GgmlDType::Q4_1 => $f::<k_quants::BlockQ4_1>($($arg),*),
+            GgmlDType::Q5_0 => $f::<k_quants::BlockQ5_0>($($arg),*),
+            GgmlDType::Q5_1 => $f::<k_quants::BlockQ5_1>($($arg),*),
+            GgmlDType::Q8_0 => $f::<k_quants::BlockQ8_0>($($arg),*),
+            GgmlDType::Q8_1 => $f::<k_quants::BlockQ8_1>($($arg),*),
+            GgmlDType::Q2K => $f::<k_quants::BlockQ2K>($($arg),*),
+            GgmlDType::Q3K => $f::<k_quants::BlockQ3K>($($arg),*),
+            GgmlDType::Q4K => $f::<k_quants::BlockQ4K>($($arg),*),
+            GgmlDType::Q5K => $f::<k_quants::BlockQ5K>($($arg),*),
+            GgmlDType::Q6K => $f::<k_quants::BlockQ6K>($($arg),*),
+            GgmlDType::Q8K => $f::<k_quants::BlockQ8K>($($arg),*),
+            other => unreachable!("{other:?} is not a candle block type"),
+        }
+    };
+}
+
+/// Why a weight matrix cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MatmulError {
+    /// The tensor's bytes do not hold `rows × cols` values of its type.
+    #[error("{dtype:?} data of {len} bytes does not hold a {rows} × {cols} matrix")]
+    Size {
+        /// Weight type.
+        dtype: GgmlDType,
+        /// Bytes given.
+        len: usize,
+        /// Output rows.
+        rows: usize,
+        /// Input columns.
+        cols: usize,
+    },
+    /// No kernel multiplies this type.
+    #[error("no matrix kernel for {0:?} weights")]
+    Unsupported(GgmlDType),
+    /// The bytes are not aligned for the type's blocks.
+    #[error("{0:?} weights are misaligned in memory")]
+    Misaligned(GgmlDType),
+}
+
+/// Where a matrix's bytes live: a region of the mapped model file, or memory of its own.
+#[derive(Clone)]
+pub struct WeightBytes {
+    store: Arc<Store>,
+    offset: usize,
+    len: usize,
+}
+
+/// The owner of weight bytes.
+pub enum Store {
+    /// The model file, mapped (privately, so repacked tensors stay in this process).
+    Mapped(memmap2::Mmap),
+    /// An 8-byte aligned buffer (tests, and data that is misaligned in the file).
+    Owned(Vec<u64>, usize),
+}
+
+impl Store {
+    /// A store owning a copy of `bytes`, 8-byte aligned.
+    pub fn owned(bytes: &[u8]) -> Self {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: the u64 buffer holds at least bytes.len() bytes; u8 has no invalid values.
+        let dst = unsafe {
+            std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len())
+        };
+        dst.copy_from_slice(bytes);
+        Self::Owned(words, bytes.len())
+    }
+
+    /// All bytes of the store.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Mapped(map) => map,
+            // SAFETY: the first `len` bytes of the u64 buffer are initialised.
+            Self::Owned(words, len) => unsafe {
+                std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), *len)
+            },
+        }
+    }
+}
+
+impl WeightBytes {
+    /// `len` bytes at `offset` of `store` (the caller checked they lie inside it).
+    pub fn new(store: Arc<Store>, offset: usize, len: usize) -> Self {
+        assert!(offset + len <= store.bytes().len(), "weight bytes out of range");
+        Self { store, offset, len }
+    }
+
+    /// A matrix's own copy of `bytes`.
+    pub fn owned(bytes: &[u8]) -> Self {
+        Self::new(Arc::new(Store::owned(bytes)), 0, bytes.len())
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.store.bytes()[self.offset..][..self.len]
+    }
+}
+
+/// How a matrix is multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// f32 weights, f32 activations.
+    F32,
+    /// f16 weights widened on the fly, f32 activations.
+    F16,
+    /// Q4_1 weights with llama.cpp-rounded Q8_1 activations ([`kernels`]).
+    Q4_1,
+    /// Q4_K repacked in place into 8-row groups ([`q4k`]): llama.cpp's gemm for activation rows
+    /// in groups of four, its gemv for the rest.
+    Q4Kx8,
+    /// Candle's per-row `vec_dot` for this block type (activations of its `VecDotType`).
+    Candle(GgmlDType),
+}
+
+/// The form an input must be in for a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ActKind {
+    /// Plain f32.
+    F32,
+    /// llama.cpp's Q8_1 ([`kernels::Q8_1`]).
+    Q8_1,
+    /// llama.cpp's Q8_K, every row (candle's k-quant kernels read the same layout).
+    Q8K,
+    /// llama.cpp's Q8_K of rows `0 .. m - m % 4`, four rows interleaved (for the gemm).
+    Q8Kx4,
+    /// Candle blocks of this type.
+    Candle(GgmlDType),
+}
+
+/// A weight matrix `(rows, cols)`: `out = x · Wᵀ` maps inputs of `cols` values to `rows`.
+#[derive(Clone)]
+pub struct Matrix {
+    dtype: GgmlDType,
+    kernel: Kernel,
+    rows: usize,
+    cols: usize,
+    data: WeightBytes,
+}
+
+impl Matrix {
+    /// A matrix of `rows × cols` values of `dtype` stored in `data` (row-major, GGUF layout).
+    pub fn new(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        data: WeightBytes,
+    ) -> Result<Self, MatmulError> {
+        let block = dtype.block_size();
+        let expected = (cols % block == 0).then(|| rows * cols / block * dtype.type_size());
+        if expected != Some(data.len) {
+            return Err(MatmulError::Size {
+                dtype,
+                len: data.len,
+                rows,
+                cols,
+            });
+        }
+        let kernel = match dtype {
+            GgmlDType::F32 => Kernel::F32,
+            GgmlDType::F16 => Kernel::F16,
+            GgmlDType::Q4_1 => Kernel::Q4_1,
+            GgmlDType::Q4_0
+            | GgmlDType::Q5_0
+            | GgmlDType::Q5_1
+            | GgmlDType::Q8_0
+            | GgmlDType::Q2K
+            | GgmlDType::Q3K
+            | GgmlDType::Q4K
+            | GgmlDType::Q5K
+            | GgmlDType::Q6K => Kernel::Candle(dtype),
+            other => return Err(MatmulError::Unsupported(other)),
+        };
+        let align = match dtype {
+            GgmlDType::F32 => 4,
+            _ => 2,
+        };
+        if data.bytes().as_ptr().align_offset(align) != 0 {
+            return Err(MatmulError::Misaligned(dtype));
+        }
+        Ok(Self {
+            dtype,
+            kernel,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// A Q4_K matrix whose bytes were repacked with [`q4k::repack_q4k_x8_in_place`].
+    pub fn q4k_repacked(rows: usize, cols: usize, data: WeightBytes) -> Result<Self, MatmulError> {
+        let mut matrix = Self::new(GgmlDType::Q4K, rows, cols, data)?;
+        if rows % 8 != 0 || cols % QK_K != 0 {
+            return Err(MatmulError::Size {
+                dtype: GgmlDType::Q4K,
+                len: matrix.data.len,
+                rows,
+                cols,
+            });
+        }
+        matrix.kernel = Kernel::Q4Kx8;
+        Ok(matrix)
+    }
+
+    /// Whether a Q4_K tensor of this shape is repacked at load ([`Matrix::q4k_repacked`]).
+    pub fn repacks_q4k(dtype: GgmlDType, rows: usize, cols: usize) -> bool {
+        dtype == GgmlDType::Q4K && rows % 8 == 0 && cols % QK_K == 0 && rows > 0
+    }
+
+    /// Output rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input columns.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The weight type.
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// The forms of input this matrix reads.
+    fn act_kinds(&self) -> &'static [ActKind] {
+        match self.kernel {
+            Kernel::F32 | Kernel::F16 => &[ActKind::F32],
+            Kernel::Q4_1 => &[ActKind::Q8_1],
+            Kernel::Q4Kx8 => &[ActKind::Q8Kx4, ActKind::Q8K],
+            Kernel::Candle(dtype) => match candle_vec_dot_type(dtype) {
+                GgmlDType::Q8K => &[ActKind::Q8K],
+                GgmlDType::Q8_0 => &[ActKind::Candle(GgmlDType::Q8_0)],
+                GgmlDType::Q8_1 => &[ActKind::Candle(GgmlDType::Q8_1)],
+                other => unreachable!("candle kernels read Q8_K, Q8_0 or Q8_1, not {other:?}"),
+            },
+        }
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.cols / self.dtype.block_size() * self.dtype.type_size()
+    }
+
+    /// Row `row` as f32 (an embedding lookup).
+    pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
+        let bytes = &self.data.bytes()[row * self.row_bytes()..][..self.row_bytes()];
+        match self.dtype {
+            GgmlDType::F32 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            GgmlDType::F16 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+                }
+            }
+            _ if self.kernel == Kernel::Q4Kx8 => self.dequantize_q4k_x8_row(row, out),
+            dtype => with_candle_block!(dtype, dequantize_candle_row, bytes, out),
+        }
+    }
+
+    /// `out (m × rows) = x · Wᵀ` for the `m` inputs of `act` (quantized for this matrix).
+    pub fn matmul(&self, pool: &Pool, act: &Activations, out: &mut [f32]) {
+        let m = act.m;
+        assert_eq!(act.k, self.cols, "input width");
+        assert!(out.len() >= m * self.rows, "output too small");
+        let out = SharedMut::new(&mut out[..m * self.rows]);
+        let kind = self.act_kinds()[0];
+        pool.for_each_chunk(self.rows, ROWS_PER_CHUNK, |rows| match self.kernel {
+            Kernel::F32 => self.rows_f32(act.f32(), m, rows, out),
+            Kernel::F16 => self.rows_f16(act.f32(), m, rows, out),
+            Kernel::Q4_1 => self.rows_q4_1(act.q8_1(), m, rows, out),
+            Kernel::Q4Kx8 => self.rows_q4k_x8(act, rows, out),
+            Kernel::Candle(dtype) => {
+                with_candle_block!(dtype, candle_rows, self, act.blocks(kind), m, rows, out)
+            }
+        });
+    }
+
+    /// Rows `rows` (whole 8-row groups) of a repacked Q4_K matrix for every input, as llama.cpp
+    /// splits them: the gemm for the inputs in groups of four, the gemv for the rest.
+    fn rows_q4k_x8(&self, act: &Activations, rows: std::ops::Range<usize>, out: SharedMut<'_, f32>) {
+        let level = simd_level();
+        let (k, nb, m) = (self.cols, self.cols / QK_K, act.m);
+        let w = self.q4k_x8_blocks();
+        let w = &w[rows.start / 8 * nb..rows.end / 8 * nb];
+        let m4 = m - m % 4;
+        if m4 > 0 {
+            GEMM_SCRATCH.with(|scratch| {
+                let tile = &mut scratch.borrow_mut();
+                tile.clear();
+                tile.resize(m4 * rows.len(), 0.0);
+                q4k::gemm_q4k_x8(level, k, w, act.q8k_x4(), m4, tile, rows.len());
+                for (t, tile_row) in tile.chunks_exact(rows.len()).enumerate() {
+                    let start = t * self.rows;
+                    // SAFETY: each chunk of output rows goes to exactly one thread.
+                    let dst = unsafe { out.range_mut(start + rows.start..start + rows.end) };
+                    dst.copy_from_slice(tile_row);
+                }
+            });
+        }
+        let q8k = act.q8k();
+        for t in m4..m {
+            let start = t * self.rows;
+            // SAFETY: as above.
+            let dst = unsafe { out.range_mut(start + rows.start..start + rows.end) };
+            q4k::gemv_q4k_x8(level, k, w, &q8k[t * nb..(t + 1) * nb], dst);
+        }
+    }
+
+    fn q4k_x8_blocks(&self) -> &[BlockQ4Kx8] {
+        // Alignment was checked in `new` (2 bytes, all BlockQ4Kx8 needs) and the size is whole
+        // 8-row groups (checked in `q4k_repacked`).
+        as_blocks::<BlockQ4Kx8>(self.data.bytes()).unwrap_or_default()
+    }
+
+    /// Row `row` of a repacked Q4_K matrix as f32.
+    fn dequantize_q4k_x8_row(&self, row: usize, out: &mut [f32]) {
+        let nb = self.cols / QK_K;
+        let group = &self.q4k_x8_blocks()[row / 8 * nb..][..nb];
+        let plain: Vec<super::blocks::BlockQ4K> =
+            group.iter().map(|b| q4k::deinterleave(b)[row % 8]).collect();
+        // SAFETY: BlockQ4K is plain data (PodBlock), viewed as its bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                plain.as_ptr().cast::<u8>(),
+                plain.len() * std::mem::size_of::<super::blocks::BlockQ4K>(),
+            )
+        };
+        dequantize_candle_row::<k_quants::BlockQ4K>(bytes, out);
+    }
+
+    /// Writes `out[t][rows]` for every input `t` with `dot(row, t)`.
+    fn write_rows(
+        &self,
+        m: usize,
+        rows: std::ops::Range<usize>,
+        out: SharedMut<'_, f32>,
+        dot: impl Fn(usize, usize) -> f32,
+    ) {
+        for t in 0..m {
+            let start = t * self.rows;
+            // SAFETY: each chunk of output rows goes to exactly one thread.
+            let dst = unsafe { out.range_mut(start + rows.start..start + rows.end) };
+            for (d, r) in dst.iter_mut().zip(rows.clone()) {
+                *d = dot(r, t);
+            }
+        }
+    }
+
+    fn rows_f32(&self, x: &[f32], m: usize, rows: std::ops::Range<usize>, out: SharedMut<'_, f32>) {
+        let bytes = self.data.bytes();
+        let k = self.cols;
+        // SAFETY: alignment to 4 was checked in `new`; f32 has no invalid bit patterns.
+        let w: &[f32] =
+            unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) };
+        self.write_rows(m, rows, out, |r, t| {
+            dot_f32(&w[r * k..][..k], &x[t * k..][..k])
+        });
+    }
+
+    fn rows_f16(&self, x: &[f32], m: usize, rows: std::ops::Range<usize>, out: SharedMut<'_, f32>) {
+        let bytes = self.data.bytes();
+        let k = self.cols;
+        let mut widened = vec![0f32; k];
+        for r in rows {
+            for (o, b) in widened
+                .iter_mut()
+                .zip(bytes[r * 2 * k..][..2 * k].chunks_exact(2))
+            {
+                *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            }
+            self.write_rows(m, r..r + 1, out, |_, t| {
+                dot_f32(&widened, &x[t * k..][..k])
+            });
+        }
+    }
+
+    fn rows_q4_1(&self, act: &[Q8_1], m: usize, rows: std::ops::Range<usize>, out: SharedMut<'_, f32>) {
+        let bytes = self.data.bytes();
+        let (rb, blocks) = (self.row_bytes(), self.cols / 32);
+        self.write_rows(m, rows, out, |r, t| {
+            kernels::dot_q4_1_q8_1(&bytes[r * rb..][..rb], &act[t * blocks..][..blocks])
+        });
+    }
+}
+
+
+/// The activation block type of candle's kernel for `dtype`.
+fn candle_vec_dot_type(dtype: GgmlDType) -> GgmlDType {
+    fn of<B: GgmlType>() -> GgmlDType {
+        B::VecDotType::DTYPE
+    }
+    with_candle_block!(dtype, of,)
+}
+
+/// Reinterprets bytes as candle blocks of type `B`.
+fn candle_blocks<B: GgmlType>(bytes: &[u8]) -> &[B] {
+    let size = std::mem::size_of::<B>();
+    assert!(bytes.len() % size == 0);
+    assert!(bytes.as_ptr().align_offset(std::mem::align_of::<B>()) == 0);
+    // SAFETY: candle's block types are repr(C) structs of integers and f16 (any bit pattern is
+    // valid); length and alignment are checked above.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<B>(), bytes.len() / size) }
+}
+
+fn dequantize_candle_row<B: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+    B::to_float(candle_blocks::<B>(bytes), out);
+}
+
+fn candle_rows<B: GgmlType>(
+    w: &Matrix,
+    act: &[u8],
+    m: usize,
+    rows: std::ops::Range<usize>,
+    out: SharedMut<'_, f32>,
+) {
+    let blocks = candle_blocks::<B>(w.data.bytes());
+    let act = candle_blocks::<B::VecDotType>(act);
+    let per_row = w.cols / B::BLCK_SIZE;
+    let k = w.cols;
+    w.write_rows(m, rows, out, |r, t| {
+        B::vec_dot(k, &blocks[r * per_row..][..per_row], &act[t * per_row..][..per_row])
+    });
+}
+
+fn quantize_candle_rows<B: GgmlType>(pool: &Pool, x: &[f32], m: usize, k: usize, buf: &mut Vec<u64>) {
+    let per_row = k / B::BLCK_SIZE;
+    let bytes = m * per_row * std::mem::size_of::<B>();
+    buf.clear();
+    buf.resize(bytes.div_ceil(8), 0);
+    // SAFETY: the buffer holds `bytes` bytes, 8-byte aligned; candle blocks are plain data.
+    let blocks: &mut [B] =
+        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<B>(), m * per_row) };
+    let shared = SharedMut::new(blocks);
+    pool.for_each_chunk(m, 1, |rows| {
+        for t in rows {
+            // SAFETY: each row goes to exactly one thread.
+            let dst = unsafe { shared.range_mut(t * per_row..(t + 1) * per_row) };
+            B::from_float(&x[t * k..][..k], dst);
+        }
+    });
+}
+
+thread_local! {
+    /// A thread's gemm output tile, reused.
+    static GEMM_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An 8-lane f32 dot product (vectorisable; the order is fixed, not llama.cpp's).
+fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (xa, xb) in ca.zip(cb) {
+        for l in 0..8 {
+            lanes[l] += xa[l] * xb[l];
+        }
+    }
+    crate::engine::attention::hsum(&lanes) + tail
+}
+
+/// The inputs of one or more matmuls, quantized once into every form they need.
+#[derive(Default)]
+pub struct Activations {
+    m: usize,
+    k: usize,
+    f32: Vec<f32>,
+    q8_1: Vec<Q8_1>,
+    q8k: Vec<BlockQ8K>,
+    q8k_x4: Vec<BlockQ8Kx4>,
+    candle: Vec<(GgmlDType, Vec<u64>)>,
+    ready: Vec<ActKind>,
+}
+
+impl Activations {
+    /// Empty buffers (they grow to the largest input and are reused).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Prepares `x` (`m` rows of `k` values) for every matrix of `for_matrices`.
+    pub fn quantize(&mut self, pool: &Pool, x: &[f32], m: usize, k: usize, for_matrices: &[&Matrix]) {
+        assert!(x.len() >= m * k, "input too short");
+        let x = &x[..m * k];
+        self.m = m;
+        self.k = k;
+        self.ready.clear();
+        for &kind in for_matrices.iter().flat_map(|m| m.act_kinds()) {
+            if self.ready.contains(&kind) {
+                continue;
+            }
+            match kind {
+                ActKind::Q8K => {
+                    let nb = k / QK_K;
+                    self.q8k.resize(m * nb, q8k::zeroed_q8k(1)[0]);
+                    let shared = SharedMut::new(&mut self.q8k);
+                    pool.for_each_chunk(m, 1, |rows| {
+                        for t in rows {
+                            // SAFETY: each row goes to exactly one thread.
+                            let dst = unsafe { shared.range_mut(t * nb..(t + 1) * nb) };
+                            q8k::quantize_row_q8k(&x[t * k..][..k], dst);
+                        }
+                    });
+                }
+                ActKind::Q8Kx4 => {
+                    let (nb, groups) = (k / QK_K, m / 4);
+                    self.q8k_x4.resize(groups * nb, q8k::zeroed_q8k_x4(1)[0]);
+                    let shared = SharedMut::new(&mut self.q8k_x4);
+                    let level = simd_level();
+                    pool.for_each_chunk(groups, 1, |range| {
+                        for g in range {
+                            // SAFETY: each group of four rows goes to exactly one thread.
+                            let dst = unsafe { shared.range_mut(g * nb..(g + 1) * nb) };
+                            q8k::quantize_rows_q8k_x4(level, &x[4 * g * k..][..4 * k], k, dst);
+                        }
+                    });
+                }
+                ActKind::F32 => {
+                    self.f32.clear();
+                    self.f32.extend_from_slice(x);
+                }
+                ActKind::Q8_1 => {
+                    self.q8_1.clear();
+                    self.q8_1.resize(m * k / 32, Q8_1::default());
+                    let shared = SharedMut::new(&mut self.q8_1);
+                    pool.for_each_chunk(m, 1, |rows| {
+                        for t in rows {
+                            // SAFETY: each row goes to exactly one thread.
+                            let dst = unsafe { shared.range_mut(t * k / 32..(t + 1) * k / 32) };
+                            kernels::quantize_q8_1(&x[t * k..][..k], dst);
+                        }
+                    });
+                }
+                ActKind::Candle(dtype) => {
+                    let index = match self.candle.iter().position(|(d, _)| *d == dtype) {
+                        Some(i) => i,
+                        None => {
+                            self.candle.push((dtype, Vec::new()));
+                            self.candle.len() - 1
+                        }
+                    };
+                    let buf = &mut self.candle[index].1;
+                    with_candle_block!(dtype, quantize_candle_rows, pool, x, m, k, buf);
+                }
+            }
+            self.ready.push(kind);
+        }
+    }
+
+    /// Rows of input.
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    fn check(&self, kind: ActKind) {
+        assert!(self.ready.contains(&kind), "activations not quantized for {kind:?}");
+    }
+
+    fn f32(&self) -> &[f32] {
+        self.check(ActKind::F32);
+        &self.f32
+    }
+
+    fn q8_1(&self) -> &[Q8_1] {
+        self.check(ActKind::Q8_1);
+        &self.q8_1
+    }
+
+    fn q8k(&self) -> &[BlockQ8K] {
+        self.check(ActKind::Q8K);
+        &self.q8k[..self.m * self.k / QK_K]
+    }
+
+    fn q8k_x4(&self) -> &[BlockQ8Kx4] {
+        self.check(ActKind::Q8Kx4);
+        &self.q8k_x4[..self.m / 4 * self.k / QK_K]
+    }
+
+    /// Activations for a candle kernel, as raw bytes of its block type.
+    fn blocks(&self, kind: ActKind) -> &[u8] {
+        if kind == ActKind::Q8K {
+            let q8k = self.q8k();
+            // SAFETY: BlockQ8K is plain data; candle's BlockQ8K has the same repr(C) layout
+            // (llama.cpp's block_q8_K), so its kernels read these bytes as their own blocks.
+            return unsafe {
+                std::slice::from_raw_parts(
+                    q8k.as_ptr().cast::<u8>(),
+                    std::mem::size_of_val(q8k),
+                )
+            };
+        }
+        self.check(kind);
+        let ActKind::Candle(dtype) = kind else {
+            unreachable!("only candle activations are raw blocks")
+        };
+        let words = self
+            .candle
+            .iter()
+            .find(|(d, _)| *d == dtype)
+            .map(|(_, w)| w.as_slice())
+            .unwrap_or_default();
+        let len = self.m * self.k / dtype.block_size() * dtype.type_size();
+        // SAFETY: the buffer was sized to hold `len` bytes when quantized.
+        unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 37 + seed * 11) % 101) as f32 - 50.0) / 40.0)
+            .collect()
+    }
+
+    /// A matrix of `dtype` quantized by candle from deterministic values.
+    fn matrix(dtype: GgmlDType, rows: usize, cols: usize) -> (Matrix, Vec<f32>) {
+        let w = Tensor::from_vec(values(rows * cols, 1), (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let bytes = q.data().unwrap();
+        let dequant = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+        let m = Matrix::new(dtype, rows, cols, WeightBytes::owned(&bytes)).unwrap();
+        (m, dequant.to_vec1().unwrap())
+    }
+
+    /// A Q4_K matrix repacked into 8-row groups, with its dequantized values.
+    fn repacked(rows: usize, cols: usize) -> (Matrix, Vec<f32>) {
+        let w = Tensor::from_vec(values(rows * cols, 1), (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        let mut bytes = q.data().unwrap().to_vec();
+        let dequant = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap();
+        let store = Store::owned(&bytes);
+        let Store::Owned(mut words, len) = store else {
+            unreachable!()
+        };
+        {
+            // SAFETY: the words hold `len` initialised bytes.
+            let aligned = unsafe {
+                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len)
+            };
+            q4k::repack_q4k_x8_in_place(aligned, rows, cols).unwrap();
+            bytes.copy_from_slice(aligned);
+        }
+        let data = WeightBytes::new(Arc::new(Store::Owned(words, len)), 0, len);
+        (Matrix::q4k_repacked(rows, cols, data).unwrap(), dequant.to_vec1().unwrap())
+    }
+
+    #[test]
+    fn repacked_q4k_matches_the_plain_kernel_for_1_to_9_rows_on_both_levels() {
+        let (rows, k) = (48, 512);
+        let pool = Pool::new(2);
+        let (packed, dequant) = repacked(rows, k);
+        let mut row = vec![0f32; k];
+        packed.dequantize_row(13, &mut row);
+        assert_eq!(row, dequant[13 * k..14 * k]);
+        let (plain, _) = matrix(GgmlDType::Q4K, rows, k);
+        for m in 1..=9 {
+            let x = values(m * k, m + 3);
+            let mut act = Activations::new();
+            act.quantize(&pool, &x, m, k, &[&packed, &plain]);
+            let (mut a, mut b) = (vec![0f32; m * rows], vec![0f32; m * rows]);
+            packed.matmul(&pool, &act, &mut a);
+            plain.matmul(&pool, &act, &mut b);
+            for (g, r) in a.iter().zip(&b) {
+                assert!((g - r).abs() < 1e-3 * (1.0 + r.abs()), "m={m}: {g} vs {r}");
+            }
+        }
+    }
+
+    fn reference(w: &[f32], x: &[f32], rows: usize, k: usize) -> Vec<f32> {
+        x.chunks_exact(k)
+            .flat_map(|xr| {
+                w.chunks_exact(k)
+                    .map(move |wr| wr.iter().zip(xr).map(|(a, b)| a * b).sum::<f32>())
+            })
+            .take(x.len() / k * rows)
+            .collect()
+    }
+
+    #[test]
+    fn every_type_matches_the_dequantized_product_for_1_to_9_rows() {
+        let (rows, k) = (72, 512);
+        let pool = Pool::new(2);
+        let types = [
+            GgmlDType::F32,
+            GgmlDType::F16,
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ];
+        for dtype in types {
+            let (w, dequant) = matrix(dtype, rows, k);
+            let mut act = Activations::new();
+            for m in 1..=9 {
+                let x = values(m * k, m);
+                act.quantize(&pool, &x, m, k, &[&w]);
+                let mut out = vec![0f32; m * rows];
+                w.matmul(&pool, &act, &mut out);
+                let want = reference(&dequant, &x, rows, k);
+                for (g, r) in out.iter().zip(&want) {
+                    assert!((g - r).abs() < 0.02 * (4.0 + r.abs()), "{dtype:?} m={m}: {g} vs {r}");
+                }
+                // A row's result does not depend on the batch it is computed in.
+                let last = &x[(m - 1) * k..];
+                let mut one = Activations::new();
+                one.quantize(&pool, last, 1, k, &[&w]);
+                let mut single = vec![0f32; rows];
+                w.matmul(&pool, &one, &mut single);
+                assert_eq!(single, out[(m - 1) * rows..], "{dtype:?} m={m}");
+            }
+        }
+    }
+
+    #[test]
+    fn one_and_two_threads_give_the_same_bits() {
+        let (w, _) = matrix(GgmlDType::Q4K, 136, 256);
+        let x = values(5 * 256, 3);
+        let mut results = Vec::new();
+        for threads in [1, 2] {
+            let pool = Pool::new(threads);
+            let mut act = Activations::new();
+            act.quantize(&pool, &x, 5, 256, &[&w]);
+            let mut out = vec![0f32; 5 * 136];
+            w.matmul(&pool, &act, &mut out);
+            results.push(out);
+        }
+        assert_eq!(results[0], results[1]);
+    }
+
+    #[test]
+    fn dequantized_rows_match_candle() {
+        for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::Q4_1, GgmlDType::Q6K] {
+            let (w, dequant) = matrix(dtype, 16, 256);
+            let mut row = vec![0f32; 256];
+            w.dequantize_row(5, &mut row);
+            assert_eq!(row, dequant[5 * 256..6 * 256], "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_sizes_are_errors() {
+        let bytes = WeightBytes::owned(&[0u8; 100]);
+        assert!(matches!(
+            Matrix::new(GgmlDType::Q4_1, 2, 64, bytes),
+            Err(MatmulError::Size { .. })
+        ));
+    }
+}

@@ -1,0 +1,952 @@
+//! llama.cpp's repacked Q4_K × Q8_K kernels (`ggml-cpu/repack.cpp`, `arch/x86/repack.cpp`):
+//! Q4_K weights interleaved eight rows at a time ([`BlockQ4Kx8`], `q4_K_8x8`), multiplied by
+//! Q8_K activations with `ggml_gemv_q4_K_8x8_q8_K` (one activation row) and
+//! `ggml_gemm_q4_K_8x8_q8_K` (four rows at a time), bit for bit.
+//!
+//! The integer dot products are exact, so only the float steps decide the bits; both paths do,
+//! per output, `acc = fma(float(int), d_w * d_a, acc)` and the same for the minimums, then
+//! `acc - acc_min`. The gemv does one such step per 256-value block, the gemm one per pair of
+//! 32-value sub-blocks (four per block), so the same row gives slightly different bits through
+//! the two (as in llama.cpp).
+//!
+//! Using them as llama.cpp's `forward_mul_mat` does: quantize activation rows
+//! `0 .. m - m % 4` four at a time ([`quantize_rows_q8k_x4`](super::q8k::quantize_rows_q8k_x4))
+//! and run [`gemm_q4k_x8`] on them; quantize each remaining row with
+//! [`quantize_row_q8k`](super::q8k::quantize_row_q8k) and run [`gemv_q4k_x8`]. Every output is
+//! computed whole by one call, so splitting the weight rows across threads in chunks of whole
+//! 8-row groups (llama.cpp: multiples of 8) gives the same bits for any thread count.
+
+use super::SimdLevel;
+use super::blocks::{BlockQ4K, BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, QK_K, as_blocks, as_blocks_mut};
+use half::f16;
+
+/// Why a Q4_K tensor cannot be repacked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KernelError {
+    /// The row count is not a multiple of the eight rows interleaved together.
+    #[error("Q4_K repacking needs a multiple of 8 rows, got {rows}")]
+    RowsNotMultipleOf8 {
+        /// Rows in the tensor.
+        rows: usize,
+    },
+    /// The row length is not a whole number of 256-value blocks.
+    #[error("Q4_K rows must be whole blocks of {QK_K} values, got {k}")]
+    PartialBlock {
+        /// Values per row.
+        k: usize,
+    },
+    /// The byte count does not match the shape.
+    #[error("a {rows}x{k} Q4_K tensor has {expected} bytes, got {actual}")]
+    WrongSize {
+        /// Rows in the tensor.
+        rows: usize,
+        /// Values per row.
+        k: usize,
+        /// Bytes the shape needs.
+        expected: usize,
+        /// Bytes given.
+        actual: usize,
+    },
+    /// The data is not aligned for its f16 fields.
+    #[error("Q4_K data is not 2-byte aligned")]
+    Misaligned,
+}
+
+/// Rewrites a Q4_K tensor of `rows` rows (`rows % 8 == 0`) × `k` columns, stored as GGUF
+/// blocks, into [`BlockQ4Kx8`] order in place: group `g`'s block `x` holds block `x` of rows
+/// `8 g .. 8 g + 8` (llama.cpp's `repack_q4_K_to_q4_K_8_bl`). Uses a scratch copy of one 8-row
+/// group.
+pub fn repack_q4k_x8_in_place(data: &mut [u8], rows: usize, k: usize) -> Result<(), KernelError> {
+    if !k.is_multiple_of(QK_K) {
+        return Err(KernelError::PartialBlock { k });
+    }
+    if !rows.is_multiple_of(8) {
+        return Err(KernelError::RowsNotMultipleOf8 { rows });
+    }
+    let nb = k / QK_K;
+    let group_bytes = 8 * nb * std::mem::size_of::<BlockQ4K>();
+    let expected = rows / 8 * group_bytes;
+    if data.len() != expected {
+        return Err(KernelError::WrongSize {
+            rows,
+            k,
+            expected,
+            actual: data.len(),
+        });
+    }
+    let mut scratch = Vec::with_capacity(8 * nb);
+    for group in data.chunks_exact_mut(group_bytes) {
+        scratch.clear();
+        scratch.extend_from_slice(as_blocks::<BlockQ4K>(group).ok_or(KernelError::Misaligned)?);
+        let out = as_blocks_mut::<BlockQ4Kx8>(group).ok_or(KernelError::Misaligned)?;
+        for (x, block) in out.iter_mut().enumerate() {
+            let rows: [BlockQ4K; 8] = std::array::from_fn(|i| scratch[x + i * nb]);
+            *block = interleave(&rows);
+        }
+    }
+    Ok(())
+}
+
+/// llama.cpp's `make_block_q4_Kx8` with 8-byte interleaving.
+pub fn interleave(rows: &[BlockQ4K; 8]) -> BlockQ4Kx8 {
+    let mut out = BlockQ4Kx8 {
+        d: rows.map(|r| r.d),
+        dmin: rows.map(|r| r.dmin),
+        scales: [0; 96],
+        qs: [0; QK_K * 4],
+    };
+    for (i, chunk) in out.qs.chunks_exact_mut(8).enumerate() {
+        let (src, offset) = (i % 8, (i / 8) * 8);
+        chunk.copy_from_slice(&rows[src].qs[offset..offset + 8]);
+    }
+    for sub in 0..8 {
+        let pairs: [(u8, u8); 8] = std::array::from_fn(|r| scale_min_k4(sub, &rows[r].scales));
+        out.scales[12 * sub..12 * sub + 12].copy_from_slice(&pack_scale_mins(pairs));
+    }
+    out
+}
+
+/// The inverse of [`interleave`]: the eight GGUF blocks back.
+pub fn deinterleave(block: &BlockQ4Kx8) -> [BlockQ4K; 8] {
+    std::array::from_fn(|r| {
+        let mut qs = [0u8; QK_K / 2];
+        for (t, chunk) in qs.chunks_exact_mut(8).enumerate() {
+            let i = 8 * t + r;
+            chunk.copy_from_slice(&block.qs[8 * i..8 * i + 8]);
+        }
+        let pairs: [(u8, u8); 8] =
+            std::array::from_fn(|sub| scale_min_k4(r, group(&block.scales, sub)));
+        BlockQ4K {
+            d: block.d[r],
+            dmin: block.dmin[r],
+            scales: pack_scale_mins(pairs),
+            qs,
+        }
+    })
+}
+
+#[inline(always)]
+fn group(scales: &[u8; 96], sub: usize) -> &[u8; 12] {
+    scales[12 * sub..12 * sub + 12]
+        .try_into()
+        .expect("12-byte group")
+}
+
+/// ggml's `get_scale_min_k4`: the 6-bit scale and minimum number `j` of a 12-byte packing.
+fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xf) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+/// The 12-byte packing of eight 6-bit (scale, minimum) pairs that [`scale_min_k4`] reads.
+fn pack_scale_mins(pairs: [(u8, u8); 8]) -> [u8; 12] {
+    let mut q = [0u8; 12];
+    for j in 0..4 {
+        let (s, m) = pairs[j];
+        let (s_hi, m_hi) = pairs[j + 4];
+        q[j] = (s & 63) | ((s_hi >> 4) << 6);
+        q[j + 4] = (m & 63) | ((m_hi >> 4) << 6);
+        q[j + 8] = (s_hi & 15) | ((m_hi & 15) << 4);
+    }
+    q
+}
+
+/// llama.cpp's gemv: `out[j]` = row `j` of the repacked weights (`8 * w.len() / (k / QK_K)`
+/// rows: whole 8-row groups) · one activation row (`act.len() == k / QK_K`).
+pub fn gemv_q4k_x8(
+    level: SimdLevel,
+    k: usize,
+    w: &[BlockQ4Kx8],
+    act: &[BlockQ8K],
+    out: &mut [f32],
+) {
+    let nb = k / QK_K;
+    assert!(k.is_multiple_of(QK_K) && nb > 0, "k must be whole blocks");
+    assert_eq!(act.len(), nb, "one Q8_K block per 256 columns");
+    assert!(w.len().is_multiple_of(nb), "whole 8-row groups");
+    assert_eq!(out.len(), 8 * (w.len() / nb), "one output per weight row");
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 && super::avx2_available() {
+        for (wg, out) in w.chunks_exact(nb).zip(out.chunks_exact_mut(8)) {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+            let result = unsafe { avx2::gemv_group(wg, act) };
+            out.copy_from_slice(&result);
+        }
+        return;
+    }
+    let _ = level;
+    for (wg, out) in w.chunks_exact(nb).zip(out.chunks_exact_mut(8)) {
+        out.copy_from_slice(&gemv_group_portable(wg, act));
+    }
+}
+
+/// llama.cpp's gemm: `m` activation rows (`m % 4 == 0`, `act` holds `m / 4` groups of
+/// `k / QK_K` blocks) times the repacked weights; writes `out[r * out_stride + j]` for weight
+/// row `j` (`out_stride` at least the weight rows).
+pub fn gemm_q4k_x8(
+    level: SimdLevel,
+    k: usize,
+    w: &[BlockQ4Kx8],
+    act: &[BlockQ8Kx4],
+    m: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let nb = k / QK_K;
+    assert!(k.is_multiple_of(QK_K) && nb > 0, "k must be whole blocks");
+    assert!(m.is_multiple_of(4), "gemm takes rows four at a time");
+    assert_eq!(act.len(), m / 4 * nb, "m / 4 groups of Q8_Kx4 blocks");
+    assert!(w.len().is_multiple_of(nb), "whole 8-row groups");
+    let n = 8 * (w.len() / nb);
+    assert!(out_stride >= n, "out_stride below the weight rows");
+    if m == 0 {
+        return;
+    }
+    assert!(out.len() >= (m - 1) * out_stride + n, "output too short");
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 && super::avx2_available() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above); shapes checked above.
+        unsafe { avx2::gemm(nb, w, act, m, out, out_stride) };
+        return;
+    }
+    let _ = level;
+    gemm_portable(nb, w, act, m, out, out_stride);
+}
+
+/// Integer sums for one pair of sub-blocks (`sub = 2 pair`, `2 pair + 1`) of eight weight rows
+/// against one activation row: per row, Σ scale·(q4·q8) and Σ min·(Σq8).
+fn pair_sums(w: &BlockQ4Kx8, q8: &[i8], bsums: &[i16], pair: usize) -> ([i32; 8], [i32; 8]) {
+    let mut dots = [0i32; 8];
+    let mut mins = [0i32; 8];
+    for (r, (dot, min)) in dots.iter_mut().zip(&mut mins).enumerate() {
+        for half in 0..2 {
+            let sub = 2 * pair + half;
+            let (scale, m) = scale_min_k4(r, group(&w.scales, sub));
+            let mut sum = 0i32;
+            for l in 0..32 {
+                let packed = w.qs[256 * pair + 64 * (l / 8) + 8 * r + l % 8];
+                let q4 = if half == 0 { packed & 0xf } else { packed >> 4 };
+                sum += i32::from(q4) * i32::from(q8[32 * sub + l]);
+            }
+            *dot += i32::from(scale) * sum;
+            let q8_sum = i32::from(bsums[2 * sub]) + i32::from(bsums[2 * sub + 1]);
+            *min += i32::from(m) * q8_sum;
+        }
+    }
+    (dots, mins)
+}
+
+fn f16s(v: &[f16; 8]) -> [f32; 8] {
+    v.map(f16::to_f32)
+}
+
+/// The portable gemv for one 8-row group: one FMA step per block.
+fn gemv_group_portable(w: &[BlockQ4Kx8], act: &[BlockQ8K]) -> [f32; 8] {
+    let mut acc = [0.0f32; 8];
+    let mut acc_min = [0.0f32; 8];
+    for (wb, ab) in w.iter().zip(act) {
+        let (d, dmin) = (f16s(&wb.d), f16s(&wb.dmin));
+        let mut dots = [0i32; 8];
+        let mut mins = [0i32; 8];
+        for pair in 0..4 {
+            let (pd, pm) = pair_sums(wb, &ab.qs, &ab.bsums, pair);
+            for c in 0..8 {
+                dots[c] += pd[c];
+                mins[c] += pm[c];
+            }
+        }
+        for c in 0..8 {
+            acc[c] = (dots[c] as f32).mul_add(d[c] * ab.d, acc[c]);
+            acc_min[c] = (mins[c] as f32).mul_add(dmin[c] * ab.d, acc_min[c]);
+        }
+    }
+    std::array::from_fn(|c| acc[c] - acc_min[c])
+}
+
+/// One activation row of a [`BlockQ8Kx4`], de-interleaved.
+fn activation_row(a: &BlockQ8Kx4, r: usize) -> ([i8; QK_K], [i16; QK_K / 16]) {
+    let qs = std::array::from_fn(|j| a.qs[32 * (j / 8) + 8 * r + j % 8]);
+    let bsums = std::array::from_fn(|g| a.bsums[16 * (g / 4) + 4 * r + g % 4]);
+    (qs, bsums)
+}
+
+/// The portable gemm: one FMA step per pair of sub-blocks.
+fn gemm_portable(
+    nb: usize,
+    w: &[BlockQ4Kx8],
+    act: &[BlockQ8Kx4],
+    m: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    for (y, ag) in act.chunks_exact(nb).enumerate().take(m / 4) {
+        for (x, wg) in w.chunks_exact(nb).enumerate() {
+            let mut acc = [[0.0f32; 8]; 4];
+            let mut acc_min = [[0.0f32; 8]; 4];
+            for (wb, ab) in wg.iter().zip(ag) {
+                let (d, dmin) = (f16s(&wb.d), f16s(&wb.dmin));
+                let rows: [_; 4] = std::array::from_fn(|r| activation_row(ab, r));
+                for pair in 0..4 {
+                    for (r, (qs, bsums)) in rows.iter().enumerate() {
+                        let (dots, mins) = pair_sums(wb, qs, bsums, pair);
+                        for c in 0..8 {
+                            acc[r][c] = (dots[c] as f32).mul_add(d[c] * ab.d[r], acc[r][c]);
+                            acc_min[r][c] =
+                                (mins[c] as f32).mul_add(dmin[c] * ab.d[r], acc_min[r][c]);
+                        }
+                    }
+                }
+            }
+            for r in 0..4 {
+                let row = &mut out[(4 * y + r) * out_stride + 8 * x..][..8];
+                for c in 0..8 {
+                    row[c] = acc[r][c] - acc_min[r][c];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, group};
+    use std::arch::x86_64::*;
+
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+
+    /// The 16 bytes llama.cpp's `utmp` decoding makes of one 12-byte group: the eight rows'
+    /// 6-bit scales, then their minimums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn mins_and_scales(group: &[u8; 12]) -> __m128i {
+        let u = utmp(group);
+        _mm_set_epi32(u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32)
+    }
+
+    #[inline(always)]
+    fn utmp(group: &[u8; 12]) -> [u32; 4] {
+        let word = |i: usize| {
+            u32::from_le_bytes([
+                group[4 * i],
+                group[4 * i + 1],
+                group[4 * i + 2],
+                group[4 * i + 3],
+            ])
+        };
+        let mut u = [word(0), word(1), word(2), 0];
+        u[3] = ((u[2] >> 4) & KMASK2) | (((u[1] >> 6) & KMASK3) << 4);
+        let aux = u[1] & KMASK1;
+        u[1] = (u[2] & KMASK2) | (((u[0] >> 6) & KMASK3) << 4);
+        u[2] = aux;
+        u[0] &= KMASK1;
+        u
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn load256(bytes: &[u8], offset: usize) -> __m256i {
+        assert!(offset + 32 <= bytes.len());
+        // SAFETY: in bounds (checked above); unaligned load.
+        unsafe { _mm256_loadu_si256(bytes.as_ptr().add(offset).cast()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn load128(bytes: &[u8], offset: usize) -> __m128i {
+        assert!(offset + 16 <= bytes.len());
+        // SAFETY: in bounds (checked above); unaligned load.
+        unsafe { _mm_loadu_si128(bytes.as_ptr().add(offset).cast()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn i8_bytes(v: &[i8]) -> &[u8] {
+        // SAFETY: i8 and u8 have the same size and alignment, every bit pattern valid.
+        unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn broadcast128(v: __m128i) -> __m256i {
+        let v = _mm256_castsi128_si256(v);
+        _mm256_permute2f128_si256::<0>(v, v)
+    }
+
+    /// Eight f16 into f32 (F16C, exact).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn f16x8(v: &[half::f16; 8]) -> __m128i {
+        // SAFETY: [f16; 8] is 16 readable bytes.
+        unsafe { _mm_loadu_si128(v.as_ptr().cast()) }
+    }
+
+    /// Two chunks of one sub-block (rows 0-3 and 4-7) against four activation bytes each:
+    /// lanes in the order c0 c4 c1 c5 c2 c6 c3 c7.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn gemv_chunk(r0123: __m256i, r4567: __m256i, lhs_a: __m256i, lhs_b: __m256i) -> __m256i {
+        let first = _mm256_blend_epi32::<170>(r0123, _mm256_shuffle_epi32::<177>(r4567));
+        let second = _mm256_blend_epi32::<170>(_mm256_shuffle_epi32::<177>(r0123), r4567);
+        _mm256_add_epi16(
+            _mm256_maddubs_epi16(first, lhs_a),
+            _mm256_maddubs_epi16(second, lhs_b),
+        )
+    }
+
+    /// The AVX2 `ggml_gemv_q4_K_8x8_q8_K` for one group of eight weight rows.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; `w.len() == act.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemv_group(w: &[BlockQ4Kx8], act: &[BlockQ8K]) -> [f32; 8] {
+        let deltamask = _mm_set_epi8(15, 14, 7, 6, 13, 12, 5, 4, 11, 10, 3, 2, 9, 8, 1, 0);
+        let scalemask = _mm_set_epi8(7, 7, 3, 3, 6, 6, 2, 2, 5, 5, 1, 1, 4, 4, 0, 0);
+        let finalpermutemask = _mm256_set_epi32(7, 5, 3, 1, 6, 4, 2, 0);
+        let m4b = _mm256_set1_epi8(0x0f);
+
+        let mut acc_row = _mm256_setzero_ps();
+        let mut acc_min_rows = _mm256_setzero_ps();
+        for (wb, ab) in w.iter().zip(act) {
+            let row_scale_f32 = _mm256_set1_ps(ab.d);
+            let col_scale_f32 = _mm256_cvtph_ps(_mm_shuffle_epi8(f16x8(&wb.d), deltamask));
+            let col_dmin_f32 = _mm256_cvtph_ps(f16x8(&wb.dmin));
+            let mut iacc_b = _mm256_setzero_si256();
+            let mut iacc_min_b = _mm256_setzero_si256();
+
+            // SAFETY: bsums is 32 readable bytes.
+            let q8sums = unsafe { _mm256_loadu_si256(ab.bsums.as_ptr().cast()) };
+            let mut q8s = broadcast128(_mm_hadd_epi16(
+                _mm256_castsi256_si128(q8sums),
+                _mm256_extracti128_si256::<1>(q8sums),
+            ));
+            let aq = i8_bytes(&ab.qs);
+
+            for sb in 0..4 {
+                let raw: [__m256i; 8] = std::array::from_fn(|i| load256(&wb.qs, sb * 256 + 32 * i));
+                let lo = raw.map(|v| _mm256_and_si256(v, m4b));
+                let hi = raw.map(|v| _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4b));
+
+                let ms0 = mins_and_scales(group(&wb.scales, 2 * sb));
+                let ms1 = mins_and_scales(group(&wb.scales, 2 * sb + 1));
+                let scales_0 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(ms0, scalemask));
+                let scales_1 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(ms1, scalemask));
+                let mins_01 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(
+                    _mm_shuffle_epi32::<78>(ms0),
+                    _mm_shuffle_epi32::<78>(ms1),
+                ));
+
+                let lhs_00 = broadcast128(load128(aq, sb * 64));
+                let lhs_01 = broadcast128(load128(aq, 16 + sb * 64));
+                let lhs_10 = broadcast128(load128(aq, 32 + sb * 64));
+                let lhs_11 = broadcast128(load128(aq, 48 + sb * 64));
+
+                let sub_dot = |v: &[__m256i; 8], l0: __m256i, l1: __m256i| {
+                    let mut acc = gemv_chunk(
+                        v[0],
+                        v[1],
+                        _mm256_shuffle_epi32::<0>(l0),
+                        _mm256_shuffle_epi32::<85>(l0),
+                    );
+                    acc = _mm256_add_epi16(
+                        acc,
+                        gemv_chunk(
+                            v[2],
+                            v[3],
+                            _mm256_shuffle_epi32::<170>(l0),
+                            _mm256_shuffle_epi32::<255>(l0),
+                        ),
+                    );
+                    acc = _mm256_add_epi16(
+                        acc,
+                        gemv_chunk(
+                            v[4],
+                            v[5],
+                            _mm256_shuffle_epi32::<0>(l1),
+                            _mm256_shuffle_epi32::<85>(l1),
+                        ),
+                    );
+                    _mm256_add_epi16(
+                        acc,
+                        gemv_chunk(
+                            v[6],
+                            v[7],
+                            _mm256_shuffle_epi32::<170>(l1),
+                            _mm256_shuffle_epi32::<255>(l1),
+                        ),
+                    )
+                };
+                let iacc_0 = _mm256_madd_epi16(sub_dot(&lo, lhs_00, lhs_01), scales_0);
+                let iacc_1 = _mm256_madd_epi16(sub_dot(&hi, lhs_10, lhs_11), scales_1);
+                let iacc_sb = _mm256_add_epi32(iacc_0, iacc_1);
+
+                let iacc_min_sb = _mm256_madd_epi16(_mm256_shuffle_epi32::<0>(q8s), mins_01);
+                q8s = _mm256_bsrli_epi128::<4>(q8s);
+
+                iacc_b = _mm256_add_epi32(iacc_b, iacc_sb);
+                iacc_min_b = _mm256_add_epi32(iacc_min_b, iacc_min_sb);
+            }
+
+            acc_row = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(iacc_b),
+                _mm256_mul_ps(col_scale_f32, row_scale_f32),
+                acc_row,
+            );
+            acc_min_rows = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(iacc_min_b),
+                _mm256_mul_ps(col_dmin_f32, row_scale_f32),
+                acc_min_rows,
+            );
+        }
+        acc_row = _mm256_permutevar8x32_ps(acc_row, finalpermutemask);
+        let mut out = [0.0f32; 8];
+        // SAFETY: out is 8 writable f32.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc_row, acc_min_rows)) };
+        out
+    }
+
+    /// One pair of sub-blocks of eight weight rows, shuffled as the gemm needs them:
+    /// `[pattern][half * 4 + chunk]` for rows 0,1,4,5 (`c0145`) and 2,3,6,7 (`c2367`).
+    struct RhsPair {
+        c0145: [[__m256i; 8]; 2],
+        c2367: [[__m256i; 8]; 2],
+        scale_0145: [__m256i; 2],
+        scale_2367: [__m256i; 2],
+        mins_01: __m256i,
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn prepare_rhs(wb: &BlockQ4Kx8, sb: usize) -> RhsPair {
+        let m4b = _mm256_set1_epi8(0x0f);
+        let required_order = _mm256_set_epi32(3, 2, 1, 0, 7, 6, 5, 4);
+        let mut c0145 = [[_mm256_setzero_si256(); 8]; 2];
+        let mut c2367 = [[_mm256_setzero_si256(); 8]; 2];
+        for t in 0..4 {
+            let r0123 = load256(&wb.qs, sb * 256 + 64 * t);
+            let r4567 = load256(&wb.qs, sb * 256 + 64 * t + 32);
+            let raw_0145 = _mm256_blend_epi32::<240>(
+                r0123,
+                _mm256_permutevar8x32_epi32(r4567, required_order),
+            );
+            let raw_2367 = _mm256_blend_epi32::<240>(
+                _mm256_permutevar8x32_epi32(r0123, required_order),
+                r4567,
+            );
+            for (half, shift) in [(0, false), (1, true)] {
+                let nibbles = |v: __m256i| {
+                    if shift {
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4b)
+                    } else {
+                        _mm256_and_si256(v, m4b)
+                    }
+                };
+                let (a, b) = (nibbles(raw_0145), nibbles(raw_2367));
+                c0145[0][half * 4 + t] = _mm256_shuffle_epi32::<136>(a);
+                c2367[0][half * 4 + t] = _mm256_shuffle_epi32::<136>(b);
+                c0145[1][half * 4 + t] = _mm256_shuffle_epi32::<221>(a);
+                c2367[1][half * 4 + t] = _mm256_shuffle_epi32::<221>(b);
+            }
+        }
+        let ms0 = mins_and_scales(group(&wb.scales, 2 * sb));
+        let ms1 = mins_and_scales(group(&wb.scales, 2 * sb + 1));
+        let scales_0 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(ms0, ms0));
+        let scales_1 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(ms1, ms1));
+        RhsPair {
+            c0145,
+            c2367,
+            scale_0145: [
+                _mm256_shuffle_epi32::<68>(scales_0),
+                _mm256_shuffle_epi32::<68>(scales_1),
+            ],
+            scale_2367: [
+                _mm256_shuffle_epi32::<238>(scales_0),
+                _mm256_shuffle_epi32::<238>(scales_1),
+            ],
+            mins_01: _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(
+                _mm_shuffle_epi32::<78>(ms0),
+                _mm_shuffle_epi32::<78>(ms1),
+            )),
+        }
+    }
+
+    /// Σ over the four chunks and both shuffle patterns of one sub-block half (i16 lanes).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn tile_dot(rhs: &[[__m256i; 8]; 2], lhs: &[[__m256i; 8]; 2], half: usize) -> __m256i {
+        let mut total = _mm256_setzero_si256();
+        for pattern in 0..2 {
+            for t in (0..4).rev() {
+                let u = half * 4 + t;
+                total = _mm256_add_epi16(
+                    total,
+                    _mm256_maddubs_epi16(rhs[pattern][u], lhs[pattern][u]),
+                );
+            }
+        }
+        total
+    }
+
+    /// One pair of sub-blocks of four activation rows against eight weight rows: the integer
+    /// sums per (row, column) in natural column order, and the minimum sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn tile_pair(rhs: &RhsPair, ab: &BlockQ8Kx4, sb: usize) -> ([__m256i; 4], [__m256i; 4]) {
+        let aq = i8_bytes(&ab.qs);
+        let mut l01 = [[_mm256_setzero_si256(); 8]; 2];
+        let mut l23 = [[_mm256_setzero_si256(); 8]; 2];
+        for u in 0..8 {
+            let v = load256(aq, 256 * sb + 32 * u);
+            let lhs_01 = _mm256_permute2f128_si256::<0>(v, v);
+            let lhs_23 = _mm256_permute2f128_si256::<17>(v, v);
+            l01[0][u] = _mm256_shuffle_epi32::<160>(lhs_01);
+            l23[0][u] = _mm256_shuffle_epi32::<160>(lhs_23);
+            l01[1][u] = _mm256_shuffle_epi32::<245>(lhs_01);
+            l23[1][u] = _mm256_shuffle_epi32::<245>(lhs_23);
+        }
+        // SAFETY: 16 * sb + 16 <= 64 bsums.
+        let bsums = unsafe { _mm256_loadu_si256(ab.bsums.as_ptr().add(16 * sb).cast()) };
+        let bsums_hsum = broadcast128(_mm_hadd_epi16(
+            _mm256_castsi256_si128(bsums),
+            _mm256_extractf128_si256::<1>(bsums),
+        ));
+
+        let mut rows = [_mm256_setzero_si256(); 4];
+        for half in 0..2 {
+            let m00 = _mm256_madd_epi16(tile_dot(&rhs.c0145, &l01, half), rhs.scale_0145[half]);
+            let m01 = _mm256_madd_epi16(tile_dot(&rhs.c2367, &l01, half), rhs.scale_2367[half]);
+            let m10 = _mm256_madd_epi16(tile_dot(&rhs.c0145, &l23, half), rhs.scale_0145[half]);
+            let m11 = _mm256_madd_epi16(tile_dot(&rhs.c2367, &l23, half), rhs.scale_2367[half]);
+            let straight = [
+                _mm256_blend_epi32::<204>(m00, _mm256_shuffle_epi32::<78>(m01)),
+                _mm256_blend_epi32::<204>(_mm256_shuffle_epi32::<78>(m00), m01),
+                _mm256_blend_epi32::<204>(m10, _mm256_shuffle_epi32::<78>(m11)),
+                _mm256_blend_epi32::<204>(_mm256_shuffle_epi32::<78>(m10), m11),
+            ];
+            for (row, s) in rows.iter_mut().zip(straight) {
+                *row = _mm256_add_epi32(*row, s);
+            }
+        }
+        let mins = [
+            _mm256_madd_epi16(_mm256_shuffle_epi32::<0>(bsums_hsum), rhs.mins_01),
+            _mm256_madd_epi16(_mm256_shuffle_epi32::<85>(bsums_hsum), rhs.mins_01),
+            _mm256_madd_epi16(_mm256_shuffle_epi32::<170>(bsums_hsum), rhs.mins_01),
+            _mm256_madd_epi16(_mm256_shuffle_epi32::<255>(bsums_hsum), rhs.mins_01),
+        ];
+        (rows, mins)
+    }
+
+    /// `G` groups of four activation rows against one group of eight weight rows
+    /// (llama.cpp's 16-row loop is `G = 4`, its 4-row remainder loop `G = 1`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn gemm_tile<const G: usize>(wg: &[BlockQ4Kx8], act: [&[BlockQ8Kx4]; G]) -> [[__m256; 4]; G] {
+        let mut acc = [[_mm256_setzero_ps(); 4]; G];
+        let mut acc_min = [[_mm256_setzero_ps(); 4]; G];
+        for (b, wb) in wg.iter().enumerate() {
+            let col_scale = _mm256_cvtph_ps(f16x8(&wb.d));
+            let col_dmin = _mm256_cvtph_ps(f16x8(&wb.dmin));
+            for sb in 0..4 {
+                let rhs = prepare_rhs(wb, sb);
+                for rp in 0..G {
+                    let ab = &act[rp][b];
+                    let (rows, mins) = tile_pair(&rhs, ab, sb);
+                    // SAFETY: d is 4 readable f32.
+                    let d4 = unsafe { _mm_loadu_ps(ab.d.as_ptr()) };
+                    let row_scale = _mm256_set_m128(d4, d4);
+                    let lane = [
+                        _mm256_shuffle_ps::<0>(row_scale, row_scale),
+                        _mm256_shuffle_ps::<85>(row_scale, row_scale),
+                        _mm256_shuffle_ps::<170>(row_scale, row_scale),
+                        _mm256_shuffle_ps::<255>(row_scale, row_scale),
+                    ];
+                    for i in 0..4 {
+                        acc[rp][i] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(rows[i]),
+                            _mm256_mul_ps(col_scale, lane[i]),
+                            acc[rp][i],
+                        );
+                        acc_min[rp][i] = _mm256_fmadd_ps(
+                            _mm256_cvtepi32_ps(mins[i]),
+                            _mm256_mul_ps(col_dmin, lane[i]),
+                            acc_min[rp][i],
+                        );
+                    }
+                }
+            }
+        }
+        std::array::from_fn(|rp| std::array::from_fn(|i| _mm256_sub_ps(acc[rp][i], acc_min[rp][i])))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn store_tile<const G: usize>(
+        tile: [[__m256; 4]; G],
+        out: &mut [f32],
+        first_row: usize,
+        col: usize,
+        stride: usize,
+    ) {
+        for (rp, rows) in tile.iter().enumerate() {
+            for (i, &v) in rows.iter().enumerate() {
+                let at = (first_row + 4 * rp + i) * stride + col;
+                assert!(at + 8 <= out.len());
+                // SAFETY: in bounds (checked above).
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(at), v) };
+            }
+        }
+    }
+
+    /// The AVX2 `ggml_gemm_q4_K_8x8_q8_K`: rows in groups of 16, then of 4.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C; shapes as checked by `gemm_q4k_x8`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn gemm(
+        nb: usize,
+        w: &[BlockQ4Kx8],
+        act: &[BlockQ8Kx4],
+        m: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let groups: Vec<&[BlockQ8Kx4]> = act.chunks_exact(nb).collect();
+        let full = m / 16;
+        for y in 0..full {
+            let rows: [&[BlockQ8Kx4]; 4] = std::array::from_fn(|i| groups[4 * y + i]);
+            for (x, wg) in w.chunks_exact(nb).enumerate() {
+                store_tile(gemm_tile(wg, rows), out, 16 * y, 8 * x, stride);
+            }
+        }
+        for (y, &rows) in groups.iter().enumerate().skip(4 * full) {
+            for (x, wg) in w.chunks_exact(nb).enumerate() {
+                store_tile(gemm_tile(wg, [rows]), out, 4 * y, 8 * x, stride);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::engine::cpu::q8k::tests::{TestRng, tricky_rows};
+    use crate::engine::cpu::q8k::{
+        quantize_row_q8k, quantize_rows_q8k_x4, zeroed_q8k, zeroed_q8k_x4,
+    };
+    use candle_core::quantized::GgmlType;
+    use candle_core::quantized::k_quants::BlockQ4K as CandleQ4K;
+
+    /// GGUF Q4_K blocks of `rows` × `k` random weights, quantized by candle (as llama.cpp's
+    /// `quantize_row_q4_K_ref`), and their dequantized floats.
+    pub(crate) fn random_q4k(
+        rows: usize,
+        k: usize,
+        rng: &mut TestRng,
+    ) -> (Vec<BlockQ4K>, Vec<f32>) {
+        let x: Vec<f32> = (0..rows * k).map(|_| rng.uniform() * 0.1).collect();
+        let zero = CandleQ4K::zeros();
+        let mut blocks = vec![zero; rows * k / QK_K];
+        CandleQ4K::from_float(&x, &mut blocks);
+        let mut deq = vec![0.0f32; rows * k];
+        CandleQ4K::to_float(&blocks, &mut deq);
+        (from_candle(&blocks).to_vec(), deq)
+    }
+
+    fn from_candle(blocks: &[CandleQ4K]) -> &[BlockQ4K] {
+        const _: () = assert!(std::mem::size_of::<CandleQ4K>() == std::mem::size_of::<BlockQ4K>());
+        // SAFETY: both are repr(C) {f16 d, f16 dmin, [u8; 12], [u8; 128]}.
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), blocks.len()) }
+    }
+
+    /// Blocks of arbitrary bytes: every scale, minimum and nibble value occurs.
+    fn arbitrary_q4k(n: usize, rng: &mut TestRng) -> Vec<BlockQ4K> {
+        (0..n)
+            .map(|_| BlockQ4K {
+                d: f16::from_f32(rng.uniform() * 0.01),
+                dmin: f16::from_f32(rng.uniform() * 0.01),
+                scales: std::array::from_fn(|_| rng.next_u64() as u8),
+                qs: std::array::from_fn(|_| rng.next_u64() as u8),
+            })
+            .collect()
+    }
+
+    fn block_bytes(b: &BlockQ4K) -> Vec<u8> {
+        let mut v = b.d.to_le_bytes().to_vec();
+        v.extend(b.dmin.to_le_bytes());
+        v.extend(b.scales);
+        v.extend(b.qs);
+        v
+    }
+
+    pub(crate) fn repack(blocks: &[BlockQ4K], rows: usize, k: usize) -> Vec<BlockQ4Kx8> {
+        let mut out: Vec<BlockQ4Kx8> = blocks
+            .chunks_exact(8)
+            .map(|c| interleave(c.try_into().unwrap()))
+            .collect();
+        // SAFETY: BlockQ4Kx8 is plain old data; the byte view has the same extent.
+        let bytes = unsafe {
+            std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), out.len() * 1152)
+        };
+        let src = unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), bytes.len()) };
+        bytes.copy_from_slice(src);
+        repack_q4k_x8_in_place(bytes, rows, k).unwrap();
+        out
+    }
+
+    fn q8k_rows(x: &[f32], k: usize) -> Vec<BlockQ8K> {
+        let mut out = zeroed_q8k(x.len() / QK_K);
+        for (row, o) in x.chunks_exact(k).zip(out.chunks_exact_mut(k / QK_K)) {
+            quantize_row_q8k(row, o);
+        }
+        out
+    }
+
+    fn q8k_x4(level: SimdLevel, x: &[f32], k: usize) -> Vec<BlockQ8Kx4> {
+        let mut out = zeroed_q8k_x4(x.len() / QK_K / 4);
+        for (rows, o) in x.chunks_exact(4 * k).zip(out.chunks_exact_mut(k / QK_K)) {
+            quantize_rows_q8k_x4(level, rows, k, o);
+        }
+        out
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn interleaving_round_trips() {
+        let mut rng = TestRng(1);
+        let blocks = arbitrary_q4k(8 * 3, &mut rng);
+        for group in blocks.chunks_exact(8) {
+            let rows: &[BlockQ4K; 8] = group.try_into().unwrap();
+            let back = deinterleave(&interleave(rows));
+            for (a, b) in rows.iter().zip(&back) {
+                assert_eq!(block_bytes(a), block_bytes(b));
+            }
+        }
+    }
+
+    #[test]
+    fn in_place_repack_orders_blocks_by_row_group() {
+        let mut rng = TestRng(2);
+        let (rows, k) = (16, 512);
+        let blocks = arbitrary_q4k(rows * k / QK_K, &mut rng);
+        let repacked = repack(&blocks, rows, k);
+        let nb = k / QK_K;
+        for (i, block) in repacked.iter().enumerate() {
+            let (g, x) = (i / nb, i % nb);
+            for (r, b) in deinterleave(block).iter().enumerate() {
+                assert_eq!(block_bytes(b), block_bytes(&blocks[(8 * g + r) * nb + x]));
+            }
+        }
+    }
+
+    #[test]
+    fn repack_rejects_bad_shapes() {
+        let mut data = vec![0u8; 8 * 144];
+        assert_eq!(
+            repack_q4k_x8_in_place(&mut data, 4, 512),
+            Err(KernelError::RowsNotMultipleOf8 { rows: 4 })
+        );
+        assert_eq!(
+            repack_q4k_x8_in_place(&mut data, 8, 300),
+            Err(KernelError::PartialBlock { k: 300 })
+        );
+        assert!(matches!(
+            repack_q4k_x8_in_place(&mut data, 8, 512),
+            Err(KernelError::WrongSize {
+                expected: 2304,
+                actual: 1152,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn gemv_portable_and_avx2_agree_bit_for_bit() {
+        if !crate::engine::cpu::avx2_available() {
+            return;
+        }
+        let mut rng = TestRng(3);
+        for (n, k) in [(8, 256), (16, 768), (24, 2048)] {
+            let w = repack(&arbitrary_q4k(n * k / QK_K, &mut rng), n, k);
+            let x = tricky_rows(k, &mut rng);
+            let act = q8k_rows(&x, k);
+            for a in act.chunks_exact(k / QK_K) {
+                let mut portable = vec![0.0; n];
+                let mut avx2 = vec![0.0; n];
+                gemv_q4k_x8(SimdLevel::Portable, k, &w, a, &mut portable);
+                gemv_q4k_x8(SimdLevel::Avx2, k, &w, a, &mut avx2);
+                assert_eq!(bits(&portable), bits(&avx2), "n = {n}, k = {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_portable_and_avx2_agree_bit_for_bit() {
+        if !crate::engine::cpu::avx2_available() {
+            return;
+        }
+        let mut rng = TestRng(4);
+        for (n, k, m) in [(8, 256, 4), (16, 512, 20), (8, 1024, 16)] {
+            let w = repack(&arbitrary_q4k(n * k / QK_K, &mut rng), n, k);
+            let x: Vec<f32> = (0..m / 4).flat_map(|_| tricky_rows(k, &mut rng)).collect();
+            let act = q8k_x4(SimdLevel::Avx2, &x, k);
+            let stride = n + 3;
+            let mut portable = vec![f32::NAN; m * stride];
+            let mut avx2 = vec![f32::NAN; m * stride];
+            gemm_q4k_x8(SimdLevel::Portable, k, &w, &act, m, &mut portable, stride);
+            gemm_q4k_x8(SimdLevel::Avx2, k, &w, &act, m, &mut avx2, stride);
+            assert_eq!(bits(&portable), bits(&avx2), "n = {n}, k = {k}, m = {m}");
+        }
+    }
+
+    /// Σ dequantized weight × dequantized activation in f64, and Σ of their magnitudes.
+    fn reference_dot(w: &[f32], qs: impl Iterator<Item = f32>) -> (f64, f64) {
+        w.iter().zip(qs).fold((0.0, 0.0), |(s, a), (&w, q)| {
+            let t = f64::from(w) * f64::from(q);
+            (s + t, a + t.abs())
+        })
+    }
+
+    #[test]
+    fn gemv_and_gemm_match_a_float_reference_and_each_other_closely() {
+        let mut rng = TestRng(5);
+        let (n, k, m) = (16, 1024, 8);
+        let (blocks, deq) = random_q4k(n, k, &mut rng);
+        let w = repack(&blocks, n, k);
+        let x = rng.activations(m * k);
+        let rows = q8k_rows(&x, k);
+        let x4 = q8k_x4(SimdLevel::Portable, &x, k);
+        let mut gemm = vec![0.0; m * n];
+        gemm_q4k_x8(SimdLevel::Portable, k, &w, &x4, m, &mut gemm, n);
+        let nb = k / QK_K;
+        for r in 0..m {
+            let a = &rows[r * nb..(r + 1) * nb];
+            let mut gemv = vec![0.0; n];
+            gemv_q4k_x8(SimdLevel::Portable, k, &w, a, &mut gemv);
+            for j in 0..n {
+                let q = a
+                    .iter()
+                    .flat_map(|b| b.qs.iter().map(move |&q| b.d * f32::from(q)));
+                let (expected, scale) = reference_dot(&deq[j * k..(j + 1) * k], q);
+                let tol = 1e-5 * scale + 1e-9;
+                assert!(
+                    (f64::from(gemv[j]) - expected).abs() <= tol,
+                    "gemv r{r} j{j}"
+                );
+                assert!(
+                    (f64::from(gemm[r * n + j]) - expected).abs() <= 4.0 * tol,
+                    "gemm r{r} j{j}"
+                );
+            }
+        }
+    }
+}
