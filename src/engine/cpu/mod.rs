@@ -7,6 +7,10 @@
 //! forces a lower one so every path can be tested and benchmarked on one machine.
 
 pub mod blocks;
+pub mod lanes;
+pub mod q4_1;
+pub mod q6k;
+pub mod q8_0;
 
 use std::sync::OnceLock;
 
