@@ -7,6 +7,7 @@
 //! forces a lower one so every path can be tested and benchmarked on one machine.
 
 pub mod blocks;
+pub mod dequant;
 pub mod lanes;
 pub mod q4_1;
 pub mod q6k;
