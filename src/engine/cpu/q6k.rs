@@ -13,8 +13,9 @@ use super::SimdLevel;
 use super::blocks::{BlockQ6K, BlockQ8K, QK_K};
 use super::lanes::{self, LANES};
 
-/// Weight rows [`dot_q6k_q8k_rows`] computes per pass over the activations.
-pub const ROWS_PER_PASS: usize = 2;
+/// Weight rows [`dot_q6k_q8k_rows`] computes per pass over the activations. Two rows per pass
+/// measured about 3x slower than one (examples/q6k_bench.rs, AVX2, Zen 3), so one it is.
+pub const ROWS_PER_PASS: usize = 1;
 
 /// Dot product of one Q6_K weight row with Q8_K activations of the same length.
 pub fn dot_q6k_q8k(level: SimdLevel, w: &[BlockQ6K], act: &[BlockQ8K]) -> f32 {
