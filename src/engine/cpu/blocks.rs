@@ -128,7 +128,9 @@ pub struct BlockQ8_1 {
 /// pattern valid).
 pub fn as_blocks<B: PodBlock>(bytes: &[u8]) -> Option<&[B]> {
     let size = std::mem::size_of::<B>();
-    if bytes.len() % size != 0 || bytes.as_ptr().align_offset(std::mem::align_of::<B>()) != 0 {
+    if !bytes.len().is_multiple_of(size)
+        || bytes.as_ptr().align_offset(std::mem::align_of::<B>()) != 0
+    {
         return None;
     }
     // SAFETY: B is a repr(C) struct of integers/f16 (PodBlock), so every bit pattern is valid;
@@ -139,7 +141,9 @@ pub fn as_blocks<B: PodBlock>(bytes: &[u8]) -> Option<&[B]> {
 /// Mutable form of [`as_blocks`].
 pub fn as_blocks_mut<B: PodBlock>(bytes: &mut [u8]) -> Option<&mut [B]> {
     let size = std::mem::size_of::<B>();
-    if bytes.len() % size != 0 || bytes.as_ptr().align_offset(std::mem::align_of::<B>()) != 0 {
+    if !bytes.len().is_multiple_of(size)
+        || bytes.as_ptr().align_offset(std::mem::align_of::<B>()) != 0
+    {
         return None;
     }
     // SAFETY: as in `as_blocks`; the borrow is unique.

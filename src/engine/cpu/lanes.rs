@@ -62,7 +62,7 @@ pub fn fma_lanes(acc: &mut [f32; LANES], scale: f32, lanes: &[i32; LANES]) {
 /// `_mm256_cvtps_epi32` of an already rounded value: out of range and NaN give `i32::MIN`.
 #[inline(always)]
 pub fn cvtps_epi32(v: f32) -> i32 {
-    if v.is_nan() || v >= 2_147_483_648.0 || v < -2_147_483_648.0 {
+    if v.is_nan() || !(-2_147_483_648.0..2_147_483_648.0).contains(&v) {
         i32::MIN
     } else {
         v as i32
@@ -76,7 +76,12 @@ pub fn saturate_i8(v: i32) -> i8 {
 }
 
 /// AVX2 forms of the helpers above.
+///
+/// # Safety
+/// Every function here may only be called on a CPU with AVX2, FMA and F16C
+/// ([`avx2_available`]).
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::missing_safety_doc)]
 pub mod avx2 {
     use std::arch::x86_64::*;
 
@@ -190,7 +195,7 @@ pub mod test_data {
             let mut x: Vec<f32> = (0..n)
                 .map(|_| {
                     let v = self.uniform();
-                    if self.next_u64() % 100 == 0 {
+                    if self.next_u64().is_multiple_of(100) {
                         v * 20.0
                     } else {
                         v
