@@ -159,7 +159,7 @@ fn check_quantizer<B: smoldesk::engine::cpu::blocks::PodBlock>(
 ) {
     let file = read_quantized(name);
     assert_eq!(file.qtype, qtype);
-    assert!(file.k % QK == 0 && !file.rows.is_empty());
+    assert!(file.k.is_multiple_of(QK) && !file.rows.is_empty());
     for level in levels() {
         for (r, (x, want)) in file.rows.iter().enumerate() {
             let blocks = quantize(level, x);
