@@ -4,15 +4,14 @@
 mod common;
 
 use common::golden::{Matmul, read_matmul, read_quantized};
-use half::f16;
 use smoldesk::engine::cpu::SimdLevel;
 use smoldesk::engine::cpu::blocks::{
-    BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, QK, QK_K, as_blocks,
+    BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8K, QK, QK_K, as_blocks,
 };
 use smoldesk::engine::cpu::lanes::avx2_available;
-use smoldesk::engine::cpu::q4_1::{dot_q4_1_q8_1, quantize_row_q8_1};
+use smoldesk::engine::cpu::q4_1::{dot_q4_1_q8_1, quantize_q8_1};
 use smoldesk::engine::cpu::q6k::{dot_q6k_q8k, dot_q6k_q8k_tiled};
-use smoldesk::engine::cpu::q8_0::{dot_q5_0_q8_0, dot_q8_0_q8_0, quantize_row_q8_0};
+use smoldesk::engine::cpu::q8_0::{dot_q5_0_q8_0, dot_q8_0_q8_0, quantize_q8_0};
 
 /// The levels to check: portable always, AVX2 where the CPU has it.
 fn levels() -> Vec<SimdLevel> {
@@ -21,29 +20,6 @@ fn levels() -> Vec<SimdLevel> {
         levels.push(SimdLevel::Avx2);
     }
     levels
-}
-
-fn q8_0_blocks(level: SimdLevel, x: &[f32]) -> Vec<BlockQ8_0> {
-    let mut out = vec![
-        BlockQ8_0 {
-            d: f16::ZERO,
-            qs: [0; QK]
-        };
-        x.len() / QK
-    ];
-    quantize_row_q8_0(level, x, &mut out);
-    out
-}
-
-fn q8_1_blocks(level: SimdLevel, x: &[f32]) -> Vec<BlockQ8_1> {
-    let empty = BlockQ8_1 {
-        d: f16::ZERO,
-        s: f16::ZERO,
-        qs: [0; QK],
-    };
-    let mut out = vec![empty; x.len() / QK];
-    quantize_row_q8_1(level, x, &mut out);
-    out
 }
 
 /// llama.cpp's `quantize_row_q8_K` (x86 uses the reference C code). A test stand-in for the
@@ -118,7 +94,7 @@ fn q8_0_matmul_matches_llama_cpp_at_every_batch_size() {
     // m = 1: vec_dot; m ≥ 2: tinyBLAS_Q0_AVX, which sums each output the same way.
     let case = read_matmul("mm-q8_0-n64-k576.bin");
     assert_eq!(case.wtype, 8);
-    let checked = check_matmul::<BlockQ8_0, _>(&case, q8_0_blocks, dot_q8_0_q8_0, |_| true);
+    let checked = check_matmul::<BlockQ8_0, _>(&case, quantize_q8_0, dot_q8_0_q8_0, |_| true);
     assert_eq!(checked, case.outputs.len() * levels().len());
 }
 
@@ -126,7 +102,7 @@ fn q8_0_matmul_matches_llama_cpp_at_every_batch_size() {
 fn q5_0_matmul_matches_llama_cpp_at_every_batch_size() {
     let case = read_matmul("mm-q5_0-n64-k576.bin");
     assert_eq!(case.wtype, 6);
-    let checked = check_matmul::<BlockQ5_0, _>(&case, q8_0_blocks, dot_q5_0_q8_0, |_| true);
+    let checked = check_matmul::<BlockQ5_0, _>(&case, quantize_q8_0, dot_q5_0_q8_0, |_| true);
     assert_eq!(checked, case.outputs.len() * levels().len());
 }
 
@@ -134,7 +110,7 @@ fn q5_0_matmul_matches_llama_cpp_at_every_batch_size() {
 fn q4_1_matmul_matches_llama_cpp_at_every_batch_size() {
     let case = read_matmul("mm-q4_1-n64-k576.bin");
     assert_eq!(case.wtype, 3);
-    let checked = check_matmul::<BlockQ4_1, _>(&case, q8_1_blocks, dot_q4_1_q8_1, |_| true);
+    let checked = check_matmul::<BlockQ4_1, _>(&case, quantize_q8_1, dot_q4_1_q8_1, |_| true);
     assert_eq!(checked, case.outputs.len() * levels().len());
 }
 
@@ -175,10 +151,10 @@ fn check_quantizer<B: smoldesk::engine::cpu::blocks::PodBlock>(
 
 #[test]
 fn quantize_row_q8_0_matches_llama_cpp_bit_for_bit() {
-    check_quantizer("q-q8_0.bin", 8, q8_0_blocks);
+    check_quantizer("q-q8_0.bin", 8, quantize_q8_0);
 }
 
 #[test]
 fn quantize_row_q8_1_matches_llama_cpp_bit_for_bit() {
-    check_quantizer("q-q8_1.bin", 9, q8_1_blocks);
+    check_quantizer("q-q8_1.bin", 9, quantize_q8_1);
 }

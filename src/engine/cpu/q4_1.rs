@@ -23,6 +23,18 @@ pub fn quantize_row_q8_1(level: SimdLevel, x: &[f32], out: &mut [BlockQ8_1]) {
     }
 }
 
+/// [`quantize_row_q8_1`] into a new vector of blocks.
+pub fn quantize_q8_1(level: SimdLevel, x: &[f32]) -> Vec<BlockQ8_1> {
+    let empty = BlockQ8_1 {
+        d: f16::ZERO,
+        s: f16::ZERO,
+        qs: [0; QK],
+    };
+    let mut out = vec![empty; x.len() / QK];
+    quantize_row_q8_1(level, x, &mut out);
+    out
+}
+
 /// Dot product of a Q4_1 weight row with Q8_1 activations: 8 lanes of 4 products each,
 /// fused-multiply-added with `d_w · d_x` per block, then the minimums' term `Σ m · s` added
 /// after the horizontal sum.
@@ -89,17 +101,6 @@ mod tests {
 
     const LEVELS: [SimdLevel; 2] = [SimdLevel::Portable, SimdLevel::Avx2];
 
-    pub(crate) fn quantized(level: SimdLevel, x: &[f32]) -> Vec<BlockQ8_1> {
-        let empty = BlockQ8_1 {
-            d: f16::ZERO,
-            s: f16::ZERO,
-            qs: [0; QK],
-        };
-        let mut out = vec![empty; x.len() / QK];
-        quantize_row_q8_1(level, x, &mut out);
-        out
-    }
-
     fn random_q4_1(rng: &mut Rng, n: usize) -> Vec<BlockQ4_1> {
         (0..n)
             .map(|_| BlockQ4_1 {
@@ -121,8 +122,8 @@ mod tests {
                     .collect()
             };
             assert_eq!(
-                key(quantized(SimdLevel::Avx2, &x)),
-                key(quantized(SimdLevel::Portable, &x))
+                key(quantize_q8_1(SimdLevel::Avx2, &x)),
+                key(quantize_q8_1(SimdLevel::Portable, &x))
             );
         }
     }
@@ -132,7 +133,7 @@ mod tests {
         // 32 equal values: Σq = 32 · 127 = 4064, and f16(d · 4064) ≠ f16(4064) · f16(d).
         let row = vec![0.3f32; QK];
         for level in LEVELS {
-            let block = quantized(level, &row)[0];
+            let block = quantize_q8_1(level, &row)[0];
             assert!(block.qs.iter().all(|&q| q == 127));
             let d = 0.3f32 / 127.0;
             assert_eq!(block.s, f16::from_f32(d * 4064.0));
@@ -144,7 +145,7 @@ mod tests {
     fn q4_1_portable_and_avx2_agree_to_the_bit() {
         let mut rng = Rng(21);
         for blocks in [1, 3, 8, 24] {
-            let act = quantized(SimdLevel::Avx2, &rng.activations(blocks * QK));
+            let act = quantize_q8_1(SimdLevel::Avx2, &rng.activations(blocks * QK));
             let w = random_q4_1(&mut rng, blocks);
             let p = dot_q4_1_q8_1(SimdLevel::Portable, &w, &act);
             assert_eq!(
@@ -162,7 +163,7 @@ mod tests {
         let w = random_q4_1(&mut rng, blocks);
         let (want, bound) = float_reference::<k_quants::BlockQ4_1>(as_candle(&w), &x, QK);
         for level in LEVELS {
-            let got = f64::from(dot_q4_1_q8_1(level, &w, &quantized(level, &x)));
+            let got = f64::from(dot_q4_1_q8_1(level, &w, &quantize_q8_1(level, &x)));
             // The minimums' term adds f16 rounding of s on top of the per-value bound.
             let slack = bound + 1e-3 * blocks as f64;
             assert!((got - want).abs() <= slack, "{got} vs {want} ± {slack}");

@@ -25,6 +25,17 @@ pub fn quantize_row_q8_0(level: SimdLevel, x: &[f32], out: &mut [BlockQ8_0]) {
     }
 }
 
+/// [`quantize_row_q8_0`] into a new vector of blocks.
+pub fn quantize_q8_0(level: SimdLevel, x: &[f32]) -> Vec<BlockQ8_0> {
+    let empty = BlockQ8_0 {
+        d: f16::ZERO,
+        qs: [0; QK],
+    };
+    let mut out = vec![empty; x.len() / QK];
+    quantize_row_q8_0(level, x, &mut out);
+    out
+}
+
 /// Quantizes 32 values into `qs`; returns the scale `max|x| / 127` (before rounding to f16)
 /// and the sum of the quantized values before they were saturated to i8.
 #[inline]
@@ -203,18 +214,6 @@ pub(crate) mod tests {
 
     const LEVELS: [SimdLevel; 2] = [SimdLevel::Portable, SimdLevel::Avx2];
 
-    fn quantized(level: SimdLevel, x: &[f32]) -> Vec<BlockQ8_0> {
-        let mut out = vec![
-            BlockQ8_0 {
-                d: f16::ZERO,
-                qs: [0; QK]
-            };
-            x.len() / QK
-        ];
-        quantize_row_q8_0(level, x, &mut out);
-        out
-    }
-
     fn random_q8_0(rng: &mut Rng, n: usize) -> Vec<BlockQ8_0> {
         (0..n)
             .map(|i| BlockQ8_0 {
@@ -255,8 +254,8 @@ pub(crate) mod tests {
                 x[QK..2 * QK].iter_mut().for_each(|v| *v *= 1e30);
                 x[2 * QK..3 * QK].iter_mut().for_each(|v| *v *= 1e-30);
             }
-            let want = bits(&quantized(SimdLevel::Portable, &x));
-            assert_eq!(bits(&quantized(SimdLevel::Avx2, &x)), want);
+            let want = bits(&quantize_q8_0(SimdLevel::Portable, &x));
+            assert_eq!(bits(&quantize_q8_0(SimdLevel::Avx2, &x)), want);
         }
     }
 
@@ -268,7 +267,7 @@ pub(crate) mod tests {
         x[2] = 3.5;
         x[3] = -2.5;
         for level in LEVELS {
-            let q = quantized(level, &x);
+            let q = quantize_q8_0(level, &x);
             assert_eq!(&q[0].qs[..4], &[127, 2, 4, -2]);
             assert_eq!(q[0].d.to_f32(), 1.0);
             assert_eq!(q[1].d.to_bits(), 0);
@@ -280,7 +279,7 @@ pub(crate) mod tests {
     fn q8_0_and_q5_0_dots_portable_and_avx2_agree_to_the_bit() {
         let mut rng = Rng(2);
         for blocks in [1, 2, 5, 18, 64] {
-            let act = quantized(SimdLevel::Avx2, &rng.activations(blocks * QK));
+            let act = quantize_q8_0(SimdLevel::Avx2, &rng.activations(blocks * QK));
             let mut w8 = random_q8_0(&mut rng, blocks);
             w8[0].qs = [-128; QK];
             let w5 = random_q5_0(&mut rng, blocks);
@@ -330,7 +329,7 @@ pub(crate) mod tests {
         let w8 = random_q8_0(&mut rng, blocks);
         let w5 = random_q5_0(&mut rng, blocks);
         for level in LEVELS {
-            let act = quantized(level, &x);
+            let act = quantize_q8_0(level, &x);
             let got = f64::from(dot_q8_0_q8_0(level, &w8, &act));
             let (want, bound) = float_reference::<k_quants::BlockQ8_0>(as_candle(&w8), &x, QK);
             assert!((got - want).abs() <= bound, "{got} vs {want} ± {bound}");
