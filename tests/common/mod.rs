@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: where the fixtures and test models are.
 #![allow(dead_code)]
 
+pub mod golden;
+
 use std::path::PathBuf;
 
 /// The read-only fixtures folder (`shared/fixtures` beside the checkout).

@@ -1,0 +1,359 @@
+//! Dot products of Q6_K weight rows with Q8_K activations, as llama.cpp's AVX2
+//! `ggml_vec_dot_q6_K_q8_K` computes them (`arch/x86/quants.c`).
+//!
+//! Batches: llama.cpp takes `vec_dot` ([`dot_q6k_q8k`]) for batches of 1 to 7 tokens. From 8
+//! tokens on it uses its tiled K-quant matmul (`ggml-cpu/tiled/`, off with `GGML_CPU_TILED_MM=0`),
+//! which computes each super-block's exact integer sum and accumulates
+//! `fma(d_w · sum, d_x, acc)` in one scalar per output, blocks in order: [`dot_q6k_q8k_tiled`].
+//!
+//! The `_rows` form computes several weight rows per pass over the activations; every row's
+//! value is summed exactly as the one-row form sums it, so both give the same bits.
+
+use super::SimdLevel;
+use super::blocks::{BlockQ6K, BlockQ8K, QK_K};
+use super::lanes::{self, LANES};
+
+/// Weight rows [`dot_q6k_q8k_rows`] computes per pass over the activations. Two rows per pass
+/// measured about 3x slower than one (examples/q6k_bench.rs, AVX2, Zen 3), so one it is.
+pub const ROWS_PER_PASS: usize = 1;
+
+/// Dot product of one Q6_K weight row with Q8_K activations of the same length.
+pub fn dot_q6k_q8k(level: SimdLevel, w: &[BlockQ6K], act: &[BlockQ8K]) -> f32 {
+    debug_assert_eq!(w.len(), act.len());
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 && lanes::avx2_available() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        return unsafe { avx2::dot_rows::<1>([w], act)[0] };
+    }
+    let _ = level;
+    dot_portable(w, act)
+}
+
+/// `out[r]` = dot product of row `r` of `w` (rows of `act.len()` blocks, one after another)
+/// with `act`; the same bits as [`dot_q6k_q8k`] row by row, faster.
+pub fn dot_q6k_q8k_rows(level: SimdLevel, w: &[BlockQ6K], act: &[BlockQ8K], out: &mut [f32]) {
+    let blocks = act.len();
+    debug_assert_eq!(w.len(), blocks * out.len());
+    if blocks == 0 {
+        out.fill(0.0);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 && lanes::avx2_available() {
+        let group = blocks * ROWS_PER_PASS;
+        let mut outs = out.chunks_exact_mut(ROWS_PER_PASS);
+        let mut groups = w.chunks_exact(group);
+        for (o, rows) in (&mut outs).zip(&mut groups) {
+            let rows = std::array::from_fn(|r| &rows[r * blocks..(r + 1) * blocks]);
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+            o.copy_from_slice(&unsafe { avx2::dot_rows::<ROWS_PER_PASS>(rows, act) });
+        }
+        let rest = groups.remainder().chunks_exact(blocks);
+        for (o, row) in outs.into_remainder().iter_mut().zip(rest) {
+            // SAFETY: as above.
+            *o = unsafe { avx2::dot_rows::<1>([row], act)[0] };
+        }
+        return;
+    }
+    for (o, row) in out.iter_mut().zip(w.chunks_exact(blocks)) {
+        *o = dot_q6k_q8k(level, row, act);
+    }
+}
+
+/// The 256 unsigned 6-bit values of a Q6_K block (0..64; the -32 offset is applied through
+/// the activations' sums, as llama.cpp does).
+pub fn q6k_values(block: &BlockQ6K) -> [u8; QK_K] {
+    std::array::from_fn(|e| {
+        let (half, within) = (e / 128, e % 128);
+        let (chunk, t) = (within / 32, within % 32);
+        let low_byte = block.ql[64 * half + 32 * (chunk % 2) + t];
+        let low = if chunk < 2 {
+            low_byte & 0x0F
+        } else {
+            low_byte >> 4
+        };
+        let high = (block.qh[32 * half + t] >> (2 * chunk)) & 3;
+        low | (high << 4)
+    })
+}
+
+/// Dot product of one Q6_K weight row with Q8_K activations summed as llama.cpp's tiled matmul
+/// sums it (its path for batches of 8 tokens or more).
+pub fn dot_q6k_q8k_tiled(level: SimdLevel, w: &[BlockQ6K], act: &[BlockQ8K]) -> f32 {
+    debug_assert_eq!(w.len(), act.len());
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 && lanes::avx2_available() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        return unsafe { avx2::dot_tiled(w, act) };
+    }
+    let _ = level;
+    let mut acc = 0f32;
+    for (x, y) in w.iter().zip(act) {
+        let sum = block_lanes(x, y)
+            .iter()
+            .fold(0i32, |a, &v| a.wrapping_add(v));
+        acc = (x.d.to_f32() * sum as f32).mul_add(y.d, acc);
+    }
+    acc
+}
+
+/// The AVX2 kernel's 8 i32 lanes for one block, in plain Rust: sub-block-scaled sums of 4
+/// products each, minus `32 · Σ scale · bsum` per lane pair (the values' -32 offset).
+fn block_lanes(x: &BlockQ6K, y: &BlockQ8K) -> [i32; LANES] {
+    let values = q6k_values(x);
+    let mut sumi = [0i32; LANES];
+    for chunk in 0..QK_K / 32 {
+        let u: &[u8; 32] = values[32 * chunk..][..32].try_into().unwrap_or(&[0; 32]);
+        let s: &[i8; 32] = y.qs[32 * chunk..][..32].try_into().unwrap_or(&[0; 32]);
+        let quads = lanes::maddubs_quads(u, s);
+        for (lane, (sum, quad)) in sumi.iter_mut().zip(quads).enumerate() {
+            let scale = i32::from(x.scales[2 * chunk + lane / 4]);
+            *sum = sum.wrapping_add(scale.wrapping_mul(quad));
+        }
+    }
+    for (lane, sum) in sumi.iter_mut().enumerate() {
+        let pair = |i: usize| i32::from(y.bsums[i]) * i32::from(x.scales[i]);
+        let offset = pair(2 * lane)
+            .wrapping_add(pair(2 * lane + 1))
+            .wrapping_shl(5);
+        *sum = sum.wrapping_sub(offset);
+    }
+    sumi
+}
+
+/// [`dot_q6k_q8k`] in plain Rust: per block the lanes converted and fused-multiply-added with
+/// `d_x · d_w`, then the horizontal sum.
+fn dot_portable(w: &[BlockQ6K], act: &[BlockQ8K]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (x, y) in w.iter().zip(act) {
+        lanes::fma_lanes(&mut acc, y.d * x.d.to_f32(), &block_lanes(x, y));
+    }
+    lanes::hsum_float_8(&acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::super::blocks::{BlockQ6K, BlockQ8K, QK_K};
+    use super::super::lanes::avx2::{hsum_float_8, hsum_i32_8};
+
+    /// llama.cpp's `get_scale_shuffle` table: sub-block scale pairs spread over 8 bytes each.
+    static SCALE_SHUFFLE: [[u8; 16]; 8] = {
+        let mut table = [[0u8; 16]; 8];
+        let mut i = 0;
+        while i < 8 {
+            let mut b = 0;
+            while b < 16 {
+                table[i][b] = (2 * i + b / 8) as u8;
+                b += 1;
+            }
+            i += 1;
+        }
+        table
+    };
+
+    /// The 8 i32 lanes of `ggml_vec_dot_q6_K_q8_K` for one block (`q8sums` = `y.bsums`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block_lanes(x: &BlockQ6K, y: &BlockQ8K, q8sums: __m256i) -> __m256i {
+        let m3 = _mm256_set1_epi8(3);
+        let m15 = _mm256_set1_epi8(15);
+        let m12 = _mm256_set1_epi8(12);
+        let m48 = _mm256_set1_epi8(48);
+        let m192 = _mm256_set1_epi8(-64);
+        // SAFETY: every load reads 16 or 32 bytes inside the block arrays it points into
+        // (ql: 128, qh: 64, scales: 16, qs: 256 bytes).
+        unsafe {
+            let scales = _mm_loadu_si128(x.scales.as_ptr().cast());
+            let scales_16 = _mm256_cvtepi8_epi16(scales);
+            let q8sclsub = _mm256_slli_epi32::<5>(_mm256_madd_epi16(q8sums, scales_16));
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..QK_K / 128 {
+                let q4 = x.ql.as_ptr().add(64 * j);
+                let q4bits1 = _mm256_loadu_si256(q4.cast());
+                let q4bits2 = _mm256_loadu_si256(q4.add(32).cast());
+                let q4bits_h = _mm256_loadu_si256(x.qh.as_ptr().add(32 * j).cast());
+
+                let q4h_0 = _mm256_slli_epi16::<4>(_mm256_and_si256(q4bits_h, m3));
+                let q4h_1 = _mm256_slli_epi16::<2>(_mm256_and_si256(q4bits_h, m12));
+                let q4h_2 = _mm256_and_si256(q4bits_h, m48);
+                let q4h_3 = _mm256_srli_epi16::<2>(_mm256_and_si256(q4bits_h, m192));
+
+                let q4_0 = _mm256_or_si256(_mm256_and_si256(q4bits1, m15), q4h_0);
+                let q4_1 = _mm256_or_si256(_mm256_and_si256(q4bits2, m15), q4h_1);
+                let q4_2 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q4bits1), m15),
+                    q4h_2,
+                );
+                let q4_3 = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(q4bits2), m15),
+                    q4h_3,
+                );
+
+                let q8 = y.qs.as_ptr().add(128 * j);
+                let q8_0 = _mm256_loadu_si256(q8.cast());
+                let q8_1 = _mm256_loadu_si256(q8.add(32).cast());
+                let q8_2 = _mm256_loadu_si256(q8.add(64).cast());
+                let q8_3 = _mm256_loadu_si256(q8.add(96).cast());
+
+                let scale = |k: usize| {
+                    let shuffle = _mm_loadu_si128(SCALE_SHUFFLE[4 * j + k].as_ptr().cast());
+                    _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, shuffle))
+                };
+                let p16_0 = _mm256_madd_epi16(scale(0), _mm256_maddubs_epi16(q4_0, q8_0));
+                let p16_1 = _mm256_madd_epi16(scale(1), _mm256_maddubs_epi16(q4_1, q8_1));
+                let p16_2 = _mm256_madd_epi16(scale(2), _mm256_maddubs_epi16(q4_2, q8_2));
+                let p16_3 = _mm256_madd_epi16(scale(3), _mm256_maddubs_epi16(q4_3, q8_3));
+
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16_0, p16_1));
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p16_2, p16_3));
+            }
+            _mm256_sub_epi32(sumi, q8sclsub)
+        }
+    }
+
+    /// Loads a block's 16 activation sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn load_bsums(y: &BlockQ8K) -> __m256i {
+        // SAFETY: reads exactly the 32 bytes of `bsums`.
+        unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) }
+    }
+
+    /// `ggml_vec_dot_q6_K_q8_K` for `R` weight rows at once, each summed exactly as alone.
+    /// Every row has `act.len()` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn dot_rows<const R: usize>(rows: [&[BlockQ6K]; R], act: &[BlockQ8K]) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (i, y) in act.iter().enumerate() {
+            let q8sums = load_bsums(y);
+            for (acc, row) in acc.iter_mut().zip(&rows) {
+                let x = &row[i];
+                let d = _mm256_set1_ps(y.d * x.d.to_f32());
+                let sumi = block_lanes(x, y, q8sums);
+                *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), *acc);
+            }
+        }
+        std::array::from_fn(|r| hsum_float_8(acc[r]))
+    }
+
+    /// The tiled matmul's order: the block's integer sum, `d_w · sum`, fused into the scalar
+    /// accumulator with `d_x`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn dot_tiled(w: &[BlockQ6K], act: &[BlockQ8K]) -> f32 {
+        let mut acc = 0f32;
+        for (x, y) in w.iter().zip(act) {
+            let sum = hsum_i32_8(block_lanes(x, y, load_bsums(y)));
+            acc = (x.d.to_f32() * sum as f32).mul_add(y.d, acc);
+        }
+        acc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::lanes::test_data::Rng;
+    use crate::engine::cpu::q8_0::tests::{as_candle, float_reference};
+    use candle_core::quantized::k_quants;
+    use half::f16;
+
+    pub(crate) fn random_q6k(rng: &mut Rng, n: usize) -> Vec<BlockQ6K> {
+        (0..n)
+            .map(|i| BlockQ6K {
+                ql: std::array::from_fn(|_| rng.next_u64() as u8),
+                qh: std::array::from_fn(|_| rng.next_u64() as u8),
+                scales: std::array::from_fn(|_| (rng.next_u64() % 256) as u8 as i8),
+                d: f16::from_f32(if i % 5 == 4 {
+                    0.0
+                } else {
+                    rng.uniform() * 0.01
+                }),
+            })
+            .collect()
+    }
+
+    /// Q8_K activations as llama.cpp's reference `quantize_row_q8_K` makes them (a test
+    /// stand-in until the shared vectorised quantizer is merged).
+    pub(crate) fn q8k(x: &[f32]) -> Vec<BlockQ8K> {
+        x.chunks_exact(QK_K)
+            .map(|values| {
+                let (mut max, mut amax) = (0f32, 0f32);
+                for &v in values {
+                    if v.abs() > amax {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                let mut block = BlockQ8K {
+                    d: 0.0,
+                    qs: [0; QK_K],
+                    bsums: [0; QK_K / 16],
+                };
+                if amax == 0.0 {
+                    return block;
+                }
+                let iscale = -127.0 / max;
+                for (q, &v) in block.qs.iter_mut().zip(values) {
+                    *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+                }
+                for (s, group) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+                    *s = group.iter().map(|&q| i16::from(q)).sum();
+                }
+                block.d = 1.0 / iscale;
+                block
+            })
+            .collect()
+    }
+
+    #[test]
+    fn q6k_portable_and_avx2_agree_to_the_bit_in_both_orders() {
+        let mut rng = Rng(10);
+        for blocks in [1, 2, 3, 8] {
+            let act = q8k(&rng.activations(blocks * QK_K));
+            let mut w = random_q6k(&mut rng, blocks);
+            w[0].scales = [i8::MIN; 16];
+            w[0].ql = [0xFF; 128];
+            w[0].qh = [0xFF; 64];
+            let p = dot_q6k_q8k(SimdLevel::Portable, &w, &act);
+            assert_eq!(
+                dot_q6k_q8k(SimdLevel::Avx2, &w, &act).to_bits(),
+                p.to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn several_rows_per_pass_give_each_row_the_same_bits() {
+        let mut rng = Rng(11);
+        let blocks = 3;
+        let act = q8k(&rng.activations(blocks * QK_K));
+        for n_rows in [1, 2, 3, 5] {
+            let w = random_q6k(&mut rng, blocks * n_rows);
+            for level in [SimdLevel::Portable, SimdLevel::Avx2] {
+                let mut out = vec![0f32; n_rows];
+                dot_q6k_q8k_rows(level, &w, &act, &mut out);
+                for (o, row) in out.iter().zip(w.chunks_exact(blocks)) {
+                    assert_eq!(o.to_bits(), dot_q6k_q8k(level, row, &act).to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q6k_matches_a_float_reference_on_dequantized_weights() {
+        let mut rng = Rng(12);
+        let blocks = 4;
+        let x: Vec<f32> = (0..blocks * QK_K).map(|_| rng.uniform()).collect();
+        let w = random_q6k(&mut rng, blocks);
+        let act = q8k(&x);
+        let (want, bound) = float_reference::<k_quants::BlockQ6K>(as_candle(&w), &x, QK_K);
+        for level in [SimdLevel::Portable, SimdLevel::Avx2] {
+            for dot in [dot_q6k_q8k, dot_q6k_q8k_tiled] {
+                let got = f64::from(dot(level, &w, &act));
+                assert!((got - want).abs() <= bound, "{got} vs {want} ± {bound}");
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Bit-exactness of the Q6_K, Q8_0, Q5_0 and Q4_1 kernels and of the Q8_0 / Q8_1 activation
+//! quantizers against llama.cpp's own outputs (golden vectors in tests/fixtures/kernels/).
+
+mod common;
+
+use common::golden::{Matmul, read_matmul, read_quantized};
+use smoldesk::engine::cpu::SimdLevel;
+use smoldesk::engine::cpu::blocks::{
+    BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8K, QK, QK_K, as_blocks,
+};
+use smoldesk::engine::cpu::lanes::avx2_available;
+use smoldesk::engine::cpu::q4_1::{dot_q4_1_q8_1, quantize_q8_1};
+use smoldesk::engine::cpu::q6k::{dot_q6k_q8k, dot_q6k_q8k_tiled};
+use smoldesk::engine::cpu::q8_0::{dot_q5_0_q8_0, dot_q8_0_q8_0, quantize_q8_0};
+
+/// The levels to check: portable always, AVX2 where the CPU has it.
+fn levels() -> Vec<SimdLevel> {
+    let mut levels = vec![SimdLevel::Portable];
+    if avx2_available() {
+        levels.push(SimdLevel::Avx2);
+    }
+    levels
+}
+
+/// llama.cpp's `quantize_row_q8_K` (x86 uses the reference C code). A test stand-in for the
+/// shared vectorised quantizer of `cpu::q8k`.
+fn q8k_blocks(x: &[f32]) -> Vec<BlockQ8K> {
+    x.chunks_exact(QK_K)
+        .map(|values| {
+            let mut block = BlockQ8K {
+                d: 0.0,
+                qs: [0; QK_K],
+                bsums: [0; QK_K / 16],
+            };
+            let (mut max, mut amax) = (0f32, 0f32);
+            for &v in values {
+                if v.abs() > amax {
+                    (amax, max) = (v.abs(), v);
+                }
+            }
+            if amax == 0.0 {
+                return block;
+            }
+            let iscale = -127.0 / max;
+            for (q, &v) in block.qs.iter_mut().zip(values) {
+                *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+            }
+            for (s, group) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
+                *s = group.iter().map(|&q| i16::from(q)).sum();
+            }
+            block.d = 1.0 / iscale;
+            block
+        })
+        .collect()
+}
+
+/// Checks every batch size `m` of `case` whose outputs `bit_exact(m)` says llama.cpp computes
+/// like our kernel; `dot(level, weight row, activation row)` is one output.
+fn check_matmul<W: smoldesk::engine::cpu::blocks::PodBlock, A>(
+    case: &Matmul,
+    quantize: impl Fn(SimdLevel, &[f32]) -> Vec<A>,
+    dot: impl Fn(SimdLevel, &[W], &[A]) -> f32,
+    bit_exact: impl Fn(usize) -> bool,
+) -> usize {
+    assert!(!case.repacked);
+    let w: &[W] = as_blocks(&case.w).unwrap();
+    let rows: Vec<&[W]> = w.chunks_exact(w.len() / case.n).collect();
+    let mut checked = 0;
+    for level in levels() {
+        let acts: Vec<Vec<A>> = case
+            .x
+            .chunks_exact(case.k)
+            .map(|x| quantize(level, x))
+            .collect();
+        for (m, y) in case.outputs.iter().filter(|(m, _)| bit_exact(*m)) {
+            for (j, y_row) in y.chunks_exact(case.n).enumerate() {
+                for (i, (&want, row)) in y_row.iter().zip(&rows).enumerate() {
+                    let got = dot(level, row, &acts[j]);
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{level:?} m={m} token {j} row {i}: {got} vs {want}"
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    checked
+}
+
+#[test]
+fn q8_0_matmul_matches_llama_cpp_at_every_batch_size() {
+    // m = 1: vec_dot; m ≥ 2: tinyBLAS_Q0_AVX, which sums each output the same way.
+    let case = read_matmul("mm-q8_0-n64-k576.bin");
+    assert_eq!(case.wtype, 8);
+    let checked = check_matmul::<BlockQ8_0, _>(&case, quantize_q8_0, dot_q8_0_q8_0, |_| true);
+    assert_eq!(checked, case.outputs.len() * levels().len());
+}
+
+#[test]
+fn q5_0_matmul_matches_llama_cpp_at_every_batch_size() {
+    let case = read_matmul("mm-q5_0-n64-k576.bin");
+    assert_eq!(case.wtype, 6);
+    let checked = check_matmul::<BlockQ5_0, _>(&case, quantize_q8_0, dot_q5_0_q8_0, |_| true);
+    assert_eq!(checked, case.outputs.len() * levels().len());
+}
+
+#[test]
+fn q4_1_matmul_matches_llama_cpp_at_every_batch_size() {
+    let case = read_matmul("mm-q4_1-n64-k576.bin");
+    assert_eq!(case.wtype, 3);
+    let checked = check_matmul::<BlockQ4_1, _>(&case, quantize_q8_1, dot_q4_1_q8_1, |_| true);
+    assert_eq!(checked, case.outputs.len() * levels().len());
+}
+
+#[test]
+fn q6k_matmul_matches_llama_cpp_at_every_batch_size() {
+    // llama.cpp takes vec_dot for m < 8 and its tiled K-quant path from m = 8 on.
+    for name in ["mm-q6_K-n64-k512.bin", "mm-q6_K-n40-k512.bin"] {
+        let case = read_matmul(name);
+        assert_eq!(case.wtype, 14);
+        let q8k = |_: SimdLevel, x: &[f32]| q8k_blocks(x);
+        let small = check_matmul::<BlockQ6K, _>(&case, q8k, dot_q6k_q8k, |m| m < 8);
+        let large = check_matmul::<BlockQ6K, _>(&case, q8k, dot_q6k_q8k_tiled, |m| m >= 8);
+        assert_eq!(small + large, case.outputs.len() * levels().len(), "{name}");
+        assert!(small > 0 && large > 0, "{name}");
+    }
+}
+
+fn check_quantizer<B: smoldesk::engine::cpu::blocks::PodBlock>(
+    name: &str,
+    qtype: usize,
+    quantize: impl Fn(SimdLevel, &[f32]) -> Vec<B>,
+) {
+    let file = read_quantized(name);
+    assert_eq!(file.qtype, qtype);
+    assert!(file.k.is_multiple_of(QK) && !file.rows.is_empty());
+    for level in levels() {
+        for (r, (x, want)) in file.rows.iter().enumerate() {
+            let blocks = quantize(level, x);
+            let size = std::mem::size_of::<B>();
+            // SAFETY: the block types are plain repr(C) data without padding.
+            let got = unsafe {
+                std::slice::from_raw_parts(blocks.as_ptr().cast::<u8>(), blocks.len() * size)
+            };
+            assert_eq!(got, &want[..], "{name} {level:?} row {r}");
+        }
+    }
+}
+
+#[test]
+fn quantize_row_q8_0_matches_llama_cpp_bit_for_bit() {
+    check_quantizer("q-q8_0.bin", 8, quantize_q8_0);
+}
+
+#[test]
+fn quantize_row_q8_1_matches_llama_cpp_bit_for_bit() {
+    check_quantizer("q-q8_1.bin", 9, quantize_q8_1);
+}
