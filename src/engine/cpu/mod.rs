@@ -7,18 +7,15 @@
 //! forces a lower one so every path can be tested and benchmarked on one machine.
 
 pub mod blocks;
-<<<<<<< HEAD
-pub mod matmul;
-pub mod pool;
-pub mod q4k;
-pub mod q8k;
-=======
 pub mod dequant;
 pub mod lanes;
+pub mod matmul;
+pub mod pool;
 pub mod q4_1;
+pub mod q4k;
 pub mod q6k;
 pub mod q8_0;
->>>>>>> k2
+pub mod q8k;
 
 use std::sync::OnceLock;
 
