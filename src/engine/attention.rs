@@ -251,7 +251,9 @@ fn attend_group<T: KvValue>(
     }
     scratch.row.resize(hd, 0.0);
     scratch.weights.clear();
-    scratch.weights.resize(heads * visible_max, f32::NEG_INFINITY);
+    scratch
+        .weights
+        .resize(heads * visible_max, f32::NEG_INFINITY);
     for j in 0..visible_max {
         T::widen(&kv.k[(j * n_kv + g) * hd..][..hd], &mut scratch.row);
         // Query tokens that see position j: those at or after it.
@@ -279,7 +281,11 @@ fn attend_group<T: KvValue>(
     } else {
         weighted_sums::<T, LANES>(kv, shape, g, first, scratch);
     }
-    for (i, acc) in scratch.acc.chunks_exact(scratch.acc.len() / heads).enumerate() {
+    for (i, acc) in scratch
+        .acc
+        .chunks_exact(scratch.acc.len() / heads)
+        .enumerate()
+    {
         let (t, r) = (first + i / n_rep, i % n_rep);
         let h = g * n_rep + r;
         // SAFETY: each (token, head) output belongs to exactly one task.
@@ -489,7 +495,6 @@ mod tests {
         assert!((dot_vec(&x[..40], &y[..40]) - dot_tiled(&x[..40], &y[..40])).abs() < 1e-3);
     }
 
-
     /// The previous implementation (widening the whole prefix per task), the bit-exact
     /// reference for [`attend`].
     fn attend_widening<T: KvValue>(q: &[f32], kv: &KvRows<T>, shape: AttentionShape) -> Vec<f32> {
@@ -585,7 +590,6 @@ mod tests {
         }
     }
 
-
     #[test]
     fn attention_on_the_cache_equals_the_widening_implementation_to_the_bit() {
         let (n_head, n_kv, hd, total) = (6, 2, 64, 45);
@@ -617,9 +621,17 @@ mod tests {
                 let q = &q[offset * n_head * hd..(offset + seq) * n_head * hd];
                 let mut got = vec![0f32; seq * n_head * hd];
                 attend_into(&pool, q, &kv16, shape, &mut got);
-                assert_eq!(got, attend_widening(q, &kv16, shape), "f16 {order:?} {offset}+{seq}");
+                assert_eq!(
+                    got,
+                    attend_widening(q, &kv16, shape),
+                    "f16 {order:?} {offset}+{seq}"
+                );
                 attend_into(&pool, q, &kv32, shape, &mut got);
-                assert_eq!(got, attend_widening(q, &kv32, shape), "f32 {order:?} {offset}+{seq}");
+                assert_eq!(
+                    got,
+                    attend_widening(q, &kv32, shape),
+                    "f32 {order:?} {offset}+{seq}"
+                );
             }
         }
     }

@@ -221,8 +221,12 @@ impl Model {
     }
 
     /// Chooses how attention sums (llama.cpp's order by default; see [`SumOrder`]).
+    /// [`SumOrder::SameForEveryRow`] also multiplies every row with the single-token kernels.
     pub fn set_attention_order(&mut self, order: SumOrder) {
         self.attention_order = order;
+        self.buffers
+            .act
+            .set_row_invariant(order == SumOrder::SameForEveryRow);
     }
 
     /// Forgets the whole cache and frees its memory.
@@ -338,8 +342,7 @@ impl Model {
         let rows = wanted.len();
         let last = &b.x[wanted.start * e..wanted.end * e];
         normalize(pool, last, &mut b.xn, &self.output_norm, e, eps);
-        b.act
-            .quantize(pool, &b.xn, rows, e, &[&self.output]);
+        b.act.quantize(pool, &b.xn, rows, e, &[&self.output]);
         b.logits.resize(rows * h.vocab_size, 0.0);
         self.output.matmul(pool, &b.act, &mut b.logits);
         Ok(())
@@ -404,8 +407,13 @@ impl Layer<'_> {
     /// the output projection lands in `b.proj`.
     fn attention(&self, b: &mut Buffers, cache: &mut LayerCache) {
         let (block, h, pool, seq) = (self.block, self.h, self.pool, self.seq);
-        b.act
-            .quantize(pool, &b.xn, seq, h.n_embd, &[&block.wq, &block.wk, &block.wv]);
+        b.act.quantize(
+            pool,
+            &b.xn,
+            seq,
+            h.n_embd,
+            &[&block.wq, &block.wk, &block.wv],
+        );
         block.wq.matmul(pool, &b.act, &mut b.q);
         block.wk.matmul(pool, &b.act, &mut b.k);
         block.wv.matmul(pool, &b.act, &mut b.v);
@@ -413,7 +421,9 @@ impl Layer<'_> {
             let (rope, offset, hd) = (self.rope, self.offset, h.head_dim);
             for q_or_k in [&mut b.q, &mut b.k] {
                 let width = q_or_k.len() / seq;
-                for_rows(pool, q_or_k, width, |t, row| rope.apply(row, offset + t, hd));
+                for_rows(pool, q_or_k, width, |t, row| {
+                    rope.apply(row, offset + t, hd)
+                });
             }
         }
         let shape = AttentionShape {
@@ -655,7 +665,8 @@ fn repack_q4k(pool: &Pool, data: &mut [u8], rows: usize, cols: usize, name: &str
     let shared = SharedMut::new(data);
     pool.for_each_chunk(rows / 8, 64, |groups| {
         // SAFETY: each range of groups goes to exactly one task.
-        let part = unsafe { shared.range_mut(groups.start * group_bytes..groups.end * group_bytes) };
+        let part =
+            unsafe { shared.range_mut(groups.start * group_bytes..groups.end * group_bytes) };
         if let Err(err) = repack_q4k_x8_in_place(part, groups.len() * 8, cols) {
             *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(err);
         }
@@ -708,8 +719,7 @@ impl Weights<'_> {
         }
         match Matrix::new(info.dtype, rows, cols, mapped.clone()) {
             Err(super::cpu::matmul::MatmulError::Misaligned(_)) => {
-                Matrix::new(info.dtype, rows, cols, WeightBytes::owned(mapped.bytes()))
-                    .map_err(bad)
+                Matrix::new(info.dtype, rows, cols, WeightBytes::owned(mapped.bytes())).map_err(bad)
             }
             other => other.map_err(bad),
         }

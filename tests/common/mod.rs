@@ -42,3 +42,19 @@ pub fn read_json(name: &str) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON in {}: {e}", path.display()))
 }
+
+/// SmolLM2-135M-Instruct requantized to Q4_K_M by llama.cpp's `llama-quantize` (made by
+/// `scripts/fetch-test-model.sh`): real weights in Q4_K, Q6_K, Q5_0 and Q8_0.
+pub fn smollm2_q4km_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_K_M.gguf")
+}
+
+/// Reads and parses a JSON file of the repository's own `tests/fixtures/`.
+pub fn read_repo_json(name: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON in {}: {e}", path.display()))
+}

@@ -11,10 +11,16 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::k_quants::{self, GgmlType};
 use half::f16;
 
-use super::blocks::{BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, QK_K, as_blocks};
+use super::blocks::{
+    BlockQ4Kx8, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8K, BlockQ8Kx4, QK, QK_K, as_blocks,
+};
 use super::pool::{Pool, SharedMut};
-use super::{q4k, q8k, simd_level};
+use super::{dequant, q4k, q6k, q8_0, q8k, simd_level};
 use crate::engine::kernels::{self, Q8_1};
+
+/// From this many inputs on, llama.cpp multiplies Q6_K through its tiled K-quant path (which
+/// sums in another order than its vec_dot).
+const Q6K_TILED_FROM: usize = 8;
 
 /// Output rows one chunk of work covers (a multiple of 8, the interleave of repacked Q4_K).
 const ROWS_PER_CHUNK: usize = 32;
@@ -84,9 +90,8 @@ impl Store {
     pub fn owned(bytes: &[u8]) -> Self {
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
         // SAFETY: the u64 buffer holds at least bytes.len() bytes; u8 has no invalid values.
-        let dst = unsafe {
-            std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len())
-        };
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), bytes.len()) };
         dst.copy_from_slice(bytes);
         Self::Owned(words, bytes.len())
     }
@@ -106,7 +111,10 @@ impl Store {
 impl WeightBytes {
     /// `len` bytes at `offset` of `store` (the caller checked they lie inside it).
     pub fn new(store: Arc<Store>, offset: usize, len: usize) -> Self {
-        assert!(offset + len <= store.bytes().len(), "weight bytes out of range");
+        assert!(
+            offset + len <= store.bytes().len(),
+            "weight bytes out of range"
+        );
         Self { store, offset, len }
     }
 
@@ -133,6 +141,13 @@ enum Kernel {
     /// Q4_K repacked in place into 8-row groups ([`q4k`]): llama.cpp's gemm for activation rows
     /// in groups of four, its gemv for the rest.
     Q4Kx8,
+    /// Q6_K with Q8_K activations: llama.cpp's vec_dot for fewer than
+    /// [`Q6K_TILED_FROM`] inputs, its tiled K-quant order from there on.
+    Q6K,
+    /// Q8_0 weights with llama.cpp-rounded Q8_0 activations.
+    Q8_0,
+    /// Q5_0 weights with llama.cpp-rounded Q8_0 activations.
+    Q5_0,
     /// Candle's per-row `vec_dot` for this block type (activations of its `VecDotType`).
     Candle(GgmlDType),
 }
@@ -148,6 +163,8 @@ enum ActKind {
     Q8K,
     /// llama.cpp's Q8_K of rows `0 .. m - m % 4`, four rows interleaved (for the gemm).
     Q8Kx4,
+    /// llama.cpp's Q8_0 (AVX2 rounding).
+    Q8_0,
     /// Candle blocks of this type.
     Candle(GgmlDType),
 }
@@ -184,15 +201,15 @@ impl Matrix {
             GgmlDType::F32 => Kernel::F32,
             GgmlDType::F16 => Kernel::F16,
             GgmlDType::Q4_1 => Kernel::Q4_1,
+            GgmlDType::Q6K => Kernel::Q6K,
+            GgmlDType::Q8_0 => Kernel::Q8_0,
+            GgmlDType::Q5_0 => Kernel::Q5_0,
             GgmlDType::Q4_0
-            | GgmlDType::Q5_0
             | GgmlDType::Q5_1
-            | GgmlDType::Q8_0
             | GgmlDType::Q2K
             | GgmlDType::Q3K
             | GgmlDType::Q4K
-            | GgmlDType::Q5K
-            | GgmlDType::Q6K => Kernel::Candle(dtype),
+            | GgmlDType::Q5K => Kernel::Candle(dtype),
             other => return Err(MatmulError::Unsupported(other)),
         };
         let align = match dtype {
@@ -252,6 +269,8 @@ impl Matrix {
             Kernel::F32 | Kernel::F16 => &[ActKind::F32],
             Kernel::Q4_1 => &[ActKind::Q8_1],
             Kernel::Q4Kx8 => &[ActKind::Q8Kx4, ActKind::Q8K],
+            Kernel::Q6K => &[ActKind::Q8K],
+            Kernel::Q8_0 | Kernel::Q5_0 => &[ActKind::Q8_0],
             Kernel::Candle(dtype) => match candle_vec_dot_type(dtype) {
                 GgmlDType::Q8K => &[ActKind::Q8K],
                 GgmlDType::Q8_0 => &[ActKind::Candle(GgmlDType::Q8_0)],
@@ -268,19 +287,10 @@ impl Matrix {
     /// Row `row` as f32 (an embedding lookup).
     pub fn dequantize_row(&self, row: usize, out: &mut [f32]) {
         let bytes = &self.data.bytes()[row * self.row_bytes()..][..self.row_bytes()];
-        match self.dtype {
-            GgmlDType::F32 => {
-                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-            }
-            GgmlDType::F16 => {
-                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                }
-            }
-            _ if self.kernel == Kernel::Q4Kx8 => self.dequantize_q4k_x8_row(row, out),
-            dtype => with_candle_block!(dtype, dequantize_candle_row, bytes, out),
+        if self.kernel == Kernel::Q4Kx8 {
+            self.dequantize_q4k_x8_row(row, out);
+        } else if dequant::dequantize_row(self.dtype, bytes, out).is_err() {
+            with_candle_block!(self.dtype, dequantize_candle_row, bytes, out);
         }
     }
 
@@ -296,6 +306,13 @@ impl Matrix {
             Kernel::F16 => self.rows_f16(act.f32(), m, rows, out),
             Kernel::Q4_1 => self.rows_q4_1(act.q8_1(), m, rows, out),
             Kernel::Q4Kx8 => self.rows_q4k_x8(act, rows, out),
+            Kernel::Q6K => self.rows_q6k(act, rows, out),
+            Kernel::Q8_0 => {
+                self.rows_q8_0::<BlockQ8_0>(act.q8_0(), m, rows, out, q8_0::dot_q8_0_q8_0)
+            }
+            Kernel::Q5_0 => {
+                self.rows_q8_0::<BlockQ5_0>(act.q8_0(), m, rows, out, q8_0::dot_q5_0_q8_0)
+            }
             Kernel::Candle(dtype) => {
                 with_candle_block!(dtype, candle_rows, self, act.blocks(kind), m, rows, out)
             }
@@ -304,12 +321,17 @@ impl Matrix {
 
     /// Rows `rows` (whole 8-row groups) of a repacked Q4_K matrix for every input, as llama.cpp
     /// splits them: the gemm for the inputs in groups of four, the gemv for the rest.
-    fn rows_q4k_x8(&self, act: &Activations, rows: std::ops::Range<usize>, out: SharedMut<'_, f32>) {
+    fn rows_q4k_x8(
+        &self,
+        act: &Activations,
+        rows: std::ops::Range<usize>,
+        out: SharedMut<'_, f32>,
+    ) {
         let level = simd_level();
         let (k, nb, m) = (self.cols, self.cols / QK_K, act.m);
         let w = self.q4k_x8_blocks();
         let w = &w[rows.start / 8 * nb..rows.end / 8 * nb];
-        let m4 = m - m % 4;
+        let m4 = act.gemm_rows();
         if m4 > 0 {
             GEMM_SCRATCH.with(|scratch| {
                 let tile = &mut scratch.borrow_mut();
@@ -343,8 +365,10 @@ impl Matrix {
     fn dequantize_q4k_x8_row(&self, row: usize, out: &mut [f32]) {
         let nb = self.cols / QK_K;
         let group = &self.q4k_x8_blocks()[row / 8 * nb..][..nb];
-        let plain: Vec<super::blocks::BlockQ4K> =
-            group.iter().map(|b| q4k::deinterleave(b)[row % 8]).collect();
+        let plain: Vec<super::blocks::BlockQ4K> = group
+            .iter()
+            .map(|b| q4k::deinterleave(b)[row % 8])
+            .collect();
         // SAFETY: BlockQ4K is plain data (PodBlock), viewed as its bytes.
         let bytes = unsafe {
             std::slice::from_raw_parts(
@@ -395,13 +419,49 @@ impl Matrix {
             {
                 *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
             }
-            self.write_rows(m, r..r + 1, out, |_, t| {
-                dot_f32(&widened, &x[t * k..][..k])
-            });
+            self.write_rows(m, r..r + 1, out, |_, t| dot_f32(&widened, &x[t * k..][..k]));
         }
     }
 
-    fn rows_q4_1(&self, act: &[Q8_1], m: usize, rows: std::ops::Range<usize>, out: SharedMut<'_, f32>) {
+    fn rows_q6k(&self, act: &Activations, rows: std::ops::Range<usize>, out: SharedMut<'_, f32>) {
+        let (m, tiled) = (act.m, act.gemm_rows() >= Q6K_TILED_FROM);
+        let act = act.q8k();
+        let level = simd_level();
+        let nb = self.cols / QK_K;
+        let w: &[BlockQ6K] = as_blocks(self.data.bytes()).unwrap_or_default();
+        let dot = if tiled {
+            q6k::dot_q6k_q8k_tiled
+        } else {
+            q6k::dot_q6k_q8k
+        };
+        self.write_rows(m, rows, out, |r, t| {
+            dot(level, &w[r * nb..][..nb], &act[t * nb..][..nb])
+        });
+    }
+
+    fn rows_q8_0<B: super::blocks::PodBlock>(
+        &self,
+        act: &[BlockQ8_0],
+        m: usize,
+        rows: std::ops::Range<usize>,
+        out: SharedMut<'_, f32>,
+        dot: fn(super::SimdLevel, &[B], &[BlockQ8_0]) -> f32,
+    ) {
+        let level = simd_level();
+        let nb = self.cols / QK;
+        let w: &[B] = as_blocks(self.data.bytes()).unwrap_or_default();
+        self.write_rows(m, rows, out, |r, t| {
+            dot(level, &w[r * nb..][..nb], &act[t * nb..][..nb])
+        });
+    }
+
+    fn rows_q4_1(
+        &self,
+        act: &[Q8_1],
+        m: usize,
+        rows: std::ops::Range<usize>,
+        out: SharedMut<'_, f32>,
+    ) {
         let bytes = self.data.bytes();
         let (rb, blocks) = (self.row_bytes(), self.cols / 32);
         self.write_rows(m, rows, out, |r, t| {
@@ -409,7 +469,6 @@ impl Matrix {
         });
     }
 }
-
 
 /// The activation block type of candle's kernel for `dtype`.
 fn candle_vec_dot_type(dtype: GgmlDType) -> GgmlDType {
@@ -445,11 +504,21 @@ fn candle_rows<B: GgmlType>(
     let per_row = w.cols / B::BLCK_SIZE;
     let k = w.cols;
     w.write_rows(m, rows, out, |r, t| {
-        B::vec_dot(k, &blocks[r * per_row..][..per_row], &act[t * per_row..][..per_row])
+        B::vec_dot(
+            k,
+            &blocks[r * per_row..][..per_row],
+            &act[t * per_row..][..per_row],
+        )
     });
 }
 
-fn quantize_candle_rows<B: GgmlType>(pool: &Pool, x: &[f32], m: usize, k: usize, buf: &mut Vec<u64>) {
+fn quantize_candle_rows<B: GgmlType>(
+    pool: &Pool,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    buf: &mut Vec<u64>,
+) {
     let per_row = k / B::BLCK_SIZE;
     let bytes = m * per_row * std::mem::size_of::<B>();
     buf.clear();
@@ -499,6 +568,9 @@ pub struct Activations {
     q8_1: Vec<Q8_1>,
     q8k: Vec<BlockQ8K>,
     q8k_x4: Vec<BlockQ8Kx4>,
+    q8_0: Vec<BlockQ8_0>,
+    /// Every input row through the single-row kernels (see [`Activations::set_row_invariant`]).
+    row_invariant: bool,
     candle: Vec<(GgmlDType, Vec<u64>)>,
     ready: Vec<ActKind>,
 }
@@ -509,8 +581,32 @@ impl Activations {
         Self::default()
     }
 
+    /// With `true`, every input row is multiplied by the kernels llama.cpp uses for a single
+    /// token (no Q4_K gemm, no tiled Q6_K), so a row's result does not depend on how many rows
+    /// go through together: decoding token by token then reproduces a prefill exactly. llama.cpp
+    /// itself (the default, `false`) rounds a prompt row and a decoded token differently.
+    pub fn set_row_invariant(&mut self, row_invariant: bool) {
+        self.row_invariant = row_invariant;
+    }
+
+    /// Input rows multiplied by the many-row kernels (gemm, tiled): the first `m - m % 4`.
+    fn gemm_rows(&self) -> usize {
+        if self.row_invariant {
+            0
+        } else {
+            self.m - self.m % 4
+        }
+    }
+
     /// Prepares `x` (`m` rows of `k` values) for every matrix of `for_matrices`.
-    pub fn quantize(&mut self, pool: &Pool, x: &[f32], m: usize, k: usize, for_matrices: &[&Matrix]) {
+    pub fn quantize(
+        &mut self,
+        pool: &Pool,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        for_matrices: &[&Matrix],
+    ) {
         assert!(x.len() >= m * k, "input too short");
         let x = &x[..m * k];
         self.m = m;
@@ -534,7 +630,7 @@ impl Activations {
                     });
                 }
                 ActKind::Q8Kx4 => {
-                    let (nb, groups) = (k / QK_K, m / 4);
+                    let (nb, groups) = (k / QK_K, self.gemm_rows() / 4);
                     self.q8k_x4.resize(groups * nb, q8k::zeroed_q8k_x4(1)[0]);
                     let shared = SharedMut::new(&mut self.q8k_x4);
                     let level = simd_level();
@@ -543,6 +639,25 @@ impl Activations {
                             // SAFETY: each group of four rows goes to exactly one thread.
                             let dst = unsafe { shared.range_mut(g * nb..(g + 1) * nb) };
                             q8k::quantize_rows_q8k_x4(level, &x[4 * g * k..][..4 * k], k, dst);
+                        }
+                    });
+                }
+                ActKind::Q8_0 => {
+                    let nb = k / QK;
+                    self.q8_0.resize(
+                        m * nb,
+                        BlockQ8_0 {
+                            d: f16::ZERO,
+                            qs: [0; QK],
+                        },
+                    );
+                    let shared = SharedMut::new(&mut self.q8_0);
+                    let level = simd_level();
+                    pool.for_each_chunk(m, 1, |rows| {
+                        for t in rows {
+                            // SAFETY: each row goes to exactly one thread.
+                            let dst = unsafe { shared.range_mut(t * nb..(t + 1) * nb) };
+                            q8_0::quantize_row_q8_0(level, &x[t * k..][..k], dst);
                         }
                     });
                 }
@@ -584,7 +699,10 @@ impl Activations {
     }
 
     fn check(&self, kind: ActKind) {
-        assert!(self.ready.contains(&kind), "activations not quantized for {kind:?}");
+        assert!(
+            self.ready.contains(&kind),
+            "activations not quantized for {kind:?}"
+        );
     }
 
     fn f32(&self) -> &[f32] {
@@ -602,9 +720,14 @@ impl Activations {
         &self.q8k[..self.m * self.k / QK_K]
     }
 
+    fn q8_0(&self) -> &[BlockQ8_0] {
+        self.check(ActKind::Q8_0);
+        &self.q8_0[..self.m * self.k / QK]
+    }
+
     fn q8k_x4(&self) -> &[BlockQ8Kx4] {
         self.check(ActKind::Q8Kx4);
-        &self.q8k_x4[..self.m / 4 * self.k / QK_K]
+        &self.q8k_x4[..self.gemm_rows() / 4 * self.k / QK_K]
     }
 
     /// Activations for a candle kernel, as raw bytes of its block type.
@@ -614,10 +737,7 @@ impl Activations {
             // SAFETY: BlockQ8K is plain data; candle's BlockQ8K has the same repr(C) layout
             // (llama.cpp's block_q8_K), so its kernels read these bytes as their own blocks.
             return unsafe {
-                std::slice::from_raw_parts(
-                    q8k.as_ptr().cast::<u8>(),
-                    std::mem::size_of_val(q8k),
-                )
+                std::slice::from_raw_parts(q8k.as_ptr().cast::<u8>(), std::mem::size_of_val(q8k))
             };
         }
         self.check(kind);
@@ -670,14 +790,16 @@ mod tests {
         };
         {
             // SAFETY: the words hold `len` initialised bytes.
-            let aligned = unsafe {
-                std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len)
-            };
+            let aligned =
+                unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), len) };
             q4k::repack_q4k_x8_in_place(aligned, rows, cols).unwrap();
             bytes.copy_from_slice(aligned);
         }
         let data = WeightBytes::new(Arc::new(Store::Owned(words, len)), 0, len);
-        (Matrix::q4k_repacked(rows, cols, data).unwrap(), dequant.to_vec1().unwrap())
+        (
+            Matrix::q4k_repacked(rows, cols, data).unwrap(),
+            dequant.to_vec1().unwrap(),
+        )
     }
 
     #[test]
@@ -737,7 +859,10 @@ mod tests {
                 w.matmul(&pool, &act, &mut out);
                 let want = reference(&dequant, &x, rows, k);
                 for (g, r) in out.iter().zip(&want) {
-                    assert!((g - r).abs() < 0.02 * (4.0 + r.abs()), "{dtype:?} m={m}: {g} vs {r}");
+                    assert!(
+                        (g - r).abs() < 0.02 * (4.0 + r.abs()),
+                        "{dtype:?} m={m}: {g} vs {r}"
+                    );
                 }
                 // A row's result does not depend on the batch it is computed in.
                 let last = &x[(m - 1) * k..];
@@ -768,7 +893,12 @@ mod tests {
 
     #[test]
     fn dequantized_rows_match_candle() {
-        for dtype in [GgmlDType::F32, GgmlDType::F16, GgmlDType::Q4_1, GgmlDType::Q6K] {
+        for dtype in [
+            GgmlDType::F32,
+            GgmlDType::F16,
+            GgmlDType::Q4_1,
+            GgmlDType::Q6K,
+        ] {
             let (w, dequant) = matrix(dtype, 16, 256);
             let mut row = vec![0f32; 256];
             w.dequantize_row(5, &mut row);

@@ -366,7 +366,10 @@ mod tests {
                         hits[i].fetch_add(1, Ordering::Relaxed);
                     }
                 });
-                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "{n}/{chunk}");
+                assert!(
+                    hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                    "{n}/{chunk}"
+                );
                 let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
                 pool.for_each_split(n, chunk, |r| {
                     assert!(r.start % chunk == 0);
@@ -374,7 +377,10 @@ mod tests {
                         hits[i].fetch_add(1, Ordering::Relaxed);
                     }
                 });
-                assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "{n}/{chunk}");
+                assert!(
+                    hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                    "{n}/{chunk}"
+                );
             }
         }
     }

@@ -1,0 +1,68 @@
+//! Real k-quant weights: SmolLM2-135M-Instruct requantized to Q4_K_M by llama.cpp (Q4_K, Q6_K,
+//! Q5_0 and Q8_0 tensors) against llama.cpp's own greedy replies on this kind of CPU
+//! (`tests/fixtures/smollm2-q4km.ref.json`, made by `scripts/llamacpp/make-smollm2-q4km-ref.sh`).
+//! The replies must be the same token for token: the kernels round as llama.cpp's do.
+
+mod common;
+
+use smoldesk::engine::model::argmax;
+use smoldesk::engine::session::{Engine, LoadOptions};
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+fn greedy_reply(engine: &mut Engine, prompt: &[u32], max: usize, eos: u32) -> Vec<u32> {
+    engine.reset();
+    let mut logits = engine.prefill(prompt).expect("prefill").logits;
+    let mut generated = Vec::new();
+    while generated.len() < max {
+        let next = argmax(&logits);
+        generated.push(next);
+        if next == eos {
+            break;
+        }
+        logits = engine.decode(next).expect("decode");
+    }
+    generated
+}
+
+#[test]
+fn greedy_replies_equal_llama_cpps_token_for_token() {
+    let reference = common::read_repo_json("smollm2-q4km.ref.json");
+    let options = LoadOptions {
+        threads: 2,
+        ..LoadOptions::default()
+    };
+    let mut engine =
+        Engine::load(&common::smollm2_q4km_path(), &options, &mut |_| true).expect("load");
+    let eos = reference["eos"].as_u64().expect("eos") as u32;
+    let mut compared = 0;
+    for case in reference["cases"].as_array().expect("cases") {
+        let question = case["question"].as_str().expect("question");
+        let prompt = ids(&case["prompt_tokens"]);
+        let encoded = engine
+            .tokenizer()
+            .encode_prompt(case["prompt"].as_str().expect("prompt"))
+            .expect("tokenize");
+        assert_eq!(encoded, prompt, "prompt tokens of {question:?}");
+        let expected = ids(&case["generated"]);
+        let generated = greedy_reply(&mut engine, &prompt, expected.len(), eos);
+        let same = generated
+            .iter()
+            .zip(&expected)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!("{question:?}: {same}/{} tokens equal", expected.len());
+        assert_eq!(
+            generated, expected,
+            "{question:?}: reply differs from llama.cpp's"
+        );
+        compared += 1;
+    }
+    assert!(compared >= 6, "only {compared} reference replies");
+}
