@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use smoldesk::engine::ModelInfo;
 use smoldesk::engine::gguf::{GgufFile, MetaValue};
 use smoldesk::engine::session::{Engine, LoadOptions};
-use smoldesk::engine::synth::{GgufEncoder, SynthShape, synth_metadata, synth_tensor_specs, write_gguf};
+use smoldesk::engine::synth::{
+    GgufEncoder, SynthShape, synth_metadata, synth_tensor_specs, write_gguf,
+};
 use smoldesk::engine::tokenizer::GgufTokenizer;
 
 /// Mutants of the small synthetic model (whole loading path, model included).
@@ -189,7 +191,8 @@ fn mutate_once(bytes: &mut Vec<u8>, fields: &[Field], header_end: usize, rng: &m
     }
     match rng.below(10) {
         0 | 1 => {
-            let at = rng.below(if rng.below(4) == 0 { len } else { header_end.min(len) });
+            let whole = rng.below(4) == 0;
+            let at = rng.below(if whole { len } else { header_end.min(len) });
             let mask = (rng.next() as u8) | 1;
             bytes[at] ^= mask;
             format!("flip byte {at} with {mask:#04x}")
@@ -220,13 +223,14 @@ fn mutate_once(bytes: &mut Vec<u8>, fields: &[Field], header_end: usize, rng: &m
             let value = match (field.kind, field.width) {
                 (_, 8) if rng.below(3) == 0 => rng.next(),
                 (FieldKind::TensorOffset, _) if rng.below(2) == 0 => {
-                    let old = read_u64(bytes, field.offset);
+                    let old = read_u64(bytes.as_slice(), field.offset);
                     old.wrapping_add(rng.pick(&[1, 32, 4096, u64::MAX]))
                 }
                 (_, 8) => rng.pick(HOSTILE_U64),
-                (FieldKind::Number, _) if rng.below(3) == 0 => {
-                    u64::from(rng.pick(&[f32::NAN, f32::INFINITY, -1.0, 1e30, 0.0]).to_bits())
-                }
+                (FieldKind::Number, _) if rng.below(3) == 0 => u64::from(
+                    rng.pick(&[f32::NAN, f32::INFINITY, -1.0, 1e30, 0.0])
+                        .to_bits(),
+                ),
                 _ => u64::from(rng.pick(HOSTILE_U32)),
             };
             bytes[field.offset..field.offset + field.width]
@@ -259,12 +263,23 @@ fn small_model_bytes() -> Vec<u8> {
     let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_char(b).to_string()).collect();
     let merged = ["he", "Ġt", "Ġthe"];
     tokens.extend(merged.iter().map(|s| s.to_string()));
-    let specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"];
+    let specials = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<think>",
+        "</think>",
+    ];
     tokens.extend(specials.iter().map(|s| s.to_string()));
     let mut types = vec![1i32; 256 + merged.len()];
     types.extend([3, 3, 3, 4, 4]);
     let strings = |items: &[&str]| {
-        MetaValue::Array(items.iter().map(|s| MetaValue::String(s.to_string())).collect())
+        MetaValue::Array(
+            items
+                .iter()
+                .map(|s| MetaValue::String(s.to_string()))
+                .collect(),
+        )
     };
     let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
     let im_end = (256 + merged.len() + 1) as u32;
@@ -315,19 +330,26 @@ fn small_model_bytes() -> Vec<u8> {
     }
     let mut enc = GgufEncoder::new(Vec::new());
     let mut seed = 1u32;
-    write_gguf(&mut enc, Path::new("small.gguf"), &metadata, &specs, |_, spec, enc| {
-        let n = spec.dims.iter().product::<u64>() as usize;
-        let data: Vec<u8> = (0..n)
-            .flat_map(|_| {
-                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                ((seed >> 8) as f32 / (1 << 24) as f32 * 0.1 - 0.05).to_le_bytes()
-            })
-            .collect();
-        enc.raw(&data).map_err(|source| smoldesk::engine::EngineError::Io {
-            path: "small.gguf".into(),
-            source,
-        })
-    })
+    write_gguf(
+        &mut enc,
+        Path::new("small.gguf"),
+        &metadata,
+        &specs,
+        |_, spec, enc| {
+            let n = spec.dims.iter().product::<u64>() as usize;
+            let data: Vec<u8> = (0..n)
+                .flat_map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    ((seed >> 8) as f32 / (1 << 24) as f32 * 0.1 - 0.05).to_le_bytes()
+                })
+                .collect();
+            enc.raw(&data)
+                .map_err(|source| smoldesk::engine::EngineError::Io {
+                    path: "small.gguf".into(),
+                    source,
+                })
+        },
+    )
     .unwrap();
     enc.into_inner()
 }
@@ -345,8 +367,12 @@ struct Base {
 
 impl Base {
     fn new(name: &'static str, bytes: Vec<u8>, virtual_size: Option<u64>, cases: usize) -> Self {
-        let gguf = GgufFile::read(bytes.as_slice(), virtual_size.unwrap_or(bytes.len() as u64), Path::new(name))
-            .expect("the base file is valid");
+        let gguf = GgufFile::read(
+            bytes.as_slice(),
+            virtual_size.unwrap_or(bytes.len() as u64),
+            Path::new(name),
+        )
+        .expect("the base file is valid");
         let header_end = (gguf.data_offset as usize).min(bytes.len());
         Self {
             name,
@@ -373,7 +399,9 @@ fn load_everything(bytes: &[u8], virtual_size: Option<u64>, file: &Path) {
     };
     let info = ModelInfo::from_gguf(&gguf);
     if let Ok(tokenizer) = GgufTokenizer::from_gguf(&gguf) {
-        if let Ok(ids) = tokenizer.encode_prompt("<|im_start|>user\nHello the <think>x</think>😀<|im_end|>") {
+        if let Ok(ids) =
+            tokenizer.encode_prompt("<|im_start|>user\nHello the <think>x</think>😀<|im_end|>")
+        {
             let _ = tokenizer.decode(&ids);
         }
         let _ = tokenizer.contains_special_text("<|im_end|>");
@@ -407,7 +435,8 @@ fn env_number(name: &str) -> Option<u64> {
 #[test]
 #[ignore = "run by gguf_loading_survives_mutations in a child process"]
 fn fuzz_child() {
-    let scale = env_number("SMOLDESK_FUZZ_CASES").map_or(1.0, |n| n as f64 / (SMALL_CASES + FIXTURE_CASES) as f64);
+    let scale = env_number("SMOLDESK_FUZZ_CASES")
+        .map_or(1.0, |n| n as f64 / (SMALL_CASES + FIXTURE_CASES) as f64);
     let seed = env_number("SMOLDESK_FUZZ_SEED").unwrap_or(0x5EED_0F_6617);
     let fixture = std::fs::read(common::fixture("tiny-smollm3-q4_k_m.gguf")).unwrap();
     let fixture_size = fixture.len() as u64;
@@ -415,7 +444,12 @@ fn fuzz_child() {
         .unwrap()
         .data_offset as usize;
     let bases = [
-        Base::new("small model", small_model_bytes(), None, (SMALL_CASES as f64 * scale) as usize),
+        Base::new(
+            "small model",
+            small_model_bytes(),
+            None,
+            (SMALL_CASES as f64 * scale) as usize,
+        ),
         Base::new(
             "tiny-smollm3 header",
             fixture[..header_len].to_vec(),
@@ -428,8 +462,15 @@ fn fuzz_child() {
     // The unmutated small model loads completely (so the mutants reach the model load).
     let base = &bases[0];
     std::fs::write(&file, &base.bytes).unwrap();
-    Engine::load(&file, &LoadOptions { context_length: 32, threads: 1 }, &mut |_| true)
-        .expect("the small model loads");
+    Engine::load(
+        &file,
+        &LoadOptions {
+            context_length: 32,
+            threads: 1,
+        },
+        &mut |_| true,
+    )
+    .expect("the small model loads");
 
     let mut rng = Rng(seed);
     let mut failures = Vec::new();
@@ -439,7 +480,10 @@ fn fuzz_child() {
             let mut bytes = base.bytes.clone();
             let n_mutations = 1 + rng.below(3);
             let what: Vec<String> = (0..n_mutations)
-                .map(|_| mutate_once(&mut bytes, &base.fields, base.header_end.min(bytes.len()).max(1), &mut rng))
+                .map(|_| {
+                    let header_end = base.header_end.min(bytes.len()).max(1);
+                    mutate_once(&mut bytes, &base.fields, header_end, &mut rng)
+                })
                 .collect();
             let label = format!("{} #{case}: {}", base.name, what.join(", "));
             println!("case {label}");
@@ -463,7 +507,12 @@ fn fuzz_child() {
     println!("slowest case: {:?} ({})", slowest.0, slowest.1);
     println!("peak RSS: {} MiB", peak / 1024);
     assert!(peak < PEAK_RSS_LIMIT_KIB, "peak RSS {peak} KiB");
-    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     println!("FUZZ OK");
 }
 
@@ -504,10 +553,22 @@ fn gguf_loading_survives_mutations() {
     };
     let out = stdout.join().unwrap();
     let err = stderr.join().unwrap();
-    let tail = |text: &str| text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    let tail = |text: &str| {
+        text.lines()
+            .rev()
+            .take(15)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     eprintln!("{}", tail(&out));
     let Some(status) = status else {
-        panic!("the fuzzer hung after {HANG:?}; last output:\n{}", tail(&out));
+        panic!(
+            "the fuzzer hung after {HANG:?}; last output:\n{}",
+            tail(&out)
+        );
     };
     assert!(
         status.success() && out.contains("FUZZ OK"),

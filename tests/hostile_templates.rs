@@ -34,7 +34,10 @@ const HOSTILE: &[(&str, &str)] = &[
         "{{ messages | tojson(indent=100000000000) }}",
     ),
     ("huge indent filter", "{{ 'a\nb' | indent(100000000000) }}"),
-    ("huge str.format width", "{{ '{:>100000000000}'.format(1) }}"),
+    (
+        "huge str.format width",
+        "{{ '{:>100000000000}'.format(1) }}",
+    ),
     ("huge string repeat", "{{ 'x' * 100000000000 }}"),
     (
         "nested loops of 99,999",
@@ -140,7 +143,11 @@ fn open_formatter(path: &Path) -> (PromptFormatter, Arc<GgufTokenizer>) {
 fn the_written_copy_keeps_the_model_and_replaces_the_template() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("copy.gguf");
-    gguf_with_template(&common::fixture("tiny-smollm3-q4_k_m.gguf"), "{{ 'x' }}", &out);
+    gguf_with_template(
+        &common::fixture("tiny-smollm3-q4_k_m.gguf"),
+        "{{ 'x' }}",
+        &out,
+    );
     let original = GgufFile::open(common::fixture("tiny-smollm3-q4_k_m.gguf")).unwrap();
     let copy = GgufFile::open(&out).unwrap();
     assert_eq!(
@@ -148,7 +155,10 @@ fn the_written_copy_keeps_the_model_and_replaces_the_template() {
         Some("{{ 'x' }}")
     );
     assert_eq!(copy.tensors.len(), original.tensors.len());
-    assert_eq!(copy.file_size - copy.data_offset, original.file_size - original.data_offset);
+    assert_eq!(
+        copy.file_size - copy.data_offset,
+        original.file_size - original.data_offset
+    );
 }
 
 #[test]
@@ -161,9 +171,14 @@ fn hostile_templates_are_refused_when_the_model_is_opened() {
         eprintln!("open {name}: {} ms", elapsed.as_millis());
         assert!(elapsed < LIMIT, "{name}: opening took {elapsed:?}");
         if name == "triggered by a message" {
-            assert!(formatter.fallback_reason().is_none(), "{name} is harmless at first");
+            assert!(
+                formatter.fallback_reason().is_none(),
+                "{name} is harmless at first"
+            );
         } else {
-            let reason = formatter.fallback_reason().unwrap_or_else(|| panic!("{name}: no fallback"));
+            let reason = formatter
+                .fallback_reason()
+                .unwrap_or_else(|| panic!("{name}: no fallback"));
             assert!(reason.contains("chat template"), "{name}: {reason}");
         }
     }
@@ -191,7 +206,11 @@ fn hostile_templates_count_tokens_with_chatml_quickly() {
         eprintln!("count {name}: {} ms", elapsed.as_millis());
         assert!(elapsed < LIMIT, "{name}: counting took {elapsed:?}");
         let chatml = "<|im_start|>user\nHello<|im_end|>\n<|im_start|>user\nSay boom<|im_end|>\n<|im_start|>assistant\n";
-        assert_eq!(count.total, tokenizer.encode_prompt(chatml).unwrap().len(), "{name}");
+        assert_eq!(
+            count.total,
+            tokenizer.encode_prompt(chatml).unwrap().len(),
+            "{name}"
+        );
     }
 }
 
@@ -232,11 +251,13 @@ fn hostile_templates_chat_with_chatml_quickly() {
         };
         let elapsed = start.elapsed();
         eprintln!("chat {name}: {} ms to the prompt", elapsed.as_millis());
-        assert!(elapsed < LIMIT, "{name}: building the prompt took {elapsed:?}");
+        assert!(
+            elapsed < LIMIT,
+            "{name}: building the prompt took {elapsed:?}"
+        );
         assert!(fallback.is_some_and(|f| f.contains("ChatML") || f.contains("chat template")));
         assert_eq!(
-            prompt_text,
-            "<|im_start|>user\nSay boom<|im_end|>\n<|im_start|>assistant\n",
+            prompt_text, "<|im_start|>user\nSay boom<|im_end|>\n<|im_start|>assistant\n",
             "{name}"
         );
         loop {

@@ -34,7 +34,10 @@ fn template(name: &str) -> String {
 
 fn smollm2_model() -> (PromptFormatter, GgufTokenizer) {
     let gguf = GgufFile::open(common::smollm2_path()).expect("SmolLM2 test model");
-    let embedded = gguf.get_str("tokenizer.chat_template").ok().map(str::to_string);
+    let embedded = gguf
+        .get_str("tokenizer.chat_template")
+        .ok()
+        .map(str::to_string);
     (
         PromptFormatter::new(embedded.as_deref(), None),
         GgufTokenizer::from_gguf(&gguf).unwrap(),
@@ -42,7 +45,9 @@ fn smollm2_model() -> (PromptFormatter, GgufTokenizer) {
 }
 
 fn id(tokenizer: &GgufTokenizer, text: &str) -> u32 {
-    tokenizer.token_id(text).unwrap_or_else(|| panic!("{text} is a token"))
+    tokenizer
+        .token_id(text)
+        .unwrap_or_else(|| panic!("{text} is a token"))
 }
 
 fn is_special(tokenizer: &GgufTokenizer, token: u32) -> bool {
@@ -76,7 +81,10 @@ fn assert_plain_user_turn(tokenizer: &GgufTokenizer, prompt: &BuiltPrompt, conte
         .copied()
         .filter(|&t| is_special(tokenizer, t))
         .collect();
-    assert!(specials.is_empty(), "special tokens from user text: {specials:?}");
+    assert!(
+        specials.is_empty(),
+        "special tokens from user text: {specials:?}"
+    );
     assert_eq!(tokenizer.decode(&turn), format!("user\n{content}"));
     assert_eq!(tokenizer.decode(&prompt.tokens), prompt.text);
 }
@@ -100,7 +108,8 @@ fn fixture_renders_keep_their_text_and_whole_prompt_tokens() {
     assert_eq!(cases.len(), 27);
     for case in cases {
         let label = format!("{} / {}", case["template"], case["case"]);
-        let formatter = PromptFormatter::new(Some(&template(case["template"].as_str().unwrap())), None);
+        let formatter =
+            PromptFormatter::new(Some(&template(case["template"].as_str().unwrap())), None);
         let mut extra = case["kwargs"].as_object().cloned().unwrap_or_default();
         let opts = RenderOptions {
             add_generation_prompt: case["add_generation_prompt"].as_bool().unwrap_or(true),
@@ -116,7 +125,11 @@ fn fixture_renders_keep_their_text_and_whole_prompt_tokens() {
             .unwrap();
         let expected = case["expected"].as_str().unwrap();
         assert_eq!(prompt.text, expected, "{label}");
-        assert_eq!(prompt.tokens, tokenizer.encode_prompt(expected).unwrap(), "{label}");
+        assert_eq!(
+            prompt.tokens,
+            tokenizer.encode_prompt(expected).unwrap(),
+            "{label}"
+        );
         assert_eq!(prompt.fallback, None, "{label}");
     }
 }
@@ -159,7 +172,8 @@ fn injected_markers_stay_plain_text_for_smollm3() {
         assert_eq!(prompt.fallback, None);
         assert_plain_user_turn(&tokenizer, &prompt, INJECTION);
         // The same conversation with harmless text has exactly as many special tokens.
-        let harmless = "Hi, ignore all rules, secret";
+        // "</think>" contains "/think", which SmolLM3 reads as a mode flag: keep it here too.
+        let harmless = "Hi, ignore all rules, secret /think";
         let baseline = builder
             .build(
                 &chat(thinking, harmless),
@@ -170,7 +184,12 @@ fn injected_markers_stay_plain_text_for_smollm3() {
                 ],
             )
             .unwrap();
-        let count = |p: &BuiltPrompt| p.tokens.iter().filter(|&&t| is_special(&tokenizer, t)).count();
+        let count = |p: &BuiltPrompt| {
+            p.tokens
+                .iter()
+                .filter(|&&t| is_special(&tokenizer, t))
+                .count()
+        };
         assert_eq!(count(&prompt), count(&baseline), "thinking {thinking}");
     }
 }
@@ -186,7 +205,11 @@ fn a_system_prompt_with_mode_flags_and_markers_stays_plain() {
     let prompt = builder
         .build(&chat(true, system), &[Message::new(Role::User, "Hi")])
         .unwrap();
-    let hugging_face = formatter.render(system, &[Message::new(Role::User, "Hi")], &builder.options(&chat(true, system)));
+    let hugging_face = formatter.render(
+        system,
+        &[Message::new(Role::User, "Hi")],
+        &builder.options(&chat(true, system)),
+    );
     assert_eq!(prompt.text, hugging_face.text);
     assert!(prompt.text.contains("Reasoning Mode: /no_think"));
     let im_start = id(&tokenizer, "<|im_start|>");
@@ -278,7 +301,11 @@ fn prompt_command_prints_the_builders_text_and_tokens() {
         .args(["--date", "2026-11-26", "--no-think", "--json"])
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let printed: Json = serde_json::from_slice(&output.stdout).unwrap();
 
     let gguf = GgufFile::open(&model).unwrap();

@@ -87,11 +87,8 @@ pub fn generate_reply(
     let budget = context.saturating_sub(reply_reserve(context, settings.sampling.max_tokens));
 
     let builder = PromptBuilder::new(ctx.formatter, &tokenizer, ctx.date);
-    let mut count_tokens = |candidate: &[Message]| {
-        builder
-            .count(settings, candidate)
-            .unwrap_or(usize::MAX)
-    };
+    let mut count_tokens =
+        |candidate: &[Message]| builder.count(settings, candidate).unwrap_or(usize::MAX);
     let fitted = fit_to_context(messages, budget, &mut count_tokens)?;
     let prompt = builder.build(settings, &fitted.messages)?;
     on_event(GenerationEvent::Started {

@@ -96,7 +96,11 @@ impl<'a> PromptBuilder<'a> {
 
     /// The number of tokens [`build`](Self::build) would give (without working out where the
     /// reply starts).
-    pub fn count(&self, settings: &ChatSettings, messages: &[Message]) -> Result<usize, EngineError> {
+    pub fn count(
+        &self,
+        settings: &ChatSettings,
+        messages: &[Message],
+    ) -> Result<usize, EngineError> {
         let json = conversation_json(&settings.system_prompt, messages);
         let protected = self.render_protected(&json, &self.options(settings));
         Ok(self.encode(&protected)?.len())
@@ -177,7 +181,9 @@ impl<'a> PromptBuilder<'a> {
                 }
             }
             None => {
-                log::warn!("cannot tell message contents apart in the rendered prompt; using ChatML");
+                log::warn!(
+                    "cannot tell message contents apart in the rendered prompt; using ChatML"
+                );
                 let (text, plain) = chatml_prompt_spans(messages, opts.add_generation_prompt);
                 Protected {
                     text,

@@ -39,7 +39,7 @@ pub const MAX_TEMPLATE_BYTES: usize = 1 << 20;
 /// The fuel of one render: about that many template steps, or 64 times that many bytes of data
 /// created (see minijinja's `Environment::set_fuel`). SmolLM3's template spends about 60 per
 /// message plus 1 per 20 bytes of content.
-pub const RENDER_FUEL: u64 = 2_000_000;
+pub const RENDER_FUEL: u64 = 1_000_000;
 /// The longest prompt a template may produce.
 pub const MAX_PROMPT_BYTES: usize = 16 << 20;
 /// How deep macros may call each other (each level takes native stack).
@@ -644,11 +644,13 @@ fn check_format_widths(format: &str) -> Result<(), Error> {
         if spec.contains('{') {
             return refuse("nested replacement fields are not supported");
         }
-        let too_wide = spec
-            .split(|c: char| !c.is_ascii_digit())
-            .any(|digits| digits.len() > 6 || digits.parse().is_ok_and(|n: usize| n > MAX_FORMAT_WIDTH));
+        let too_wide = spec.split(|c: char| !c.is_ascii_digit()).any(|digits| {
+            digits.len() > 6 || digits.parse().is_ok_and(|n: usize| n > MAX_FORMAT_WIDTH)
+        });
         if too_wide {
-            return refuse(&format!("a field wider than {MAX_FORMAT_WIDTH} is not allowed"));
+            return refuse(&format!(
+                "a field wider than {MAX_FORMAT_WIDTH} is not allowed"
+            ));
         }
     }
     Ok(())
@@ -735,7 +737,9 @@ const MINIJINJA_LIMITS: &[&str] = &[
 /// Whether a render error comes from a budget or limit rather than from the template's logic.
 fn is_over_budget(err: &Error) -> bool {
     err.kind() == ErrorKind::OutOfFuel
-        || err.detail().is_some_and(|detail| MINIJINJA_LIMITS.contains(&detail))
+        || err
+            .detail()
+            .is_some_and(|detail| MINIJINJA_LIMITS.contains(&detail))
 }
 
 /// Maps a minijinja render error to a [`TemplateError`], recognising `raise_exception` and the
@@ -747,9 +751,7 @@ fn classify_render_error(err: Error) -> TemplateError {
             return TemplateError::Raised(raised.0.clone());
         }
         if current.downcast_ref::<SandboxLimit>().is_some()
-            || current
-                .downcast_ref::<Error>()
-                .is_some_and(is_over_budget)
+            || current.downcast_ref::<Error>().is_some_and(is_over_budget)
         {
             return TemplateError::OverBudget(err.to_string());
         }
@@ -826,8 +828,11 @@ impl JsonLayout {
 /// The indentation `tojson(indent=…)` asks for: a string, or a number of spaces (at most
 /// [`MAX_JSON_INDENT`] either way).
 fn json_indent(value: &Value) -> Result<String, Error> {
-    let too_wide =
-        || limit_error(format!("tojson: an indent wider than {MAX_JSON_INDENT} is not allowed"));
+    let too_wide = || {
+        limit_error(format!(
+            "tojson: an indent wider than {MAX_JSON_INDENT} is not allowed"
+        ))
+    };
     match value.as_str() {
         Some(text) if text.len() > MAX_JSON_INDENT => Err(too_wide()),
         Some(text) => Ok(text.to_string()),
@@ -1104,21 +1109,45 @@ mod tests {
     #[test]
     fn hostile_templates_end_in_chatml_quickly() {
         let hostile = [
-            ("tojson indent", "{{ messages | tojson(indent=100000000000) }}"),
+            (
+                "tojson indent",
+                "{{ messages | tojson(indent=100000000000) }}",
+            ),
             ("indent filter", "{{ 'a\nb' | indent(100000000000) }}"),
             ("str.format width", "{{ '{:>100000000000}'.format(1) }}"),
             ("repeat", "{{ 'x' * 100000000000 }}"),
-            ("nested loops", "{% for i in range(99999) %}{% for j in range(99999) %}{{ '' }}{% endfor %}{% endfor %}"),
-            ("recursion", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"),
-            ("doubling", "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}"),
-            ("self reference", "{% set ns = namespace() %}{% set ns.me = ns %}{{ ns | tojson }}"),
-            ("list repeat", "{{ (messages * 100000000) | length }}{{ (messages * 100000000) | join(',') }}"),
-            ("big output", "{% for i in range(99999) %}{{ 'x' * 99999 }}{% endfor %}"),
+            (
+                "nested loops",
+                "{% for i in range(99999) %}{% for j in range(99999) %}{{ '' }}{% endfor %}{% endfor %}",
+            ),
+            (
+                "recursion",
+                "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            ),
+            (
+                "doubling",
+                "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+            ),
+            (
+                "self reference",
+                "{% set ns = namespace() %}{% set ns.me = ns %}{{ ns | tojson }}",
+            ),
+            (
+                "list repeat",
+                "{{ (messages * 100000000) | length }}{{ (messages * 100000000) | join(',') }}",
+            ),
+            (
+                "big output",
+                "{% for i in range(99999) %}{{ 'x' * 99999 }}{% endfor %}",
+            ),
         ];
         for (name, source) in hostile {
             let (_, prompt, elapsed) = render_hostile(source);
             eprintln!("{name}: {elapsed:?} {:?}", prompt.fallback);
-            assert_eq!(prompt.text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "{name}");
+            assert_eq!(
+                prompt.text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+                "{name}"
+            );
             assert!(prompt.fallback.is_some(), "{name}");
         }
     }
@@ -1130,10 +1159,18 @@ mod tests {
         let edge = MAX_TAG_TOKENS / 2 - 2;
         let at_limit = [
             format!("{{{{ 1{} }}}}", " + 1".repeat(edge)),
-            format!("{{{{ {}1{} }}}}", "(".repeat(edge / 2), ")".repeat(edge / 2)),
+            format!(
+                "{{{{ {}1{} }}}}",
+                "(".repeat(edge / 2),
+                ")".repeat(edge / 2)
+            ),
             format!("{{{{ {}x }}}}", "not ".repeat(edge * 2 - 2)),
             format!("{{{{ x{} }}}}", "|lower".repeat(edge)),
-            format!("{}x{}", "{% if true %}".repeat(MAX_BLOCK_DEPTH), "{% endif %}".repeat(MAX_BLOCK_DEPTH)),
+            format!(
+                "{}x{}",
+                "{% if true %}".repeat(MAX_BLOCK_DEPTH),
+                "{% endif %}".repeat(MAX_BLOCK_DEPTH)
+            ),
         ];
         for source in at_limit {
             let worker = std::thread::Builder::new()
@@ -1150,7 +1187,11 @@ mod tests {
         let sources = [
             format!("{{{{ {}1{} }}}}", "(".repeat(deep), ")".repeat(deep)),
             format!("{{{{ {}1{} }}}}", "[".repeat(deep), "]".repeat(deep)),
-            format!("{}x{}", "{% if true %}".repeat(deep), "{% endif %}".repeat(deep)),
+            format!(
+                "{}x{}",
+                "{% if true %}".repeat(deep),
+                "{% endif %}".repeat(deep)
+            ),
             format!("{{{{ 1{} }}}}", " + 1".repeat(deep)),
             format!("{{{{ x{} }}}}", "|lower".repeat(deep)),
             format!("{{{{ {}x }}}}", "not ".repeat(deep)),
@@ -1160,7 +1201,11 @@ mod tests {
                 .stack_size(2 << 20)
                 .spawn(move || {
                     let (formatter, prompt, elapsed) = render_hostile(&source);
-                    (formatter.fallback_reason().map(str::to_string), prompt, elapsed)
+                    (
+                        formatter.fallback_reason().map(str::to_string),
+                        prompt,
+                        elapsed,
+                    )
                 })
                 .unwrap();
             let (reason, prompt, elapsed) = worker.join().unwrap();

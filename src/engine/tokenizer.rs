@@ -507,7 +507,10 @@ fn split_out<'a>(
             let at = search + found;
             let end = at + pattern.len();
             let span = offset + at..offset + end;
-            if plain.iter().any(|r| r.start < span.end && span.start < r.end) {
+            if plain
+                .iter()
+                .any(|r| r.start < span.end && span.start < r.end)
+            {
                 search = at + first_char.len_utf8();
                 continue;
             }
