@@ -437,7 +437,7 @@ fn env_number(name: &str) -> Option<u64> {
 fn fuzz_child() {
     let scale = env_number("SMOLDESK_FUZZ_CASES")
         .map_or(1.0, |n| n as f64 / (SMALL_CASES + FIXTURE_CASES) as f64);
-    let seed = env_number("SMOLDESK_FUZZ_SEED").unwrap_or(0x5EED_0F_6617);
+    let seed = env_number("SMOLDESK_FUZZ_SEED").unwrap_or(0x005E_ED0F_6617);
     let fixture = std::fs::read(common::fixture("tiny-smollm3-q4_k_m.gguf")).unwrap();
     let fixture_size = fixture.len() as u64;
     let header_len = GgufFile::read(fixture.as_slice(), fixture_size, Path::new("fixture"))

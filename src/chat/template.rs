@@ -307,12 +307,13 @@ fn tag_tokens(body: &str) -> usize {
         let word_char = c.is_alphanumeric() || c == '_';
         if c == '\'' || c == '"' {
             quote = Some(c);
-            count += 1;
-        } else if word_char && !in_word {
-            count += 1;
-        } else if !word_char && !c.is_whitespace() {
-            count += 1;
         }
+        let starts_token = if word_char {
+            !in_word
+        } else {
+            !c.is_whitespace()
+        };
+        count += usize::from(starts_token);
         in_word = word_char;
     }
     count
