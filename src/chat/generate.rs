@@ -8,12 +8,13 @@ use chrono::NaiveDate;
 
 use super::context::{ContextError, fit_to_context};
 use super::conversation::{ChatSettings, GenerationStats, Message, StopReason};
-use super::template::{PromptFormatter, RenderOptions};
-use super::thinking::{Segment, SegmentKind, ThinkSplitter, ThinkTags, prompt_ends_inside_think};
+use super::prompt::PromptBuilder;
+use super::template::PromptFormatter;
+use super::thinking::{Segment, SegmentKind, ThinkSplitter, ThinkTags};
 use crate::engine::EngineError;
 use crate::engine::sampling::{Sampler, SamplingParams};
 use crate::engine::session::Engine;
-use crate::engine::tokenizer::{GgufTokenizer, StreamDecoder};
+use crate::engine::tokenizer::{GgufTokenizer, StreamDecoder, TokenType};
 
 /// Why a reply could not be generated.
 #[derive(Debug, thiserror::Error)]
@@ -73,25 +74,6 @@ fn reply_reserve(context: usize, max_tokens: usize) -> usize {
     max_tokens.clamp(1, (context / 4).max(1))
 }
 
-/// Renders the conversation as the model's prompt text.
-pub fn render_prompt(
-    formatter: &PromptFormatter,
-    tokenizer: &GgufTokenizer,
-    settings: &ChatSettings,
-    messages: &[Message],
-    date: NaiveDate,
-) -> super::template::RenderedPrompt {
-    let options = RenderOptions {
-        add_generation_prompt: true,
-        enable_thinking: Some(settings.thinking),
-        date,
-        bos_token: tokenizer.bos_text().to_string(),
-        eos_token: tokenizer.eos_text().to_string(),
-        ..RenderOptions::default()
-    };
-    formatter.render(&settings.system_prompt, messages, &options)
-}
-
 /// Generates the assistant's next reply to `messages` (which end with the user's message).
 pub fn generate_reply(
     engine: &mut Engine,
@@ -104,33 +86,22 @@ pub fn generate_reply(
     let context = engine.context_length();
     let budget = context.saturating_sub(reply_reserve(context, settings.sampling.max_tokens));
 
-    let mut count_tokens = |candidate: &[Message]| {
-        let rendered = render_prompt(ctx.formatter, &tokenizer, settings, candidate, ctx.date);
-        tokenizer
-            .encode_prompt(&rendered.text)
-            .map_or(usize::MAX, |ids| ids.len())
-    };
+    let builder = PromptBuilder::new(ctx.formatter, &tokenizer, ctx.date);
+    let mut count_tokens =
+        |candidate: &[Message]| builder.count(settings, candidate).unwrap_or(usize::MAX);
     let fitted = fit_to_context(messages, budget, &mut count_tokens)?;
-    let rendered = render_prompt(
-        ctx.formatter,
-        &tokenizer,
-        settings,
-        &fitted.messages,
-        ctx.date,
-    );
-    let prompt = tokenizer.encode_prompt(&rendered.text)?;
-    let starts_in_thinking = prompt_ends_inside_think(&rendered.text);
+    let prompt = builder.build(settings, &fitted.messages)?;
     on_event(GenerationEvent::Started {
-        prompt_tokens: prompt.len(),
-        prompt_text: rendered.text,
+        prompt_tokens: prompt.tokens.len(),
+        prompt_text: prompt.text,
         dropped_messages: fitted.dropped,
-        template_fallback: rendered.fallback,
+        template_fallback: prompt.fallback,
     });
     let mut reply = generate_from_tokens(
         engine,
         ctx,
-        &prompt,
-        starts_in_thinking,
+        &prompt.tokens,
+        prompt.starts_in_thinking,
         &settings.sampling,
         on_event,
     )?;
@@ -228,7 +199,12 @@ impl<'a> ReplyRun<'a> {
 
     fn push_token(&mut self, id: u32) {
         let was_thinking = self.splitter.in_thinking();
-        let text = self.decoder.push(self.tokenizer, id);
+        // Control tokens (`<|im_start|>`…) are never shown; think tags are still seen by id.
+        let text = if self.tokenizer.token_type(id) == Some(TokenType::Control) {
+            String::new()
+        } else {
+            self.decoder.push(self.tokenizer, id)
+        };
         let segments = self.splitter.push(id, &text);
         let now_thinking = self.splitter.in_thinking();
         if was_thinking || now_thinking {
@@ -271,5 +247,46 @@ impl<'a> ReplyRun<'a> {
         self.stats.stop_reason = stop_reason;
         self.reply.stats = self.stats;
         self.reply
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_smollm3_tokenizer() -> GgufTokenizer {
+        let beside = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/tiny-smollm3-q4_k_m.gguf");
+        let path = if beside.is_file() {
+            beside
+        } else {
+            "/work/shared/fixtures/tiny-smollm3-q4_k_m.gguf".into()
+        };
+        let gguf = crate::engine::gguf::GgufFile::open(&path).unwrap();
+        GgufTokenizer::from_gguf(&gguf).unwrap()
+    }
+
+    #[test]
+    fn control_tokens_other_than_end_of_turn_are_not_shown() {
+        let tokenizer = tiny_smollm3_tokenizer();
+        let im_start = tokenizer.token_id("<|im_start|>").unwrap();
+        assert_eq!(tokenizer.token_type(im_start), Some(TokenType::Control));
+        let mut shown = String::new();
+        let mut on_event = |event: GenerationEvent| {
+            if let GenerationEvent::Segment(segment) = event {
+                shown.push_str(&segment.text);
+            }
+        };
+        let mut run = ReplyRun::new(&tokenizer, false, &mut on_event);
+        let words = tokenizer.encode("Hello world", false).unwrap();
+        run.push_token(words[0]);
+        run.push_token(im_start);
+        for &id in &words[1..] {
+            run.push_token(id);
+        }
+        let reply = run.finish(StopReason::EndOfTurn);
+        assert_eq!(reply.answer, "Hello world");
+        assert_eq!(shown, "Hello world");
+        assert_eq!(reply.tokens.len(), words.len() + 1);
     }
 }

@@ -7,11 +7,19 @@
 //! that environment with minijinja so that prompts are byte-identical to the reference.
 //! [`PromptFormatter`] picks the template a model should use and falls back to ChatML when the
 //! template cannot be used.
+//!
+//! A template comes from a downloaded model file, so it is untrusted: it is rendered in a
+//! sandbox. Its source is limited to [`MAX_TEMPLATE_BYTES`], every render has a step and memory
+//! budget ([`RENDER_FUEL`], minijinja's fuel, which also makes `"x" * n`, `indent(n)` and
+//! `range(n)` refuse results they cannot pay for before allocating them), the output is limited
+//! to [`MAX_PROMPT_BYTES`], macro recursion to [`RECURSION_LIMIT`] levels, and `tojson`'s
+//! indentation and nesting are bounded. A template that exceeds a budget fails with
+//! [`TemplateError::OverBudget`]; the formatter then uses ChatML from that point on.
 
 use std::fmt;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use chrono::NaiveDate;
 use minijinja::syntax::SyntaxConfig;
@@ -26,12 +34,43 @@ const TEMPLATE_NAME: &str = "chat_template";
 /// The ChatML template used when a model has none or its own cannot be used.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
+/// The longest template source accepted (real chat templates are a few kilobytes).
+pub const MAX_TEMPLATE_BYTES: usize = 1 << 20;
+/// The fuel of one render: about that many template steps, or 64 times that many bytes of data
+/// created (see minijinja's `Environment::set_fuel`). SmolLM3's template spends about 60 per
+/// message plus 1 per 20 bytes of content.
+pub const RENDER_FUEL: u64 = 1_000_000;
+/// The longest prompt a template may produce.
+pub const MAX_PROMPT_BYTES: usize = 16 << 20;
+/// How deep macros may call each other (each level takes native stack).
+pub const RECURSION_LIMIT: usize = 64;
+/// The most tokens (operators, names, literals) one `{{ … }}` or `{% … %}` may hold: the
+/// parser and compiler recurse once per nested operation, on the caller's native stack.
+pub const MAX_TAG_TOKENS: usize = 512;
+/// The deepest nesting of blocks (`if`, `for`, `macro`…) accepted, for the same reason.
+pub const MAX_BLOCK_DEPTH: usize = 48;
+/// The widest `tojson(indent=…)` accepted.
+const MAX_JSON_INDENT: usize = 64;
+/// The deepest value `tojson` writes (a namespace can contain itself).
+const MAX_JSON_DEPTH: usize = 64;
+
 /// Why a chat template could not be loaded or rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
     /// The template does not parse.
     #[error("the chat template has a syntax error: {0}")]
     Syntax(String),
+    /// The template source is longer than [`MAX_TEMPLATE_BYTES`].
+    #[error("the chat template is {bytes} bytes long, more than the {limit} allowed")]
+    TooLarge {
+        /// Length of the source.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Rendering needed more steps, memory or output than a template is allowed.
+    #[error("the chat template needs more work or memory than allowed ({0})")]
+    OverBudget(String),
     /// Rendering failed (an undefined value, a wrong type, a bad `strftime_now` format...).
     #[error("the chat template failed to render: {0}")]
     Render(String),
@@ -95,8 +134,15 @@ impl fmt::Debug for ChatTemplate {
 }
 
 impl ChatTemplate {
-    /// Compiles a Jinja chat template.
+    /// Compiles a Jinja chat template (at most [`MAX_TEMPLATE_BYTES`] long).
     pub fn new(source: &str) -> Result<Self, TemplateError> {
+        if source.len() > MAX_TEMPLATE_BYTES {
+            return Err(TemplateError::TooLarge {
+                bytes: source.len(),
+                limit: MAX_TEMPLATE_BYTES,
+            });
+        }
+        check_nesting(source)?;
         let env =
             build_environment(source).map_err(|err| TemplateError::Syntax(err.to_string()))?;
         Ok(Self {
@@ -113,11 +159,18 @@ impl ChatTemplate {
 
     /// Reads and compiles a template file.
     pub fn from_file(path: &Path) -> Result<Self, TemplateError> {
-        let source = std::fs::read_to_string(path).map_err(|source| TemplateError::Io {
+        let io_error = |source| TemplateError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
-        Self::new(&source)
+        };
+        let bytes = std::fs::metadata(path).map_err(io_error)?.len();
+        if bytes > MAX_TEMPLATE_BYTES as u64 {
+            return Err(TemplateError::TooLarge {
+                bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+                limit: MAX_TEMPLATE_BYTES,
+            });
+        }
+        Self::new(&std::fs::read_to_string(path).map_err(io_error)?)
     }
 
     /// The template's source as given (before the `{% generation %}` tags are rewritten).
@@ -135,9 +188,16 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|err| TemplateError::Syntax(err.to_string()))?;
-        template
-            .render(render_context(messages, opts))
-            .map_err(classify_render_error)
+        let mut output = LimitedOutput::default();
+        let rendered = template.render_captured_to(render_context(messages, opts), &mut output);
+        match rendered {
+            Ok(_) => String::from_utf8(output.bytes)
+                .map_err(|_| TemplateError::Render("the output is not valid UTF-8".into())),
+            Err(_) if output.overflowed => Err(TemplateError::OverBudget(format!(
+                "its output is longer than {MAX_PROMPT_BYTES} bytes"
+            ))),
+            Err(err) => Err(classify_render_error(err)),
+        }
     }
 
     /// Renders conversation messages: role and content only (the assistant's thinking is not
@@ -151,11 +211,143 @@ impl ChatTemplate {
     }
 }
 
+/// Block tags that open a body closed by an `end…` tag.
+const BLOCK_TAGS: &[&str] = &[
+    "if",
+    "for",
+    "macro",
+    "call",
+    "filter",
+    "with",
+    "autoescape",
+    "block",
+    "generation",
+];
+
+/// Refuses sources nested deeper than the parser can take on a thread's stack: more than
+/// [`MAX_TAG_TOKENS`] tokens in one tag, or blocks more than [`MAX_BLOCK_DEPTH`] deep.
+fn check_nesting(source: &str) -> Result<(), TemplateError> {
+    let too_deep = |what: String| TemplateError::OverBudget(what);
+    let mut depth = 0usize;
+    let mut rest = source;
+    while let Some(open) = rest.find(['{']) {
+        rest = &rest[open + 1..];
+        let close = match rest.as_bytes().first() {
+            Some(b'{') => "}}",
+            Some(b'%') => "%}",
+            _ => continue,
+        };
+        let (body, after) = split_tag(&rest[1..], close);
+        rest = after;
+        if tag_tokens(body) > MAX_TAG_TOKENS {
+            return Err(too_deep(format!(
+                "a tag has more than {MAX_TAG_TOKENS} tokens"
+            )));
+        }
+        if close == "%}" {
+            let keyword = body
+                .trim_start_matches(['-', '+'])
+                .split_whitespace()
+                .next()
+                .unwrap_or_default();
+            if BLOCK_TAGS.contains(&keyword) || (keyword == "set" && !body.contains('=')) {
+                depth += 1;
+                if depth > MAX_BLOCK_DEPTH {
+                    return Err(too_deep(format!(
+                        "blocks are nested more than {MAX_BLOCK_DEPTH} deep"
+                    )));
+                }
+            } else if keyword.starts_with("end") {
+                depth = depth.saturating_sub(1);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Splits a tag's body (after its opening delimiter) from the text after its closing one,
+/// skipping string literals.
+fn split_tag<'a>(text: &'a str, close: &str) -> (&'a str, &'a str) {
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for (at, c) in text.char_indices() {
+        match quote {
+            Some(_) if escaped => escaped = false,
+            Some(_) if c == '\\' => escaped = true,
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '\'' || c == '"' => quote = Some(c),
+            None if text[at..].starts_with(close) => {
+                return (&text[..at], &text[at + close.len()..]);
+            }
+            None => {}
+        }
+    }
+    (text, "")
+}
+
+/// Roughly how many tokens a tag's body holds: operator characters, and runs of name or
+/// number characters (string literals count once).
+fn tag_tokens(body: &str) -> usize {
+    let mut count = 0;
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in body.chars() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        let word_char = c.is_alphanumeric() || c == '_';
+        if c == '\'' || c == '"' {
+            quote = Some(c);
+        }
+        let starts_token = if word_char {
+            !in_word
+        } else {
+            !c.is_whitespace()
+        };
+        count += usize::from(starts_token);
+        in_word = word_char;
+    }
+    count
+}
+
+/// The output of a render, refusing to grow past [`MAX_PROMPT_BYTES`].
+#[derive(Default)]
+struct LimitedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for LimitedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > MAX_PROMPT_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the prompt is too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The template a model should use: override file > embedded template > ChatML, with fallback.
 #[derive(Debug, Clone)]
 pub struct PromptFormatter {
     template: ChatTemplate,
     fallback_reason: Option<String>,
+    /// Set when the template went over its budget once: it is not tried again (shared by clones).
+    over_budget: Arc<OnceLock<String>>,
 }
 
 /// A rendered prompt, and why ChatML was used instead of the model's template, if it was.
@@ -182,7 +374,7 @@ impl PromptFormatter {
             let Some(source) = source.filter(|s| !s.trim().is_empty()) else {
                 continue;
             };
-            match ChatTemplate::new(source) {
+            match ChatTemplate::new(source).and_then(probe) {
                 Ok(template) => {
                     return Self::with_failures(template, failures);
                 }
@@ -201,6 +393,7 @@ impl PromptFormatter {
         Self {
             template,
             fallback_reason,
+            over_budget: Arc::new(OnceLock::new()),
         }
     }
 
@@ -222,12 +415,7 @@ impl PromptFormatter {
         messages: &[Message],
         opts: &RenderOptions,
     ) -> RenderedPrompt {
-        let mut json = Vec::with_capacity(messages.len() + 1);
-        if !system_prompt.trim().is_empty() {
-            json.push(message_json(Role::System, system_prompt));
-        }
-        json.extend(messages_to_json(messages));
-        self.render_json(&json, opts)
+        self.render_json(&conversation_json(system_prompt, messages), opts)
     }
 
     /// Renders JSON messages as they are, falling back to ChatML if the template fails.
@@ -236,14 +424,22 @@ impl PromptFormatter {
         messages: &[serde_json::Value],
         opts: &RenderOptions,
     ) -> RenderedPrompt {
-        match self.template.render_json(messages, opts) {
+        let result = match self.over_budget.get() {
+            Some(reason) => Err(TemplateError::OverBudget(reason.clone())),
+            None => self.template.render_json(messages, opts),
+        };
+        match result {
             Ok(text) => RenderedPrompt {
                 text,
                 fallback: self.fallback_reason.clone(),
             },
             Err(err) => {
                 let reason = format!("{err}; using ChatML instead");
-                log::warn!("{reason}");
+                if let TemplateError::OverBudget(why) = &err
+                    && self.over_budget.set(why.clone()).is_ok()
+                {
+                    log::warn!("{reason}; the template is not tried again");
+                }
                 RenderedPrompt {
                     text: chatml_prompt(messages, opts.add_generation_prompt),
                     fallback: Some(reason),
@@ -253,21 +449,63 @@ impl PromptFormatter {
     }
 }
 
+/// Renders a small conversation with a freshly compiled template, so that one that goes over
+/// its budget is refused when the model is opened, not at the first message. Other render
+/// errors are kept for the real conversation to show (a template may refuse this sample).
+fn probe(template: ChatTemplate) -> Result<ChatTemplate, TemplateError> {
+    let sample = [
+        message_json(Role::System, "You are a helpful assistant."),
+        message_json(Role::User, "Hello!"),
+        message_json(Role::Assistant, "Hi! How can I help?"),
+        message_json(Role::User, "What is 2 + 2?"),
+    ];
+    match template.render_json(&sample, &RenderOptions::default()) {
+        Err(err @ TemplateError::OverBudget(_)) => Err(err),
+        _ => Ok(template),
+    }
+}
+
+/// The messages a conversation is rendered from: a system message first when `system_prompt`
+/// is not blank, then role and content of each message (the assistant's thinking is not sent
+/// back, the history keeps answers only).
+pub fn conversation_json(system_prompt: &str, messages: &[Message]) -> Vec<serde_json::Value> {
+    let mut json = Vec::with_capacity(messages.len() + 1);
+    if !system_prompt.trim().is_empty() {
+        json.push(message_json(Role::System, system_prompt));
+    }
+    json.extend(messages_to_json(messages));
+    json
+}
+
 /// Renders ChatML directly, without a template engine (the fallback of last resort).
 pub fn chatml_prompt(messages: &[serde_json::Value], add_generation_prompt: bool) -> String {
+    chatml_prompt_spans(messages, add_generation_prompt).0
+}
+
+/// Renders ChatML directly, with the byte range of every role and content in the text (what
+/// the messages wrote, as opposed to ChatML's own markers).
+pub fn chatml_prompt_spans(
+    messages: &[serde_json::Value],
+    add_generation_prompt: bool,
+) -> (String, Vec<std::ops::Range<usize>>) {
     let mut out = String::new();
+    let mut spans = Vec::with_capacity(messages.len() * 2);
     for message in messages {
-        let field = |name: &str| message.get(name).map(json_text).unwrap_or_default();
+        let mut push_field = |out: &mut String, name: &str| {
+            let start = out.len();
+            out.push_str(&message.get(name).map(json_text).unwrap_or_default());
+            spans.push(start..out.len());
+        };
         out.push_str("<|im_start|>");
-        out.push_str(&field("role"));
+        push_field(&mut out, "role");
         out.push('\n');
-        out.push_str(&field("content"));
+        push_field(&mut out, "content");
         out.push_str("<|im_end|>\n");
     }
     if add_generation_prompt {
         out.push_str("<|im_start|>assistant\n");
     }
-    out
+    (out, spans)
 }
 
 /// A JSON value as Jinja would print it: strings bare, anything else as its JSON text.
@@ -350,6 +588,8 @@ fn split_trailing_control(body: &str) -> (&str, &str) {
 /// The minijinja environment Hugging Face's Jinja environment corresponds to.
 fn build_environment(source: &str) -> Result<Environment<'static>, Error> {
     let mut env = Environment::new();
+    env.set_fuel(Some(RENDER_FUEL));
+    env.set_recursion_limit(RECURSION_LIMIT);
     env.set_syntax(
         SyntaxConfig::builder()
             .trim_blocks(true)
@@ -357,11 +597,64 @@ fn build_environment(source: &str) -> Result<Environment<'static>, Error> {
             .keep_trailing_newline(false)
             .build()?,
     );
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.set_unknown_method_callback(python_methods);
     env.add_filter("tojson", tojson);
     env.add_function("raise_exception", raise_exception);
     env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))?;
     Ok(env)
+}
+
+/// The widest field `str.format` may pad to (minijinja-contrib allocates the padding unchecked).
+const MAX_FORMAT_WIDTH: usize = 4096;
+
+/// Python's string, list and dict methods (minijinja-contrib), with `str.format` refused when a
+/// field asks for more than [`MAX_FORMAT_WIDTH`] characters of width or precision.
+fn python_methods(
+    state: &mut minijinja::State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
+    if method == "format"
+        && let Some(format) = value.as_str()
+    {
+        check_format_widths(format)?;
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// Fails if a replacement field of a `str.format` string has a nested field or a number
+/// (width, precision) above [`MAX_FORMAT_WIDTH`].
+fn check_format_widths(format: &str) -> Result<(), Error> {
+    let refuse = |why: &str| Err(limit_error(format!("str.format: {why}")));
+    let mut rest = format;
+    while let Some(open) = rest.find('{') {
+        rest = &rest[open + 1..];
+        if let Some(after) = rest.strip_prefix('{') {
+            rest = after;
+            continue;
+        }
+        let Some(close) = rest.find('}') else {
+            return Ok(());
+        };
+        let field = &rest[..close];
+        rest = &rest[close + 1..];
+        let Some((_, spec)) = field.split_once(':') else {
+            continue;
+        };
+        if spec.contains('{') {
+            return refuse("nested replacement fields are not supported");
+        }
+        let too_wide = spec.split(|c: char| !c.is_ascii_digit()).any(|digits| {
+            digits.len() > 6 || digits.parse().is_ok_and(|n: usize| n > MAX_FORMAT_WIDTH)
+        });
+        if too_wide {
+            return refuse(&format!(
+                "a field wider than {MAX_FORMAT_WIDTH} is not allowed"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The variables of one render, as Hugging Face passes them.
@@ -424,12 +717,44 @@ fn raise_exception(message: String) -> Result<Value, Error> {
         .with_source(RaisedByTemplate(message)))
 }
 
-/// Maps a minijinja render error to a [`TemplateError`], recognising `raise_exception`.
+/// Marks an error raised because a template hit one of the sandbox's limits.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct SandboxLimit(String);
+
+/// An error for a template that asked for more than the sandbox allows.
+fn limit_error(message: String) -> Error {
+    Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(SandboxLimit(message))
+}
+
+/// minijinja's own messages for refused sizes and depths.
+const MINIJINJA_LIMITS: &[&str] = &[
+    "recursion limit exceeded",
+    "range has too many elements",
+    "repeated string is too large",
+    "repeated sequence is too large",
+];
+
+/// Whether a render error comes from a budget or limit rather than from the template's logic.
+fn is_over_budget(err: &Error) -> bool {
+    err.kind() == ErrorKind::OutOfFuel
+        || err
+            .detail()
+            .is_some_and(|detail| MINIJINJA_LIMITS.contains(&detail))
+}
+
+/// Maps a minijinja render error to a [`TemplateError`], recognising `raise_exception` and the
+/// sandbox's limits.
 fn classify_render_error(err: Error) -> TemplateError {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
     while let Some(current) = source {
         if let Some(raised) = current.downcast_ref::<RaisedByTemplate>() {
             return TemplateError::Raised(raised.0.clone());
+        }
+        if current.downcast_ref::<SandboxLimit>().is_some()
+            || current.downcast_ref::<Error>().is_some_and(is_over_budget)
+        {
+            return TemplateError::OverBudget(err.to_string());
         }
         source = current.source();
     }
@@ -475,10 +800,7 @@ impl JsonLayout {
         let indent = match kwargs.get::<Option<Value>>("indent")? {
             None => None,
             Some(v) if v.is_none() => None,
-            Some(v) => match v.as_str() {
-                Some(text) => Some(text.to_string()),
-                None => Some(" ".repeat(usize::try_from(v)?)),
-            },
+            Some(v) => Some(json_indent(&v)?),
         };
         let separators = kwargs.get::<Option<Vec<String>>>("separators")?;
         let (item_separator, key_separator) = match separators.as_deref() {
@@ -504,6 +826,37 @@ impl JsonLayout {
     }
 }
 
+/// The indentation `tojson(indent=…)` asks for: a string, or a number of spaces (at most
+/// [`MAX_JSON_INDENT`] either way).
+fn json_indent(value: &Value) -> Result<String, Error> {
+    let too_wide = || {
+        limit_error(format!(
+            "tojson: an indent wider than {MAX_JSON_INDENT} is not allowed"
+        ))
+    };
+    match value.as_str() {
+        Some(text) if text.len() > MAX_JSON_INDENT => Err(too_wide()),
+        Some(text) => Ok(text.to_string()),
+        None => {
+            let width = i64::try_from(value.clone())?;
+            match usize::try_from(width.max(0)) {
+                Ok(width) if width <= MAX_JSON_INDENT => Ok(" ".repeat(width)),
+                _ => Err(too_wide()),
+            }
+        }
+    }
+}
+
+/// Fails once `tojson`'s output is longer than a whole prompt may be.
+fn check_json_size(out: &str) -> Result<(), Error> {
+    if out.len() > MAX_PROMPT_BYTES {
+        return Err(limit_error(format!(
+            "tojson: the output is longer than {MAX_PROMPT_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// Hugging Face's `tojson` filter: Python's `json.dumps` without HTML escaping.
 fn tojson(value: &Value, ensure_ascii: Option<bool>, kwargs: Kwargs) -> Result<String, Error> {
     let layout = JsonLayout::from_args(ensure_ascii, &kwargs)?;
@@ -519,6 +872,11 @@ fn write_json(
     layout: &JsonLayout,
     depth: usize,
 ) -> Result<(), Error> {
+    if depth > MAX_JSON_DEPTH {
+        return Err(limit_error(format!(
+            "tojson: the value is nested more than {MAX_JSON_DEPTH} levels deep"
+        )));
+    }
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -574,6 +932,7 @@ fn write_json_container<T>(
             out.push_str(&indent.repeat(depth + 1));
         }
         write_item(out, item)?;
+        check_json_size(out)?;
     }
     if let Some(indent) = &layout.indent {
         out.push('\n');
@@ -737,6 +1096,123 @@ mod tests {
             panic!("template compiles");
         };
         assert_eq!(template.render(&[], &opts()).ok().as_deref(), Some("A|x|2"));
+    }
+
+    /// Renders a hostile template through a formatter and returns the result and the time.
+    fn render_hostile(source: &str) -> (PromptFormatter, RenderedPrompt, std::time::Duration) {
+        let start = std::time::Instant::now();
+        let formatter = PromptFormatter::new(Some(source), None);
+        let messages = [message_json(Role::User, "Hi")];
+        let prompt = formatter.render_json(&messages, &opts());
+        (formatter, prompt, start.elapsed())
+    }
+
+    #[test]
+    fn hostile_templates_end_in_chatml_quickly() {
+        let hostile = [
+            (
+                "tojson indent",
+                "{{ messages | tojson(indent=100000000000) }}",
+            ),
+            ("indent filter", "{{ 'a\nb' | indent(100000000000) }}"),
+            ("str.format width", "{{ '{:>100000000000}'.format(1) }}"),
+            ("repeat", "{{ 'x' * 100000000000 }}"),
+            (
+                "nested loops",
+                "{% for i in range(99999) %}{% for j in range(99999) %}{{ '' }}{% endfor %}{% endfor %}",
+            ),
+            (
+                "recursion",
+                "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+            ),
+            (
+                "doubling",
+                "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+            ),
+            (
+                "self reference",
+                "{% set ns = namespace() %}{% set ns.me = ns %}{{ ns | tojson }}",
+            ),
+            (
+                "list repeat",
+                "{{ (messages * 100000000) | length }}{{ (messages * 100000000) | join(',') }}",
+            ),
+            (
+                "big output",
+                "{% for i in range(99999) %}{{ 'x' * 99999 }}{% endfor %}",
+            ),
+        ];
+        for (name, source) in hostile {
+            let (_, prompt, elapsed) = render_hostile(source);
+            eprintln!("{name}: {elapsed:?} {:?}", prompt.fallback);
+            assert_eq!(
+                prompt.text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+                "{name}"
+            );
+            assert!(prompt.fallback.is_some(), "{name}");
+        }
+    }
+
+    #[test]
+    fn deeply_nested_templates_fail_cleanly_on_a_small_stack() {
+        let deep = 20_000;
+        // Just inside the limits: these must compile without overflowing a 2 MiB stack.
+        let edge = MAX_TAG_TOKENS / 2 - 2;
+        let at_limit = [
+            format!("{{{{ 1{} }}}}", " + 1".repeat(edge)),
+            format!(
+                "{{{{ {}1{} }}}}",
+                "(".repeat(edge / 2),
+                ")".repeat(edge / 2)
+            ),
+            format!("{{{{ {}x }}}}", "not ".repeat(edge * 2 - 2)),
+            format!("{{{{ x{} }}}}", "|lower".repeat(edge)),
+            format!(
+                "{}x{}",
+                "{% if true %}".repeat(MAX_BLOCK_DEPTH),
+                "{% endif %}".repeat(MAX_BLOCK_DEPTH)
+            ),
+        ];
+        for source in at_limit {
+            let worker = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || ChatTemplate::new(&source).map(|t| t.render(&[], &opts())))
+                .unwrap();
+            // Compiles, or fails with a clean error; the stack holds either way.
+            let compiled = worker.join().unwrap();
+            assert!(
+                compiled.is_ok() || matches!(compiled, Err(TemplateError::Syntax(_))),
+                "{compiled:?}"
+            );
+        }
+        let sources = [
+            format!("{{{{ {}1{} }}}}", "(".repeat(deep), ")".repeat(deep)),
+            format!("{{{{ {}1{} }}}}", "[".repeat(deep), "]".repeat(deep)),
+            format!(
+                "{}x{}",
+                "{% if true %}".repeat(deep),
+                "{% endif %}".repeat(deep)
+            ),
+            format!("{{{{ 1{} }}}}", " + 1".repeat(deep)),
+            format!("{{{{ x{} }}}}", "|lower".repeat(deep)),
+            format!("{{{{ {}x }}}}", "not ".repeat(deep)),
+        ];
+        for source in sources {
+            let worker = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || {
+                    let (formatter, prompt, elapsed) = render_hostile(&source);
+                    (
+                        formatter.fallback_reason().map(str::to_string),
+                        prompt,
+                        elapsed,
+                    )
+                })
+                .unwrap();
+            let (reason, prompt, elapsed) = worker.join().unwrap();
+            eprintln!("nested: {elapsed:?} {reason:?}");
+            assert!(reason.is_some() || prompt.fallback.is_some());
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `smoldesk prompt`: renders a conversation with a chat template and prints the exact prompt.
+//! `smoldesk prompt`: renders a conversation with a chat template and prints the exact prompt
+//! (and its tokens), built by the same [`PromptBuilder`] as the app's.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -6,8 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use chrono::NaiveDate;
 
+use crate::chat::prompt::{BuiltPrompt, PromptBuilder};
 use crate::chat::template::{ChatTemplate, PromptFormatter, RenderOptions};
 use crate::engine::gguf::GgufFile;
+use crate::engine::tokenizer::GgufTokenizer;
 
 /// Arguments of `smoldesk prompt`.
 #[derive(Debug, clap::Args)]
@@ -36,6 +39,9 @@ pub struct Args {
     /// Do not end the prompt with the start of an assistant turn.
     #[arg(long)]
     pub no_generation_prompt: bool,
+    /// Print `{"text": …, "tokens": […]}` (the tokens need the model's tokenizer: -m).
+    #[arg(long, requires = "model")]
+    pub json: bool,
 }
 
 /// Runs the subcommand.
@@ -51,21 +57,64 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         opts.date = parse_date(date)?;
     }
     let model = args.model.as_deref().map(open_model).transpose()?;
-    if let Some(model) = &model {
-        opts.bos_token = special_token_text(model, "tokenizer.ggml.bos_token_id");
-        opts.eos_token = special_token_text(model, "tokenizer.ggml.eos_token_id");
-    }
-    let text = match (&args.template, &model) {
-        (Some(path), _) => ChatTemplate::from_file(path)?
-            .render_json(&messages, &opts)
-            .with_context(|| format!("cannot render {}", path.display()))?,
-        (None, Some(model)) => render_with_model_template(model, &messages, &opts),
+    let prompt = match (&args.template, &model) {
+        (Some(path), None) => {
+            let text = render_template_file(path, &messages, &opts)?;
+            BuiltPrompt {
+                text,
+                tokens: Vec::new(),
+                fallback: None,
+                starts_in_thinking: false,
+            }
+        }
+        (Some(path), Some(model)) => {
+            // The file's errors are reported; once it renders, the app's builder is used.
+            let tokenizer = model_tokenizer(model, &mut opts)?;
+            render_template_file(path, &messages, &opts)?;
+            let source = read(path)?;
+            let formatter = PromptFormatter::new(None, Some(&source));
+            PromptBuilder::new(&formatter, &tokenizer, opts.date).build_json(&messages, &opts)?
+        }
+        (None, Some(model)) => {
+            let tokenizer = model_tokenizer(model, &mut opts)?;
+            build_with_model_template(model, &tokenizer, &messages, &opts)?
+        }
         (None, None) => bail!("give a model (-m) or a template file (--template)"),
     };
     let mut stdout = std::io::stdout().lock();
-    stdout.write_all(text.as_bytes())?;
+    if args.json {
+        let json = serde_json::json!({ "text": prompt.text, "tokens": prompt.tokens });
+        writeln!(stdout, "{json}")?;
+    } else {
+        stdout.write_all(prompt.text.as_bytes())?;
+    }
     stdout.flush()?;
     Ok(())
+}
+
+/// Renders with a template file, reporting its errors rather than working around them.
+fn render_template_file(
+    path: &Path,
+    messages: &[serde_json::Value],
+    opts: &RenderOptions,
+) -> anyhow::Result<String> {
+    ChatTemplate::from_file(path)?
+        .render_json(messages, opts)
+        .with_context(|| format!("cannot render {}", path.display()))
+}
+
+/// Reads a text file.
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// The model's tokenizer; sets the BOS/EOS texts the template sees.
+fn model_tokenizer(model: &GgufFile, opts: &mut RenderOptions) -> anyhow::Result<GgufTokenizer> {
+    let tokenizer = GgufTokenizer::from_gguf(model)
+        .with_context(|| format!("cannot read the tokenizer of {}", model.path.display()))?;
+    opts.bos_token = tokenizer.bos_text().to_string();
+    opts.eos_token = tokenizer.eos_text().to_string();
+    Ok(tokenizer)
 }
 
 /// `--think` / `--no-think` as the template's `enable_thinking` (unset without either).
@@ -77,42 +126,31 @@ fn thinking_flag(args: &Args) -> Option<bool> {
     }
 }
 
-/// Renders with the model's embedded template the way the app does, warning on a fallback.
-fn render_with_model_template(
+/// Builds the prompt with the model's embedded template the way the app does, warning on a
+/// fallback.
+fn build_with_model_template(
     model: &GgufFile,
+    tokenizer: &GgufTokenizer,
     messages: &[serde_json::Value],
     opts: &RenderOptions,
-) -> String {
+) -> anyhow::Result<BuiltPrompt> {
     let embedded = model
         .get("tokenizer.chat_template")
         .and_then(|v| v.as_str());
     if embedded.is_none() {
         eprintln!("note: the model has no chat template; using ChatML");
     }
-    let rendered = PromptFormatter::new(embedded, None).render_json(messages, opts);
-    if let Some(reason) = &rendered.fallback {
+    let formatter = PromptFormatter::new(embedded, None);
+    let prompt = PromptBuilder::new(&formatter, tokenizer, opts.date).build_json(messages, opts)?;
+    if let Some(reason) = &prompt.fallback {
         eprintln!("warning: {reason}");
     }
-    rendered.text
+    Ok(prompt)
 }
 
 /// Opens a GGUF file's metadata.
 fn open_model(path: &Path) -> anyhow::Result<GgufFile> {
     GgufFile::open(path).with_context(|| format!("cannot open model {}", path.display()))
-}
-
-/// The text of the token whose id is stored under `id_key` (empty if the model has none).
-fn special_token_text(model: &GgufFile, id_key: &str) -> String {
-    let Some(id) = model.get(id_key).and_then(|v| v.as_u64()) else {
-        return String::new();
-    };
-    model
-        .get("tokenizer.ggml.tokens")
-        .and_then(|tokens| tokens.as_array())
-        .and_then(|tokens| tokens.get(usize::try_from(id).ok()?))
-        .and_then(|token| token.as_str())
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Reads the messages file: the messages, and any other keys of an object as template kwargs.

@@ -15,6 +15,7 @@
 //! ids into whole UTF-8 characters.
 
 use std::fmt;
+use std::ops::Range;
 
 use tokenizers::models::bpe::{BPE, Merges, Vocab};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -303,8 +304,13 @@ impl GgufTokenizer {
     /// tokens such as `<|im_start|>` are recognised; without it (text a user typed) only
     /// user-defined tokens such as `<think>` are.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        self.encode_fragments(self.partition(text, parse_special, &[]))
+    }
+
+    /// Encodes fragments: special tokens as they are, text by BPE.
+    fn encode_fragments(&self, fragments: Vec<Fragment<'_>>) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
-        for fragment in self.partition(text, parse_special) {
+        for fragment in fragments {
             match fragment {
                 Fragment::Token(id) => ids.push(id),
                 Fragment::Text(piece) => ids.extend(self.encode_plain(piece)?),
@@ -316,7 +322,20 @@ impl GgufTokenizer {
     /// Encodes a rendered chat prompt: BOS if the model adds one (and the prompt does not
     /// already start with it), then the text with special tokens recognised.
     pub fn encode_prompt(&self, rendered_prompt: &str) -> Result<Vec<u32>> {
-        let ids = self.encode(rendered_prompt, true)?;
+        self.encode_prompt_with_plain(rendered_prompt, &[])
+    }
+
+    /// Encodes a rendered chat prompt like [`encode_prompt`](Self::encode_prompt), except that
+    /// no special token is recognised where it overlaps one of the `plain` byte ranges: text a
+    /// user or the model wrote stays text even where it reads `<|im_end|>` or `<think>`. The
+    /// prompt is still split and merged as a whole, so when the ranges hold no special token's
+    /// text the ids are exactly those of `encode_prompt`.
+    pub fn encode_prompt_with_plain(
+        &self,
+        rendered_prompt: &str,
+        plain: &[Range<usize>],
+    ) -> Result<Vec<u32>> {
+        let ids = self.encode_fragments(self.partition(rendered_prompt, true, plain))?;
         match self.bos_id {
             Some(bos) if self.adds_bos && ids.first() != Some(&bos) => {
                 let mut with_bos = Vec::with_capacity(ids.len() + 1);
@@ -413,14 +432,29 @@ impl GgufTokenizer {
         self.end_of_turn.binary_search(&id).is_ok()
     }
 
+    /// Whether `text` holds the text of a special token (control, user-defined or unknown), i.e.
+    /// whether [`encode_prompt`](Self::encode_prompt) would find a special token in it.
+    pub fn contains_special_text(&self, text: &str) -> bool {
+        self.specials.iter().any(|special| {
+            self.token_text(special.id)
+                .is_some_and(|pattern| text.contains(pattern))
+        })
+    }
+
     /// `(<think>, </think>)` when both are single tokens.
     pub fn think_ids(&self) -> Option<(u32, u32)> {
         self.think
     }
 
     /// Cuts the special tokens out of `text`, the way llama.cpp does: each special token in
-    /// turn, longest first, is split out of every piece of text not yet claimed.
-    fn partition<'a>(&self, text: &'a str, parse_special: bool) -> Vec<Fragment<'a>> {
+    /// turn, longest first, is split out of every piece of text not yet claimed, except where it
+    /// would overlap a `plain` byte range of `text`.
+    fn partition<'a>(
+        &self,
+        text: &'a str,
+        parse_special: bool,
+        plain: &[Range<usize>],
+    ) -> Vec<Fragment<'a>> {
         let mut fragments = Vec::new();
         if text.is_empty() {
             return fragments;
@@ -436,7 +470,7 @@ impl GgufTokenizer {
             if !text.contains(pattern) {
                 continue;
             }
-            fragments = split_out(fragments, pattern, special.id);
+            fragments = split_out(fragments, pattern, special.id, (text, plain));
         }
         fragments
     }
@@ -448,27 +482,47 @@ impl GgufTokenizer {
     }
 }
 
-/// Splits every occurrence of `pattern` out of the text fragments as the token `id`.
-fn split_out<'a>(fragments: Vec<Fragment<'a>>, pattern: &str, id: u32) -> Vec<Fragment<'a>> {
-    if pattern.is_empty() {
+/// Splits every occurrence of `pattern` out of the text fragments as the token `id`, except
+/// those overlapping one of the `plain` byte ranges of `whole` (the text the fragments are of).
+fn split_out<'a>(
+    fragments: Vec<Fragment<'a>>,
+    pattern: &str,
+    id: u32,
+    (whole, plain): (&str, &[Range<usize>]),
+) -> Vec<Fragment<'a>> {
+    let Some(first_char) = pattern.chars().next() else {
         return fragments;
-    }
+    };
     let mut out = Vec::with_capacity(fragments.len() + 2);
     for fragment in fragments {
-        let Fragment::Text(mut rest) = fragment else {
+        let Fragment::Text(piece) = fragment else {
             out.push(fragment);
             continue;
         };
-        while let Some(at) = rest.find(pattern) {
-            let (left, right) = rest.split_at(at);
-            if !left.is_empty() {
-                out.push(Fragment::Text(left));
+        // Byte offset of the fragment in the whole text (it is a slice of it).
+        let offset = (piece.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+        let mut emitted = 0;
+        let mut search = 0;
+        while let Some(found) = piece.get(search..).and_then(|rest| rest.find(pattern)) {
+            let at = search + found;
+            let end = at + pattern.len();
+            let span = offset + at..offset + end;
+            if plain
+                .iter()
+                .any(|r| r.start < span.end && span.start < r.end)
+            {
+                search = at + first_char.len_utf8();
+                continue;
+            }
+            if at > emitted {
+                out.push(Fragment::Text(&piece[emitted..at]));
             }
             out.push(Fragment::Token(id));
-            rest = right.get(pattern.len()..).unwrap_or_default();
+            emitted = end;
+            search = end;
         }
-        if !rest.is_empty() {
-            out.push(Fragment::Text(rest));
+        if emitted < piece.len() {
+            out.push(Fragment::Text(&piece[emitted..]));
         }
     }
     out
@@ -919,7 +973,7 @@ mod tests {
     fn split_out_cuts_every_occurrence() {
         let fragments = vec![Fragment::Text("a<x>b<x><x>"), Fragment::Token(7)];
         assert_eq!(
-            split_out(fragments, "<x>", 9),
+            split_out(fragments, "<x>", 9, ("", &[])),
             vec![
                 Fragment::Text("a"),
                 Fragment::Token(9),
@@ -929,6 +983,26 @@ mod tests {
                 Fragment::Token(7),
             ]
         );
+    }
+
+    #[test]
+    fn plain_ranges_keep_special_text_as_text() {
+        let tok = small_tokenizer();
+        let end = id(&tok, "<|im_end|>");
+        let prompt = "a<|im_end|>b<|im_end|>";
+        let ids = tok.encode_prompt_with_plain(prompt, &[1..11]).unwrap();
+        assert_eq!(ids.iter().filter(|&&t| t == end).count(), 1);
+        assert_eq!(ids.last(), Some(&end));
+        assert_eq!(tok.decode(&ids), prompt);
+        // A range touching only part of a token's text also keeps it plain.
+        let partly = tok.encode_prompt_with_plain(prompt, &[12..13]).unwrap();
+        assert_eq!(partly.iter().filter(|&&t| t == end).count(), 1);
+        assert_eq!(
+            tok.encode_prompt_with_plain(prompt, &[]).unwrap(),
+            tok.encode_prompt(prompt).unwrap()
+        );
+        assert!(tok.contains_special_text("x<think>"));
+        assert!(!tok.contains_special_text("plain <thin"));
     }
 
     #[test]

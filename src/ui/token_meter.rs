@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use crate::chat::conversation::{ChatSettings, Message, Role};
+use crate::chat::prompt::PromptBuilder;
 use crate::chat::template::PromptFormatter;
 use crate::engine::tokenizer::GgufTokenizer;
 
@@ -208,17 +209,8 @@ fn count_prompt(
     messages: &[Message],
 ) -> Result<usize, String> {
     let today = chrono::Local::now().date_naive();
-    let rendered = crate::chat::generate::render_prompt(
-        &model.formatter,
-        &model.tokenizer,
-        settings,
-        messages,
-        today,
-    );
-    model
-        .tokenizer
-        .encode_prompt(&rendered.text)
-        .map(|ids| ids.len())
+    PromptBuilder::new(&model.formatter, &model.tokenizer, today)
+        .count(settings, messages)
         .map_err(|e| e.to_string())
 }
 
@@ -290,15 +282,14 @@ mod tests {
         let mut all = history;
         all.push(Message::new(Role::User, "Tell me a joke"));
         let today = chrono::Local::now().date_naive();
-        let prompt = crate::chat::generate::render_prompt(
-            &model.formatter,
-            &model.tokenizer,
-            &settings,
-            &all,
-            today,
+        let prompt = PromptBuilder::new(&model.formatter, &model.tokenizer, today)
+            .build(&settings, &all)
+            .unwrap();
+        assert_eq!(count.total, prompt.tokens.len());
+        assert_eq!(
+            prompt.tokens,
+            model.tokenizer.encode_prompt(&prompt.text).unwrap()
         );
-        let expected = model.tokenizer.encode_prompt(&prompt.text).unwrap().len();
-        assert_eq!(count.total, expected);
         assert!(count.draft_alone < count.total);
         assert_eq!(count.budget, 4096 - 1024);
     }
