@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 /// Environment variable that overrides the data directory (tests point it at a temp dir).
 pub const DATA_DIR_ENV: &str = "SMOLDESK_DATA_DIR";
 
+/// Environment variable that overrides the folder of saved KV states.
+pub const CACHE_DIR_ENV: &str = "SMOLDESK_CACHE_DIR";
+
 /// File extension of model files.
 pub const MODEL_EXTENSION: &str = "gguf";
 
@@ -17,6 +20,19 @@ pub fn data_dir() -> PathBuf {
     directories::ProjectDirs::from("org", "smoldesk", "SmolDesk")
         .map(|dirs| dirs.data_dir().to_path_buf())
         .unwrap_or_else(|| PathBuf::from("smoldesk-data"))
+}
+
+/// The folder of saved conversation KV states: `$SMOLDESK_CACHE_DIR` if set, else `kv` in the
+/// platform's per-user cache folder (e.g. `~/.cache/smoldesk/kv` on Linux), else
+/// `./smoldesk-cache/kv`.
+pub fn kv_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(CACHE_DIR_ENV).filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    directories::ProjectDirs::from("org", "smoldesk", "SmolDesk")
+        .map(|dirs| dirs.cache_dir().to_path_buf())
+        .unwrap_or_else(|| PathBuf::from("smoldesk-cache"))
+        .join("kv")
 }
 
 /// The folder holding one JSON file per conversation.

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod error;
 pub mod gguf;
 pub mod kernels;
+pub mod kv_state;
 pub mod model;
 pub mod model_info;
 pub mod sampling;

@@ -262,6 +262,56 @@ impl Model {
         let x = kernels::rms_norm(&x, &self.output_norm, eps)?;
         Ok(Some(self.output.forward(&x)?))
     }
+
+    /// The keys and values of `layer` for positions `0..len` (at most the cached ones) as
+    /// little-endian bytes of the cache's element type, for saving a KV state.
+    pub fn kv_layer_bytes(&self, layer: usize, len: usize) -> super::kv_state::KvLayerBytes {
+        use super::kv_state::KvLayerBytes;
+        let n = len.min(self.cache_len) * self.hparams.n_head_kv * self.hparams.head_dim;
+        match self.cache.get(layer) {
+            Some(LayerCache::F16(kv)) => {
+                KvLayerBytes::encode(&kv.k[..n.min(kv.k.len())], &kv.v[..n.min(kv.v.len())])
+            }
+            Some(LayerCache::F32(kv)) => {
+                KvLayerBytes::encode(&kv.k[..n.min(kv.k.len())], &kv.v[..n.min(kv.v.len())])
+            }
+            None => KvLayerBytes::default(),
+        }
+    }
+
+    /// Replaces the whole KV cache with `layers` (one per layer, as [`Model::kv_layer_bytes`]
+    /// gives them) holding positions `0..len`. Checks the layer count, element type and sizes
+    /// first: on a mismatch the cache is left unchanged.
+    pub fn set_kv_bytes(
+        &mut self,
+        layers: &[super::kv_state::KvLayerBytes],
+        len: usize,
+    ) -> Result<(), super::kv_state::KvStateError> {
+        use super::kv_state::KvStateError;
+        if layers.len() != self.cache.len() || len > self.max_context {
+            return Err(KvStateError::Mismatch(format!(
+                "{} layers of {len} positions for a model of {} layers and {} positions",
+                layers.len(),
+                self.cache.len(),
+                self.max_context
+            )));
+        }
+        let values = len * self.hparams.n_head_kv * self.hparams.head_dim;
+        let f32_cache = matches!(self.cache.first(), Some(LayerCache::F32(_)));
+        let mut cache = Vec::with_capacity(layers.len());
+        for bytes in layers {
+            cache.push(if f32_cache {
+                let (k, v) = bytes.decode(values)?;
+                LayerCache::F32(KvRows { k, v })
+            } else {
+                let (k, v) = bytes.decode(values)?;
+                LayerCache::F16(KvRows { k, v })
+            });
+        }
+        self.cache = cache;
+        self.cache_len = len;
+        Ok(())
+    }
 }
 
 /// A weight matrix applied to `(tokens, in)` activations (see [`kernels`] for why some types

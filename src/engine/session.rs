@@ -46,11 +46,11 @@ pub struct Prefill {
 pub struct Engine {
     info: ModelInfo,
     tokenizer: Arc<GgufTokenizer>,
-    model: Model,
+    pub(super) model: Model,
     /// Threads the model's kernels run on.
     pool: rayon::ThreadPool,
     /// The tokens whose keys and values the model's cache holds, in order.
-    cached: Vec<u32>,
+    pub(super) cached: Vec<u32>,
 }
 
 impl Engine {
