@@ -4,4 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-test-model.sh
+# Conversation states saved by the tests go to a throwaway folder, not the user's cache.
+if [ -z "${SMOLDESK_CACHE_DIR:-}" ]; then
+    SMOLDESK_CACHE_DIR="$(mktemp -d)"
+    export SMOLDESK_CACHE_DIR
+    trap 'rm -rf "$SMOLDESK_CACHE_DIR"' EXIT
+fi
 cargo test --locked "$@"

@@ -5,18 +5,40 @@ use std::path::{Path, PathBuf};
 /// Environment variable that overrides the data directory (tests point it at a temp dir).
 pub const DATA_DIR_ENV: &str = "SMOLDESK_DATA_DIR";
 
+/// Environment variable that overrides the folder of saved KV states.
+pub const CACHE_DIR_ENV: &str = "SMOLDESK_CACHE_DIR";
+
 /// File extension of model files.
 pub const MODEL_EXTENSION: &str = "gguf";
 
 /// The folder for conversations and downloaded models: `$SMOLDESK_DATA_DIR` if set, else the
 /// platform's per-user data folder (e.g. `~/.local/share/smoldesk` on Linux), else `./smoldesk-data`.
 pub fn data_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os(DATA_DIR_ENV).filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
+    env_dir(DATA_DIR_ENV)
+        .unwrap_or_else(|| platform_dir(directories::ProjectDirs::data_dir, "smoldesk-data"))
+}
+
+/// The folder of saved conversation KV states: `$SMOLDESK_CACHE_DIR` if set, else `kv` in the
+/// platform's per-user cache folder (e.g. `~/.cache/smoldesk/kv` on Linux), else
+/// `./smoldesk-cache/kv`.
+pub fn kv_cache_dir() -> PathBuf {
+    env_dir(CACHE_DIR_ENV).unwrap_or_else(|| {
+        platform_dir(directories::ProjectDirs::cache_dir, "smoldesk-cache").join("kv")
+    })
+}
+
+/// The folder named by the environment variable `env`, if it is set and not empty.
+fn env_dir(env: &str) -> Option<PathBuf> {
+    std::env::var_os(env)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+}
+
+/// SmolDesk's per-user platform folder that `pick` chooses, else `fallback`.
+fn platform_dir(pick: fn(&directories::ProjectDirs) -> &Path, fallback: &str) -> PathBuf {
     directories::ProjectDirs::from("org", "smoldesk", "SmolDesk")
-        .map(|dirs| dirs.data_dir().to_path_buf())
-        .unwrap_or_else(|| PathBuf::from("smoldesk-data"))
+        .map(|dirs| pick(&dirs).to_path_buf())
+        .unwrap_or_else(|| PathBuf::from(fallback))
 }
 
 /// The folder holding one JSON file per conversation.

@@ -239,6 +239,7 @@ fn hostile_templates_chat_with_chatml_quickly() {
             id,
             messages: conversation(),
             settings: settings(),
+            conversation: None,
         }));
         let start = Instant::now();
         let (prompt_text, fallback) = match worker.recv_timeout(HANG).expect("no hang") {

@@ -573,3 +573,18 @@ fn the_layout_is_stable_from_frame_to_frame() {
         "the sidebar changed width by itself"
     );
 }
+
+#[test]
+fn requests_name_their_conversation_and_settings_show_saved_states() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    send_message(&mut harness, "Hello SmolLM3");
+    let current = harness.state().current_conversation().unwrap().id.clone();
+    assert_eq!(fake.last_request().conversation, Some(current));
+    harness.get_by_label("⚙ Settings").click();
+    harness.run_steps(2);
+    assert!(shows(&harness, "Saved conversation states"));
+    // The button exists (not clicked: the app's cache is shared with the real folder).
+    harness.get_by_label("Clear saved states");
+}

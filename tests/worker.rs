@@ -92,6 +92,7 @@ fn request(id: u64, messages: Vec<Message>, settings: ChatSettings) -> Command {
         id,
         messages,
         settings,
+        conversation: None,
     })
 }
 

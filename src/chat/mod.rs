@@ -5,6 +5,7 @@ pub mod context;
 pub mod conversation;
 pub mod generate;
 pub mod prompt;
+pub mod state_cache;
 pub mod store;
 pub mod template;
 pub mod thinking;

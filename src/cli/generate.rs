@@ -9,6 +9,10 @@ use crate::chat::conversation::{ChatSettings, Message, Role};
 use crate::chat::generate::{
     GenerationContext, GenerationEvent, Reply, generate_from_tokens, generate_reply,
 };
+use crate::chat::state_cache::{
+    DEFAULT_DISK_CAP, StateCache, StateCacheConfig, restore_longest_prefix,
+};
+use crate::chat::prompt::PromptBuilder;
 use crate::chat::template::PromptFormatter;
 use crate::chat::thinking::{SegmentKind, prompt_ends_inside_think};
 use crate::engine::sampling::model_defaults;
@@ -62,9 +66,13 @@ pub struct Args {
     /// Compute threads (0 = all physical cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-    /// End with a JSON line: {"thinking", "answer", "tokens", "stats"}.
+    /// End with a JSON line: {"thinking", "answer", "tokens", "stats", "state_cache"}.
     #[arg(long)]
     pub json: bool,
+    /// Folder of saved KV states: restore the one sharing the longest prefix with the prompt
+    /// before computing it, and save the state after the reply.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Args {
@@ -137,6 +145,12 @@ pub fn run(args: Args) -> Result<()> {
         date: chrono::Local::now().date_naive(),
         cancelled: &not_cancelled,
     };
+    let messages = [Message::new(Role::User, args.prompt.clone())];
+    let cache = args.cache_dir.as_deref().map(CliStateCache::open);
+    let restored = match &cache {
+        Some(cache) => Some(cache.restore(&mut engine, &args, &ctx, &settings, &messages)?),
+        None => None,
+    };
     let mut printer = Printer { current: None };
     let mut on_event = |event: GenerationEvent| match event {
         GenerationEvent::Segment(segment) => printer.print(segment.kind, &segment.text),
@@ -158,9 +172,11 @@ pub fn run(args: Args) -> Result<()> {
             &mut on_event,
         )?
     } else {
-        let messages = [Message::new(Role::User, args.prompt.clone())];
         generate_reply(&mut engine, &ctx, &messages, &settings, &mut on_event)?
     };
+    let state_cache = cache
+        .zip(restored)
+        .map(|(cache, restored)| cache.save(&engine, restored));
     println!();
     if args.json {
         let json = serde_json::json!({
@@ -168,6 +184,7 @@ pub fn run(args: Args) -> Result<()> {
             "answer": reply.answer,
             "tokens": reply.tokens,
             "stats": reply.stats,
+            "state_cache": state_cache,
         });
         println!("{json}");
     } else {
@@ -184,4 +201,87 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--cache-dir`: the saved KV states of earlier runs.
+struct CliStateCache {
+    cache: StateCache,
+}
+
+/// What `--cache-dir` did, for `--json`.
+#[derive(Debug, serde::Serialize)]
+struct CacheReport {
+    /// Prompt tokens whose state was restored from the folder.
+    restored_tokens: usize,
+    /// Seconds reading and restoring the state took.
+    restore_secs: f64,
+    /// Seconds saving the new state took (after the reply).
+    save_secs: f64,
+    /// Bytes of the saved state file.
+    saved_bytes: u64,
+}
+
+/// The key to save under and what the restore did.
+struct Restored {
+    key: String,
+    tokens: usize,
+    secs: f64,
+}
+
+impl CliStateCache {
+    fn open(dir: &std::path::Path) -> Self {
+        let config = StateCacheConfig {
+            dir: Some(dir.to_path_buf()),
+            memory_budget: 0,
+            disk_cap: DEFAULT_DISK_CAP,
+        };
+        Self {
+            cache: StateCache::open(config),
+        }
+    }
+
+    /// Restores the state sharing the longest prefix with the prompt the run will compute.
+    fn restore(
+        &self,
+        engine: &mut Engine,
+        args: &Args,
+        ctx: &GenerationContext<'_>,
+        settings: &ChatSettings,
+        messages: &[Message],
+    ) -> Result<Restored> {
+        let start = std::time::Instant::now();
+        let prompt = if args.raw {
+            engine.tokenizer().encode_prompt(&args.prompt)?
+        } else {
+            let tokenizer = engine.tokenizer().clone();
+            PromptBuilder::new(ctx.formatter, &tokenizer, ctx.date)
+                .build(settings, messages)?
+                .tokens
+        };
+        let found = restore_longest_prefix(&self.cache, engine, &prompt);
+        let secs = start.elapsed().as_secs_f64();
+        let (key, tokens) = found.unwrap_or_else(|| {
+            let bytes: Vec<u8> = prompt.iter().flat_map(|t| t.to_le_bytes()).collect();
+            (format!("cli-{:08x}", crc32fast::hash(&bytes)), 0)
+        });
+        if tokens > 0 {
+            eprintln!("restored {tokens} cached tokens in {secs:.2} s");
+        }
+        Ok(Restored { key, tokens, secs })
+    }
+
+    /// Saves the engine's state under the restored state's key (or a new one) and waits until
+    /// it is written.
+    fn save(self, engine: &Engine, restored: Restored) -> CacheReport {
+        let start = std::time::Instant::now();
+        let state = engine.export_kv_state();
+        self.cache.put(&restored.key, state);
+        self.cache.flush();
+        CacheReport {
+            restored_tokens: restored.tokens,
+            restore_secs: restored.secs,
+            save_secs: start.elapsed().as_secs_f64(),
+            saved_bytes: self.cache.stored_bytes(&restored.key).unwrap_or(0),
+        }
+    }
 }

@@ -168,6 +168,9 @@ pub enum EngineError {
     /// The operation was cancelled by the caller.
     #[error("cancelled")]
     Cancelled,
+    /// A saved KV state could not be used.
+    #[error(transparent)]
+    KvState(#[from] super::kv_state::KvStateError),
     /// An error from candle's tensor operations.
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),

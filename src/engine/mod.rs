@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod error;
 pub mod gguf;
 pub mod kernels;
+pub mod kv_state;
 pub mod model;
 pub mod model_info;
 pub mod sampling;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use half::f16;
 
-use super::attention::{AttentionShape, KvRows, KvValue, SumOrder, attend_into, expf};
+use super::attention::{AttentionShape, KvRows, SumOrder, attend_into, expf};
 use super::cpu::matmul::{Activations, Matrix, Store, WeightBytes};
 use super::cpu::pool::{Pool, SharedMut};
 use super::cpu::q4k::repack_q4k_x8_in_place;
@@ -348,44 +348,52 @@ impl Model {
         Ok(())
     }
 
-    /// The raw keys and values of `layer` for positions `0..len` (at most what the cache
-    /// holds): one row of `n_kv × head_dim` values per position, little-endian f16 (or f32 if
-    /// [`Model::kv_cache_is_f32`]), keys then values.
-    pub fn kv_layer_bytes(&self, layer: usize, len: usize) -> (Vec<u8>, Vec<u8>) {
+    /// The keys and values of `layer` for positions `0..len` (at most the cached ones) as
+    /// little-endian bytes of the cache's element type, for saving a KV state.
+    pub fn kv_layer_bytes(&self, layer: usize, len: usize) -> super::kv_state::KvLayerBytes {
+        use super::kv_state::KvLayerBytes;
         let n = len.min(self.cache_len) * self.hparams.n_head_kv * self.hparams.head_dim;
         match self.cache.get(layer) {
-            Some(LayerCache::F16(kv)) => (le_bytes(&kv.k[..n]), le_bytes(&kv.v[..n])),
-            Some(LayerCache::F32(kv)) => (le_bytes(&kv.k[..n]), le_bytes(&kv.v[..n])),
-            None => (Vec::new(), Vec::new()),
+            Some(LayerCache::F16(kv)) => {
+                KvLayerBytes::encode(&kv.k[..n.min(kv.k.len())], &kv.v[..n.min(kv.v.len())])
+            }
+            Some(LayerCache::F32(kv)) => {
+                KvLayerBytes::encode(&kv.k[..n.min(kv.k.len())], &kv.v[..n.min(kv.v.len())])
+            }
+            None => KvLayerBytes::default(),
         }
     }
 
-    /// Sets the cache to `len` positions whose keys and values per layer are `layers` (as
-    /// [`Model::kv_layer_bytes`] returns them, in the cache's current precision).
-    pub fn import_kv(&mut self, layers: &[(Vec<u8>, Vec<u8>)], len: usize) -> Result<()> {
-        let row = self.hparams.n_head_kv * self.hparams.head_dim;
-        let value_bytes = if self.kv_cache_is_f32() { 4 } else { 2 };
-        let expected = len * row * value_bytes;
-        let bad = layers.len() != self.cache.len()
-            || len > self.max_context
-            || layers
-                .iter()
-                .any(|(k, v)| k.len() != expected || v.len() != expected);
-        if bad {
-            return Err(EngineError::BadTensor {
-                name: "KV cache".into(),
-                reason: format!(
-                    "expected {} layers of {expected} bytes for {len} positions",
-                    self.cache.len()
-                ),
+    /// Replaces the whole KV cache with `layers` (one per layer, as [`Model::kv_layer_bytes`]
+    /// gives them) holding positions `0..len`. Checks the layer count, element type and sizes
+    /// first: on a mismatch the cache is left unchanged.
+    pub fn set_kv_bytes(
+        &mut self,
+        layers: &[super::kv_state::KvLayerBytes],
+        len: usize,
+    ) -> Result<(), super::kv_state::KvStateError> {
+        use super::kv_state::KvStateError;
+        if layers.len() != self.cache.len() || len > self.max_context {
+            return Err(KvStateError::Mismatch(format!(
+                "{} layers of {len} positions for a model of {} layers and {} positions",
+                layers.len(),
+                self.cache.len(),
+                self.max_context
+            )));
+        }
+        let values = len * self.hparams.n_head_kv * self.hparams.head_dim;
+        let f32_cache = matches!(self.cache.first(), Some(LayerCache::F32(_)));
+        let mut cache = Vec::with_capacity(layers.len());
+        for bytes in layers {
+            cache.push(if f32_cache {
+                let (k, v) = bytes.decode(values)?;
+                LayerCache::F32(KvRows { k, v })
+            } else {
+                let (k, v) = bytes.decode(values)?;
+                LayerCache::F16(KvRows { k, v })
             });
         }
-        for (cache, (k, v)) in self.cache.iter_mut().zip(layers) {
-            match cache {
-                LayerCache::F16(kv) => set_from_le_bytes(kv, k, v),
-                LayerCache::F32(kv) => set_from_le_bytes(kv, k, v),
-            }
-        }
+        self.cache = cache;
         self.cache_len = len;
         Ok(())
     }
@@ -551,22 +559,6 @@ fn swiglu_portable(gate: &mut [f32], up: &[f32]) {
     for (x, &u) in gate.iter_mut().zip(up) {
         *x = *x / (1.0 + expf(-*x)) * u;
     }
-}
-
-/// The values of a cache as little-endian bytes.
-fn le_bytes<T: KvValue>(values: &[T]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * std::mem::size_of::<T>());
-    for v in values {
-        v.write_le(&mut out);
-    }
-    out
-}
-
-/// Replaces a layer's keys and values with ones decoded from little-endian bytes.
-fn set_from_le_bytes<T: KvValue>(kv: &mut KvRows<T>, k: &[u8], v: &[u8]) {
-    let size = std::mem::size_of::<T>();
-    kv.k = k.chunks_exact(size).map(T::from_le).collect();
-    kv.v = v.chunks_exact(size).map(T::from_le).collect();
 }
 
 impl RopeTables {

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::error::{EngineError, Result};
 use super::gguf::{GgufFile, dtype_name, file_type_name};
+use super::kv_state::ModelFileIdentity;
 
 /// Tokens a prompt is processed in at once, assumed by the memory estimate.
 const PREFILL_CHUNK: usize = 512;
@@ -118,6 +119,10 @@ pub struct ModelInfo {
     pub chat_template: Option<String>,
     /// Whether the model can produce `<think>` reasoning spans.
     pub can_think: bool,
+    /// The file's identity (size, modification time, header hash), which saved KV states
+    /// must match.
+    #[serde(skip)]
+    pub file_identity: ModelFileIdentity,
 }
 
 impl ModelInfo {
@@ -156,6 +161,7 @@ impl ModelInfo {
             tied_embeddings,
             chat_template,
             can_think,
+            file_identity: ModelFileIdentity::of_file(&gguf.path, gguf.data_offset)?,
         })
     }
 

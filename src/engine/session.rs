@@ -46,9 +46,9 @@ pub struct Prefill {
 pub struct Engine {
     info: ModelInfo,
     tokenizer: Arc<GgufTokenizer>,
-    model: Model,
+    pub(super) model: Model,
     /// The tokens whose keys and values the model's cache holds, in order.
-    cached: Vec<u32>,
+    pub(super) cached: Vec<u32>,
 }
 
 impl Engine {

@@ -328,6 +328,7 @@ impl App {
             id: request_id,
             messages: conversation.messages.clone(),
             settings: conversation.settings.clone(),
+            conversation: Some(conversation_id.to_string()),
         };
         conversation
             .messages

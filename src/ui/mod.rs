@@ -1,6 +1,7 @@
 //! The desktop window (eframe/egui). One file per panel:
 //! - [`app`]: the state and the frame loop; [`actions`] and [`events`]: what changes it;
-//! - [`toolbar`], [`sidebar`], [`chat_view`], [`composer`], [`model_panel`], [`settings`]:
+//! - [`toolbar`], [`sidebar`], [`chat_view`], [`composer`], [`model_panel`], [`settings`]
+//!   (with [`kv_cache_settings`]):
 //!   the panels; [`notices`]: banners; [`shortcuts`]: the keyboard;
 //! - [`theme`] and [`prefs`]: looks and remembered preferences;
 //! - [`token_meter`] and [`saver`]: background counting and saving;
@@ -13,6 +14,7 @@ pub mod chat_view;
 pub mod composer;
 pub mod desktop;
 pub mod events;
+pub mod kv_cache_settings;
 pub mod model_panel;
 pub mod notices;
 pub mod prefs;

@@ -52,6 +52,9 @@ fn contents(app: &mut App, ui: &mut Ui) {
     ui.add_space(10.0);
     section(ui, "Appearance");
     appearance(app, ui);
+    ui.add_space(10.0);
+    section(ui, "Saved conversation states");
+    super::kv_cache_settings::show(ui);
 }
 
 fn section(ui: &mut Ui, title: &str) {

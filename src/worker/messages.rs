@@ -22,6 +22,9 @@ pub struct GenerateRequest {
     pub messages: Vec<Message>,
     /// System prompt, thinking mode and sampling.
     pub settings: ChatSettings,
+    /// The conversation this reply belongs to, whose saved KV state the worker restores and
+    /// updates (`None`: no state is kept).
+    pub conversation: Option<String>,
 }
 
 /// Commands from the UI to the worker.

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender, unbounded};
 use super::messages::{Command, Event, GenerateRequest};
 use crate::chat::conversation::{GenerationStats, StopReason};
 use crate::chat::generate::{GenerateError, GenerationContext, GenerationEvent, generate_reply};
+use crate::chat::state_cache::{ConversationResume, StateCache};
 use crate::chat::template::PromptFormatter;
 use crate::engine::EngineError;
 use crate::engine::session::{Engine, LoadOptions};
@@ -47,8 +48,13 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Starts the inference thread.
+    /// Starts the inference thread, keeping conversations' KV states in the app's cache.
     pub fn spawn(waker: Waker) -> Self {
+        Self::spawn_with_state_cache(waker, StateCache::app())
+    }
+
+    /// Starts the inference thread with its own KV state cache (tests point it at a folder).
+    pub fn spawn_with_state_cache(waker: Waker, states: Arc<StateCache>) -> Self {
         let (commands, command_rx) = unbounded();
         let (event_tx, events) = unbounded();
         let epochs = Arc::new(Epochs::default());
@@ -59,6 +65,7 @@ impl WorkerHandle {
             engine: None,
             formatter: PromptFormatter::new(None, None),
             template_override: None,
+            resume: ConversationResume::new(states),
         };
         let thread = std::thread::Builder::new()
             .name("smoldesk-inference".into())
@@ -137,12 +144,15 @@ struct Worker {
     formatter: PromptFormatter,
     /// Source of the user's chat template file, used instead of the model's own.
     template_override: Option<String>,
+    /// Restores and saves conversations' KV states.
+    resume: ConversationResume,
 }
 
 impl Worker {
     fn run(mut self, commands: Receiver<Envelope>) {
         while let Ok(envelope) = commands.recv() {
             if matches!(envelope.command, Command::Shutdown) {
+                self.resume.flush();
                 break;
             }
             let outcome = catch_unwind(AssertUnwindSafe(|| self.handle(envelope)));
@@ -172,6 +182,7 @@ impl Worker {
             Command::SetTemplateOverride(path) => self.set_template_override(path),
             Command::Unload => {
                 self.engine = None;
+                self.resume.engine_changed();
                 self.send(Event::Unloaded);
             }
             Command::Shutdown => {}
@@ -182,6 +193,7 @@ impl Worker {
     fn load(&mut self, path: &Path, options: &LoadOptions, epoch: u64) {
         // Free the old weights before reading the new ones.
         self.engine = None;
+        self.resume.engine_changed();
         let start = Instant::now();
         let mut last_sent = -1.0f32;
         let epochs = self.epochs.clone();
@@ -290,6 +302,8 @@ impl Worker {
             let _ = events.send(event);
             waker();
         };
+        let conversation = request.conversation.as_deref();
+        self.resume.before_reply(engine, conversation);
         let result = generate_reply(
             engine,
             &ctx,
@@ -315,6 +329,9 @@ impl Worker {
             },
         };
         self.send(event);
+        if let Some(engine) = &self.engine {
+            self.resume.after_reply(engine, conversation);
+        }
     }
 }
 
