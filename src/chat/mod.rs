@@ -4,6 +4,8 @@
 pub mod context;
 pub mod conversation;
 pub mod generate;
+pub mod lock;
+pub mod resume;
 pub mod store;
 pub mod template;
 pub mod thinking;
