@@ -311,7 +311,13 @@ fn errors_are_reported_and_the_worker_stays_usable() {
         path: bad.clone(),
         options: LoadOptions::default(),
     });
-    match next(&worker) {
+    let failed = loop {
+        match next(&worker) {
+            Event::LoadProgress { id: 7, .. } => {}
+            other => break other,
+        }
+    };
+    match failed {
         Event::LoadFailed {
             id,
             path,
