@@ -28,6 +28,15 @@ fn open_app<'a>(fake: &Fake, data: &Path, models: &Path) -> Harness<'a, App> {
     harness
 }
 
+/// The app with the tiny model (copied into `models`) "loaded" by the fake worker.
+fn app_with_model<'a>(fake: &Fake, data: &Path, models: &Path) -> Harness<'a, App> {
+    let model = models.join("tiny.gguf");
+    std::fs::copy(common::fixture("tiny-smollm3-q4_k_m.gguf"), &model).unwrap();
+    let mut harness = open_app(fake, data, models);
+    load_model(&mut harness, fake, &model);
+    harness
+}
+
 /// Sends a message and lets the fake worker answer it.
 fn chat(harness: &mut Harness<'_, App>, fake: &Fake, text: &str) -> String {
     send_message(harness, text);
@@ -51,17 +60,17 @@ fn saved_ids(data: &Path) -> Vec<String> {
 
 #[test]
 fn a_second_copy_on_the_same_folder_is_told_and_changes_nothing() {
-    let models = tempfile::tempdir().unwrap();
-    let model = models.path().join("tiny.gguf");
-    std::fs::copy(common::fixture("tiny-smollm3-q4_k_m.gguf"), &model).unwrap();
-    let data = tempfile::tempdir().unwrap();
+    let (models, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let first_fake = Fake::default();
-    let mut first = open_app(&first_fake, data.path(), models.path());
-    load_model(&mut first, &first_fake, &model);
+    let mut first = app_with_model(&first_fake, data.path(), models.path());
     let id = chat(&mut first, &first_fake, "Mine, from the first copy");
     assert!(!first.state().is_read_only());
     assert!(step_until(&mut first, WAIT, |_| saved_ids(data.path()) == [id.clone()]));
     let file = conversations(data.path()).join(format!("{id}.json"));
+    // The last write of the finished reply (the one with its statistics) is on disk.
+    assert!(step_until(&mut first, WAIT, |_| {
+        std::fs::read_to_string(&file).is_ok_and(|t| t.contains("Noted.") && t.contains("stop_reason"))
+    }));
     let before = std::fs::read(&file).unwrap();
 
     let second_fake = Fake::default();
@@ -151,13 +160,9 @@ fn stale_temporary_files_are_removed_at_start() {
 
 #[test]
 fn undo_after_ten_deletions_restores_each_one() {
-    let models = tempfile::tempdir().unwrap();
-    let model = models.path().join("tiny.gguf");
-    std::fs::copy(common::fixture("tiny-smollm3-q4_k_m.gguf"), &model).unwrap();
-    let data = tempfile::tempdir().unwrap();
+    let (models, data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let fake = Fake::default();
-    let mut harness = open_app(&fake, data.path(), models.path());
-    load_model(&mut harness, &fake, &model);
+    let mut harness = app_with_model(&fake, data.path(), models.path());
     let mut ids = Vec::new();
     for n in 0..10 {
         harness.state_mut().apply(Action::NewChat);
