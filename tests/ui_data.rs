@@ -69,7 +69,8 @@ fn a_second_copy_on_the_same_folder_is_told_and_changes_nothing() {
     let file = conversations(data.path()).join(format!("{id}.json"));
     // The last write of the finished reply (the one with its statistics) is on disk.
     assert!(step_until(&mut first, WAIT, |_| {
-        std::fs::read_to_string(&file).is_ok_and(|t| t.contains("Noted.") && t.contains("stop_reason"))
+        std::fs::read_to_string(&file)
+            .is_ok_and(|t| t.contains("Noted.") && t.contains("stop_reason"))
     }));
     let before = std::fs::read(&file).unwrap();
 
