@@ -220,6 +220,7 @@ fn hostile_templates_chat_with_chatml_quickly() {
     let worker = WorkerHandle::spawn(Arc::new(|| {}));
     for (id, (name, path)) in (1..).zip(hostile_models(dir.path())) {
         worker.send(Command::LoadModel {
+            id: 1000 + id,
             path: path.clone(),
             options: LoadOptions {
                 context_length: 512,
@@ -240,6 +241,7 @@ fn hostile_templates_chat_with_chatml_quickly() {
             messages: conversation(),
             settings: settings(),
             conversation: None,
+            resume: false,
         }));
         let start = Instant::now();
         let (prompt_text, fallback) = match worker.recv_timeout(HANG).expect("no hang") {

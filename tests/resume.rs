@@ -123,6 +123,7 @@ fn a_changed_model_file_invalidates_its_states() {
 
 fn load(worker: &WorkerHandle, path: &Path) {
     worker.send(Command::LoadModel {
+        id: 0,
         path: path.to_path_buf(),
         options: LoadOptions {
             context_length: 2048,
@@ -132,7 +133,7 @@ fn load(worker: &WorkerHandle, path: &Path) {
     loop {
         match worker.recv_timeout(Duration::from_secs(120)) {
             Some(Event::Loaded { .. }) => return,
-            Some(Event::LoadFailed { message, .. }) => panic!("load failed: {message}"),
+            Some(Event::LoadFailed { error, .. }) => panic!("load failed: {error}"),
             Some(_) => {}
             None => panic!("no load event"),
         }
@@ -163,13 +164,14 @@ fn reply(
         messages: messages.to_vec(),
         settings,
         conversation: Some(conversation.to_string()),
+        resume: false,
     }));
     let mut answer = String::new();
     loop {
         match worker.recv_timeout(Duration::from_secs(120)) {
             Some(Event::Segment { id: i, text, .. }) if i == id => answer.push_str(&text),
             Some(Event::Finished { id: i, stats }) if i == id => return (answer, stats),
-            Some(Event::Error { message, .. }) => panic!("error: {message}"),
+            Some(Event::Error { error, .. }) => panic!("error: {error}"),
             Some(_) => {}
             None => panic!("no reply to {id}"),
         }

@@ -12,7 +12,7 @@ use egui_kittest::kittest::Queryable;
 use smoldesk::chat::conversation::{GenerationStats, Role, StopReason};
 use smoldesk::ui::app::ModelState;
 use smoldesk::worker::Event;
-use smoldesk::worker::messages::SegmentKind;
+use smoldesk::worker::messages::{SegmentKind, WorkerError};
 use ui_support::*;
 
 /// A data folder and a model folder holding (a link to) the tiny SmolLM3 fixture.
@@ -40,8 +40,7 @@ fn loaded_app<'a>(fake: &Fake, dirs: &Dirs) -> egui_kittest::Harness<'a, smoldes
         fake_options(fake, dirs.data.path(), dirs.models.path()),
         None,
     );
-    fake.push(loaded_event(&dirs.model));
-    harness.run_steps(3);
+    load_model(&mut harness, fake, &dirs.model);
     assert!(
         harness.state().loaded_model().is_some(),
         "the model did not load"
@@ -99,6 +98,7 @@ fn load_progress_can_be_cancelled() {
     options.model = Some(dirs.model.clone());
     let mut harness = harness(options, None);
     fake.push(Event::LoadProgress {
+        id: fake.last_load_id(),
         path: dirs.model.clone(),
         fraction: 0.5,
     });
@@ -111,8 +111,9 @@ fn load_progress_can_be_cancelled() {
     harness.run_steps(2);
     assert_eq!(fake.cancels(), 1);
     fake.push(Event::LoadFailed {
+        id: fake.last_load_id(),
         path: dirs.model.clone(),
-        message: "cancelled".into(),
+        error: WorkerError::LoadCancelled,
     });
     harness.run_steps(2);
     assert!(matches!(harness.state().model_state(), ModelState::Empty));
@@ -129,8 +130,9 @@ fn a_failed_load_shows_an_error_and_the_app_stays_usable() {
     options.model = Some(bad.clone());
     let mut harness = harness(options, None);
     fake.push(Event::LoadFailed {
+        id: fake.last_load_id(),
         path: bad,
-        message: "broken.gguf is not a GGUF model file".into(),
+        error: WorkerError::Load("broken.gguf is not a GGUF model file".into()),
     });
     harness.run_steps(2);
     assert!(shows(&harness, "Could not open broken.gguf"));
@@ -319,8 +321,7 @@ fn new_chats_use_the_loaded_models_recommended_sampling() {
     harness.run_steps(3);
 
     // SmolLM2 (Llama architecture) recommends temperature 0.2 and top-p 0.9.
-    fake.push(loaded_event(&common::smollm2_path()));
-    harness.run_steps(3);
+    load_model(&mut harness, &fake, &common::smollm2_path());
     harness.key_press_modifiers(Modifiers::COMMAND, Key::N);
     harness.run_steps(2);
     send_message(&mut harness, "Hello SmolLM2");

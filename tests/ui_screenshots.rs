@@ -87,8 +87,7 @@ fn render_screenshots() {
         let mut harness = rendered_app(&fake, &storage, models.path(), data.path());
         save(&mut harness, &format!("k1-welcome-{suffix}.png"));
 
-        fake.push(loaded_event(&model));
-        harness.run_steps(3);
+        load_model(&mut harness, &fake, &model);
         save(&mut harness, &format!("k2-empty-chat-{suffix}.png"));
 
         send_message(&mut harness, "Why is the sky blue?");

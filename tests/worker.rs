@@ -11,7 +11,9 @@ use smoldesk::chat::conversation::{ChatSettings, GenerationStats, Message, Role,
 use smoldesk::engine::sampling::SamplingParams;
 use smoldesk::engine::session::LoadOptions;
 use smoldesk::worker::WorkerHandle;
-use smoldesk::worker::messages::{Command, Event, GenerateRequest, SegmentKind};
+use smoldesk::worker::messages::{
+    Command, Event, GenerateRequest, RequestId, SegmentKind, WorkerError,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -51,8 +53,12 @@ fn next(worker: &WorkerHandle) -> Event {
         .expect("worker event within timeout")
 }
 
+/// Id of the load requests of [`load`].
+const LOAD_ID: RequestId = 1000;
+
 fn load(worker: &WorkerHandle, path: &Path, context_length: usize) {
     worker.send(Command::LoadModel {
+        id: LOAD_ID,
         path: path.to_path_buf(),
         options: LoadOptions {
             context_length,
@@ -62,11 +68,13 @@ fn load(worker: &WorkerHandle, path: &Path, context_length: usize) {
     let mut last_fraction = 0.0;
     loop {
         match next(worker) {
-            Event::LoadProgress { fraction, .. } => {
+            Event::LoadProgress { id, fraction, .. } => {
+                assert_eq!(id, LOAD_ID);
                 assert!(fraction >= last_fraction, "progress must not go back");
                 last_fraction = fraction;
             }
-            Event::Loaded { info, .. } => {
+            Event::Loaded { id, info, .. } => {
+                assert_eq!(id, LOAD_ID);
                 assert_eq!(info.path, path);
                 assert!((last_fraction - 1.0).abs() < 1e-6, "progress ends at 1");
                 return;
@@ -93,6 +101,7 @@ fn request(id: u64, messages: Vec<Message>, settings: ChatSettings) -> Command {
         messages,
         settings,
         conversation: None,
+        resume: false,
     })
 }
 
@@ -251,6 +260,7 @@ fn loading_a_model_during_generation_stops_it_cleanly() {
     }
     let smollm2 = common::smollm2_path();
     worker.send(Command::LoadModel {
+        id: 5,
         path: smollm2.clone(),
         options: LoadOptions::default(),
     });
@@ -286,9 +296,9 @@ fn errors_are_reported_and_the_worker_stays_usable() {
     // No model yet.
     worker.send(request(10, vec![user("hi")], settings(false, 4)));
     match next(&worker) {
-        Event::Error { id, message } => {
-            assert_eq!(id, Some(10));
-            assert!(message.contains("model"), "{message}");
+        Event::Error { id, error } => {
+            assert_eq!(id, 10);
+            assert_eq!(error, WorkerError::NoModel);
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -298,12 +308,23 @@ fn errors_are_reported_and_the_worker_stays_usable() {
     let bad = dir.path().join("notes.gguf");
     std::fs::write(&bad, "these are my notes, not a model").expect("write");
     worker.send(Command::LoadModel {
+        id: 7,
         path: bad.clone(),
         options: LoadOptions::default(),
     });
-    match next(&worker) {
-        Event::LoadFailed { path, message } => {
-            assert_eq!(path, bad);
+    let failed = loop {
+        match next(&worker) {
+            Event::LoadProgress { id: 7, .. } => {}
+            other => break other,
+        }
+    };
+    match failed {
+        Event::LoadFailed {
+            id,
+            path,
+            error: WorkerError::Load(message),
+        } => {
+            assert_eq!((id, path), (7, bad));
             assert!(message.contains("not a GGUF"), "{message}");
         }
         other => panic!("unexpected {other:?}"),
@@ -314,16 +335,10 @@ fn errors_are_reported_and_the_worker_stays_usable() {
     let long = "word ".repeat(2000);
     worker.send(request(11, vec![user(&long)], settings(false, 4)));
     match next(&worker) {
-        Event::Error { id, message } => {
-            assert_eq!(id, Some(11));
-            assert!(message.contains("context"), "{message}");
-        }
-        other => panic!("unexpected {other:?}"),
-    }
-    // A panic inside the worker becomes an error event.
-    worker.send(Command::TestPanic);
-    match next(&worker) {
-        Event::Error { id: None, message } => assert!(message.contains("panic"), "{message}"),
+        Event::Error {
+            id: 11,
+            error: WorkerError::Context(message),
+        } => assert!(message.contains("context"), "{message}"),
         other => panic!("unexpected {other:?}"),
     }
     // And the next request works.
@@ -363,4 +378,55 @@ fn second_turn_prefills_only_the_new_tokens() {
         );
         previous = next_turn;
     }
+}
+
+#[test]
+fn a_panic_names_the_request_it_ends_and_the_worker_goes_on() {
+    use smoldesk::worker::thread::FaultPoint;
+    let panic_next_prefill = Arc::new(Mutex::new(true));
+    let armed = panic_next_prefill.clone();
+    let worker = WorkerHandle::spawn_with_faults(
+        Arc::new(|| {}),
+        Arc::new(move |point| {
+            let fire = point == FaultPoint::Prefill && std::mem::take(&mut *armed.lock().unwrap());
+            if fire {
+                panic!("injected");
+            }
+        }),
+    );
+    load(&worker, &common::fixture("tiny-smollm3-q4_k_m.gguf"), 256);
+    worker.send(request(30, vec![user("hi")], settings(false, 4)));
+    assert!(matches!(next(&worker), Event::Started { id: 30, .. }));
+    match next(&worker) {
+        Event::Error {
+            id: 30,
+            error: WorkerError::Panic(message),
+        } => assert!(message.contains("injected"), "{message}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    worker.send(request(31, vec![user("short")], settings(false, 4)));
+    let reply = collect(&worker, 31);
+    assert!(reply.stats.generated_tokens >= 1);
+}
+
+#[test]
+fn dropping_the_handle_does_not_wait_for_a_long_step() {
+    let worker = WorkerHandle::spawn_with_faults(
+        Arc::new(|| {}),
+        Arc::new(|point| {
+            if point == smoldesk::worker::thread::FaultPoint::Prefill {
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        }),
+    );
+    load(&worker, &common::fixture("tiny-smollm3-q4_k_m.gguf"), 256);
+    worker.send(request(40, vec![user("hi")], settings(false, 4)));
+    assert!(matches!(next(&worker), Event::Started { id: 40, .. }));
+    let start = std::time::Instant::now();
+    drop(worker);
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "dropping took {:?}",
+        start.elapsed()
+    );
 }

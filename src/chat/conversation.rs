@@ -81,6 +81,10 @@ pub struct Message {
     pub thinking: Option<String>,
     /// Measurements, for generated replies.
     pub stats: Option<GenerationStats>,
+    /// Set on a reply that was still being written when it was last saved (the app was
+    /// killed or closed mid-reply): it can be continued or regenerated.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 impl Message {

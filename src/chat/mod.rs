@@ -4,7 +4,9 @@
 pub mod context;
 pub mod conversation;
 pub mod generate;
+pub mod lock;
 pub mod prompt;
+pub mod resume;
 pub mod state_cache;
 pub mod store;
 pub mod template;

@@ -57,14 +57,40 @@ pub enum StoreError {
     /// The id cannot be used as a file name.
     #[error("invalid conversation id {0:?}")]
     InvalidId(String),
+    /// An unreadable file could not be moved into the quarantine folder.
+    #[error("cannot move {path} into {}: {source}", QUARANTINE_DIR)]
+    Quarantine {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
 }
+
+impl StoreError {
+    /// The file a read error is about (`None` for errors not about one conversation file).
+    pub fn unreadable_file(&self) -> Option<&Path> {
+        match self {
+            StoreError::Read { path, .. } | StoreError::Parse { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
+
+/// The folder, inside the conversations folder, where unreadable files are moved.
+pub const QUARANTINE_DIR: &str = "quarantine";
+
+/// Ending of the temporary files of [`write_atomically`].
+const TEMP_SUFFIX: &str = ".tmp";
 
 /// Conversations loaded from the folder, and the files that could not be read.
 #[derive(Debug, Default)]
 pub struct LoadedConversations {
     /// The readable conversations, most recently changed first.
     pub conversations: Vec<Conversation>,
-    /// One error per unreadable file (those files are left untouched).
+    /// One error per unreadable file (those files are left untouched; see
+    /// [`ConversationStore::quarantine`]).
     pub errors: Vec<StoreError>,
 }
 
@@ -135,6 +161,52 @@ impl ConversationStore {
         loaded
     }
 
+    /// Moves an unreadable conversation file into the `quarantine/` folder beside it (never
+    /// deleting it); returns where it went. An existing file of that name there is kept too.
+    pub fn quarantine(&self, path: &Path) -> Result<PathBuf, StoreError> {
+        let fail = |source| StoreError::Quarantine {
+            path: path.to_path_buf(),
+            source,
+        };
+        let name = path
+            .file_name()
+            .ok_or_else(|| fail(std::io::Error::other("the path has no file name")))?;
+        let dir = self.dir.join(QUARANTINE_DIR);
+        std::fs::create_dir_all(&dir).map_err(fail)?;
+        let mut target = dir.join(name);
+        let mut n = 1;
+        while target.exists() {
+            let mut numbered = name.to_os_string();
+            numbered.push(format!(".{n}"));
+            target = dir.join(numbered);
+            n += 1;
+        }
+        std::fs::rename(path, &target).map_err(fail)?;
+        sync_dir(&self.dir);
+        Ok(target)
+    }
+
+    /// Removes temporary files left by saves that were interrupted (a crash or kill between
+    /// writing and renaming). Only the copy of the app that owns the data folder may call
+    /// this. Returns how many were removed.
+    pub fn remove_stale_temp_files(&self) -> usize {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let stale = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.to_string_lossy().ends_with(TEMP_SUFFIX));
+        let mut removed = 0;
+        for path in stale {
+            match std::fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(err) => log::warn!("cannot remove {}: {err}", path.display()),
+            }
+        }
+        removed
+    }
+
     /// Deletes a conversation's file; deleting one that was never saved is not an error.
     pub fn delete(&self, id: &str) -> Result<(), StoreError> {
         let path = self.path_of(id)?;
@@ -157,7 +229,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .file_name()
         .ok_or_else(|| std::io::Error::other("the path has no file name"))?;
     let mut tmp_name = file_name.to_os_string();
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    tmp_name.push(format!(".{}{TEMP_SUFFIX}", std::process::id()));
     let tmp = dir.join(tmp_name);
     let result = write_and_sync(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
     if result.is_err() {
@@ -294,6 +366,42 @@ mod tests {
         assert_eq!(all.errors.len(), 1);
         assert!(matches!(all.errors[0], StoreError::Parse { .. }));
         assert!(bad.exists());
+    }
+
+    #[test]
+    fn unreadable_files_are_quarantined_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConversationStore::new(dir.path());
+        let bad = dir.path().join("broken.json");
+        std::fs::write(&bad, "{ not json").unwrap();
+        let quarantine = dir.path().join(QUARANTINE_DIR);
+        std::fs::create_dir(&quarantine).unwrap();
+        std::fs::write(quarantine.join("broken.json"), "older").unwrap();
+        let errors = store.load_all().errors;
+        let path = errors[0].unreadable_file().unwrap();
+        let moved = store.quarantine(path).unwrap();
+        assert_eq!(moved, quarantine.join("broken.json.1"));
+        assert_eq!(std::fs::read_to_string(&moved).unwrap(), "{ not json");
+        assert_eq!(
+            std::fs::read_to_string(quarantine.join("broken.json")).unwrap(),
+            "older"
+        );
+        assert!(!bad.exists());
+        let again = store.load_all();
+        assert!(again.errors.is_empty() && again.conversations.is_empty());
+    }
+
+    #[test]
+    fn stale_temporary_files_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConversationStore::new(dir.path());
+        let c = sample();
+        store.save(&c).unwrap();
+        std::fs::write(dir.path().join(format!("{}.json.999.tmp", c.id)), "half").unwrap();
+        assert_eq!(store.remove_stale_temp_files(), 1);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        assert_eq!(store.load(&c.id).unwrap(), c);
     }
 
     #[test]

@@ -9,10 +9,10 @@ use crate::chat::conversation::{ChatSettings, Message, Role};
 use crate::chat::generate::{
     GenerationContext, GenerationEvent, Reply, generate_from_tokens, generate_reply,
 };
+use crate::chat::prompt::PromptBuilder;
 use crate::chat::state_cache::{
     DEFAULT_DISK_CAP, StateCache, StateCacheConfig, restore_longest_prefix,
 };
-use crate::chat::prompt::PromptBuilder;
 use crate::chat::template::PromptFormatter;
 use crate::chat::thinking::{SegmentKind, prompt_ends_inside_think};
 use crate::engine::sampling::model_defaults;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod generate;
+mod headless;
 mod info;
 mod logits;
 mod prompt;
@@ -44,6 +45,9 @@ pub enum Commands {
     Generate(generate::Args),
     /// Write a synthetic model with random weights (for benchmarks and tests).
     Synth(synth::Args),
+    /// The app without a window, chatting once (for tests of saving under kills and signals).
+    #[command(hide = true)]
+    HeadlessChat(headless::Args),
 }
 
 /// Parses the command line and runs a subcommand, or opens the app when there is none.
@@ -60,6 +64,10 @@ pub fn main() -> ExitCode {
         Some(Commands::Prompt(a)) => prompt::run(a),
         Some(Commands::Generate(a)) => generate::run(a),
         Some(Commands::Synth(a)) => synth::run(a),
+        Some(Commands::HeadlessChat(a)) => {
+            init_logging();
+            headless::run(a)
+        }
         None => {
             init_logging();
             crate::ui::run_app(cli.model, cli.install_desktop)

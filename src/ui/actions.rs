@@ -38,6 +38,8 @@ pub enum Action {
     Stop,
     /// Replace the last reply with a new one.
     Regenerate,
+    /// Write more of the last reply (one that was interrupted).
+    Continue,
     /// Replace a user message and everything after it, and answer again.
     EditAndResend {
         /// Index of the user message.
@@ -81,6 +83,7 @@ impl App {
             Action::Send => self.send_draft(),
             Action::Stop => self.stop(),
             Action::Regenerate => self.regenerate(),
+            Action::Continue => self.continue_reply(),
             Action::EditAndResend { index, text } => self.edit_and_resend(index, text),
             Action::Copy(text) => self.chat.copy_request = Some(text),
             Action::OpenFileDialog => {
@@ -115,8 +118,7 @@ impl App {
     pub(crate) fn load_conversations(&mut self) {
         let loaded = self.store.load_all();
         for error in &loaded.errors {
-            self.notices
-                .error(format!("A saved conversation could not be read: {error}"));
+            self.report_unreadable(error);
         }
         self.conversations = loaded.conversations;
         let wanted = self.prefs.last_conversation.clone();
@@ -127,6 +129,27 @@ impl App {
             Some(id) => self.current = id,
             None => self.new_chat(),
         }
+    }
+
+    /// Tells the user about a conversation file that cannot be read and, unless this copy is
+    /// read-only, moves it into `quarantine/` (so the notice comes once, and nothing is lost).
+    fn report_unreadable(&mut self, error: &crate::chat::store::StoreError) {
+        let moved = match error.unreadable_file() {
+            Some(path) if !self.read_only => Some(self.store.quarantine(path)),
+            _ => None,
+        };
+        let text = match moved {
+            Some(Ok(target)) => format!(
+                "A saved conversation could not be read ({error}). The file was moved to {} \
+                 so that nothing is lost.",
+                target.display()
+            ),
+            Some(Err(quarantine_error)) => {
+                format!("A saved conversation could not be read: {error}. {quarantine_error}")
+            }
+            None => format!("A saved conversation could not be read: {error}"),
+        };
+        self.notices.error(text);
     }
 
     fn new_chat(&mut self) {
@@ -180,12 +203,12 @@ impl App {
             self.generation = None;
         }
         let conversation = self.conversations.remove(index);
-        self.saver.delete(id);
+        if !self.read_only {
+            self.saver.delete(id);
+        }
         if !conversation.messages.is_empty() {
-            self.notices
-                .undo_delete(&conversation.display_title(), &conversation.id);
             self.deleted.push((index, conversation));
-            self.deleted.truncate(8);
+            self.offer_undo();
         }
         if self.current == id {
             match self.conversations.first() {
@@ -208,6 +231,15 @@ impl App {
         let id = id.to_string();
         self.save_conversation(&id);
         self.drop_empty_conversations_except(&id);
+        self.offer_undo();
+    }
+
+    /// Offers to undo the newest deletion not undone yet (each Undo then offers the one before).
+    fn offer_undo(&mut self) {
+        if let Some((_, conversation)) = self.deleted.last() {
+            let (title, id) = (conversation.display_title(), conversation.id.clone());
+            self.notices.undo_delete(&title, &id);
+        }
     }
 
     fn export(&mut self, id: &str) {
@@ -262,7 +294,9 @@ impl App {
         };
         self.template_override = source;
         self.prefs.template_override = path.clone();
-        self.backend.send(Command::SetTemplateOverride(path));
+        let id = self.new_request_id();
+        self.template_request = Some(id);
+        self.backend.send(Command::SetTemplateOverride { id, path });
         if let ModelState::Ready(model) = &mut self.model {
             let formatter = crate::chat::template::PromptFormatter::new(
                 model.info.chat_template.as_deref(),
@@ -317,11 +351,19 @@ impl App {
 
     /// Asks the worker for the next reply of a conversation whose last message is the user's.
     pub(crate) fn start_generation(&mut self, conversation_id: &str) {
+        self.request_reply(conversation_id, false);
+    }
+
+    /// Asks the worker for a reply: a new one after the user's last message, or (`resume`) more
+    /// of the assistant's last message. The reply is marked interrupted until it ends, so a
+    /// copy saved while it streams reopens as interrupted if the app dies.
+    fn request_reply(&mut self, conversation_id: &str, resume: bool) {
         let request_id = self.next_request_id;
         let Some(conversation) = self.conversation_mut(conversation_id) else {
             return;
         };
-        if conversation.messages.last().map(|m| m.role) != Some(Role::User) {
+        let wanted_last = if resume { Role::Assistant } else { Role::User };
+        if conversation.messages.last().map(|m| m.role) != Some(wanted_last) {
             return;
         }
         let request = GenerateRequest {
@@ -329,11 +371,19 @@ impl App {
             messages: conversation.messages.clone(),
             settings: conversation.settings.clone(),
             conversation: Some(conversation_id.to_string()),
+            resume,
         };
-        conversation
-            .messages
-            .push(Message::new(Role::Assistant, String::new()));
+        if !resume {
+            conversation
+                .messages
+                .push(Message::new(Role::Assistant, String::new()));
+        }
         let message_index = conversation.messages.len() - 1;
+        if let Some(reply) = conversation.messages.last_mut() {
+            reply.interrupted = true;
+            reply.stats = None;
+        }
+        conversation.touch();
         self.next_request_id += 1;
         self.backend.send(Command::Generate(request));
         self.generation = Some(Generation {
@@ -345,6 +395,8 @@ impl App {
             thinking_since: None,
             stopping: false,
             prompt_tokens: None,
+            saved_at: Instant::now(),
+            unsaved: false,
         });
         self.chat.scroll_to_bottom = true;
         self.save_conversation(conversation_id);
@@ -369,6 +421,14 @@ impl App {
             conversation.messages.pop();
         }
         self.start_generation(&id);
+    }
+
+    fn continue_reply(&mut self) {
+        if self.is_generating() || self.loaded_model().is_none() {
+            return;
+        }
+        let id = self.current.clone();
+        self.request_reply(&id, true);
     }
 
     fn edit_and_resend(&mut self, index: usize, text: String) {
@@ -430,12 +490,15 @@ impl App {
         if let Some(generation) = self.generation.take() {
             self.finish_generation_locally(generation);
         }
+        let id = self.new_request_id();
         self.backend.send(Command::LoadModel {
+            id,
             path: path.clone(),
             options: self.prefs.load_options.clone(),
         });
         self.picker.inspect(path.clone());
         self.model = ModelState::Loading {
+            id,
             path,
             fraction: 0.0,
             since: Instant::now(),
@@ -455,7 +518,8 @@ impl App {
         if let Some(generation) = self.generation.take() {
             self.finish_generation_locally(generation);
         }
-        self.backend.send(Command::Unload);
+        let id = self.new_request_id();
+        self.backend.send(Command::Unload { id });
         self.model = ModelState::Empty;
         self.prefs.last_model = None;
         self.meter.reset();
@@ -490,6 +554,7 @@ impl App {
             return;
         };
         let index = generation.message_index;
+        let cut_short = error.is_some() || generation.stopping || stats.is_none();
         let empty = match conversation.messages.get_mut(index) {
             Some(message) => {
                 if message
@@ -499,13 +564,14 @@ impl App {
                 {
                     message.thinking = None;
                 }
+                // Only a reply that ran to its end (or was stopped) has statistics.
+                message.interrupted = stats.is_none();
                 message.stats = stats;
                 message.content.trim().is_empty() && message.thinking.is_none()
             }
             None => false,
         };
-        if empty && (error.is_some() || generation.stopping) && index < conversation.messages.len()
-        {
+        if empty && cut_short && index < conversation.messages.len() {
             conversation.messages.remove(index);
         }
         conversation.touch();

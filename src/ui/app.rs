@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use egui_commonmark::CommonMarkCache;
 
 use super::backend::Backend;
+use super::exit_signal::ExitSignal;
 use super::model_panel::ModelPicker;
 use super::notices::Notices;
 use super::prefs::Preferences;
@@ -16,6 +17,7 @@ use super::theme::{self, AppliedTheme};
 use super::token_meter::{CountingModel, TokenMeter};
 use super::{chat_view, composer, model_panel, settings, shortcuts, sidebar, toolbar};
 use crate::chat::conversation::{ChatSettings, Conversation};
+use crate::chat::lock::{DataLock, LockError};
 use crate::chat::store::ConversationStore;
 use crate::engine::sampling::model_defaults;
 use crate::engine::tokenizer::GgufTokenizer;
@@ -31,6 +33,13 @@ pub const WAKE_DELAY: Duration = Duration::from_millis(30);
 /// about 10 frames a second, still smooth for streaming text.
 pub const SOFTWARE_WAKE_DELAY: Duration = Duration::from_millis(100);
 
+/// How often a reply being written is saved (so a crash or kill loses at most this much, plus
+/// one write).
+pub const AUTOSAVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Longest wait for the disk when the app exits (window close, a termination signal).
+pub const EXIT_SAVE_WAIT: Duration = Duration::from_millis(700);
+
 /// How the app starts.
 pub struct AppOptions {
     /// Where conversations are kept (see [`crate::paths::data_dir`]).
@@ -45,6 +54,8 @@ pub struct AppOptions {
     pub backend: Option<Box<dyn Backend>>,
     /// Turn a panic while drawing into an error banner (tests turn this off to see panics).
     pub catch_panics: bool,
+    /// Save and exit on SIGTERM, SIGINT and SIGHUP (the real app; tests leave signals alone).
+    pub handle_signals: bool,
 }
 
 impl AppOptions {
@@ -57,6 +68,7 @@ impl AppOptions {
             model_dirs: None,
             backend: None,
             catch_panics: true,
+            handle_signals: false,
         }
     }
 }
@@ -95,6 +107,8 @@ pub enum ModelState {
     Empty,
     /// A model is loading.
     Loading {
+        /// The load request.
+        id: RequestId,
         /// The file.
         path: PathBuf,
         /// Progress from 0 to 1.
@@ -140,6 +154,10 @@ pub struct Generation {
     pub stopping: bool,
     /// Tokens in the prompt (after Started).
     pub prompt_tokens: Option<usize>,
+    /// When the reply was last saved.
+    pub saved_at: Instant,
+    /// Whether text came in since then.
+    pub unsaved: bool,
 }
 
 /// What the worker reported when it started the latest request.
@@ -186,6 +204,7 @@ pub struct App {
     pub(crate) picker: ModelPicker,
     pub(crate) sidebar: sidebar::SidebarState,
     pub(crate) chat: chat_view::ChatViewState,
+    /// Every conversation deleted this session, with its place in the list, newest last.
     pub(crate) deleted: Vec<(usize, Conversation)>,
     pub(crate) markdown: CommonMarkCache,
     pub(crate) windows: OpenWindows,
@@ -194,6 +213,15 @@ pub struct App {
     pub(crate) revision: u64,
     /// The chat template file in use instead of the model's own, and its text.
     pub(crate) template_override: Option<(PathBuf, String)>,
+    /// The template change the worker has not answered yet.
+    pub(crate) template_request: Option<RequestId>,
+    /// This copy's hold on the data folder (`None`: another copy holds it, or it failed).
+    _data_lock: Option<DataLock>,
+    /// Another copy owns the data folder: nothing is written.
+    pub(crate) read_only: bool,
+    exit_signal: ExitSignal,
+    /// Set once everything was saved for exiting.
+    shut_down: bool,
     catch_panics: bool,
 }
 
@@ -202,19 +230,49 @@ impl App {
     /// backend is given) and opens the requested or last model.
     pub fn new(cc: &eframe::CreationContext<'_>, options: AppOptions) -> Self {
         let prefs = Preferences::load(cc.storage);
-        let ctx = cc.egui_ctx.clone();
         let delay = if renders_in_software(cc) {
             log::info!("drawing without a GPU: fewer frames while text streams");
             SOFTWARE_WAKE_DELAY
         } else {
             WAKE_DELAY
         };
+        Self::start(cc.egui_ctx.clone(), prefs, delay, options)
+    }
+
+    /// The app without a window (the hidden `headless-chat` subcommand): the same state,
+    /// worker, events and saving, driven by calling [`App::tick`]; nothing is drawn.
+    pub fn headless(options: AppOptions) -> Self {
+        Self::start(
+            egui::Context::default(),
+            Preferences::default(),
+            WAKE_DELAY,
+            options,
+        )
+    }
+
+    fn start(ctx: egui::Context, prefs: Preferences, delay: Duration, options: AppOptions) -> Self {
+        let signal_ctx = ctx.clone();
         let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || ctx.request_repaint_after(delay));
         let backend = options.backend.unwrap_or_else(|| {
             let wake = wake.clone();
             Box::new(WorkerHandle::spawn(Arc::new(move || wake())))
         });
         let store = ConversationStore::new(crate::paths::conversations_dir(&options.data_dir));
+        let (data_lock, lock_problem) = match DataLock::acquire(&options.data_dir) {
+            Ok(lock) => (Some(lock), None),
+            Err(err) => (None, Some(err)),
+        };
+        let read_only = matches!(lock_problem, Some(LockError::Held(_)));
+        let exit_signal = if options.handle_signals {
+            ExitSignal::install(Arc::new(move || signal_ctx.request_repaint())).unwrap_or_else(
+                |err| {
+                    log::error!("cannot listen for termination signals: {err}");
+                    ExitSignal::default()
+                },
+            )
+        } else {
+            ExitSignal::default()
+        };
         let model_dirs = options
             .model_dirs
             .unwrap_or_else(|| crate::paths::model_dirs(&options.data_dir));
@@ -242,9 +300,21 @@ impl App {
             settings_dirty_since: None,
             revision: 0,
             template_override: None,
+            template_request: None,
+            _data_lock: data_lock,
+            read_only,
+            exit_signal,
+            shut_down: false,
             catch_panics: options.catch_panics,
             prefs,
         };
+        app.report_data_lock(lock_problem);
+        if !app.read_only {
+            let removed = app.store.remove_stale_temp_files();
+            if removed > 0 {
+                log::info!("removed {removed} temporary files of interrupted saves");
+            }
+        }
         app.load_conversations();
         if let Some(path) = app.prefs.template_override.clone() {
             app.set_template_override(Some(path));
@@ -312,9 +382,102 @@ impl App {
         &self.composer.draft
     }
 
+    /// Replaces the draft message (as if the user had typed it).
+    pub fn set_draft(&mut self, text: &str) {
+        self.composer.draft = text.to_string();
+        self.composer.revision += 1;
+    }
+
     /// The data folder.
     pub fn data_dir(&self) -> &std::path::Path {
         &self.data_dir
+    }
+
+    /// Whether another running copy owns the data folder, so this one saves nothing.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Conversations deleted this session that Undo can still bring back, newest last.
+    pub fn deleted_conversations(&self) -> impl Iterator<Item = &Conversation> {
+        self.deleted.iter().map(|(_, c)| c)
+    }
+
+    // ----- the frame's background work and exiting -----
+
+    /// Applies what came from the worker and the background tasks, saves a reply being written
+    /// when it is due, and on a termination signal saves everything. Called every frame (the
+    /// headless app calls it in a loop). Returns true when the app should exit now.
+    pub fn tick(&mut self) -> bool {
+        let now = Instant::now();
+        self.drain_events();
+        self.poll_background();
+        self.autosave_reply(now);
+        self.flush_settings(now);
+        if self.exit_signal.requested() && !self.shut_down {
+            self.shutdown();
+            return true;
+        }
+        false
+    }
+
+    /// Saves everything now (a reply being written is kept and marked interrupted) and tells
+    /// the worker to stop, without waiting for it; waits at most [`EXIT_SAVE_WAIT`] for the
+    /// disk. For window close, app exit and termination signals; later calls do nothing.
+    pub fn shutdown(&mut self) {
+        if self.shut_down {
+            return;
+        }
+        self.shut_down = true;
+        self.backend.stop_generation();
+        self.backend.cancel_load();
+        self.settings_dirty_since = None;
+        if let Some(generation) = self.generation.take() {
+            self.save_conversation(&generation.conversation_id);
+        }
+        let id = self.current.clone();
+        self.save_conversation(&id);
+        if !self.saver.flush(EXIT_SAVE_WAIT) {
+            log::error!("the conversations could not all be written before exiting");
+        }
+    }
+
+    /// Whether [`App::shutdown`] ran.
+    pub fn has_shut_down(&self) -> bool {
+        self.shut_down
+    }
+
+    fn autosave_reply(&mut self, now: Instant) {
+        let Some(generation) = self.generation.as_mut() else {
+            return;
+        };
+        if !generation.unsaved || now.duration_since(generation.saved_at) < AUTOSAVE_INTERVAL {
+            return;
+        }
+        generation.unsaved = false;
+        generation.saved_at = now;
+        let id = generation.conversation_id.clone();
+        self.save_conversation(&id);
+    }
+
+    fn report_data_lock(&mut self, problem: Option<LockError>) {
+        match problem {
+            None => {}
+            Some(LockError::Held(dir)) => {
+                self.notices.error(format!(
+                    "Another copy of SmolDesk is already running with the data folder {}. This \
+                     window is read-only: nothing you change here is saved. Close the other copy \
+                     and start SmolDesk again to save.",
+                    dir.display()
+                ));
+            }
+            Some(err) => {
+                self.notices.error(format!(
+                    "{err}. SmolDesk cannot make sure no other copy writes the same \
+                     conversations."
+                ));
+            }
+        }
     }
 
     // ----- helpers shared by the panels -----
@@ -345,9 +508,13 @@ impl App {
         settings
     }
 
-    /// Saves a conversation in the background (only once it has messages).
+    /// Saves a conversation in the background (only once it has messages; never in a
+    /// read-only copy).
     pub(crate) fn save_conversation(&mut self, id: &str) {
         self.revision += 1;
+        if self.read_only {
+            return;
+        }
         if let Some(conversation) = self.conversations.iter().find(|c| c.id == id)
             && !conversation.messages.is_empty()
         {
@@ -383,6 +550,12 @@ impl App {
             theme::apply(ctx, wanted);
             self.applied_theme = Some(wanted);
         }
+    }
+
+    pub(crate) fn new_request_id(&mut self) -> RequestId {
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        id
     }
 
     fn poll_background(&mut self) {
@@ -439,12 +612,16 @@ impl App {
 }
 
 impl eframe::App for App {
+    fn logic(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+        if self.tick() {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+        }
+    }
+
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         let ctx = ui.ctx().clone();
         let now = Instant::now();
         self.apply_theme(&ctx);
-        self.drain_events();
-        self.poll_background();
         for action in shortcuts::take_actions(&ctx, self.is_generating()) {
             self.apply_shortcut(action);
         }
@@ -460,7 +637,6 @@ impl eframe::App for App {
                 panic_message(panic.as_ref())
             ));
         }
-        self.flush_settings(now);
         self.schedule_repaint(&ctx, now);
     }
 
@@ -470,9 +646,14 @@ impl eframe::App for App {
     }
 
     fn on_exit(&mut self) {
-        self.settings_dirty_since = None;
-        let id = self.current.clone();
-        self.save_conversation(&id);
+        self.shutdown();
+    }
+}
+
+impl Drop for App {
+    /// However the app ends, what it holds is saved first.
+    fn drop(&mut self) {
+        self.shutdown();
     }
 }
 
@@ -483,13 +664,4 @@ fn renders_in_software(cc: &eframe::CreationContext<'_>) -> bool {
         .is_some_and(|state| state.adapter.get_info().device_type == eframe::wgpu::DeviceType::Cpu)
 }
 
-/// The text of a caught panic.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "unknown error".to_string()
-    }
-}
+pub(crate) use crate::worker::thread::panic_message;

@@ -532,13 +532,26 @@ fn reply_footer(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, message: 
         if small_action(ui, "Copy", "Copy the answer (without thinking)").clicked() {
             view.actions.push(Action::Copy(message.content.clone()));
         }
-        if index == view.last_index && view.generation.is_none() && view.model_ready {
+        let can_answer = index == view.last_index && view.generation.is_none() && view.model_ready;
+        if can_answer && message.interrupted {
+            let resume = small_action(ui, "Continue", "Write more of this interrupted reply");
+            if resume.clicked() {
+                view.actions.push(Action::Continue);
+            }
+        }
+        if can_answer {
             let regenerate = small_action(ui, "Regenerate", "Replace this reply with a new one");
             if regenerate.clicked() {
                 view.actions.push(Action::Regenerate);
             }
         }
-        if let Some(stats) = &message.stats {
+        if message.interrupted {
+            ui.label(
+                RichText::new("Interrupted: SmolDesk closed while this reply was being written")
+                    .small()
+                    .color(theme::warn_color(ui.visuals())),
+            );
+        } else if let Some(stats) = &message.stats {
             ui.label(RichText::new(stats_line(stats)).small().color(muted))
                 .on_hover_text(stats_details(stats));
             if let Some(note) = stop_note(stats.stop_reason) {

@@ -1,7 +1,8 @@
 //! Applying the worker's events to the app state (never blocks: events are drained with
-//! `try_recv` at the start of each frame).
+//! `try_recv` at the start of each frame). Every event names its request: events of requests
+//! the app has moved past (a replaced load, a reply it stopped waiting for) are ignored, and an
+//! error ends exactly the request it names, whatever stage it was at.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,7 +14,7 @@ use crate::chat::template::PromptFormatter;
 use crate::engine::ModelInfo;
 use crate::engine::tokenizer::GgufTokenizer;
 use crate::worker::Event;
-use crate::worker::messages::{RequestId, SegmentKind};
+use crate::worker::messages::{RequestId, SegmentKind, WorkerError};
 
 /// Most events applied per frame, so a flood of segments cannot stall one frame.
 const MAX_EVENTS_PER_FRAME: usize = 4096;
@@ -33,18 +34,26 @@ impl App {
     /// Applies one worker event.
     pub fn handle_event(&mut self, event: Event) {
         match event {
-            Event::LoadProgress { path, fraction } => self.on_load_progress(&path, fraction),
+            Event::LoadProgress { id, fraction, .. } => self.on_load_progress(id, fraction),
             Event::Loaded {
+                id,
                 info,
                 tokenizer,
                 load_secs,
-                ..
-            } => self.on_loaded(info, tokenizer, load_secs),
-            Event::LoadFailed { path, message } => self.on_load_failed(&path, &message),
-            Event::Unloaded => {
-                if matches!(self.model, ModelState::Ready(_)) {
-                    self.model = ModelState::Empty;
+            } => {
+                if self.is_loading(id) {
+                    self.on_loaded(info, tokenizer, load_secs);
                 }
+            }
+            Event::LoadFailed { id, path, error } => {
+                if self.is_loading(id) {
+                    self.on_load_failed(&path, &error);
+                }
+            }
+            // The app forgets the model when it asks for the unload.
+            Event::Unloaded { .. } => {}
+            Event::TemplateSet { id } => {
+                self.template_request.take_if(|pending| *pending == id);
             }
             Event::Started {
                 id,
@@ -63,13 +72,22 @@ impl App {
             }
             Event::Segment { id, kind, text } => self.on_segment(id, kind, &text),
             Event::Finished { id, stats } => self.on_finished(id, stats),
-            Event::Error { id, message } => self.on_error(id, message),
+            Event::Error { id, error } => self.on_error(id, error),
         }
     }
 
-    fn on_load_progress(&mut self, loaded_path: &std::path::Path, new_fraction: f32) {
-        if let ModelState::Loading { path, fraction, .. } = &mut self.model
-            && path == loaded_path
+    /// Whether `id` is the load in progress.
+    fn is_loading(&self, id: RequestId) -> bool {
+        matches!(self.model, ModelState::Loading { id: loading, .. } if loading == id)
+    }
+
+    fn on_load_progress(&mut self, id: RequestId, new_fraction: f32) {
+        if let ModelState::Loading {
+            id: loading,
+            fraction,
+            ..
+        } = &mut self.model
+            && *loading == id
         {
             *fraction = new_fraction.clamp(0.0, 1.0);
         }
@@ -107,21 +125,14 @@ impl App {
         self.composer.focus_requested = true;
     }
 
-    fn on_load_failed(&mut self, path: &std::path::Path, message: &str) {
-        let was_cancelled = matches!(
-            self.model,
-            ModelState::Loading {
-                cancelling: true,
-                ..
-            }
-        );
+    fn on_load_failed(&mut self, path: &std::path::Path, error: &WorkerError) {
         self.model = ModelState::Empty;
-        if was_cancelled {
+        if *error == WorkerError::LoadCancelled {
             self.notices.info("Loading was cancelled.");
             return;
         }
         self.notices
-            .error(format!("Could not open {}: {message}", file_name(path)));
+            .error(format!("Could not open {}: {error}", file_name(path)));
         if self.prefs.last_model.as_deref() == Some(path) {
             self.prefs.last_model = None;
         }
@@ -163,6 +174,7 @@ impl App {
             return;
         };
         let now = Instant::now();
+        generation.unsaved = true;
         let key = (generation.conversation_id.clone(), generation.message_index);
         match kind {
             SegmentKind::Thinking => {
@@ -205,25 +217,30 @@ impl App {
         self.end_reply(&generation, Some(stats), None);
     }
 
-    fn on_error(&mut self, id: Option<RequestId>, message: String) {
-        if let Some(id) = id {
-            if let Some(generation) = self.generation.take_if(|g| g.id == id) {
-                self.end_reply(&generation, None, Some(message));
-            }
+    fn on_error(&mut self, id: RequestId, error: WorkerError) {
+        if let Some(generation) = self.generation.take_if(|g| g.id == id) {
+            self.end_reply(&generation, None, Some(error.to_string()));
             return;
         }
-        // An error about no request in particular: whatever is waiting for the worker failed.
-        if let ModelState::Loading { path, fraction, .. } = &self.model
-            && *fraction == 0.0
+        if let ModelState::Loading {
+            id: loading, path, ..
+        } = &self.model
+            && *loading == id
         {
-            let path: PathBuf = path.clone();
-            self.on_load_failed(&path, &message);
+            let path = path.clone();
+            self.on_load_failed(&path, &error);
             return;
         }
-        if let Some(generation) = self.generation.take_if(|g| g.phase == Phase::Waiting) {
-            self.end_reply(&generation, None, Some(message));
+        if self
+            .template_request
+            .take_if(|pending| *pending == id)
+            .is_some()
+        {
+            self.notices.error(format!(
+                "The chat template cannot be used: {error}. The model's own template stays in use."
+            ));
             return;
         }
-        self.notices.error(message);
+        log::info!("ignored the error of request {id}, which the app no longer waits for: {error}");
     }
 }

@@ -4,16 +4,19 @@
 //!   (with [`kv_cache_settings`]):
 //!   the panels; [`notices`]: banners; [`shortcuts`]: the keyboard;
 //! - [`theme`] and [`prefs`]: looks and remembered preferences;
-//! - [`token_meter`] and [`saver`]: background counting and saving;
+//! - [`token_meter`] and [`saver`]: background counting and saving, on [`background`]'s tasks;
+//! - [`exit_signal`]: saving and exiting on SIGTERM/SIGINT;
 //! - [`backend`]: the worker as the UI sees it; [`desktop`]: `--install-desktop`.
 
 pub mod actions;
 pub mod app;
 pub mod backend;
+pub mod background;
 pub mod chat_view;
 pub mod composer;
 pub mod desktop;
 pub mod events;
+pub mod exit_signal;
 pub mod kv_cache_settings;
 pub mod model_panel;
 pub mod notices;
@@ -53,6 +56,7 @@ pub fn run_app(model: Option<PathBuf>, install_desktop: bool) -> anyhow::Result<
         Box::new(move |cc| {
             let options = AppOptions {
                 model,
+                handle_signals: true,
                 ..AppOptions::new(data_dir)
             };
             Ok(Box::new(App::new(cc, options)))

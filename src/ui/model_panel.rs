@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, unbounded};
 use egui::{RichText, Ui};
 
 use super::actions::{Action, file_name};
 use super::app::{App, ModelState};
+use super::background::{BackgroundTasks, TaskDone, TaskId};
 use super::theme;
 use crate::engine::ModelInfo;
 use crate::engine::gguf::GgufFile;
@@ -44,7 +44,7 @@ impl Card {
     }
 }
 
-type CardResult = (PathBuf, Result<Box<ModelInfo>, String>);
+type CardResult = Result<Box<ModelInfo>, String>;
 
 /// State of the model chooser.
 pub struct ModelPicker {
@@ -57,29 +57,30 @@ pub struct ModelPicker {
     model_dirs: Vec<PathBuf>,
     /// The card being shown.
     pub card: Option<Card>,
-    card_tx: Sender<CardResult>,
-    card_rx: Receiver<CardResult>,
-    dialog: Option<(Instant, Receiver<Option<PathBuf>>)>,
+    /// Readers of model headers, and the one whose card is wanted.
+    card_readers: BackgroundTasks<CardResult>,
+    card_task: Option<TaskId>,
+    /// The file dialog, and when the open one was opened.
+    dialogs: BackgroundTasks<Option<PathBuf>>,
+    dialog: Option<(Instant, TaskId)>,
     /// Set when the system file dialog seems unavailable (e.g. no desktop portal).
     pub dialog_unavailable: bool,
-    wake: Arc<dyn Fn() + Send + Sync>,
 }
 
 impl ModelPicker {
     /// A chooser looking for models in `model_dirs`.
     pub fn new(model_dirs: Vec<PathBuf>, wake: Arc<dyn Fn() + Send + Sync>) -> Self {
-        let (card_tx, card_rx) = unbounded();
         let mut picker = Self {
             path_input: String::new(),
             found: Vec::new(),
             sizes: std::collections::HashMap::new(),
             model_dirs,
             card: None,
-            card_tx,
-            card_rx,
+            card_readers: BackgroundTasks::new("smoldesk-model-card", wake.clone()),
+            card_task: None,
+            dialogs: BackgroundTasks::new("smoldesk-file-dialog", wake),
             dialog: None,
             dialog_unavailable: false,
-            wake,
         };
         picker.rescan();
         picker
@@ -113,18 +114,9 @@ impl ModelPicker {
             return;
         }
         self.card = Some(Card::Reading(path.clone()));
-        let tx = self.card_tx.clone();
-        let wake = self.wake.clone();
-        let spawned = std::thread::Builder::new()
-            .name("smoldesk-model-card".into())
-            .spawn(move || {
-                let result = std::panic::catch_unwind(|| read_card(&path))
-                    .unwrap_or_else(|_| Err("the file could not be read".to_string()));
-                let _ = tx.send((path, result));
-                wake();
-            });
-        if let Err(err) = spawned {
-            log::error!("cannot start reading the model card: {err}");
+        match self.card_readers.spawn(move || read_card(&path)) {
+            Ok(task) => self.card_task = Some(task),
+            Err(err) => log::error!("cannot start reading the model card: {err}"),
         }
     }
 
@@ -133,25 +125,19 @@ impl ModelPicker {
         if self.dialog.is_some() {
             return;
         }
-        let (tx, rx) = unbounded();
-        let wake = self.wake.clone();
         let start_dir = self.model_dirs.iter().find(|d| d.is_dir()).cloned();
-        let spawned = std::thread::Builder::new()
-            .name("smoldesk-file-dialog".into())
-            .spawn(move || {
-                let mut dialog = rfd::FileDialog::new()
-                    .set_title("Open a model")
-                    .add_filter("GGUF model", &["gguf"])
-                    .add_filter("All files", &["*"]);
-                if let Some(dir) = start_dir {
-                    dialog = dialog.set_directory(dir);
-                }
-                let picked = std::panic::catch_unwind(move || dialog.pick_file()).unwrap_or(None);
-                let _ = tx.send(picked);
-                wake();
-            });
+        let spawned = self.dialogs.spawn(move || {
+            let mut dialog = rfd::FileDialog::new()
+                .set_title("Open a model")
+                .add_filter("GGUF model", &["gguf"])
+                .add_filter("All files", &["*"]);
+            if let Some(dir) = start_dir {
+                dialog = dialog.set_directory(dir);
+            }
+            dialog.pick_file()
+        });
         match spawned {
-            Ok(_) => self.dialog = Some((Instant::now(), rx)),
+            Ok(task) => self.dialog = Some((Instant::now(), task)),
             Err(err) => {
                 log::error!("cannot start the file dialog: {err}");
                 self.dialog_unavailable = true;
@@ -166,23 +152,33 @@ impl ModelPicker {
 
     /// Collects finished background work; returns the actions it leads to.
     pub fn poll(&mut self) -> Vec<Action> {
-        while let Ok((path, result)) = self.card_rx.try_recv() {
-            if self.card.as_ref().is_some_and(|c| c.path() == path) {
-                self.card = Some(match result {
-                    Ok(info) => Card::Ready(info),
-                    Err(message) => Card::Failed { path, message },
-                });
+        for TaskDone { id, outcome } in self.card_readers.poll() {
+            if self.card_task != Some(id) {
+                continue;
             }
+            self.card_task = None;
+            let Some(path) = self.card.as_ref().map(|c| c.path().to_path_buf()) else {
+                continue;
+            };
+            self.card = Some(match outcome {
+                Ok(Ok(info)) => Card::Ready(info),
+                Ok(Err(message)) => Card::Failed { path, message },
+                Err(_panic) => Card::Failed {
+                    path,
+                    message: "the file could not be read".to_string(),
+                },
+            });
         }
         let mut actions = Vec::new();
-        if let Some((opened, rx)) = &self.dialog
-            && let Ok(picked) = rx.try_recv()
-        {
-            match picked {
-                Some(path) => actions.push(Action::Load(path)),
-                None => self.dialog_unavailable = opened.elapsed() < DIALOG_UNAVAILABLE_BELOW,
+        for TaskDone { id, outcome } in self.dialogs.poll() {
+            let Some((opened, _)) = self.dialog.take_if(|(_, task)| *task == id) else {
+                continue;
+            };
+            match outcome {
+                Ok(Some(path)) => actions.push(Action::Load(path)),
+                Ok(None) => self.dialog_unavailable = opened.elapsed() < DIALOG_UNAVAILABLE_BELOW,
+                Err(_panic) => self.dialog_unavailable = true,
             }
-            self.dialog = None;
         }
         actions
     }
@@ -367,6 +363,7 @@ fn load_progress(app: &App, ui: &mut Ui, actions: &mut Vec<Action>) -> bool {
         fraction,
         since,
         cancelling,
+        ..
     } = &app.model
     else {
         return false;
@@ -716,7 +713,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("bad.gguf");
         std::fs::write(&bad, "not a model").unwrap();
-        let (tx, rx) = unbounded();
+        let (tx, rx) = crossbeam_channel::unbounded();
         let mut picker = ModelPicker::new(
             vec![dir.path().to_path_buf()],
             Arc::new(move || {

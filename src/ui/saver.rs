@@ -1,93 +1,77 @@
-//! Writes conversations on a background thread, in order, so a slow disk never stalls a frame.
-//! Dropping the saver waits for every queued write.
+//! Writes conversations on a background thread ([`TaskQueue`]), in order, so a slow disk never
+//! stalls a frame. [`Saver::flush`] waits (with a limit) for every queued write, for the app's
+//! exit paths.
 
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, unbounded};
-
+use super::background::{TaskId, TaskQueue, Wake};
 use crate::chat::conversation::Conversation;
 use crate::chat::store::ConversationStore;
 
-enum Job {
+/// One write.
+pub enum Job {
+    /// Write a conversation.
     Save(Box<Conversation>),
+    /// Delete a conversation's file.
     Delete(String),
 }
 
 /// The background writer of one [`ConversationStore`].
 pub struct Saver {
-    jobs: Option<Sender<Job>>,
-    errors: Receiver<String>,
-    thread: Option<JoinHandle<()>>,
+    queue: TaskQueue<Job, Result<(), String>>,
+    last: Option<TaskId>,
 }
 
 impl Saver {
-    /// Starts the writer; `wake` is called after a failure so the UI can show it.
-    pub fn new(store: ConversationStore, wake: Arc<dyn Fn() + Send + Sync>) -> Self {
-        let (jobs, job_rx) = unbounded::<Job>();
-        let (error_tx, errors) = unbounded();
-        let thread = std::thread::Builder::new()
-            .name("smoldesk-saver".into())
-            .spawn(move || write_loop(&store, &job_rx, &error_tx, &*wake))
-            .map_err(|err| log::error!("cannot start the saver thread: {err}"))
-            .ok();
-        Self {
-            jobs: Some(jobs),
-            errors,
-            thread,
-        }
+    /// Starts the writer; `wake` is called after each write so the UI can show failures.
+    pub fn new(store: ConversationStore, wake: Wake) -> Self {
+        let queue = TaskQueue::new("smoldesk-saver", wake, move |job| {
+            let result = match job {
+                Job::Save(conversation) => store.save(&conversation),
+                Job::Delete(id) => store.delete(&id),
+            };
+            result.map_err(|err| {
+                log::error!("{err}");
+                err.to_string()
+            })
+        });
+        Self { queue, last: None }
     }
 
     /// Queues writing a conversation.
-    pub fn save(&self, conversation: &Conversation) {
+    pub fn save(&mut self, conversation: &Conversation) {
         self.submit(Job::Save(Box::new(conversation.clone())));
     }
 
     /// Queues deleting a conversation's file.
-    pub fn delete(&self, id: &str) {
+    pub fn delete(&mut self, id: &str) {
         self.submit(Job::Delete(id.to_string()));
     }
 
-    /// Messages of writes that failed since the last call.
-    pub fn take_errors(&self) -> Vec<String> {
-        self.errors.try_iter().collect()
+    /// Messages of writes that failed (or whose writer panicked) since the last call.
+    pub fn take_errors(&mut self) -> Vec<String> {
+        self.queue
+            .poll()
+            .into_iter()
+            .filter_map(|done| match done.outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(message)) => Some(message),
+                Err(panic) => Some(panic.to_string()),
+            })
+            .collect()
     }
 
-    fn submit(&self, job: Job) {
-        let sent = self
-            .jobs
-            .as_ref()
-            .is_some_and(|jobs| jobs.send(job).is_ok());
-        if !sent {
-            log::error!("the saver thread is not running; a change was not saved");
+    /// Waits until every queued write is on disk, at most `timeout`; returns whether they are.
+    pub fn flush(&mut self, timeout: Duration) -> bool {
+        match self.last {
+            Some(last) => self.queue.wait_for(last, timeout),
+            None => true,
         }
     }
-}
 
-impl Drop for Saver {
-    fn drop(&mut self) {
-        self.jobs.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn write_loop(
-    store: &ConversationStore,
-    jobs: &Receiver<Job>,
-    errors: &Sender<String>,
-    wake: &(dyn Fn() + Send + Sync),
-) {
-    for job in jobs {
-        let result = match job {
-            Job::Save(conversation) => store.save(&conversation),
-            Job::Delete(id) => store.delete(&id),
-        };
-        if let Err(err) = result {
-            log::error!("{err}");
-            let _ = errors.send(err.to_string());
-            wake();
+    fn submit(&mut self, job: Job) {
+        if let Some(id) = self.queue.submit(job) {
+            self.last = Some(id);
         }
     }
 }
@@ -96,22 +80,25 @@ fn write_loop(
 mod tests {
     use super::*;
     use crate::chat::conversation::{Message, Role};
+    use std::sync::Arc;
 
     #[test]
-    fn queued_writes_are_on_disk_after_drop() {
+    fn queued_writes_are_on_disk_after_a_flush() {
         let dir = tempfile::tempdir().unwrap();
         let store = ConversationStore::new(dir.path());
         let mut c = Conversation::default();
         c.messages.push(Message::new(Role::User, "hello"));
         let gone = Conversation::default();
-        {
-            let saver = Saver::new(store.clone(), Arc::new(|| {}));
-            saver.save(&gone);
-            saver.save(&c);
-            saver.delete(&gone.id);
-        }
-        let all = store.load_all().conversations;
-        assert_eq!(all, vec![c]);
+        let mut saver = Saver::new(store.clone(), Arc::new(|| {}));
+        saver.save(&gone);
+        saver.save(&c);
+        saver.delete(&gone.id);
+        assert!(saver.flush(Duration::from_secs(10)));
+        assert_eq!(store.load_all().conversations, vec![c.clone()]);
+        c.messages.push(Message::new(Role::User, "again"));
+        saver.save(&c);
+        assert!(saver.flush(Duration::from_secs(10)));
+        assert_eq!(store.load_all().conversations, vec![c]);
     }
 
     #[test]
@@ -119,15 +106,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blocker = dir.path().join("file");
         std::fs::write(&blocker, "x").unwrap();
-        let (tx, rx) = unbounded();
-        let saver = Saver::new(
-            ConversationStore::new(&blocker),
-            Arc::new(move || {
-                let _ = tx.send(());
-            }),
-        );
+        let mut saver = Saver::new(ConversationStore::new(&blocker), Arc::new(|| {}));
         saver.save(&Conversation::default());
-        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert!(saver.flush(Duration::from_secs(10)));
         let errors = saver.take_errors();
         assert_eq!(errors.len(), 1);
         assert!(errors[0].contains("cannot create"), "{}", errors[0]);

@@ -91,12 +91,9 @@ impl TokenMeter {
     pub fn new(wake: Arc<dyn Fn() + Send + Sync>) -> Self {
         let (requests, request_rx) = unbounded::<(u64, CountRequest)>();
         let (result_tx, results) = unbounded();
-        let spawned = std::thread::Builder::new()
-            .name("smoldesk-token-meter".into())
-            .spawn(move || count_loop(request_rx, result_tx, wake));
-        if let Err(err) = spawned {
-            log::error!("cannot start the token counter: {err}");
-        }
+        super::background::spawn_service("smoldesk-token-meter", move || {
+            count_loop(request_rx, result_tx, wake)
+        });
         Self {
             requests,
             results,

@@ -49,6 +49,16 @@ pub fn show(app: &mut App, ui: &mut Ui) {
             {
                 app.windows.settings = !app.windows.settings;
             }
+            if app.read_only {
+                ui.label(
+                    RichText::new("🔒 Read-only")
+                        .strong()
+                        .color(theme::warn_color(ui.visuals())),
+                )
+                .on_hover_text(
+                    "Another copy of SmolDesk owns this data folder; nothing here is saved.",
+                );
+            }
             let mut show = app.prefs.show_thinking;
             let toggle_tip = format!(
                 "Show the model's reasoning in replies ({}). Only changes what you see.",

@@ -1,4 +1,11 @@
 //! What the UI sends to the inference thread ([`Command`]) and what it sends back ([`Event`]).
+//!
+//! The protocol is request-scoped: every command that starts work carries a [`RequestId`]
+//! chosen by the sender, and every event names the request it belongs to, so the UI can ignore
+//! late events of a request it has moved past (a stopped reply, a replaced load). Each request
+//! ends with exactly one final event: `Loaded`/`LoadFailed` for a load, `Finished`/`Error` for
+//! a reply, `Unloaded`/`TemplateSet`/`Error` for the others. Failures are [`WorkerError`]s the UI
+//! can match, including a panic caught inside the worker.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +16,7 @@ use crate::engine::ModelInfo;
 use crate::engine::session::LoadOptions;
 use crate::engine::tokenizer::GgufTokenizer;
 
-/// Identifies one generation request so late events of a stopped request can be told apart.
+/// Identifies one request so its events can be told apart from those of other requests.
 pub type RequestId = u64;
 
 /// A request to generate the next assistant reply of a conversation.
@@ -17,14 +24,18 @@ pub type RequestId = u64;
 pub struct GenerateRequest {
     /// Chosen by the sender; echoed in every event of this request.
     pub id: RequestId,
-    /// The conversation so far, ending with the user's newest message. No system message:
-    /// the system prompt comes from `settings`.
+    /// The conversation so far, ending with the user's newest message (or, with `resume`,
+    /// with the assistant's unfinished reply). No system message: the system prompt comes from
+    /// `settings`.
     pub messages: Vec<Message>,
     /// System prompt, thinking mode and sampling.
     pub settings: ChatSettings,
     /// The conversation this reply belongs to, whose saved KV state the worker restores and
     /// updates (`None`: no state is kept).
     pub conversation: Option<String>,
+    /// Continue the last (assistant) message instead of writing a new one: the new text is
+    /// appended to it.
+    pub resume: bool,
 }
 
 /// Commands from the UI to the worker.
@@ -32,6 +43,8 @@ pub struct GenerateRequest {
 pub enum Command {
     /// Load a model, replacing (and first stopping) whatever is loaded or generating.
     LoadModel {
+        /// Chosen by the sender; echoed in this load's events.
+        id: RequestId,
         /// The GGUF file.
         path: PathBuf,
         /// Context length and threads.
@@ -40,14 +53,66 @@ pub enum Command {
     /// Generate the next reply.
     Generate(GenerateRequest),
     /// Use this chat template file instead of the model's own (`None`: the model's own).
-    SetTemplateOverride(Option<PathBuf>),
+    SetTemplateOverride {
+        /// Chosen by the sender; echoed in the answer.
+        id: RequestId,
+        /// The template file.
+        path: Option<PathBuf>,
+    },
     /// Drop the loaded model and free its memory.
-    Unload,
+    Unload {
+        /// Chosen by the sender; echoed in the answer.
+        id: RequestId,
+    },
     /// End the worker thread.
     Shutdown,
-    /// Panics inside the worker, to test that a panic becomes an [`Event::Error`].
-    #[doc(hidden)]
-    TestPanic,
+}
+
+impl Command {
+    /// The request this command starts, if it starts one.
+    pub fn request_id(&self) -> Option<RequestId> {
+        match self {
+            Command::LoadModel { id, .. }
+            | Command::SetTemplateOverride { id, .. }
+            | Command::Unload { id } => Some(*id),
+            Command::Generate(request) => Some(request.id),
+            Command::Shutdown => None,
+        }
+    }
+}
+
+/// Why a request failed. The UI matches on these; `Display` is the text for the user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WorkerError {
+    /// A reply was asked for with no model loaded.
+    #[error("no model is loaded: open a model first")]
+    NoModel,
+    /// The load was cancelled (by the user, or because another load replaced it).
+    #[error("loading was cancelled")]
+    LoadCancelled,
+    /// The model file could not be loaded.
+    #[error("{0}")]
+    Load(String),
+    /// The conversation does not fit the context.
+    #[error("{0}")]
+    Context(String),
+    /// The engine failed while computing.
+    #[error("{0}")]
+    Engine(String),
+    /// The chat template file could not be read.
+    #[error("cannot read chat template {path}: {message}")]
+    TemplateFile {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        message: String,
+    },
+    /// The worker panicked while handling the request; it recovered and stays usable.
+    #[error("internal error in the inference engine: {0}")]
+    Panic(String),
+    /// The inference thread is not running (it could not be started).
+    #[error("the inference thread is not running")]
+    WorkerGone,
 }
 
 /// Events from the worker to the UI, in the order they happen.
@@ -55,13 +120,17 @@ pub enum Command {
 pub enum Event {
     /// Loading advanced; `fraction` runs from 0 to 1.
     LoadProgress {
+        /// The load request.
+        id: RequestId,
         /// The file being loaded.
         path: PathBuf,
         /// Share of the weights read so far.
         fraction: f32,
     },
-    /// The model is ready.
+    /// The model is ready (ends a load).
     Loaded {
+        /// The load request.
+        id: RequestId,
         /// Its description.
         info: Box<ModelInfo>,
         /// Its tokenizer, for counting tokens on the UI side.
@@ -69,15 +138,25 @@ pub enum Event {
         /// Seconds the load took.
         load_secs: f64,
     },
-    /// Loading failed or was cancelled; the previous model (if any) is gone.
+    /// Loading failed or was cancelled; the previous model (if any) is gone (ends a load).
     LoadFailed {
+        /// The load request.
+        id: RequestId,
         /// The file that failed.
         path: PathBuf,
-        /// What went wrong, for the user.
-        message: String,
+        /// What went wrong.
+        error: WorkerError,
     },
-    /// The model was unloaded.
-    Unloaded,
+    /// The model was unloaded (ends an unload).
+    Unloaded {
+        /// The unload request.
+        id: RequestId,
+    },
+    /// The chat template override is in use (ends a template change).
+    TemplateSet {
+        /// The request.
+        id: RequestId,
+    },
     /// A generation request started; old turns may have been dropped to fit the context.
     Started {
         /// The request.
@@ -100,18 +179,69 @@ pub enum Event {
         /// The text (whole UTF-8 characters, never a tag).
         text: String,
     },
-    /// A reply ended.
+    /// A reply ended (ends a reply).
     Finished {
         /// The request.
         id: RequestId,
         /// Measurements and the stop reason.
         stats: GenerationStats,
     },
-    /// Something failed. The worker stays usable.
+    /// A request failed (ends it, whatever its kind). The worker stays usable.
     Error {
-        /// The request it belongs to, if any.
-        id: Option<RequestId>,
-        /// What went wrong, for the user.
-        message: String,
+        /// The request it ends.
+        id: RequestId,
+        /// What went wrong.
+        error: WorkerError,
     },
+}
+
+impl Event {
+    /// The request this event belongs to.
+    pub fn request_id(&self) -> RequestId {
+        match self {
+            Event::LoadProgress { id, .. }
+            | Event::Loaded { id, .. }
+            | Event::LoadFailed { id, .. }
+            | Event::Unloaded { id }
+            | Event::TemplateSet { id }
+            | Event::Started { id, .. }
+            | Event::Segment { id, .. }
+            | Event::Finished { id, .. }
+            | Event::Error { id, .. } => *id,
+        }
+    }
+
+    /// Whether this is the last event of its request.
+    pub fn ends_request(&self) -> bool {
+        !matches!(
+            self,
+            Event::LoadProgress { .. } | Event::Started { .. } | Event::Segment { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_event_names_its_request_and_final_events_are_marked() {
+        let progress = Event::LoadProgress {
+            id: 3,
+            path: "m.gguf".into(),
+            fraction: 0.5,
+        };
+        let failed = Event::Error {
+            id: 4,
+            error: WorkerError::Panic("boom".into()),
+        };
+        assert_eq!(progress.request_id(), 3);
+        assert!(!progress.ends_request());
+        assert_eq!(failed.request_id(), 4);
+        assert!(failed.ends_request());
+        assert_eq!(
+            WorkerError::Panic("boom".into()).to_string(),
+            "internal error in the inference engine: boom"
+        );
+    }
 }

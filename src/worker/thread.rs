@@ -3,18 +3,18 @@
 //! One thread owns the [`Engine`]. The UI sends [`Command`]s over a channel and drains
 //! [`Event`]s without blocking; after each event the worker calls the waker so the UI repaints.
 //! Stopping uses epochs: every stop (or a new load) bumps a counter, and work that started under
-//! an older value ends at the next token.
+//! an older value ends at the next token (or prefill step). A panic while handling a request is
+//! caught and reported as that request's [`WorkerError::Panic`]; the worker then goes on.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
-use super::messages::{Command, Event, GenerateRequest};
+use super::messages::{Command, Event, GenerateRequest, RequestId, WorkerError};
 use crate::chat::conversation::{GenerationStats, StopReason};
 use crate::chat::generate::{GenerateError, GenerationContext, GenerationEvent, generate_reply};
 use crate::chat::state_cache::{ConversationResume, StateCache};
@@ -24,6 +24,30 @@ use crate::engine::session::{Engine, LoadOptions};
 
 /// Called by the worker after it sends events, to wake the UI (e.g. `ctx.request_repaint()`).
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// Longest time dropping the handle waits for the thread to end; after that the thread is left
+/// to finish its current step on its own (the process may exit under it).
+pub const SHUTDOWN_WAIT: Duration = Duration::from_millis(300);
+
+/// A point inside the worker where a test can make it fail or slow down
+/// (see [`WorkerHandle::spawn_with_faults`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FaultPoint {
+    /// Loading reached this fraction.
+    Load {
+        /// Share of the weights read.
+        fraction: f32,
+    },
+    /// A reply's prompt is about to be computed (its `Started` event was sent).
+    Prefill,
+    /// A reply's text segment was sent.
+    Segment,
+}
+
+/// A test's hook, called at every [`FaultPoint`]; it may panic or sleep.
+#[doc(hidden)]
+pub type FaultHook = Arc<dyn Fn(FaultPoint) + Send + Sync>;
 
 /// Counters the UI bumps to stop work in progress.
 #[derive(Default)]
@@ -39,12 +63,16 @@ struct Envelope {
     load_epoch: u64,
 }
 
-/// The UI's handle on the inference thread. Nothing here blocks on the model.
+/// The UI's handle on the inference thread. Nothing here blocks on the model, dropping it
+/// included (it waits at most [`SHUTDOWN_WAIT`]).
 pub struct WorkerHandle {
     commands: Sender<Envelope>,
     events: Receiver<Event>,
+    /// Answers requests itself when the thread is not running.
+    own_events: Sender<Event>,
     epochs: Arc<Epochs>,
-    thread: Option<JoinHandle<()>>,
+    /// Disconnects when the thread ends.
+    ended: Option<Receiver<()>>,
 }
 
 impl WorkerHandle {
@@ -55,23 +83,38 @@ impl WorkerHandle {
 
     /// Starts the inference thread with its own KV state cache (tests point it at a folder).
     pub fn spawn_with_state_cache(waker: Waker, states: Arc<StateCache>) -> Self {
+        Self::start(waker, states, None)
+    }
+
+    /// Starts the inference thread with a fault-injection hook (for tests only).
+    #[doc(hidden)]
+    pub fn spawn_with_faults(waker: Waker, faults: FaultHook) -> Self {
+        Self::start(waker, StateCache::app(), Some(faults))
+    }
+
+    fn start(waker: Waker, states: Arc<StateCache>, faults: Option<FaultHook>) -> Self {
         let (commands, command_rx) = unbounded();
         let (event_tx, events) = unbounded();
+        let (ended_tx, ended) = crossbeam_channel::bounded::<()>(0);
         let epochs = Arc::new(Epochs::default());
         let worker = Worker {
-            events: event_tx,
+            events: event_tx.clone(),
             waker,
             epochs: epochs.clone(),
             engine: None,
             formatter: PromptFormatter::new(None, None),
             template_override: None,
             resume: ConversationResume::new(states),
+            faults,
         };
-        let thread = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("smoldesk-inference".into())
-            .spawn(move || worker.run(command_rx));
-        let thread = match thread {
-            Ok(t) => Some(t),
+            .spawn(move || {
+                let _ended = ended_tx;
+                worker.run(command_rx);
+            });
+        let ended = match spawned {
+            Ok(_) => Some(ended),
             Err(err) => {
                 log::error!("cannot start the inference thread: {err}");
                 None
@@ -80,28 +123,37 @@ impl WorkerHandle {
         Self {
             commands,
             events,
+            own_events: event_tx,
             epochs,
-            thread,
+            ended,
         }
     }
 
     /// Sends a command; never blocks. Loading or unloading a model first stops the current
-    /// generation and any load in progress.
+    /// generation and any load in progress. When the thread is not running, the request is
+    /// answered at once with [`WorkerError::WorkerGone`].
     pub fn send(&self, command: Command) {
         if matches!(
             command,
-            Command::LoadModel { .. } | Command::Unload | Command::Shutdown
+            Command::LoadModel { .. } | Command::Unload { .. } | Command::Shutdown
         ) {
             self.stop_generation();
             self.cancel_load();
         }
+        let id = command.request_id();
         let envelope = Envelope {
             command,
             generation_epoch: self.epochs.generation.load(Ordering::SeqCst),
             load_epoch: self.epochs.load.load(Ordering::SeqCst),
         };
-        if self.commands.send(envelope).is_err() {
-            log::error!("the inference thread has ended; command dropped");
+        if self.ended.is_none() || self.commands.send(envelope).is_err() {
+            log::error!("the inference thread is not running; command dropped");
+            if let Some(id) = id {
+                let _ = self.own_events.send(Event::Error {
+                    id,
+                    error: WorkerError::WorkerGone,
+                });
+            }
         }
     }
 
@@ -129,8 +181,9 @@ impl WorkerHandle {
 impl Drop for WorkerHandle {
     fn drop(&mut self) {
         self.send(Command::Shutdown);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some(ended) = self.ended.take() {
+            // Returns when the thread ends (the channel disconnects) or at the timeout.
+            let _ = ended.recv_timeout(SHUTDOWN_WAIT);
         }
     }
 }
@@ -146,6 +199,7 @@ struct Worker {
     template_override: Option<String>,
     /// Restores and saves conversations' KV states.
     resume: ConversationResume,
+    faults: Option<FaultHook>,
 }
 
 impl Worker {
@@ -155,17 +209,20 @@ impl Worker {
                 self.resume.flush();
                 break;
             }
+            let id = envelope.command.request_id();
             let outcome = catch_unwind(AssertUnwindSafe(|| self.handle(envelope)));
             if let Err(panic) = outcome {
-                let message = panic_message(&panic);
+                let message = panic_message(panic.as_ref());
                 log::error!("inference thread panicked: {message}");
                 if let Some(engine) = &mut self.engine {
                     engine.reset();
                 }
-                self.send(Event::Error {
-                    id: None,
-                    message: format!("internal error in the inference engine: {message}"),
-                });
+                if let Some(id) = id {
+                    self.send(Event::Error {
+                        id,
+                        error: WorkerError::Panic(message),
+                    });
+                }
             }
         }
     }
@@ -177,20 +234,21 @@ impl Worker {
 
     fn handle(&mut self, envelope: Envelope) {
         match envelope.command {
-            Command::LoadModel { path, options } => self.load(&path, &options, envelope.load_epoch),
+            Command::LoadModel { id, path, options } => {
+                self.load(id, &path, &options, envelope.load_epoch)
+            }
             Command::Generate(request) => self.generate(request, envelope.generation_epoch),
-            Command::SetTemplateOverride(path) => self.set_template_override(path),
-            Command::Unload => {
+            Command::SetTemplateOverride { id, path } => self.set_template_override(id, path),
+            Command::Unload { id } => {
                 self.engine = None;
                 self.resume.engine_changed();
-                self.send(Event::Unloaded);
+                self.send(Event::Unloaded { id });
             }
             Command::Shutdown => {}
-            Command::TestPanic => panic!("test panic requested"),
         }
     }
 
-    fn load(&mut self, path: &Path, options: &LoadOptions, epoch: u64) {
+    fn load(&mut self, id: RequestId, path: &Path, options: &LoadOptions, epoch: u64) {
         // Free the old weights before reading the new ones.
         self.engine = None;
         self.resume.engine_changed();
@@ -199,37 +257,49 @@ impl Worker {
         let epochs = self.epochs.clone();
         let events = self.events.clone();
         let waker = self.waker.clone();
+        let faults = self.faults.clone();
         let mut progress = |fraction: f32| {
             if fraction - last_sent >= 0.01 || fraction >= 1.0 {
                 last_sent = fraction;
                 let _ = events.send(Event::LoadProgress {
+                    id,
                     path: path.to_path_buf(),
                     fraction,
                 });
                 waker();
             }
+            if let Some(hook) = &faults {
+                hook(FaultPoint::Load { fraction });
+            }
             epochs.load.load(Ordering::SeqCst) == epoch
         };
-        match Engine::load(path, options, &mut progress) {
+        let loaded = if progress(0.0) {
+            Engine::load(path, options, &mut progress)
+        } else {
+            Err(EngineError::Cancelled)
+        };
+        match loaded {
             Ok(engine) => {
                 self.formatter = self.make_formatter(engine.info().chat_template.as_deref());
                 let info = Box::new(engine.info().clone());
                 let tokenizer = engine.tokenizer().clone();
                 self.engine = Some(engine);
                 self.send(Event::Loaded {
+                    id,
                     info,
                     tokenizer,
                     load_secs: start.elapsed().as_secs_f64(),
                 });
             }
             Err(err) => {
-                let message = match err {
-                    EngineError::Cancelled => "loading was cancelled".to_string(),
-                    other => other.to_string(),
+                let error = match err {
+                    EngineError::Cancelled => WorkerError::LoadCancelled,
+                    other => WorkerError::Load(other.to_string()),
                 };
                 self.send(Event::LoadFailed {
+                    id,
                     path: path.to_path_buf(),
-                    message,
+                    error,
                 });
             }
         }
@@ -240,15 +310,18 @@ impl Worker {
         PromptFormatter::new(embedded, override_source)
     }
 
-    fn set_template_override(&mut self, path: Option<PathBuf>) {
+    fn set_template_override(&mut self, id: RequestId, path: Option<PathBuf>) {
         self.template_override = match path {
             None => None,
             Some(path) => match std::fs::read_to_string(&path) {
                 Ok(source) => Some(source),
                 Err(err) => {
                     self.send(Event::Error {
-                        id: None,
-                        message: format!("cannot read chat template {}: {err}", path.display()),
+                        id,
+                        error: WorkerError::TemplateFile {
+                            path,
+                            message: err.to_string(),
+                        },
                     });
                     return;
                 }
@@ -259,6 +332,7 @@ impl Worker {
             .as_ref()
             .and_then(|e| e.info().chat_template.clone());
         self.formatter = self.make_formatter(embedded.as_deref());
+        self.send(Event::TemplateSet { id });
     }
 
     fn generate(&mut self, request: GenerateRequest, epoch: u64) {
@@ -267,8 +341,8 @@ impl Worker {
         let cancelled = move || epochs.generation.load(Ordering::SeqCst) != epoch;
         let Some(engine) = self.engine.as_mut() else {
             self.send(Event::Error {
-                id: Some(id),
-                message: "no model is loaded: open a model first".into(),
+                id,
+                error: WorkerError::NoModel,
             });
             return;
         };
@@ -279,38 +353,58 @@ impl Worker {
         };
         let events = &self.events;
         let waker = &self.waker;
+        let faults = &self.faults;
         let mut on_event = |event: GenerationEvent| {
-            let event = match event {
+            let (event, point) = match event {
                 GenerationEvent::Started {
                     prompt_tokens,
                     prompt_text,
                     dropped_messages,
                     template_fallback,
-                } => Event::Started {
-                    id,
-                    prompt_tokens,
-                    prompt_text,
-                    template_fallback,
-                    dropped_messages,
-                },
-                GenerationEvent::Segment(segment) => Event::Segment {
-                    id,
-                    kind: segment.kind,
-                    text: segment.text,
-                },
+                } => (
+                    Event::Started {
+                        id,
+                        prompt_tokens,
+                        prompt_text,
+                        template_fallback,
+                        dropped_messages,
+                    },
+                    FaultPoint::Prefill,
+                ),
+                GenerationEvent::Segment(segment) => (
+                    Event::Segment {
+                        id,
+                        kind: segment.kind,
+                        text: segment.text,
+                    },
+                    FaultPoint::Segment,
+                ),
             };
             let _ = events.send(event);
             waker();
+            if let Some(hook) = faults {
+                hook(point);
+            }
         };
         let conversation = request.conversation.as_deref();
         self.resume.before_reply(engine, conversation);
-        let result = generate_reply(
-            engine,
-            &ctx,
-            &request.messages,
-            &request.settings,
-            &mut on_event,
-        );
+        let result = if request.resume {
+            crate::chat::resume::resume_reply(
+                engine,
+                &ctx,
+                &request.messages,
+                &request.settings,
+                &mut on_event,
+            )
+        } else {
+            generate_reply(
+                engine,
+                &ctx,
+                &request.messages,
+                &request.settings,
+                &mut on_event,
+            )
+        };
         let event = match result {
             Ok(reply) => Event::Finished {
                 id,
@@ -323,9 +417,13 @@ impl Worker {
                     ..GenerationStats::default()
                 },
             },
+            Err(GenerateError::Context(err)) => Event::Error {
+                id,
+                error: WorkerError::Context(err.to_string()),
+            },
             Err(err) => Event::Error {
-                id: Some(id),
-                message: err.to_string(),
+                id,
+                error: WorkerError::Engine(err.to_string()),
             },
         };
         self.send(event);
@@ -335,8 +433,8 @@ impl Worker {
     }
 }
 
-/// The text of a panic payload.
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+/// The text of a caught panic's payload.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {

@@ -62,16 +62,26 @@ impl Fake {
 
     /// The model paths the app asked to load.
     pub fn loads(&self) -> Vec<PathBuf> {
+        self.load_requests().into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// The load requests received so far: (request id, path).
+    pub fn load_requests(&self) -> Vec<(RequestId, PathBuf)> {
         self.0
             .lock()
             .unwrap()
             .commands
             .iter()
             .filter_map(|c| match c {
-                Command::LoadModel { path, .. } => Some(path.clone()),
+                Command::LoadModel { id, path, .. } => Some((*id, path.clone())),
                 _ => None,
             })
             .collect()
+    }
+
+    /// The id of the newest load request (0 when there was none).
+    pub fn last_load_id(&self) -> RequestId {
+        self.load_requests().last().map_or(0, |(id, _)| *id)
     }
 
     /// Times Stop was pressed.
@@ -194,16 +204,32 @@ pub fn fake_options(fake: &Fake, data_dir: &Path, model_dir: &Path) -> AppOption
     }
 }
 
-/// The event the worker sends when a model finished loading, built from a real file.
-pub fn loaded_event(path: &Path) -> Event {
+/// The event the worker sends when load request `id` finished, built from a real file.
+pub fn loaded_event_for(id: RequestId, path: &Path) -> Event {
     let gguf = GgufFile::open(path).expect("the fixture opens");
     let info = ModelInfo::from_gguf(&gguf).expect("the fixture describes a model");
     let tokenizer = GgufTokenizer::from_gguf(&gguf).expect("the fixture has a tokenizer");
     Event::Loaded {
+        id,
         info: Box::new(info),
         tokenizer: Arc::new(tokenizer),
         load_secs: 0.5,
     }
+}
+
+/// The event the worker sends when a model finished loading, answering the newest load
+/// request the fake saw (the tests push it as if the app had asked).
+pub fn loaded_event(fake: &Fake, path: &Path) -> Event {
+    loaded_event_for(fake.last_load_id(), path)
+}
+
+/// Has the app load a model, and answers as the worker would when it is loaded.
+pub fn load_model(harness: &mut Harness<'_, App>, fake: &Fake, path: &Path) {
+    harness
+        .state_mut()
+        .apply(smoldesk::ui::Action::Load(path.to_path_buf()));
+    fake.push(loaded_event(fake, path));
+    harness.run_steps(3);
 }
 
 /// Steps the app (sleeping a little between frames) until `done` holds; false on timeout.
