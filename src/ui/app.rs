@@ -194,6 +194,8 @@ pub struct App {
     pub(crate) revision: u64,
     /// The chat template file in use instead of the model's own, and its text.
     pub(crate) template_override: Option<(PathBuf, String)>,
+    /// Disk and template work running off the UI thread.
+    pub(crate) tasks: super::tasks::Tasks,
     catch_panics: bool,
 }
 
@@ -233,6 +235,7 @@ impl App {
             composer: composer::ComposerState::default(),
             notices: Notices::default(),
             meter: TokenMeter::new(wake.clone()),
+            tasks: super::tasks::Tasks::new(wake.clone()),
             picker: ModelPicker::new(model_dirs, wake),
             sidebar: sidebar::SidebarState::default(),
             chat: chat_view::ChatViewState::default(),
@@ -391,6 +394,9 @@ impl App {
                 "Could not save the conversation: {error}. Your messages are still here; \
                  SmolDesk will try again after the next message."
             ));
+        }
+        for finished in self.tasks.take_finished() {
+            finished(self);
         }
         let picked = self.picker.poll();
         for action in picked {
