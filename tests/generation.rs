@@ -26,8 +26,14 @@ fn reply(engine: &mut Engine, messages: &[Message], settings: &ChatSettings) -> 
         date: chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
         cancelled: &not_cancelled,
     };
-    generate_reply(engine, &ctx, messages, settings, &mut |_: GenerationEvent| {})
-        .expect("a reply")
+    generate_reply(
+        engine,
+        &ctx,
+        messages,
+        settings,
+        &mut |_: GenerationEvent| {},
+    )
+    .expect("a reply")
 }
 
 fn settings(sampling: SamplingParams) -> ChatSettings {
@@ -45,7 +51,11 @@ fn user(text: &str) -> Message {
 #[test]
 fn without_a_budget_the_scripted_thinker_thinks_its_300_words() {
     let mut engine = load("scripted-thinker.gguf", 2048);
-    let reply = reply(&mut engine, &[user("Hello")], &settings(SamplingParams::greedy()));
+    let reply = reply(
+        &mut engine,
+        &[user("Hello")],
+        &settings(SamplingParams::greedy()),
+    );
     assert!(!reply.stats.thinking_budget_reached);
     // `<think>`, 300 words, `</think>`.
     assert_eq!(reply.stats.thinking_tokens, 302);
@@ -69,13 +79,20 @@ fn a_thinking_budget_of_256_ends_the_thought_and_an_answer_follows() {
         let (open, close) = tokenizer.think_ids().expect("SmolLM3 thinking tokens");
         let close_at = reply.tokens.iter().position(|&t| t == close).unwrap();
         assert_eq!(close_at, 255, "the end tag is the 256th thinking token");
-        assert!(!reply.tokens[close_at..].contains(&open), "no second thought");
+        assert!(
+            !reply.tokens[close_at..].contains(&open),
+            "no second thought"
+        );
         assert!(
             reply.answer.split_whitespace().count() >= 5,
             "t={temperature}: answer {:?}",
             reply.answer
         );
-        assert_eq!(reply.stats.stop_reason, StopReason::EndOfTurn, "t={temperature}");
+        assert_eq!(
+            reply.stats.stop_reason,
+            StopReason::EndOfTurn,
+            "t={temperature}"
+        );
         assert!(!reply.thinking.contains("</think>"));
     }
 }
@@ -142,7 +159,10 @@ fn after_the_context_overflows_turns_reuse_the_cache_between_block_drops() {
         )));
         let reply = reply(&mut engine, &messages, &chat);
         let stats = &reply.stats;
-        assert!(stats.prompt_tokens + stats.generated_tokens <= context, "turn {turn}");
+        assert!(
+            stats.prompt_tokens + stats.generated_tokens <= context,
+            "turn {turn}"
+        );
         if stats.dropped_messages > 0 {
             turns_after_overflow += 1;
         }
@@ -174,5 +194,8 @@ fn after_the_context_overflows_turns_reuse_the_cache_between_block_drops() {
     }
     assert!(turns_after_overflow >= 10, "the context never overflowed");
     assert!(drops <= 3, "{drops} drops in 10 turns");
-    assert!(reused_turns >= 7, "only {reused_turns} turns reused the cache");
+    assert!(
+        reused_turns >= 7,
+        "only {reused_turns} turns reused the cache"
+    );
 }

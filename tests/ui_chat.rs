@@ -78,7 +78,10 @@ fn a_poem_keeps_its_line_breaks_and_copy_keeps_the_text() {
     let third = harness.get_by_label("the sea sleeps below.").rect();
     assert!(second.top() >= first.bottom() - 1.0, "{first:?} {second:?}");
     assert!(third.top() >= second.bottom() - 1.0, "{second:?} {third:?}");
-    assert!((second.left() - first.left()).abs() < 1.0, "lines start alike");
+    assert!(
+        (second.left() - first.left()).abs() < 1.0,
+        "lines start alike"
+    );
 
     let reply = &harness.state().current_conversation().unwrap().messages[1];
     assert_eq!(reply.content, poem, "the stored text is the model's own");
@@ -101,17 +104,6 @@ fn a_poem_keeps_its_line_breaks_and_copy_keeps_the_text() {
 }
 
 #[test]
-fn code_blocks_keep_their_lines_without_added_spaces() {
-    let fake = Fake::default();
-    let dirs = dirs();
-    let mut harness = loaded_app(&fake, &dirs);
-    let answer = "Run:\n\n```\nls -l\ncd /tmp\n```";
-    exchange(&mut harness, &fake, "Show me", answer, GenerationStats::default());
-    assert!(shows(&harness, "ls -l\ncd /tmp"), "the code block is one block");
-    assert!(!shows(&harness, "ls -l  "), "no spaces were added inside code");
-}
-
-#[test]
 fn each_reply_shows_the_seed_it_was_sampled_with() {
     let fake = Fake::default();
     let dirs = dirs();
@@ -123,12 +115,16 @@ fn each_reply_shows_the_seed_it_was_sampled_with() {
     };
     exchange(&mut harness, &fake, "Hi", "Hello!", stats);
     let request = fake.last_request();
-    assert!(!request.settings.fixed_seed, "new chats draw a seed per reply");
-    harness
-        .get_by_label_contains("to first token")
-        .hover();
+    assert!(
+        !request.settings.fixed_seed,
+        "new chats draw a seed per reply"
+    );
+    harness.get_by_label_contains("to first token").hover();
     harness.run_steps(60);
-    assert!(shows(&harness, "Seed: 1234567"), "the tooltip names the seed");
+    assert!(
+        shows(&harness, "Seed: 1234567"),
+        "the tooltip names the seed"
+    );
 }
 
 #[test]
@@ -136,27 +132,33 @@ fn regenerate_asks_for_a_fresh_seed_unless_one_is_fixed() {
     let fake = Fake::default();
     let dirs = dirs();
     let mut harness = loaded_app(&fake, &dirs);
-    exchange(&mut harness, &fake, "Hi", "Hello!", GenerationStats::default());
+    exchange(
+        &mut harness,
+        &fake,
+        "Hi",
+        "Hello!",
+        GenerationStats::default(),
+    );
     harness.state_mut().apply(Action::Regenerate);
     harness.run_steps(2);
     assert!(!fake.last_request().settings.fixed_seed);
+}
 
-    harness.state_mut().apply(Action::Stop);
-    let id = fake.last_request().id;
-    fake.finished(id, GenerationStats::default());
-    harness.run_steps(2);
+#[test]
+fn a_fixed_seed_is_set_in_settings_and_sent_with_the_request() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
     harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Comma);
     harness.run_steps(2);
-    harness.get_by_label("Fixed seed").click();
+    harness.get_by_label("Fixed seed").focus();
+    harness.step();
+    harness.key_press(egui::Key::Space);
     harness.run_steps(2);
-    assert!(
-        harness
-            .state()
-            .current_conversation()
-            .unwrap()
-            .settings
-            .fixed_seed
-    );
+    let settings = &harness.state().current_conversation().unwrap().settings;
+    assert!(settings.fixed_seed);
+    send_message(&mut harness, "Same again");
+    assert!(fake.last_request().settings.fixed_seed);
 }
 
 #[test]
@@ -201,8 +203,20 @@ fn the_overflow_notice_marks_where_the_models_view_begins() {
     let fake = Fake::default();
     let dirs = dirs();
     let mut harness = loaded_app(&fake, &dirs);
-    exchange(&mut harness, &fake, "First", "One.", GenerationStats::default());
-    exchange(&mut harness, &fake, "Second", "Two.", GenerationStats::default());
+    exchange(
+        &mut harness,
+        &fake,
+        "First",
+        "One.",
+        GenerationStats::default(),
+    );
+    exchange(
+        &mut harness,
+        &fake,
+        "Second",
+        "Two.",
+        GenerationStats::default(),
+    );
     assert!(!shows(&harness, "no longer fit the context"));
     let dropped = GenerationStats {
         dropped_messages: 2,
@@ -220,9 +234,17 @@ fn search_runs_on_edits_not_on_every_streamed_token() {
     let fake = Fake::default();
     let dirs = dirs();
     let mut harness = loaded_app(&fake, &dirs);
-    exchange(&mut harness, &fake, "About whales", "Big.", GenerationStats::default());
+    exchange(
+        &mut harness,
+        &fake,
+        "About whales",
+        "Big.",
+        GenerationStats::default(),
+    );
     harness.get_by_label("Search conversations").focus();
-    harness.get_by_label("Search conversations").type_text("whale");
+    harness
+        .get_by_label("Search conversations")
+        .type_text("whale");
     harness.run_steps(2);
     let before = harness.state().search_runs();
     send_message(&mut harness, "More about whales");
@@ -234,7 +256,11 @@ fn search_runs_on_edits_not_on_every_streamed_token() {
         fake.segment(id, SegmentKind::Answer, "whale ");
         harness.step();
     }
-    assert_eq!(harness.state().search_runs(), streaming, "tokens rerun the search");
+    assert_eq!(
+        harness.state().search_runs(),
+        streaming,
+        "tokens rerun the search"
+    );
     fake.finished(id, GenerationStats::default());
     harness.run_steps(2);
     assert!(harness.state().search_runs() > before);
@@ -248,15 +274,30 @@ fn export_is_written_in_the_background_and_announced() {
     let fake = Fake::default();
     let dirs = dirs();
     let mut harness = loaded_app(&fake, &dirs);
-    exchange(&mut harness, &fake, "Line\nbreaks", "A\nB", GenerationStats::default());
+    exchange(
+        &mut harness,
+        &fake,
+        "Line\nbreaks",
+        "A\nB",
+        GenerationStats::default(),
+    );
     let id = harness.state().current_conversation().unwrap().id.clone();
     harness.state_mut().apply(Action::Export(id));
     let announced = step_until(&mut harness, Duration::from_secs(20), |app| {
-        app.notice_texts().iter().any(|t| t.starts_with("Exported to"))
+        app.notice_texts()
+            .iter()
+            .any(|t| t.starts_with("Exported to"))
     });
     assert!(announced, "{:?}", harness.state().notice_texts());
     let exports = dirs.data.path().join("exports");
-    let file = std::fs::read_dir(&exports).unwrap().next().unwrap().unwrap();
+    let file = std::fs::read_dir(&exports)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
     let text = std::fs::read_to_string(file.path()).unwrap();
-    assert!(text.contains("A\nB"), "the export keeps the original text: {text}");
+    assert!(
+        text.contains("A\nB"),
+        "the export keeps the original text: {text}"
+    );
 }

@@ -250,7 +250,10 @@ mod conversation_tests {
         let c: Conversation = serde_json::from_str(r#"{"id":"1","messages":[]}"#).unwrap();
         assert_eq!(c.id, "1");
         assert!(c.settings.thinking);
-        assert!(!c.settings.fixed_seed, "old chats draw a fresh seed per reply");
+        assert!(
+            !c.settings.fixed_seed,
+            "old chats draw a fresh seed per reply"
+        );
         assert_eq!(c.settings.thinking_budget, None);
     }
 }

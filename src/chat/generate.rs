@@ -257,7 +257,9 @@ impl ThinkingBudget {
         let close = match limit {
             Some(_) => tokenizer
                 .encode(THINK_CLOSE_TEXT, true)
-                .inspect_err(|err| log::warn!("no thinking budget: cannot encode the end tag: {err}"))
+                .inspect_err(|err| {
+                    log::warn!("no thinking budget: cannot encode the end tag: {err}")
+                })
                 .unwrap_or_default(),
             None => Vec::new(),
         };

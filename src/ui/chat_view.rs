@@ -107,7 +107,11 @@ fn estimated_height(message: &Message, width: f32, row_height: f32, show_thinkin
     let chars_per_row = (width / (row_height * 0.5)).max(10.0);
     let rows = |text: &str| -> f32 {
         text.lines()
-            .map(|line| (line.chars().count() as f32 / chars_per_row).ceil().max(1.0))
+            .map(|line| {
+                (line.chars().count() as f32 / chars_per_row)
+                    .ceil()
+                    .max(1.0)
+            })
             .sum()
     };
     let thinking = match (&message.thinking, show_thinking) {
@@ -222,7 +226,10 @@ struct MessageView<'a> {
 
 /// The first message of the conversation still in the model's context, when older ones were
 /// dropped: from the reply being written, else from the newest finished reply.
-fn context_start(app: &App, conversation: &crate::chat::conversation::Conversation) -> Option<usize> {
+fn context_start(
+    app: &App,
+    conversation: &crate::chat::conversation::Conversation,
+) -> Option<usize> {
     let live = app
         .generation
         .as_ref()
@@ -338,8 +345,8 @@ fn messages_in_view(
             has_stats: message.stats.is_some(),
             context_start: view.context_start == Some(index),
         };
-        let live = index == view.last_index
-            || view.editing.as_ref().is_some_and(|(i, _)| *i == index);
+        let live =
+            index == view.last_index || view.editing.as_ref().is_some_and(|(i, _)| *i == index);
         let height = heights
             .get(index, key)
             .unwrap_or_else(|| estimated_height(message, width, row_height, view.show_thinking));
@@ -349,7 +356,10 @@ fn messages_in_view(
             continue;
         }
         if skipped > 0.0 {
-            ui.allocate_space(egui::vec2(width, (skipped - ui.spacing().item_spacing.y).max(0.0)));
+            ui.allocate_space(egui::vec2(
+                width,
+                (skipped - ui.spacing().item_spacing.y).max(0.0),
+            ));
             skipped = 0.0;
         }
         let before = ui.cursor().top();
@@ -359,7 +369,10 @@ fn messages_in_view(
         y = after - top;
     }
     if skipped > 0.0 {
-        ui.allocate_space(egui::vec2(width, (skipped - ui.spacing().item_spacing.y).max(0.0)));
+        ui.allocate_space(egui::vec2(
+            width,
+            (skipped - ui.spacing().item_spacing.y).max(0.0),
+        ));
     }
 }
 
@@ -395,11 +408,15 @@ fn context_divider(ui: &mut Ui, dropped: usize) {
     let color = theme::muted_text_color(ui.visuals());
     ui.add_space(4.0);
     ui.separator();
-    ui.label(RichText::new(format!("⤒ {}", context_notice(dropped))).small().color(color))
-        .on_hover_text(
-            "To make room, older turns were left out of the prompt a block at a time, so the \
+    ui.label(
+        RichText::new(format!("⬆ {}", context_notice(dropped)))
+            .small()
+            .color(color),
+    )
+    .on_hover_text(
+        "To make room, older turns were left out of the prompt a block at a time, so the \
              next turns can reuse what the model already read",
-        );
+    );
     ui.add_space(6.0);
 }
 

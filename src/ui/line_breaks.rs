@@ -56,8 +56,7 @@ fn break_after(lines: &[&str]) -> Vec<bool> {
             continue;
         }
         let previous_blank = i == 0 || is_blank(lines[i - 1]);
-        if indent(line) >= 4 && (previous_blank || in_indented_code) && !in_list_context(lines, i)
-        {
+        if indent(line) >= 4 && (previous_blank || in_indented_code) && !in_list_context(lines, i) {
             in_indented_code = true;
             continue;
         }
@@ -157,7 +156,10 @@ fn is_heading(line: &str) -> bool {
     let hashes = trimmed.chars().take_while(|c| *c == '#').count();
     indent(line) < 4
         && (1..=6).contains(&hashes)
-        && trimmed[hashes..].chars().next().is_none_or(char::is_whitespace)
+        && trimmed[hashes..]
+            .chars()
+            .next()
+            .is_none_or(char::is_whitespace)
 }
 
 fn is_setext_underline(line: &str) -> bool {
@@ -202,7 +204,10 @@ mod tests {
     #[test]
     fn paragraphs_and_single_lines_are_unchanged() {
         for text in ["one line", "para one\n\npara two", "a\n\n\nb\n"] {
-            assert!(matches!(with_hard_line_breaks(text), Cow::Borrowed(_)), "{text}");
+            assert!(
+                matches!(with_hard_line_breaks(text), Cow::Borrowed(_)),
+                "{text}"
+            );
         }
     }
 
