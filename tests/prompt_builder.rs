@@ -97,6 +97,7 @@ fn chat(thinking: bool, system_prompt: &str) -> ChatSettings {
             max_tokens: 3,
             ..SamplingParams::greedy()
         },
+        ..ChatSettings::default()
     }
 }
 

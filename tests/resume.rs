@@ -158,6 +158,7 @@ fn reply(
             max_tokens: 8,
             ..SamplingParams::greedy()
         },
+        ..ChatSettings::default()
     };
     worker.send(Command::Generate(GenerateRequest {
         id,

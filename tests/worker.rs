@@ -92,6 +92,7 @@ fn settings(thinking: bool, max_tokens: usize) -> ChatSettings {
             max_tokens,
             ..SamplingParams::greedy()
         },
+        ..ChatSettings::default()
     }
 }
 

@@ -4,6 +4,9 @@
 //! candidate), and the newest message is never dropped. Messages are dropped from the start, a
 //! user message together with the assistant reply after it, so the kept part starts with a user
 //! message whenever that fits; only when nothing else fits is the newest message kept alone.
+//!
+//! [`fit_in_blocks`] drops old turns a block at a time, so that the start of the prompt (and
+//! with it the KV cache) stays the same for many turns instead of changing with every turn.
 
 use super::conversation::{Message, Role};
 
@@ -72,6 +75,40 @@ pub fn fit_to_context(
         }
     }
     Ok(kept_from(messages, cuts[enough], enough_tokens))
+}
+
+/// Like [`fit_to_context`], but once old turns must go, drops them in blocks of at least
+/// `block_tokens`, so the kept part starts at the same message turn after turn and the prompt's
+/// cached prefix stays valid until the next block goes.
+///
+/// The cut depends only on how many tokens the oldest messages take (blocks are counted from
+/// the start of the conversation), not on what came after them: appending turns leaves it in
+/// place until the conversation has grown by about a block. Each time it moves, at least
+/// `block_tokens` of the budget are free after the cut.
+pub fn fit_in_blocks(
+    messages: &[Message],
+    budget_tokens: usize,
+    block_tokens: usize,
+    count_tokens: &mut dyn FnMut(&[Message]) -> usize,
+) -> Result<Fitted, ContextError> {
+    let needed = fit_to_context(messages, budget_tokens, count_tokens)?;
+    if needed.dropped == 0 {
+        return Ok(needed);
+    }
+    let block = block_tokens.max(1);
+    let all_tokens = count_tokens(messages);
+    // Tokens the dropped messages take; the cut goes to the block boundary after the next one.
+    let dropped_tokens = all_tokens.saturating_sub(needed.prompt_tokens);
+    let cut_at = (dropped_tokens.div_ceil(block) + 1) * block;
+    match fit_to_context(messages, all_tokens.saturating_sub(cut_at), count_tokens) {
+        Ok(fitted) if fitted.dropped >= needed.dropped => Ok(fitted),
+        // Not even the newest message fits so small a part: keep it alone.
+        _ => {
+            let newest = drop_points(messages).last().copied().unwrap_or(0);
+            let tokens = count_tokens(&messages[newest..]);
+            Ok(kept_from(messages, newest.max(needed.dropped), tokens))
+        }
+    }
 }
 
 /// The numbers of messages that may be dropped, ascending: none, every count that leaves a
@@ -283,6 +320,64 @@ mod tests {
                 }
             }
         }
+    }
+
+    fn fit_blocks(messages: &[Message], budget: usize, block: usize) -> Fitted {
+        let mut counter = FakeCounter::new();
+        fit_in_blocks(messages, budget, block, &mut |m| counter.count(m)).unwrap()
+    }
+
+    #[test]
+    fn blocks_keep_the_whole_conversation_while_it_fits() {
+        let messages = conversation(3);
+        let fitted = fit_blocks(&messages, cost(&messages), 40);
+        assert_eq!(fitted.dropped, 0);
+        assert_eq!(fitted.messages, messages);
+    }
+
+    /// A conversation growing by one turn at a time: the first kept message moves only
+    /// now and then, each move frees at least a block, and the prompt always fits.
+    #[test]
+    fn blocks_move_the_cut_rarely_and_free_a_block_each_time() {
+        let budget = 300;
+        let block = 75;
+        let mut messages = vec![user("question00")];
+        let mut cuts = Vec::new();
+        for turn in 1..80 {
+            let fitted = fit_blocks(&messages, budget, block);
+            assert!(fitted.prompt_tokens <= budget, "turn {turn}");
+            assert_eq!(fitted.messages[0].role, Role::User, "turn {turn}");
+            if cuts.last() != Some(&fitted.dropped) {
+                if fitted.dropped > 0 {
+                    assert!(
+                        budget - fitted.prompt_tokens >= block,
+                        "turn {turn}: only {} tokens free after a drop",
+                        budget - fitted.prompt_tokens
+                    );
+                }
+                cuts.push(fitted.dropped);
+            }
+            messages.push(assistant(&format!("answer{turn:04}")));
+            messages.push(user(&format!("question{turn:02}")));
+        }
+        // Each turn adds 28 tokens: a 75-token block lasts under three turns; the cut
+        // moves by at least a block and then stays for a few turns.
+        let drops = cuts.len() - 1;
+        assert!(drops >= 5, "the conversation outgrew the context: {cuts:?}");
+        assert!(drops <= 80 * 28 / block, "{drops} drops: {cuts:?}");
+        assert!(cuts.windows(2).all(|w| w[0] < w[1]), "{cuts:?}");
+    }
+
+    #[test]
+    fn blocks_agree_with_the_minimal_fit_on_what_is_too_long() {
+        let messages = conversation(3);
+        let newest_cost = cost(&messages[messages.len() - 1..]);
+        let mut counter = FakeCounter::new();
+        let result = fit_in_blocks(&messages, newest_cost - 1, 50, &mut |m| counter.count(m));
+        assert!(result.is_err());
+        // A block larger than the whole conversation keeps only the newest message.
+        let fitted = fit_blocks(&messages, cost(&messages) - 1, 10_000);
+        assert_eq!(fitted.messages, vec![user("final")]);
     }
 
     #[test]

@@ -52,6 +52,10 @@ pub struct GenerationStats {
     pub stop_reason: StopReason,
     /// Messages dropped from the start of the conversation to fit the context.
     pub dropped_messages: usize,
+    /// The sampling seed this reply was drawn with (the same seed and prompt give it again).
+    pub seed: u64,
+    /// Whether thinking was ended because it reached the chat's thinking budget.
+    pub thinking_budget_reached: bool,
 }
 
 /// Why a reply ended.
@@ -108,6 +112,11 @@ pub struct ChatSettings {
     pub thinking: bool,
     /// Sampling settings.
     pub sampling: SamplingParams,
+    /// Use `sampling.seed` for every reply; otherwise each reply draws a fresh seed (so
+    /// Regenerate gives a new reply) and records it in its statistics.
+    pub fixed_seed: bool,
+    /// Most tokens the model may think before it is made to answer (`None`: no limit).
+    pub thinking_budget: Option<usize>,
 }
 
 impl Default for ChatSettings {
@@ -116,6 +125,8 @@ impl Default for ChatSettings {
             system_prompt: String::new(),
             thinking: true,
             sampling: SamplingParams::default(),
+            fixed_seed: false,
+            thinking_budget: None,
         }
     }
 }
@@ -243,5 +254,10 @@ mod conversation_tests {
         let c: Conversation = serde_json::from_str(r#"{"id":"1","messages":[]}"#).unwrap();
         assert_eq!(c.id, "1");
         assert!(c.settings.thinking);
+        assert!(
+            !c.settings.fixed_seed,
+            "old chats draw a fresh seed per reply"
+        );
+        assert_eq!(c.settings.thinking_budget, None);
     }
 }

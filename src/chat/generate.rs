@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use chrono::NaiveDate;
 
-use super::context::{ContextError, fit_to_context};
+use super::context::{ContextError, fit_in_blocks};
 use super::conversation::{ChatSettings, GenerationStats, Message, StopReason};
 use super::prompt::PromptBuilder;
 use super::template::PromptFormatter;
@@ -69,6 +69,15 @@ pub struct GenerationContext<'a> {
     pub cancelled: &'a dyn Fn() -> bool,
 }
 
+/// When old turns must go, at least this share of the context is freed at once (see
+/// [`fit_in_blocks`]), so the following turns reuse the KV cache again.
+const DROP_BLOCK_DIVISOR: usize = 4;
+
+/// The text that ends a thought early. SmolLM3's template follows it with a newline, which the
+/// model then writes itself (forcing the newline too makes a bigram-like model, such as the
+/// scripted test model, start a new thought instead of answering).
+const THINK_CLOSE_TEXT: &str = "</think>";
+
 /// Tokens kept free for the reply when fitting the conversation into the context.
 fn reply_reserve(context: usize, max_tokens: usize) -> usize {
     max_tokens.clamp(1, (context / 4).max(1))
@@ -89,7 +98,8 @@ pub fn generate_reply(
     let builder = PromptBuilder::new(ctx.formatter, &tokenizer, ctx.date);
     let mut count_tokens =
         |candidate: &[Message]| builder.count(settings, candidate).unwrap_or(usize::MAX);
-    let fitted = fit_to_context(messages, budget, &mut count_tokens)?;
+    let block = (context / DROP_BLOCK_DIVISOR).max(1);
+    let fitted = fit_in_blocks(messages, budget, block, &mut count_tokens)?;
     let prompt = builder.build(settings, &fitted.messages)?;
     on_event(GenerationEvent::Started {
         prompt_tokens: prompt.tokens.len(),
@@ -102,20 +112,46 @@ pub fn generate_reply(
         ctx,
         &prompt.tokens,
         prompt.starts_in_thinking,
-        &settings.sampling,
+        &sampling_for_reply(settings),
+        settings.thinking_budget,
         on_event,
     )?;
     reply.stats.dropped_messages = fitted.dropped;
     Ok(reply)
 }
 
+/// The chat's sampling settings with the seed of this reply: the chat's own when it is fixed,
+/// else a fresh one (so Regenerate gives a new reply).
+pub fn sampling_for_reply(settings: &ChatSettings) -> SamplingParams {
+    let mut sampling = settings.sampling.clone();
+    if !settings.fixed_seed {
+        sampling.seed = fresh_seed();
+    }
+    sampling
+}
+
+/// A random seed from the OS-seeded hasher and the clock, within `u32` so it can be typed into
+/// the seed setting to reproduce a reply.
+fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    hasher.write_u128(nanos);
+    hasher.finish() & u64::from(u32::MAX)
+}
+
 /// Generates a completion of an already tokenized prompt (no template), streaming segments.
+/// With a `thinking_budget`, a thought that reaches that many tokens is closed (`</think>` is
+/// fed to the model as if it wrote it, and no new thought may start) and the model answers.
 pub fn generate_from_tokens(
     engine: &mut Engine,
     ctx: &GenerationContext<'_>,
     prompt: &[u32],
     starts_in_thinking: bool,
     sampling: &SamplingParams,
+    thinking_budget: Option<usize>,
     on_event: &mut dyn FnMut(GenerationEvent),
 ) -> Result<Reply, GenerateError> {
     let request_start = Instant::now();
@@ -129,7 +165,9 @@ pub fn generate_from_tokens(
     run.stats.prompt_tokens = prompt.len();
     run.stats.prefilled_tokens = prefill.computed;
     run.stats.prefill_tok_per_sec = prefill.computed as f64 / prefill_secs.max(1e-9);
+    run.stats.seed = sampling.seed;
 
+    let mut budget = ThinkingBudget::new(&tokenizer, thinking_budget);
     let mut sampler = Sampler::new(sampling);
     let mut history: Vec<u32> = prompt.to_vec();
     let mut logits = prefill.logits;
@@ -138,8 +176,14 @@ pub fn generate_from_tokens(
         if (ctx.cancelled)() {
             break StopReason::Cancelled;
         }
-        let window_start = history.len().saturating_sub(sampling.repeat_last_n);
-        let next = sampler.sample(&logits, &history[window_start..]);
+        let next = match budget.forced.pop_front() {
+            Some(forced) => forced,
+            None => {
+                budget.forbid_new_thought(&mut logits);
+                let window_start = history.len().saturating_sub(sampling.repeat_last_n);
+                sampler.sample(&logits, &history[window_start..])
+            }
+        };
         if run.reply.tokens.is_empty() {
             run.stats.time_to_first_token_secs = request_start.elapsed().as_secs_f64();
         }
@@ -148,6 +192,9 @@ pub fn generate_from_tokens(
         }
         run.push_token(next);
         history.push(next);
+        if budget.close_now(&run) {
+            run.stats.thinking_budget_reached = true;
+        }
         if run.reply.tokens.len() >= sampling.max_tokens {
             break StopReason::MaxTokens;
         }
@@ -164,6 +211,60 @@ pub fn generate_from_tokens(
         0.0
     };
     Ok(run.finish(stop_reason))
+}
+
+/// A limit on thinking tokens and the tokens it feeds the model once the limit is reached.
+struct ThinkingBudget {
+    limit: Option<usize>,
+    close: Vec<u32>,
+    open_id: Option<u32>,
+    /// Tokens to feed next instead of sampling.
+    forced: std::collections::VecDeque<u32>,
+    reached: bool,
+}
+
+impl ThinkingBudget {
+    fn new(tokenizer: &GgufTokenizer, limit: Option<usize>) -> Self {
+        let close = match limit {
+            Some(_) => tokenizer
+                .encode(THINK_CLOSE_TEXT, true)
+                .inspect_err(|err| {
+                    log::warn!("no thinking budget: cannot encode the end tag: {err}")
+                })
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        Self {
+            limit: limit.filter(|_| !close.is_empty()),
+            close,
+            open_id: tokenizer.think_ids().map(|(open, _)| open),
+            forced: std::collections::VecDeque::new(),
+            reached: false,
+        }
+    }
+
+    /// Whether the thought must end now (the end tag then makes it exactly the budget long);
+    /// queues the end tag once.
+    fn close_now(&mut self, run: &ReplyRun<'_>) -> bool {
+        let Some(limit) = self.limit else {
+            return false;
+        };
+        if self.reached || !run.splitter.in_thinking() || run.stats.thinking_tokens + 1 < limit {
+            return false;
+        }
+        self.reached = true;
+        self.forced.extend(self.close.iter().copied());
+        true
+    }
+
+    /// Once the budget ended a thought, the model may not start another one.
+    fn forbid_new_thought(&self, logits: &mut [f32]) {
+        if self.reached
+            && let Some(slot) = self.open_id.and_then(|id| logits.get_mut(id as usize))
+        {
+            *slot = f32::NEG_INFINITY;
+        }
+    }
 }
 
 /// The state of one reply while tokens stream in.
@@ -288,5 +389,16 @@ mod tests {
         assert_eq!(reply.answer, "Hello world");
         assert_eq!(shown, "Hello world");
         assert_eq!(reply.tokens.len(), words.len() + 1);
+    }
+
+    #[test]
+    fn replies_get_fresh_seeds_unless_the_chat_fixes_one() {
+        let mut settings = ChatSettings::default();
+        settings.sampling.seed = 9;
+        let seeds: Vec<u64> = (0..4).map(|_| sampling_for_reply(&settings).seed).collect();
+        assert!(seeds.iter().all(|&s| s <= u64::from(u32::MAX)));
+        assert!(seeds.windows(2).any(|w| w[0] != w[1]), "{seeds:?}");
+        settings.fixed_seed = true;
+        assert_eq!(sampling_for_reply(&settings).seed, 9);
     }
 }

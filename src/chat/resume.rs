@@ -6,6 +6,7 @@ use super::context::ContextError;
 use super::conversation::{ChatSettings, Message, Role};
 use super::generate::{
     GenerateError, GenerationContext, GenerationEvent, Reply, generate_from_tokens, generate_reply,
+    sampling_for_reply,
 };
 use super::prompt::PromptBuilder;
 use super::thinking::{CLOSE_TAG, OPEN_TAG};
@@ -52,7 +53,8 @@ pub fn resume_reply(
         ctx,
         &prompt,
         still_thinking,
-        &settings.sampling,
+        &sampling_for_reply(settings),
+        settings.thinking_budget,
         on_event,
     )
 }

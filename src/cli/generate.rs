@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use crate::chat::conversation::{ChatSettings, Message, Role};
 use crate::chat::generate::{
     GenerationContext, GenerationEvent, Reply, generate_from_tokens, generate_reply,
+    sampling_for_reply,
 };
 use crate::chat::prompt::PromptBuilder;
 use crate::chat::state_cache::{
@@ -57,9 +58,12 @@ pub struct Args {
     /// Penalty for recently used tokens (1 = off).
     #[arg(long)]
     pub repeat_penalty: Option<f32>,
-    /// Random seed.
+    /// Random seed (without it, each run draws a fresh one; the stats show which).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Most tokens the model may think; then the thought is closed and the model answers.
+    #[arg(long, value_name = "N")]
+    pub think_budget: Option<usize>,
     /// Context length in tokens.
     #[arg(long, default_value_t = 8192)]
     pub context: usize,
@@ -103,6 +107,8 @@ impl Args {
             system_prompt: self.system.clone().unwrap_or_default(),
             thinking: !self.no_think && (self.think || engine.info().can_think),
             sampling,
+            fixed_seed: self.seed.is_some(),
+            thinking_budget: self.think_budget,
         }
     }
 }
@@ -168,7 +174,8 @@ pub fn run(args: Args) -> Result<()> {
             &ctx,
             &tokens,
             inside,
-            &settings.sampling,
+            &sampling_for_reply(&settings),
+            settings.thinking_budget,
             &mut on_event,
         )?
     } else {
@@ -190,10 +197,17 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         let s = &reply.stats;
         eprintln!(
-            "{} prompt tokens ({} computed), {} generated; TTFT {:.2} s; prefill {:.1} tok/s; decode {:.2} tok/s; stop: {:?}",
+            "{} prompt tokens ({} computed), {} generated ({} thinking{}); seed {}; TTFT {:.2} s; prefill {:.1} tok/s; decode {:.2} tok/s; stop: {:?}",
             s.prompt_tokens,
             s.prefilled_tokens,
             s.generated_tokens,
+            s.thinking_tokens,
+            if s.thinking_budget_reached {
+                ", budget reached"
+            } else {
+                ""
+            },
+            s.seed,
             s.time_to_first_token_secs,
             s.prefill_tok_per_sec,
             s.decode_tok_per_sec,

@@ -15,6 +15,10 @@ use super::kv_state::ModelFileIdentity;
 /// Tokens a prompt is processed in at once, assumed by the memory estimate.
 const PREFILL_CHUNK: usize = 512;
 
+/// Bytes of one key or value element in the KV cache: f16, the engine's default (as
+/// llama.cpp's); an f32 cache is only used for exact comparisons in tests.
+pub const KV_CACHE_ELEMENT_BYTES: usize = std::mem::size_of::<half::f16>();
+
 /// Model architectures this engine can run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -175,11 +179,10 @@ impl ModelInfo {
             .map(|(name, _)| name.as_str())
     }
 
-    /// Bytes the KV cache takes at a given context length (f32 keys and values).
+    /// Bytes the KV cache takes at a given context length, keys and values stored as
+    /// [`KV_CACHE_ELEMENT_BYTES`]-byte elements (the engine's default f16 cache).
     pub fn kv_cache_bytes(&self, context: usize) -> u64 {
-        let h = &self.hparams;
-        let per_token = 2 * h.n_layer * h.n_head_kv * h.head_dim * std::mem::size_of::<f32>();
-        per_token as u64 * context as u64
+        kv_cache_bytes_of(&self.hparams, context)
     }
 
     /// Estimated memory to run the model at a given context length: weights, the KV cache, and
@@ -194,6 +197,12 @@ impl ModelInfo {
         let logits = 2 * h.vocab_size as u64 * f32_size;
         self.weight_bytes + self.kv_cache_bytes(context) + scores + ffn + logits
     }
+}
+
+/// Bytes of the KV cache of a model with these hyper-parameters at a context length.
+fn kv_cache_bytes_of(h: &HParams, context: usize) -> u64 {
+    let per_token = 2 * h.n_layer * h.n_head_kv * h.head_dim * KV_CACHE_ELEMENT_BYTES;
+    per_token as u64 * context as u64
 }
 
 fn count_tensor_types(gguf: &GgufFile) -> BTreeMap<String, usize> {
@@ -435,6 +444,19 @@ mod tests {
             vocab_size: 100,
             no_rope_layer_interval: interval,
         }
+    }
+
+    #[test]
+    fn the_kv_cache_is_counted_in_f16() {
+        // SmolLM3-3B's shape: 36 layers, 4 KV heads of 128 values, at 8k tokens.
+        let h = HParams {
+            n_layer: 36,
+            n_head_kv: 4,
+            head_dim: 128,
+            ..hparams(36, 4)
+        };
+        assert_eq!(kv_cache_bytes_of(&h, 8192), 2 * 36 * 4 * 128 * 2 * 8192);
+        assert_eq!(kv_cache_bytes_of(&h, 8192), 603_979_776);
     }
 
     #[test]

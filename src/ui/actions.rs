@@ -242,24 +242,27 @@ impl App {
         }
     }
 
+    /// Writes the export on a background thread (the write ends with an fsync).
     fn export(&mut self, id: &str) {
-        let Some(conversation) = self.conversations.iter().find(|c| c.id == id) else {
+        let Some(conversation) = self.conversations.iter().find(|c| c.id == id).cloned() else {
             return;
         };
         let dir = self.data_dir.join("exports");
-        let path = dir.join(export_file_name(conversation));
-        let written = std::fs::create_dir_all(&dir).and_then(|()| {
-            crate::chat::store::write_atomically(&path, export_markdown(conversation).as_bytes())
+        self.tasks.run("smoldesk-export", move || {
+            let path = dir.join(export_file_name(&conversation));
+            let written = std::fs::create_dir_all(&dir).and_then(|()| {
+                let text = export_markdown(&conversation);
+                crate::chat::store::write_atomically(&path, text.as_bytes())
+            });
+            Box::new(move |app: &mut App| {
+                match written {
+                    Ok(()) => app.notices.info(format!("Exported to {}", path.display())),
+                    Err(err) => app
+                        .notices
+                        .error(format!("Could not export to {}: {err}", path.display())),
+                };
+            })
         });
-        match written {
-            Ok(()) => {
-                self.notices.info(format!("Exported to {}", path.display()));
-            }
-            Err(err) => {
-                self.notices
-                    .error(format!("Could not export to {}: {err}", path.display()));
-            }
-        }
     }
 
     fn copy_markdown(&mut self, id: &str) {
@@ -277,31 +280,60 @@ impl App {
         self.settings_changed();
     }
 
-    /// Reads a chat template file and tells the worker (and the token counter) to use it.
+    /// Reads and compiles a chat template file on a background thread, then tells the worker
+    /// (and the token counter) to use it.
     pub(crate) fn set_template_override(&mut self, path: Option<PathBuf>) {
-        let source = match &path {
-            None => None,
-            Some(path) => match std::fs::read_to_string(path) {
-                Ok(source) => Some((path.clone(), source)),
+        let model = self
+            .loaded_model()
+            .map(|m| (m.info.path.clone(), m.info.chat_template.clone()));
+        self.tasks.run("smoldesk-template", move || {
+            let source = match &path {
+                None => Ok(None),
+                Some(file) => std::fs::read_to_string(file).map(|s| Some((file.clone(), s))),
+            };
+            let compiled = match (&source, model) {
+                (Ok(source), Some((model_path, embedded))) => Some((
+                    model_path,
+                    crate::chat::template::PromptFormatter::new(
+                        embedded.as_deref(),
+                        source.as_ref().map(|(_, s)| s.as_str()),
+                    ),
+                )),
+                _ => None,
+            };
+            Box::new(move |app: &mut App| match source {
+                Ok(source) => app.use_template_override(path, source, compiled),
                 Err(err) => {
-                    self.notices.error(format!(
+                    app.notices.error(format!(
                         "Cannot read the chat template {}: {err}. The model's own template stays in use.",
-                        path.display()
+                        path.as_deref().unwrap_or(Path::new("")).display()
                     ));
-                    return;
                 }
-            },
-        };
+            })
+        });
+    }
+
+    /// Puts a chat template read by [`App::set_template_override`] in use; `compiled` is the
+    /// formatter made for the model loaded at the time (made again if another one is loaded).
+    fn use_template_override(
+        &mut self,
+        path: Option<PathBuf>,
+        source: Option<(PathBuf, String)>,
+        compiled: Option<(PathBuf, crate::chat::template::PromptFormatter)>,
+    ) {
         self.template_override = source;
         self.prefs.template_override = path.clone();
         let id = self.new_request_id();
         self.template_request = Some(id);
         self.backend.send(Command::SetTemplateOverride { id, path });
         if let ModelState::Ready(model) = &mut self.model {
-            let formatter = crate::chat::template::PromptFormatter::new(
-                model.info.chat_template.as_deref(),
-                self.template_override.as_ref().map(|(_, s)| s.as_str()),
-            );
+            let formatter = match compiled {
+                Some((for_model, formatter)) if for_model == model.info.path => formatter,
+                _ => crate::chat::template::PromptFormatter::new(
+                    model.info.chat_template.as_deref(),
+                    self.template_override.as_ref().map(|(_, s)| s.as_str()),
+                ),
+            };
             if let Some(reason) = formatter.fallback_reason() {
                 self.notices
                     .error(format!("The chat template cannot be used: {reason}"));

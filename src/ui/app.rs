@@ -222,6 +222,8 @@ pub struct App {
     exit_signal: ExitSignal,
     /// Set once everything was saved for exiting.
     shut_down: bool,
+    /// Disk and template work running off the UI thread.
+    pub(crate) tasks: super::tasks::Tasks,
     catch_panics: bool,
 }
 
@@ -291,6 +293,7 @@ impl App {
             composer: composer::ComposerState::default(),
             notices: Notices::default(),
             meter: TokenMeter::new(wake.clone()),
+            tasks: super::tasks::Tasks::new(wake.clone()),
             picker: ModelPicker::new(model_dirs, wake),
             sidebar: sidebar::SidebarState::default(),
             chat: chat_view::ChatViewState::default(),
@@ -564,6 +567,9 @@ impl App {
                 "Could not save the conversation: {error}. Your messages are still here; \
                  SmolDesk will try again after the next message."
             ));
+        }
+        for finished in self.tasks.take_finished() {
+            finished(self);
         }
         let picked = self.picker.poll();
         for action in picked {

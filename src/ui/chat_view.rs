@@ -49,20 +49,76 @@ pub struct ChatViewState {
     /// Height of the conversation last frame.
     pub content_height: f32,
     /// Measured heights of messages, for skipping those far outside the view.
-    heights: HashMap<MessageKey, f32>,
+    heights: HeightCache,
 }
 
-/// Everything a message's height depends on.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct MessageKey {
+/// What the heights of all messages depend on: when it changes, every height is measured again.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct LayoutKey {
     conversation: String,
-    index: usize,
-    content_len: usize,
-    thinking_len: usize,
     show_thinking: bool,
     width_bits: u32,
     font_bits: u32,
+}
+
+/// What one message's height depends on besides the [`LayoutKey`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MessageKey {
+    content_len: usize,
+    thinking_len: usize,
     has_stats: bool,
+    context_start: bool,
+}
+
+/// The measured height of each message of the open conversation, so that only the messages
+/// in view are laid out and the rest take their remembered space.
+#[derive(Debug, Default)]
+struct HeightCache {
+    layout: LayoutKey,
+    heights: Vec<Option<(MessageKey, f32)>>,
+}
+
+impl HeightCache {
+    /// Forgets every height when the layout changed; makes room for `messages` entries.
+    fn prepare(&mut self, layout: LayoutKey, messages: usize) {
+        if self.layout != layout {
+            self.layout = layout;
+            self.heights.clear();
+        }
+        self.heights.resize(messages, None);
+    }
+
+    fn get(&self, index: usize, key: MessageKey) -> Option<f32> {
+        match self.heights.get(index) {
+            Some(Some((cached, height))) if *cached == key => Some(*height),
+            _ => None,
+        }
+    }
+
+    fn set(&mut self, index: usize, key: MessageKey, height: f32) {
+        if let Some(slot) = self.heights.get_mut(index) {
+            *slot = Some((key, height));
+        }
+    }
+}
+
+/// A first guess at the height of a message never laid out (it is measured once in view).
+fn estimated_height(message: &Message, width: f32, row_height: f32, show_thinking: bool) -> f32 {
+    let chars_per_row = (width / (row_height * 0.5)).max(10.0);
+    let rows = |text: &str| -> f32 {
+        text.lines()
+            .map(|line| {
+                (line.chars().count() as f32 / chars_per_row)
+                    .ceil()
+                    .max(1.0)
+            })
+            .sum()
+    };
+    let thinking = match (&message.thinking, show_thinking) {
+        (Some(_), true) => 1.0,
+        _ => 0.0,
+    };
+    (rows(&message.content) + thinking + 2.0) * row_height + 10.0
 }
 
 /// Whether the message box is shown (not on the start screen).
@@ -164,6 +220,40 @@ struct MessageView<'a> {
     show_thinking: bool,
     model_ready: bool,
     last_index: usize,
+    /// The first message the model still sees, when older ones were dropped to fit.
+    context_start: Option<usize>,
+}
+
+/// The first message of the conversation still in the model's context, when older ones were
+/// dropped: from the reply being written, else from the newest finished reply.
+fn context_start(
+    app: &App,
+    conversation: &crate::chat::conversation::Conversation,
+) -> Option<usize> {
+    let live = app
+        .generation
+        .as_ref()
+        .filter(|g| g.conversation_id == conversation.id)
+        .and_then(|g| app.last_prompt.as_ref().filter(|p| p.id == g.id))
+        .map(|p| p.dropped_messages);
+    let finished = || {
+        conversation
+            .messages
+            .iter()
+            .rev()
+            .find_map(|m| m.stats.as_ref())
+            .map(|s| s.dropped_messages)
+    };
+    live.or_else(finished).filter(|&dropped| dropped > 0)
+}
+
+/// The note above the first message the model still sees.
+pub fn context_notice(dropped: usize) -> String {
+    let noun = if dropped == 1 { "message" } else { "messages" };
+    format!(
+        "The {} earlier {noun} above no longer fit the context: the model does not see them",
+        format_count(dropped)
+    )
 }
 
 fn conversation(app: &mut App, ui: &mut Ui) {
@@ -175,6 +265,7 @@ fn conversation(app: &mut App, ui: &mut Ui) {
         .generation
         .as_ref()
         .filter(|g| g.conversation_id == conversation.id);
+    let context_start = context_start(app, conversation);
     let mut view = MessageView {
         markdown: &mut app.markdown,
         editing: &mut app.chat.editing,
@@ -185,6 +276,7 @@ fn conversation(app: &mut App, ui: &mut Ui) {
         show_thinking: app.prefs.show_thinking,
         model_ready: matches!(app.model, ModelState::Ready(_)),
         last_index: conversation.messages.len().saturating_sub(1),
+        context_start,
     };
     let mut scroll = egui::ScrollArea::vertical()
         .id_salt(("chat", &conversation.id))
@@ -204,42 +296,21 @@ fn conversation(app: &mut App, ui: &mut Ui) {
                 ui.vertical_centered(|ui| {
                     ui.set_max_width(theme::READING_WIDTH);
                     ui.with_layout(egui::Layout::top_down(egui::Align::Min), |ui| {
-                        let top = ui.min_rect().top();
-                        let visible = viewport.expand(CULL_MARGIN);
-                        for (index, message) in conversation.messages.iter().enumerate() {
-                            let key = MessageKey {
+                        heights.prepare(
+                            LayoutKey {
                                 conversation: conversation.id.clone(),
-                                index,
-                                content_len: message.content.len(),
-                                thinking_len: message.thinking.as_ref().map_or(0, String::len),
                                 show_thinking: view.show_thinking,
                                 width_bits: ui.available_width().to_bits(),
                                 font_bits,
-                                has_stats: message.stats.is_some(),
-                            };
-                            let y = ui.cursor().top() - top;
-                            let live = index == view.last_index
-                                || view.editing.as_ref().is_some_and(|(i, _)| *i == index);
-                            if !live
-                                && let Some(&height) = heights.get(&key)
-                                && (y + height < visible.top() || y > visible.bottom())
-                            {
-                                ui.allocate_space(egui::vec2(ui.available_width(), height));
-                                continue;
-                            }
-                            let response = ui
-                                .push_id(index, |ui| message_ui(ui, &mut view, index, message))
-                                .response;
-                            heights.insert(key, response.rect.height());
-                        }
+                            },
+                            conversation.messages.len(),
+                        );
+                        messages_in_view(ui, &mut view, heights, &conversation.messages, viewport);
                         ui.add_space(8.0);
                     });
                 });
             });
     });
-    if heights.len() > 4096 {
-        heights.clear();
-    }
     let bottom_gap =
         output.content_size.y - (output.state.clamped_offset().y + output.inner_rect.height());
     app.chat.at_bottom = bottom_gap <= 24.0;
@@ -249,6 +320,59 @@ fn conversation(app: &mut App, ui: &mut Ui) {
     }
     for action in actions {
         app.apply(action);
+    }
+}
+
+/// Lays out the messages near the visible part of the conversation; the others only take
+/// their measured (or, before they were ever shown, estimated) height, in one block per run.
+fn messages_in_view(
+    ui: &mut Ui,
+    view: &mut MessageView<'_>,
+    heights: &mut HeightCache,
+    messages: &[Message],
+    viewport: egui::Rect,
+) {
+    let top = ui.min_rect().top();
+    let visible = viewport.expand(CULL_MARGIN);
+    let width = ui.available_width();
+    let row_height = ui.text_style_height(&egui::TextStyle::Body);
+    let mut skipped = 0.0;
+    let mut y = ui.cursor().top() - top;
+    for (index, message) in messages.iter().enumerate() {
+        let key = MessageKey {
+            content_len: message.content.len(),
+            thinking_len: message.thinking.as_ref().map_or(0, String::len),
+            has_stats: message.stats.is_some(),
+            context_start: view.context_start == Some(index),
+        };
+        let live =
+            index == view.last_index || view.editing.as_ref().is_some_and(|(i, _)| *i == index);
+        let height = heights
+            .get(index, key)
+            .unwrap_or_else(|| estimated_height(message, width, row_height, view.show_thinking));
+        if !live && (y + height < visible.top() || y > visible.bottom()) {
+            skipped += height;
+            y += height;
+            continue;
+        }
+        if skipped > 0.0 {
+            ui.allocate_space(egui::vec2(
+                width,
+                (skipped - ui.spacing().item_spacing.y).max(0.0),
+            ));
+            skipped = 0.0;
+        }
+        let before = ui.cursor().top();
+        ui.push_id(index, |ui| message_ui(ui, view, index, message));
+        let after = ui.cursor().top();
+        heights.set(index, key, after - before);
+        y = after - top;
+    }
+    if skipped > 0.0 {
+        ui.allocate_space(egui::vec2(
+            width,
+            (skipped - ui.spacing().item_spacing.y).max(0.0),
+        ));
     }
 }
 
@@ -266,6 +390,9 @@ fn jump_to_latest(app: &mut App, ui: &mut Ui, area: egui::Rect) {
 }
 
 fn message_ui(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, message: &Message) {
+    if view.context_start == Some(index) {
+        context_divider(ui, index);
+    }
     match message.role {
         Role::User => user_message(ui, view, index, message),
         Role::Assistant => assistant_message(ui, view, index, message),
@@ -274,6 +401,23 @@ fn message_ui(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, message: &M
         }
     }
     ui.add_space(10.0);
+}
+
+/// A rule with a note: everything above it is no longer in the model's context.
+fn context_divider(ui: &mut Ui, dropped: usize) {
+    let color = theme::muted_text_color(ui.visuals());
+    ui.add_space(4.0);
+    ui.separator();
+    ui.label(
+        RichText::new(format!("⬆ {}", context_notice(dropped)))
+            .small()
+            .color(color),
+    )
+    .on_hover_text(
+        "To make room, older turns were left out of the prompt a block at a time, so the \
+             next turns can reuse what the model already read",
+    );
+    ui.add_space(6.0);
 }
 
 fn user_message(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, message: &Message) {
@@ -420,7 +564,8 @@ fn assistant_message(ui: &mut Ui, view: &mut MessageView<'_>, index: usize, mess
     }
     if !message.content.is_empty() {
         ui.push_id("answer", |ui| {
-            CommonMarkViewer::new().show(ui, view.markdown, &message.content);
+            let shown = super::line_breaks::with_hard_line_breaks(&message.content);
+            CommonMarkViewer::new().show(ui, view.markdown, &shown);
         });
     }
     if let Some(generation) = live {
@@ -495,13 +640,19 @@ fn thinking_block(
     }
 }
 
-/// "Thought for 12 s · 340 tokens" from the reply's statistics.
+/// "Thought for 12 s · 340 tokens" from the reply's statistics, with "(budget reached)" when
+/// the thinking budget ended the thought.
 pub fn thought_summary(stats: Option<&GenerationStats>, live: Option<&Generation>) -> String {
     match stats {
         Some(stats) if stats.thinking_tokens > 0 => format!(
-            "Thought for {} · {} tokens",
+            "Thought for {} · {} tokens{}",
             format_secs(stats.thinking_secs),
-            format_count(stats.thinking_tokens)
+            format_count(stats.thinking_tokens),
+            if stats.thinking_budget_reached {
+                " (budget reached)"
+            } else {
+                ""
+            }
         ),
         _ => match live.and_then(|g| g.thinking_since) {
             Some(since) => format!("Thought for {}", format_secs(since.elapsed().as_secs_f64())),
@@ -577,15 +728,18 @@ pub fn stats_line(stats: &GenerationStats) -> String {
     )
 }
 
-fn stats_details(stats: &GenerationStats) -> String {
+/// The reply's statistics tooltip, ending with the seed that reproduces it.
+pub fn stats_details(stats: &GenerationStats) -> String {
     format!(
         "Prompt: {} tokens ({} computed, the rest reused)\nReading speed: {:.1} tokens/s\n\
-         Writing speed: {:.1} tokens/s\nThinking: {} tokens",
+         Writing speed: {:.1} tokens/s\nThinking: {} tokens\nSeed: {} (set it as a fixed seed \
+         in Settings to get this reply again)",
         format_count(stats.prompt_tokens),
         format_count(stats.prefilled_tokens),
         stats.prefill_tok_per_sec,
         stats.decode_tok_per_sec,
-        format_count(stats.thinking_tokens)
+        format_count(stats.thinking_tokens),
+        stats.seed
     )
 }
 

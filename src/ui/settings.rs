@@ -11,6 +11,18 @@ use super::theme;
 use crate::chat::conversation::ChatSettings;
 use crate::engine::sampling::SamplingParams;
 
+/// Thinking budgets offered: no limit, then most thinking tokens per reply.
+pub const THINKING_BUDGET_CHOICES: [Option<usize>; 4] = [None, Some(256), Some(1024), Some(4096)];
+
+/// A thinking budget as the settings show it: "Off", "256 tokens", "1k tokens".
+pub fn thinking_budget_label(budget: Option<usize>) -> String {
+    match budget {
+        None => "Off".to_string(),
+        Some(n) if n >= 1024 && n % 1024 == 0 => format!("{}k tokens", n / 1024),
+        Some(n) => format!("{} tokens", format_count(n)),
+    }
+}
+
 /// Context lengths offered, in tokens.
 pub const CONTEXT_CHOICES: [usize; 7] = [2048, 4096, 8192, 16384, 32768, 65536, 131072];
 
@@ -83,7 +95,50 @@ pub fn conversation_settings(
     );
     changed |= prompt.labelled_by(label.id).changed();
     ui.add_space(6.0);
+    changed |= thinking_budget(ui, &mut settings.thinking_budget);
     changed |= sampling(ui, &mut settings.sampling, defaults);
+    changed |= seed(ui, &mut settings.fixed_seed, &mut settings.sampling.seed);
+    changed
+}
+
+/// The most tokens a reply may think before it is made to answer.
+fn thinking_budget(ui: &mut Ui, budget: &mut Option<usize>) -> bool {
+    let mut changed = false;
+    ui.horizontal(|ui| {
+        let label = ui.label("Thinking budget");
+        egui::ComboBox::from_id_salt("thinking-budget")
+            .selected_text(thinking_budget_label(*budget))
+            .show_ui(ui, |ui| {
+                for choice in THINKING_BUDGET_CHOICES {
+                    changed |= ui
+                        .selectable_value(budget, choice, thinking_budget_label(choice))
+                        .changed();
+                }
+            })
+            .response
+            .labelled_by(label.id)
+            .on_hover_text(
+                "When the model has thought this many tokens, its thought is ended and it answers",
+            );
+    });
+    changed
+}
+
+/// A fresh seed per reply (Regenerate gives a new reply), or a fixed one (the same reply).
+fn seed(ui: &mut Ui, fixed: &mut bool, seed: &mut u64) -> bool {
+    let mut changed = ui
+        .checkbox(fixed, "Fixed seed")
+        .on_hover_text(
+            "Off: every reply draws a new seed (shown in the reply's details). On: the same \
+             seed and conversation give the same reply",
+        )
+        .changed();
+    changed |= ui
+        .add_enabled(
+            *fixed,
+            egui::Slider::new(seed, 0..=u32::MAX as u64).text("Seed"),
+        )
+        .changed();
     changed
 }
 
@@ -132,10 +187,6 @@ fn sampling(ui: &mut Ui, params: &mut SamplingParams, defaults: &SamplingParams)
                 .logarithmic(true)
                 .text("Max reply tokens"),
         )
-        .changed();
-    changed |= ui
-        .add(egui::Slider::new(&mut params.seed, 0..=u32::MAX as u64).text("Seed"))
-        .on_hover_text("The same seed and conversation give the same reply")
         .changed();
     ui.horizontal(|ui| {
         if ui

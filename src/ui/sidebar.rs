@@ -16,6 +16,8 @@ pub struct SidebarState {
     pub renaming: Option<(String, String)>,
     /// Ids matching the search, for the query and conversation revision they were computed at.
     matches: Option<(String, u64, Vec<String>)>,
+    /// How many times the search ran (to check it is not rerun needlessly).
+    pub searches: u64,
 }
 
 /// The list's frame.
@@ -208,16 +210,19 @@ impl RowMenu {
     }
 }
 
-/// The conversations matching the search, most recent first (cached per query and revision).
+/// The conversations matching the search, most recent first. Cached per query and revision;
+/// while a reply streams (every token is a revision) the cache holds until the reply ends, so
+/// the search reruns on edits, not per token.
 fn matching_ids(app: &mut App) -> Vec<String> {
     let query = app.sidebar.search.trim().to_lowercase();
     if let Some((q, revision, ids)) = &app.sidebar.matches
         && *q == query
-        && *revision == app.revision
+        && (*revision == app.revision || app.is_generating())
         && ids.len() <= app.conversations.len()
     {
         return ids.clone();
     }
+    app.sidebar.searches += 1;
     let ids: Vec<String> = app
         .conversations
         .iter()
@@ -226,6 +231,13 @@ fn matching_ids(app: &mut App) -> Vec<String> {
         .collect();
     app.sidebar.matches = Some((query, app.revision, ids.clone()));
     ids
+}
+
+impl App {
+    /// How many times the conversation search has run (it reruns on edits, not per token).
+    pub fn search_runs(&self) -> u64 {
+        self.sidebar.searches
+    }
 }
 
 /// Whether a conversation's title or any message contains the (lower-case) query.

@@ -1,0 +1,302 @@
+//! The chat view and its settings through the widgets, with a scripted backend: line breaks
+//! in replies, the seed of each reply, the thinking budget, the overflow notice, search while a
+//! reply streams, and exports written off the UI thread.
+
+mod common;
+mod ui_support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use egui_kittest::kittest::Queryable;
+use smoldesk::chat::conversation::GenerationStats;
+use smoldesk::ui::Action;
+use smoldesk::worker::messages::SegmentKind;
+use ui_support::*;
+
+struct Dirs {
+    data: tempfile::TempDir,
+    models: tempfile::TempDir,
+    model: PathBuf,
+}
+
+fn dirs() -> Dirs {
+    let data = tempfile::tempdir().unwrap();
+    let models = tempfile::tempdir().unwrap();
+    let model = models.path().join("tiny-smollm3-q4_k_m.gguf");
+    std::fs::copy(common::fixture("tiny-smollm3-q4_k_m.gguf"), &model).unwrap();
+    Dirs {
+        data,
+        models,
+        model,
+    }
+}
+
+fn loaded_app<'a>(fake: &Fake, dirs: &Dirs) -> egui_kittest::Harness<'a, smoldesk::ui::App> {
+    let mut harness = harness(
+        fake_options(fake, dirs.data.path(), dirs.models.path()),
+        None,
+    );
+    load_model(&mut harness, fake, &dirs.model);
+    assert!(harness.state().loaded_model().is_some());
+    harness
+}
+
+/// Sends `question` and lets the fake worker answer `answer` with `stats`.
+fn exchange(
+    harness: &mut egui_kittest::Harness<'_, smoldesk::ui::App>,
+    fake: &Fake,
+    question: &str,
+    answer: &str,
+    stats: GenerationStats,
+) {
+    send_message(harness, question);
+    let id = fake.last_request().id;
+    fake.started(id, "prompt", stats.dropped_messages);
+    fake.segment(id, SegmentKind::Answer, answer);
+    fake.finished(id, stats);
+    harness.run_steps(4);
+    assert!(harness.state().generation().is_none());
+}
+
+#[test]
+fn a_poem_keeps_its_line_breaks_and_copy_keeps_the_text() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    let poem = "Waves roll in slow,\nthe gulls cry high,\nthe sea sleeps below.";
+    exchange(
+        &mut harness,
+        &fake,
+        "Write a short poem about the sea",
+        poem,
+        GenerationStats::default(),
+    );
+    let first = harness.get_by_label("Waves roll in slow,").rect();
+    let second = harness.get_by_label("the gulls cry high,").rect();
+    let third = harness.get_by_label("the sea sleeps below.").rect();
+    assert!(second.top() >= first.bottom() - 1.0, "{first:?} {second:?}");
+    assert!(third.top() >= second.bottom() - 1.0, "{second:?} {third:?}");
+    assert!(
+        (second.left() - first.left()).abs() < 1.0,
+        "lines start alike"
+    );
+
+    let reply = &harness.state().current_conversation().unwrap().messages[1];
+    assert_eq!(reply.content, poem, "the stored text is the model's own");
+    harness
+        .get_all_by_label("Copy")
+        .last()
+        .expect("a Copy button under the reply")
+        .click();
+    harness.run_steps(2);
+    let copied = harness
+        .output()
+        .platform_output
+        .commands
+        .iter()
+        .find_map(|c| match c {
+            egui::OutputCommand::CopyText(text) => Some(text.clone()),
+            _ => None,
+        });
+    assert_eq!(copied.as_deref(), Some(poem));
+}
+
+#[test]
+fn each_reply_shows_the_seed_it_was_sampled_with() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    let stats = GenerationStats {
+        seed: 1_234_567,
+        generated_tokens: 3,
+        ..GenerationStats::default()
+    };
+    exchange(&mut harness, &fake, "Hi", "Hello!", stats);
+    let request = fake.last_request();
+    assert!(
+        !request.settings.fixed_seed,
+        "new chats draw a seed per reply"
+    );
+    harness.get_by_label_contains("to first token").hover();
+    harness.run_steps(60);
+    assert!(
+        shows(&harness, "Seed: 1234567"),
+        "the tooltip names the seed"
+    );
+}
+
+#[test]
+fn regenerate_asks_for_a_fresh_seed_unless_one_is_fixed() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    exchange(
+        &mut harness,
+        &fake,
+        "Hi",
+        "Hello!",
+        GenerationStats::default(),
+    );
+    harness.state_mut().apply(Action::Regenerate);
+    harness.run_steps(2);
+    assert!(!fake.last_request().settings.fixed_seed);
+}
+
+#[test]
+fn a_fixed_seed_is_set_in_settings_and_sent_with_the_request() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Comma);
+    harness.run_steps(2);
+    harness.get_by_label("Fixed seed").focus();
+    harness.step();
+    harness.key_press(egui::Key::Space);
+    harness.run_steps(2);
+    let settings = &harness.state().current_conversation().unwrap().settings;
+    assert!(settings.fixed_seed);
+    send_message(&mut harness, "Same again");
+    assert!(fake.last_request().settings.fixed_seed);
+}
+
+#[test]
+fn the_thinking_budget_is_chosen_in_settings_and_sent_with_the_request() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    harness.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Comma);
+    harness.run_steps(2);
+    assert!(shows(&harness, "Thinking budget"));
+    harness.get_by_label("Thinking budget").click();
+    harness.run_steps(2);
+    harness.get_by_label("256 tokens").click();
+    harness.run_steps(2);
+    let settings = &harness.state().current_conversation().unwrap().settings;
+    assert_eq!(settings.thinking_budget, Some(256));
+
+    send_message(&mut harness, "Think, but briefly");
+    let request = fake.last_request();
+    assert_eq!(request.settings.thinking_budget, Some(256));
+    fake.started(request.id, "prompt", 0);
+    fake.segment(request.id, SegmentKind::Thinking, "Let me see.");
+    fake.segment(request.id, SegmentKind::Answer, "Done.");
+    fake.finished(
+        request.id,
+        GenerationStats {
+            thinking_tokens: 256,
+            thinking_secs: 3.0,
+            thinking_budget_reached: true,
+            ..GenerationStats::default()
+        },
+    );
+    harness.run_steps(4);
+    assert!(shows(
+        &harness,
+        "Thought for 3.0 s · 256 tokens (budget reached)"
+    ));
+}
+
+#[test]
+fn the_overflow_notice_marks_where_the_models_view_begins() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    exchange(
+        &mut harness,
+        &fake,
+        "First",
+        "One.",
+        GenerationStats::default(),
+    );
+    exchange(
+        &mut harness,
+        &fake,
+        "Second",
+        "Two.",
+        GenerationStats::default(),
+    );
+    assert!(!shows(&harness, "no longer fit the context"));
+    let dropped = GenerationStats {
+        dropped_messages: 2,
+        ..GenerationStats::default()
+    };
+    exchange(&mut harness, &fake, "Third", "Three.", dropped);
+    let notice = harness.get_by_label_contains("The 2 earlier messages above no longer fit");
+    let second = harness.get_by_label("Second");
+    assert!(notice.rect().bottom() <= second.rect().top() + 1.0);
+    assert!(notice.rect().top() >= harness.get_by_label("One.").rect().bottom() - 1.0);
+}
+
+#[test]
+fn search_runs_on_edits_not_on_every_streamed_token() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    exchange(
+        &mut harness,
+        &fake,
+        "About whales",
+        "Big.",
+        GenerationStats::default(),
+    );
+    harness.get_by_label("Search conversations").focus();
+    harness
+        .get_by_label("Search conversations")
+        .type_text("whale");
+    harness.run_steps(2);
+    let before = harness.state().search_runs();
+    send_message(&mut harness, "More about whales");
+    let id = fake.last_request().id;
+    fake.started(id, "prompt", 0);
+    harness.run_steps(1);
+    let streaming = harness.state().search_runs();
+    for _ in 0..20 {
+        fake.segment(id, SegmentKind::Answer, "whale ");
+        harness.step();
+    }
+    assert_eq!(
+        harness.state().search_runs(),
+        streaming,
+        "tokens rerun the search"
+    );
+    fake.finished(id, GenerationStats::default());
+    harness.run_steps(2);
+    assert!(harness.state().search_runs() > before);
+    harness.get_by_label("Search conversations").type_text("s");
+    harness.run_steps(2);
+    assert!(shows(&harness, "whales"));
+}
+
+#[test]
+fn export_is_written_in_the_background_and_announced() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    exchange(
+        &mut harness,
+        &fake,
+        "Line\nbreaks",
+        "A\nB",
+        GenerationStats::default(),
+    );
+    let id = harness.state().current_conversation().unwrap().id.clone();
+    harness.state_mut().apply(Action::Export(id));
+    let announced = step_until(&mut harness, Duration::from_secs(20), |app| {
+        app.notice_texts()
+            .iter()
+            .any(|t| t.starts_with("Exported to"))
+    });
+    assert!(announced, "{:?}", harness.state().notice_texts());
+    let exports = dirs.data.path().join("exports");
+    let file = std::fs::read_dir(&exports)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let text = std::fs::read_to_string(file.path()).unwrap();
+    assert!(
+        text.contains("A\nB"),
+        "the export keeps the original text: {text}"
+    );
+}
