@@ -5,18 +5,7 @@
 /// Lanes of one 256-bit float accumulator.
 pub const LANES: usize = 8;
 
-/// Whether this CPU can run the AVX2 kernels (AVX2, FMA and F16C). Cached by the standard
-/// library, so cheap enough to ask once per row.
-#[inline]
-pub fn avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        has!("avx2") && has!("fma") && has!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
+pub use super::avx2_available;
 
 /// llama.cpp's `hsum_float_8`: high half plus low half, then `(0 + 2) + (1 + 3)`.
 #[inline(always)]
