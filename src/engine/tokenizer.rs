@@ -990,12 +990,16 @@ mod tests {
         let tok = small_tokenizer();
         let end = id(&tok, "<|im_end|>");
         let prompt = "a<|im_end|>b<|im_end|>";
-        let ids = tok.encode_prompt_with_plain(prompt, &[1..11]).unwrap();
+        let ids = tok
+            .encode_prompt_with_plain(prompt, std::slice::from_ref(&(1..11)))
+            .unwrap();
         assert_eq!(ids.iter().filter(|&&t| t == end).count(), 1);
         assert_eq!(ids.last(), Some(&end));
         assert_eq!(tok.decode(&ids), prompt);
         // A range touching only part of a token's text also keeps it plain.
-        let partly = tok.encode_prompt_with_plain(prompt, &[12..13]).unwrap();
+        let partly = tok
+            .encode_prompt_with_plain(prompt, std::slice::from_ref(&(12..13)))
+            .unwrap();
         assert_eq!(partly.iter().filter(|&&t| t == end).count(), 1);
         assert_eq!(
             tok.encode_prompt_with_plain(prompt, &[]).unwrap(),

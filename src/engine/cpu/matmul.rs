@@ -188,7 +188,9 @@ impl Matrix {
         data: WeightBytes,
     ) -> Result<Self, MatmulError> {
         let block = dtype.block_size();
-        let expected = (cols % block == 0).then(|| rows * cols / block * dtype.type_size());
+        let expected = cols
+            .is_multiple_of(block)
+            .then(|| rows * cols / block * dtype.type_size());
         if expected != Some(data.len) {
             return Err(MatmulError::Size {
                 dtype,
@@ -231,7 +233,7 @@ impl Matrix {
     /// A Q4_K matrix whose bytes were repacked with [`q4k::repack_q4k_x8_in_place`].
     pub fn q4k_repacked(rows: usize, cols: usize, data: WeightBytes) -> Result<Self, MatmulError> {
         let mut matrix = Self::new(GgmlDType::Q4K, rows, cols, data)?;
-        if rows % 8 != 0 || cols % QK_K != 0 {
+        if !rows.is_multiple_of(8) || !cols.is_multiple_of(QK_K) {
             return Err(MatmulError::Size {
                 dtype: GgmlDType::Q4K,
                 len: matrix.data.len,
@@ -245,7 +247,7 @@ impl Matrix {
 
     /// Whether a Q4_K tensor of this shape is repacked at load ([`Matrix::q4k_repacked`]).
     pub fn repacks_q4k(dtype: GgmlDType, rows: usize, cols: usize) -> bool {
-        dtype == GgmlDType::Q4K && rows % 8 == 0 && cols % QK_K == 0 && rows > 0
+        dtype == GgmlDType::Q4K && rows.is_multiple_of(8) && cols.is_multiple_of(QK_K) && rows > 0
     }
 
     /// Output rows.
@@ -481,7 +483,7 @@ fn candle_vec_dot_type(dtype: GgmlDType) -> GgmlDType {
 /// Reinterprets bytes as candle blocks of type `B`.
 fn candle_blocks<B: GgmlType>(bytes: &[u8]) -> &[B] {
     let size = std::mem::size_of::<B>();
-    assert!(bytes.len() % size == 0);
+    assert!(bytes.len().is_multiple_of(size));
     assert!(bytes.as_ptr().align_offset(std::mem::align_of::<B>()) == 0);
     // SAFETY: candle's block types are repr(C) structs of integers and f16 (any bit pattern is
     // valid); length and alignment are checked above.

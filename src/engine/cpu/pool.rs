@@ -393,7 +393,7 @@ mod tests {
                 for t in 0..threads {
                     let r = split_evenly(n, 8, t, threads);
                     assert_eq!(r.start, next);
-                    assert!(r.start % 8 == 0 || r.start == n);
+                    assert!(r.start.is_multiple_of(8) || r.start == n);
                     next = r.end;
                 }
                 assert_eq!(next, n);
