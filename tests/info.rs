@@ -149,9 +149,9 @@ fn describes_the_real_smollm2_model() {
 #[test]
 fn the_ram_estimate_grows_with_the_context() {
     let (_, info) = describe(&common::fixture("tiny-smollm3-q4_k_m.gguf"));
-    // f32 keys and values: 2 × 8 layers × 2 heads × 64 × 4 bytes per token.
-    assert_eq!(info.kv_cache_bytes(1), 8192);
-    assert_eq!(info.kv_cache_bytes(4096), 8192 * 4096);
+    // f16 keys and values (the cache's type): 2 × 8 layers × 2 heads × 64 × 2 bytes per token.
+    assert_eq!(info.kv_cache_bytes(1), 4096);
+    assert_eq!(info.kv_cache_bytes(4096), 4096 * 4096);
     let small = info.ram_estimate_bytes(512);
     let large = info.ram_estimate_bytes(4096);
     assert!(small > info.weight_bytes + info.kv_cache_bytes(512));
