@@ -12,6 +12,7 @@ use smoldesk::engine::cpu::lanes::avx2_available;
 use smoldesk::engine::cpu::q4_1::{dot_q4_1_q8_1, quantize_q8_1};
 use smoldesk::engine::cpu::q6k::{dot_q6k_q8k, dot_q6k_q8k_tiled};
 use smoldesk::engine::cpu::q8_0::{dot_q5_0_q8_0, dot_q8_0_q8_0, quantize_q8_0};
+use smoldesk::engine::cpu::q8k;
 
 /// The levels to check: portable always, AVX2 where the CPU has it.
 fn levels() -> Vec<SimdLevel> {
@@ -22,36 +23,11 @@ fn levels() -> Vec<SimdLevel> {
     levels
 }
 
-/// llama.cpp's `quantize_row_q8_K` (x86 uses the reference C code). A test stand-in for the
-/// shared vectorised quantizer of `cpu::q8k`.
+/// llama.cpp's `quantize_row_q8_K`, as the engine quantizes Q8_K activations.
 fn q8k_blocks(x: &[f32]) -> Vec<BlockQ8K> {
-    x.chunks_exact(QK_K)
-        .map(|values| {
-            let mut block = BlockQ8K {
-                d: 0.0,
-                qs: [0; QK_K],
-                bsums: [0; QK_K / 16],
-            };
-            let (mut max, mut amax) = (0f32, 0f32);
-            for &v in values {
-                if v.abs() > amax {
-                    (amax, max) = (v.abs(), v);
-                }
-            }
-            if amax == 0.0 {
-                return block;
-            }
-            let iscale = -127.0 / max;
-            for (q, &v) in block.qs.iter_mut().zip(values) {
-                *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
-            }
-            for (s, group) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
-                *s = group.iter().map(|&q| i16::from(q)).sum();
-            }
-            block.d = 1.0 / iscale;
-            block
-        })
-        .collect()
+    let mut out = q8k::zeroed_q8k(x.len() / QK_K);
+    q8k::quantize_row_q8k(x, &mut out);
+    out
 }
 
 /// Checks every batch size `m` of `case` whose outputs `bit_exact(m)` says llama.cpp computes

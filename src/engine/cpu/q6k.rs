@@ -273,38 +273,11 @@ mod tests {
             })
             .collect()
     }
-
-    /// Q8_K activations as llama.cpp's reference `quantize_row_q8_K` makes them (a test
-    /// stand-in until the shared vectorised quantizer is merged).
+    /// Q8_K activations quantized like llama.cpp's `quantize_row_q8_K`.
     pub(crate) fn q8k(x: &[f32]) -> Vec<BlockQ8K> {
-        x.chunks_exact(QK_K)
-            .map(|values| {
-                let (mut max, mut amax) = (0f32, 0f32);
-                for &v in values {
-                    if v.abs() > amax {
-                        amax = v.abs();
-                        max = v;
-                    }
-                }
-                let mut block = BlockQ8K {
-                    d: 0.0,
-                    qs: [0; QK_K],
-                    bsums: [0; QK_K / 16],
-                };
-                if amax == 0.0 {
-                    return block;
-                }
-                let iscale = -127.0 / max;
-                for (q, &v) in block.qs.iter_mut().zip(values) {
-                    *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
-                }
-                for (s, group) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
-                    *s = group.iter().map(|&q| i16::from(q)).sum();
-                }
-                block.d = 1.0 / iscale;
-                block
-            })
-            .collect()
+        let mut out = crate::engine::cpu::q8k::zeroed_q8k(x.len() / QK_K);
+        crate::engine::cpu::q8k::quantize_row_q8k(x, &mut out);
+        out
     }
 
     #[test]
