@@ -188,8 +188,10 @@ fn a_failing_disk_mid_reply_is_shown_and_the_next_message_works() {
     load(&mut harness, &tiny_model());
     assert!(send_and_wait(&mut harness, "First"));
     // The conversations folder becomes a file: every save fails from now on.
+    // A rename, not a removal: the app's background saver may be writing into
+    // the folder at this moment, and a recursive removal would race with it.
     let folder = data.path().join("conversations");
-    std::fs::remove_dir_all(&folder).unwrap();
+    std::fs::rename(&folder, data.path().join("conversations.moved")).unwrap();
     std::fs::write(&folder, "not a folder").unwrap();
     assert!(
         send_and_wait(&mut harness, "Second"),
