@@ -241,3 +241,41 @@ fn cancelled_load_stops_early() {
     ));
     assert_eq!(calls, 3);
 }
+
+#[test]
+fn a_prefill_stopped_inside_any_layer_resumes_to_the_same_logits() {
+    let mut model = load("tiny-smollm3-q4_k_m.gguf");
+    let layers = model.hparams().n_layer;
+    let tokens: Vec<u32> = (0..40).map(|i| 100 + 37 * i).collect();
+    let whole = model.forward(&tokens, false).expect("whole prompt");
+    model.clear_cache();
+
+    let checks = std::cell::Cell::new(0usize);
+    model
+        .forward_cancellable(&tokens, false, &|| {
+            checks.set(checks.get() + 1);
+            false
+        })
+        .expect("not cancelled");
+    let per_chunk = checks.get();
+    assert!(
+        per_chunk >= 5 * layers,
+        "Stop is asked between the matrix products of every layer: {per_chunk} checks for {layers} layers"
+    );
+
+    for stop_at in [1, 2, 3, per_chunk / 2, per_chunk - 1] {
+        model.clear_cache();
+        let seen = std::cell::Cell::new(0usize);
+        let stopped = model.forward_cancellable(&tokens, false, &|| {
+            seen.set(seen.get() + 1);
+            seen.get() >= stop_at
+        });
+        assert!(
+            matches!(stopped, Err(smoldesk::engine::EngineError::Cancelled)),
+            "stopped at check {stop_at}"
+        );
+        assert_eq!(model.cache_len(), 0, "a stopped chunk is not kept");
+        let again = model.forward(&tokens, false).expect("after the stop");
+        assert_eq!(again, whole, "stopped at check {stop_at}, then run again");
+    }
+}

@@ -1,6 +1,7 @@
 //! The app against the real worker with faults injected at each stage (a panic while loading
 //! at 0% and 50%, during prefill, while streaming; a failing disk): each time the app ends up
-//! usable, and the next message gets a reply. Also: loading model A, then B before A is done.
+//! usable, and the next message gets a reply. Also: loading model A, then B before A is done;
+//! the Threads setting reaching the compute pool.
 
 mod common;
 mod ui_support;
@@ -10,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use egui_kittest::Harness;
+use egui_kittest::kittest::Queryable;
 use smoldesk::chat::conversation::Role;
 use smoldesk::ui::app::ModelState;
 use smoldesk::ui::{Action, App, AppOptions};
@@ -296,4 +298,52 @@ fn closing_the_window_during_a_long_step_takes_under_a_second_and_keeps_the_chat
         saved.messages[1].interrupted,
         "the unfinished reply is marked"
     );
+}
+
+/// Moves the Settings window's Threads slider one step up with the keyboard (as a person
+/// would), presses "Reload now" and waits until a model loaded with `threads` is ready.
+fn next_threads_and_reload(harness: &mut Harness<'_, App>, threads: usize) {
+    harness
+        .get_by_role_and_label(egui::accesskit::Role::Slider, "Threads")
+        .focus();
+    harness.run_steps(1);
+    harness.key_press(egui::Key::ArrowRight);
+    harness.run_steps(1);
+    harness.get_by_label("Reload now").click_accesskit();
+    harness.run_steps(1);
+    assert!(
+        step_until(harness, TIMEOUT, |app| app
+            .loaded_model()
+            .is_some_and(|model| model.options.threads == threads)),
+        "no reload with {threads} threads: {:?}, {:?}",
+        harness.state().loaded_model().map(|m| &m.options),
+        harness.state().notice_texts()
+    );
+}
+
+#[test]
+fn the_threads_setting_reaches_the_compute_pool() {
+    let data = tempfile::tempdir().unwrap();
+    let faults = Faults::default();
+    let mut harness = app(data.path(), &faults);
+    load(&mut harness, &tiny_model());
+    let auto = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = |harness: &Harness<'_, App>| {
+        harness
+            .state()
+            .loaded_model()
+            .map(|model| model.compute_threads)
+    };
+    assert!(
+        threads(&harness).is_some_and(|n| (1..=auto).contains(&n)),
+        "auto: one thread per physical core, found {:?}",
+        threads(&harness)
+    );
+    harness.get_by_label("⚙ Settings").click();
+    harness.run_steps(2);
+    for n in 1..=3 {
+        next_threads_and_reload(&mut harness, n);
+        assert_eq!(threads(&harness), Some(n), "Threads = {n}");
+    }
+    assert!(send_and_wait(&mut harness, "Hello"), "a reply on 3 threads");
 }

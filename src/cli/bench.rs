@@ -30,6 +30,10 @@ pub struct Args {
     /// Compute threads (0 = all physical cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Also measure how long a Stop takes to end a prompt computation (a few stops at spread
+    /// moments of a --prompt-tokens prefill).
+    #[arg(long)]
+    pub stop_latency: bool,
     /// Measure read bandwidth over a buffer instead of running a model.
     #[arg(long)]
     pub bandwidth: bool,
@@ -70,6 +74,8 @@ pub struct BenchResult {
     pub depth_decode_tok_s: Option<f64>,
     /// Peak resident memory in MB at the end, the depth run included.
     pub peak_rss_end_mb: f64,
+    /// Seconds from each Stop request to the prefill returning (with --stop-latency).
+    pub stop_latencies_s: Vec<f64>,
 }
 
 /// What `--bandwidth` measured.
@@ -138,6 +144,14 @@ fn run_model(args: &Args, model: &Path) -> Result<BenchResult> {
     } else {
         None
     };
+    let stop_latencies_s = if args.stop_latency {
+        STOP_MOMENTS
+            .iter()
+            .filter_map(|&at| stop_latency(&mut engine, &prompt, ttft_s * at).transpose())
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
     Ok(BenchResult {
         file_bytes,
         threads: args.threads,
@@ -152,7 +166,40 @@ fn run_model(args: &Args, model: &Path) -> Result<BenchResult> {
         depth_gen_tokens: args.depth_gen_tokens,
         depth_decode_tok_s,
         peak_rss_end_mb: peak_rss_mb().unwrap_or(f64::NAN),
+        stop_latencies_s,
     })
+}
+
+/// When the --stop-latency runs ask to stop, as fractions of the measured prefill time.
+const STOP_MOMENTS: [f64; 4] = [0.13, 0.37, 0.61, 0.87];
+
+/// Seconds a prefill of `prompt` (on an empty cache) takes to return after a Stop requested
+/// `after_s` seconds into it; `None` when it ended before that (a machine busier before).
+fn stop_latency(engine: &mut Engine, prompt: &[u32], after_s: f64) -> Result<Option<f64>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    engine.reset();
+    let stop = AtomicBool::new(false);
+    let requested = std::sync::Mutex::new(None);
+    let outcome = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_secs_f64(after_s));
+            *requested.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            stop.store(true, Ordering::Relaxed);
+        });
+        engine.prefill_cancellable(prompt, &|| stop.load(Ordering::Relaxed))
+    });
+    let returned = Instant::now();
+    engine.reset();
+    match (
+        outcome,
+        *requested.lock().unwrap_or_else(|e| e.into_inner()),
+    ) {
+        (Err(crate::engine::error::EngineError::Cancelled), Some(at)) => {
+            Ok(Some(returned.duration_since(at).as_secs_f64()))
+        }
+        (Ok(_), _) => Ok(None),
+        (Err(err), _) => Err(err.into()),
+    }
 }
 
 fn print_model_result(r: &BenchResult) {
@@ -162,6 +209,9 @@ fn print_model_result(r: &BenchResult) {
     );
     if let Some(rate) = r.depth_decode_tok_s {
         print!(" | decode after {} tokens {:.2} tok/s", r.depth, rate);
+    }
+    if let Some(worst) = r.stop_latencies_s.iter().copied().reduce(f64::max) {
+        print!(" | stop within {worst:.2} s");
     }
     println!();
 }

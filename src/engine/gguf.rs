@@ -769,11 +769,10 @@ impl GgufFile {
 }
 
 impl GgufFile {
-    /// Maps the file privately (copy-on-write: tensors can be rewritten in place, e.g.
-    /// repacked, without touching the file), after checking every tensor still lies inside it,
-    /// so a file truncated since it was opened gives [`EngineError::Truncated`] here instead of
-    /// a fault when its pages are read.
-    pub fn map_copy(&self) -> Result<memmap2::MmapMut, EngineError> {
+    /// Opens the file for reading its tensors, after checking every tensor still lies inside
+    /// it, so a file truncated since it was opened gives [`EngineError::Truncated`] here instead
+    /// of a fault when mapped pages are read.
+    pub fn open_data(&self) -> Result<File, EngineError> {
         let io_err = |source| EngineError::Io {
             path: self.path.clone(),
             source,
@@ -786,9 +785,19 @@ impl GgufFile {
                 offset: t.offset,
             });
         }
-        // SAFETY: the mapping is private, so our writes never reach the file; a file changed
-        // by another program while mapped is outside what any reader can guard against.
-        unsafe { memmap2::MmapOptions::new().map_copy(&file) }.map_err(io_err)
+        Ok(file)
+    }
+
+    /// Maps the file read-only and shared (pages come from the page cache, no copy), after the
+    /// checks of [`GgufFile::open_data`].
+    pub fn map_shared(&self) -> Result<memmap2::Mmap, EngineError> {
+        let file = self.open_data()?;
+        // SAFETY: the mapping is read-only; a file changed by another program while mapped is
+        // outside what any reader can guard against.
+        unsafe { memmap2::Mmap::map(&file) }.map_err(|source| EngineError::Io {
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// The byte range of `info`'s data in a mapping of `map_len` bytes.

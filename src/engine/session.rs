@@ -66,14 +66,23 @@ impl Engine {
                 "token_embd.weight (the file has no weights; is it a vocabulary-only file?)".into(),
             ));
         }
-        let tokenizer = Arc::new(GgufTokenizer::from_gguf(&gguf)?);
-        let model = Model::load_with_threads(
-            &gguf,
-            &info,
-            options.context_length,
-            options.threads,
-            progress,
-        )?;
+        // The tokenizer (a few hundred ms for a 128k vocabulary) is built while the weights
+        // load: that part of loading waits mostly on memory, not on the cores.
+        let (tokenizer, model) = std::thread::scope(|scope| {
+            let tokenizer = scope.spawn(|| GgufTokenizer::from_gguf(&gguf));
+            let model = Model::load_with_threads(
+                &gguf,
+                &info,
+                options.context_length,
+                options.threads,
+                progress,
+            );
+            let tokenizer = tokenizer
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (tokenizer, model)
+        });
+        let (tokenizer, model) = (Arc::new(tokenizer?), model?);
         Ok(Self {
             info,
             tokenizer,

@@ -83,6 +83,8 @@ pub struct LoadedModel {
     pub load_secs: f64,
     /// The options it was loaded with.
     pub options: LoadOptions,
+    /// Threads its compute pool really has (`options.threads` with 0 resolved to the cores).
+    pub compute_threads: usize,
     pub(crate) counting: Arc<CountingModel>,
 }
 

@@ -40,9 +40,10 @@ impl App {
                 info,
                 tokenizer,
                 load_secs,
+                compute_threads,
             } => {
                 if self.is_loading(id) {
-                    self.on_loaded(info, tokenizer, load_secs);
+                    self.on_loaded(info, tokenizer, load_secs, compute_threads);
                 }
             }
             Event::LoadFailed { id, path, error } => {
@@ -93,7 +94,13 @@ impl App {
         }
     }
 
-    fn on_loaded(&mut self, info: Box<ModelInfo>, tokenizer: Arc<GgufTokenizer>, load_secs: f64) {
+    fn on_loaded(
+        &mut self,
+        info: Box<ModelInfo>,
+        tokenizer: Arc<GgufTokenizer>,
+        load_secs: f64,
+        compute_threads: usize,
+    ) {
         let options = self.prefs.load_options.clone();
         self.prefs.remember_model(&info.path);
         let counting = Arc::new(CountingModel {
@@ -118,6 +125,7 @@ impl App {
             tokenizer,
             load_secs,
             options,
+            compute_threads,
             counting,
         }));
         self.windows.model = false;

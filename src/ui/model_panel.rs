@@ -247,10 +247,11 @@ pub fn show_window(app: &mut App, ctx: &egui::Context) {
                 if let ModelState::Ready(model) = &app.model {
                     ui.heading(model.display_name());
                     let context = model.context_length();
-                    let load_secs = model.load_secs;
+                    let (load_secs, threads) = (model.load_secs, model.compute_threads);
                     model_card(ui, &model.info, context);
+                    let plural = if threads == 1 { "" } else { "s" };
                     ui.label(
-                        RichText::new(format!("Loaded in {load_secs:.1} s"))
+                        RichText::new(format!("Loaded in {load_secs:.1} s · computing on {threads} thread{plural}"))
                             .color(theme::muted_text_color(ui.visuals())),
                     );
                     let mut actions = Vec::new();

@@ -137,6 +137,8 @@ pub enum Event {
         tokenizer: Arc<GgufTokenizer>,
         /// Seconds the load took.
         load_secs: f64,
+        /// Threads of the compute pool the model runs on (the Threads setting, resolved).
+        compute_threads: usize,
     },
     /// Loading failed or was cancelled; the previous model (if any) is gone (ends a load).
     LoadFailed {

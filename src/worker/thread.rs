@@ -283,12 +283,14 @@ impl Worker {
                 self.formatter = self.make_formatter(engine.info().chat_template.as_deref());
                 let info = Box::new(engine.info().clone());
                 let tokenizer = engine.tokenizer().clone();
+                let compute_threads = engine.threads();
                 self.engine = Some(engine);
                 self.send(Event::Loaded {
                     id,
                     info,
                     tokenizer,
                     load_secs: start.elapsed().as_secs_f64(),
+                    compute_threads,
                 });
             }
             Err(err) => {

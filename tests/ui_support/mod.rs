@@ -214,6 +214,7 @@ pub fn loaded_event_for(id: RequestId, path: &Path) -> Event {
         info: Box::new(info),
         tokenizer: Arc::new(tokenizer),
         load_secs: 0.5,
+        compute_threads: 2,
     }
 }
 

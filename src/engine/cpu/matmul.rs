@@ -79,7 +79,7 @@ pub struct WeightBytes {
 
 /// The owner of weight bytes.
 pub enum Store {
-    /// The model file, mapped (privately, so repacked tensors stay in this process).
+    /// Mapped memory: the model file (shared, read-only) or the region of repacked weights.
     Mapped(memmap2::Mmap),
     /// An 8-byte aligned buffer (tests, and data that is misaligned in the file).
     Owned(Vec<u64>, usize),
