@@ -11,3 +11,7 @@ if [ -z "${SMOLDESK_CACHE_DIR:-}" ]; then
     trap 'rm -rf "$SMOLDESK_CACHE_DIR"' EXIT
 fi
 cargo test --locked "$@"
+# The portable kernels on the whole forward pass (the suites above run the CPU's best level).
+if [ $# -eq 0 ]; then
+    SMOLDESK_SIMD=portable cargo test --locked --test model_logits
+fi

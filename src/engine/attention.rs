@@ -26,6 +26,12 @@ pub trait KvValue: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// Widens a slice into `dst` (same length).
     fn widen(src: &[Self], dst: &mut [f32]);
+    /// Rounds every value to this type and back, in place.
+    fn round_in_place(values: &mut [f32]) {
+        for v in values {
+            *v = Self::from_f32(*v).to_f32();
+        }
+    }
     /// Appends the little-endian bytes.
     fn write_le(self, out: &mut Vec<u8>);
     /// Reads from little-endian bytes (exactly the type's size).
@@ -39,14 +45,83 @@ impl KvValue for f16 {
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
+    #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd_level() >= SimdLevel::Avx2 {
+            // SAFETY: the AVX2 level includes F16C.
+            return unsafe { widen_f16c(src, dst) };
+        }
         src.convert_to_f32_slice(dst);
+    }
+    #[inline(always)]
+    fn round_in_place(values: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if simd_level() >= SimdLevel::Avx2 {
+            // SAFETY: the AVX2 level includes F16C.
+            return unsafe { round_f16c(values) };
+        }
+        for v in values {
+            *v = f16::from_f32(*v).to_f32();
+        }
     }
     fn write_le(self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.to_le_bytes());
     }
     fn from_le(bytes: &[u8]) -> Self {
         f16::from_le_bytes([bytes[0], bytes[1]])
+    }
+}
+
+/// f16 to f32 with F16C, inlined into the attention loops: `half`'s slice conversion is an
+/// out-of-line call per 8 values there, and was most of the decode attention time under perf.
+///
+/// # Safety
+/// The CPU must support F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::{_mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
+    assert_eq!(
+        src.len(),
+        dst.len(),
+        "widening between slices of one length"
+    );
+    let whole = src.len() / LANES * LANES;
+    for i in (0..whole).step_by(LANES) {
+        // SAFETY: `i + 8 <= len` for both slices; unaligned loads and stores.
+        unsafe {
+            let halves = _mm_loadu_si128(src.as_ptr().add(i).cast());
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(halves));
+        }
+    }
+    for (d, s) in dst[whole..].iter_mut().zip(&src[whole..]) {
+        *d = s.to_f32();
+    }
+}
+
+/// Rounds values to f16 and back with F16C (round to nearest even, as `half` does).
+///
+/// # Safety
+/// The CPU must support F16C.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn round_f16c(values: &mut [f32]) {
+    use std::arch::x86_64::{
+        _MM_FROUND_TO_NEAREST_INT, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_loadu_ps,
+        _mm256_storeu_ps,
+    };
+    let whole = values.len() / LANES * LANES;
+    for i in (0..whole).step_by(LANES) {
+        // SAFETY: `i + 8 <= len`; unaligned load and store.
+        unsafe {
+            let p = values.as_mut_ptr().add(i);
+            let halves = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(p));
+            _mm256_storeu_ps(p, _mm256_cvtph_ps(halves));
+        }
+    }
+    for v in &mut values[whole..] {
+        *v = f16::from_f32(*v).to_f32();
     }
 }
 
@@ -157,6 +232,28 @@ pub fn attend<T: KvValue>(q: &[f32], kv: &KvRows<T>, shape: AttentionShape) -> V
     out
 }
 
+/// Positions ahead of the one being read whose key or value row is prefetched. A task reads one
+/// head's slice of every cached row (a quarter of each row for SmolLM3), a stride the hardware
+/// prefetchers do not follow far enough: without this, decode attention waited on memory.
+const PREFETCH_AHEAD: usize = 8;
+
+/// Asks the CPU to bring row `row` (of `width` values) of `values` into cache, if it exists.
+#[inline(always)]
+fn prefetch<T>(values: &[T], row: usize, width: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(row) = values.get(row * width..(row + 1) * width) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let bytes = std::mem::size_of_val(row);
+        let start = row.as_ptr().cast::<i8>();
+        for line in (0..bytes).step_by(64) {
+            // SAFETY: the address lies inside `row`; a prefetch never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(line)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (values, row, width);
+}
+
 /// Per-thread buffers of one attention task, reused across calls.
 #[derive(Default)]
 struct Scratch {
@@ -186,14 +283,14 @@ fn attend_group_dispatch<T: KvValue>(
 ) {
     #[cfg(target_arch = "x86_64")]
     if simd_level() >= SimdLevel::Avx2 {
-        // SAFETY: the CPU supports AVX2 and FMA (the SIMD level says so).
+        // SAFETY: the CPU supports AVX2, FMA and F16C (the SIMD level says so).
         return unsafe { attend_group_avx2(q, kv, shape, g, block, scratch, out) };
     }
     attend_group(q, kv, shape, g, block, scratch, out)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn attend_group_avx2<T: KvValue>(
     q: &[f32],
     kv: &KvRows<T>,
@@ -255,6 +352,7 @@ fn attend_group<T: KvValue>(
         .weights
         .resize(heads * visible_max, f32::NEG_INFINITY);
     for j in 0..visible_max {
+        prefetch(&kv.k, (j + PREFETCH_AHEAD) * n_kv + g, hd);
         T::widen(&kv.k[(j * n_kv + g) * hd..][..hd], &mut scratch.row);
         // Query tokens that see position j: those at or after it.
         let from = j.saturating_sub(offset).max(first) - first;
@@ -272,9 +370,7 @@ fn attend_group<T: KvValue>(
         let visible = offset + first + i / n_rep + 1;
         let weights = &mut weights[..visible];
         softmax(weights);
-        for w in weights {
-            *w = T::from_f32(*w).to_f32();
-        }
+        T::round_in_place(weights);
     }
     if single {
         weighted_sums::<T, { LANES * DOT_ACCUMULATORS }>(kv, shape, g, first, scratch);
@@ -321,6 +417,7 @@ fn weighted_sums<T: KvValue, const N: usize>(
     scratch.acc.clear();
     scratch.acc.resize(heads * N * hd, 0.0);
     for j in 0..visible_max {
+        prefetch(&kv.v, (j + PREFETCH_AHEAD) * n_kv + g, hd);
         T::widen(&kv.v[(j * n_kv + g) * hd..][..hd], &mut scratch.row);
         let from = j.saturating_sub(offset).max(first) - first;
         for i in from * n_rep..heads {
@@ -368,6 +465,18 @@ fn dot_tiled(x: &[f32], y: &[f32]) -> f32 {
 #[inline(always)]
 fn dot_vec(x: &[f32], y: &[f32]) -> f32 {
     const STEP: usize = LANES * DOT_ACCUMULATORS;
+    #[cfg(target_arch = "x86_64")]
+    if x.len().is_multiple_of(STEP) && simd_level() >= SimdLevel::Avx2 {
+        // SAFETY: the AVX2 level includes FMA.
+        return unsafe { dot_vec_avx2(x, y) };
+    }
+    dot_vec_portable(x, y)
+}
+
+/// [`dot_vec`] in portable code.
+#[inline(always)]
+fn dot_vec_portable(x: &[f32], y: &[f32]) -> f32 {
+    const STEP: usize = LANES * DOT_ACCUMULATORS;
     let full = x.len() / STEP * STEP;
     let mut acc = [0f32; STEP];
     for (xs, ys) in x[..full]
@@ -383,6 +492,37 @@ fn dot_vec(x: &[f32], y: &[f32]) -> f32 {
         sum += f64::from(a * b);
     }
     sum as f32
+}
+
+/// [`dot_vec`] for lengths that are multiples of 32, in AVX2 registers: the same lanes, the
+/// same reduction (`GGML_F32x8_REDUCE`). A fused multiply-add equals the separate one here:
+/// both factors are f16 values, whose product is exact in f32. Written out because the
+/// compiler's version of the portable loop used 128-bit shuffles, most of the decode
+/// attention time after the f16 widening was fixed.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x.len() == y.len()`, a multiple of 32.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_vec_avx2(x: &[f32], y: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(x.len() == y.len() && x.len().is_multiple_of(LANES * DOT_ACCUMULATORS));
+    // SAFETY: every load reads 8 values inside both slices (lengths checked above).
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); DOT_ACCUMULATORS];
+        for step in (0..x.len()).step_by(LANES * DOT_ACCUMULATORS) {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let at = step + k * LANES;
+                let xs = _mm256_loadu_ps(x.as_ptr().add(at));
+                let ys = _mm256_loadu_ps(y.as_ptr().add(at));
+                *a = _mm256_fmadd_ps(xs, ys, *a);
+            }
+        }
+        let a01 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[2]), _mm256_add_ps(acc[1], acc[3]));
+        let t0 = _mm_add_ps(_mm256_castps256_ps128(a01), _mm256_extractf128_ps::<1>(a01));
+        let t1 = _mm_hadd_ps(t0, t0);
+        _mm_cvtss_f32(_mm_hadd_ps(t1, t1))
+    }
 }
 
 /// In-place softmax as llama.cpp's `soft_max` computes it: [`expf`] of `x - max` in chunks of
@@ -492,7 +632,58 @@ mod tests {
         let plain: f32 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
         assert!((dot_tiled(&x, &y) - plain).abs() < 1e-3);
         assert!((dot_vec(&x, &y) - plain).abs() < 1e-3);
+        assert_eq!(dot_vec_portable(&x, &y), dot_vec(&x, &y));
         assert!((dot_vec(&x[..40], &y[..40]) - dot_tiled(&x[..40], &y[..40])).abs() < 1e-3);
+    }
+
+    #[test]
+    fn f16_rounding_in_place_equals_half_one_value_at_a_time() {
+        // Every f16 value, the midpoints between neighbours (ties) and points near them.
+        let mut values: Vec<f32> = (0..=u16::MAX)
+            .map(|b| f16::from_bits(b).to_f32())
+            .filter(|v| v.is_finite())
+            .flat_map(|v| {
+                [
+                    v,
+                    v * (1.0 + 1.0 / 2048.0),
+                    v * (1.0 + 1.0 / 4096.0),
+                    v * 0.999_9,
+                ]
+            })
+            .collect();
+        values.push(1e-9);
+        values.push(70_000.0);
+        let expected: Vec<u32> = values
+            .iter()
+            .map(|&v| f16::from_f32(v).to_f32().to_bits())
+            .collect();
+        f16::round_in_place(&mut values);
+        let got: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn the_simd_dot_rounds_as_the_portable_one_on_f16_values() {
+        let value = |i: usize| {
+            let bits = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+            let x = (bits as f32 / (1u64 << 24) as f32 - 0.5) * 2f32.powi((i % 9) as i32 - 4);
+            f16::from_f32(x).to_f32()
+        };
+        let mut order_mattered = false;
+        for case in 0..200 {
+            let x: Vec<f32> = (0..128).map(|i| value(case * 1000 + i)).collect();
+            let y: Vec<f32> = (0..128).map(|i| value(case * 1000 + 500 + i)).collect();
+            assert_eq!(
+                dot_vec(&x, &y).to_bits(),
+                dot_vec_portable(&x, &y).to_bits(),
+                "case {case}"
+            );
+            order_mattered |= dot_vec(&x, &y) != dot_tiled(&x, &y);
+        }
+        assert!(
+            order_mattered,
+            "the inputs are ones where summation order shows"
+        );
     }
 
     /// The previous implementation (widening the whole prefix per task), the bit-exact

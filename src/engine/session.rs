@@ -69,7 +69,13 @@ impl Engine {
         // The tokenizer (a few hundred ms for a 128k vocabulary) is built while the weights
         // load: that part of loading waits mostly on memory, not on the cores.
         let (tokenizer, model) = std::thread::scope(|scope| {
-            let tokenizer = scope.spawn(|| GgufTokenizer::from_gguf(&gguf));
+            let tokenizer = scope.spawn(|| {
+                let start = std::time::Instant::now();
+                let tokenizer = GgufTokenizer::from_gguf(&gguf);
+                log::debug!("tokenizer built in {:.2} s", start.elapsed().as_secs_f64());
+                tokenizer
+            });
+            let start = std::time::Instant::now();
             let model = Model::load_with_threads(
                 &gguf,
                 &info,
@@ -77,6 +83,7 @@ impl Engine {
                 options.threads,
                 progress,
             );
+            log::debug!("weights loaded in {:.2} s", start.elapsed().as_secs_f64());
             let tokenizer = tokenizer
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic));

@@ -85,6 +85,7 @@ const AVX512_ENABLED: bool = false;
 
 /// The level kernels run at: [`detected_level`], lowered by `SMOLDESK_SIMD` if set (a level the
 /// CPU lacks is never chosen). Decided once per process.
+#[inline]
 pub fn simd_level() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| {

@@ -1,0 +1,52 @@
+//! Timing of one layer's decode attention (one query token over a cached context, SmolLM3-3B
+//! shapes: 16 query heads, 4 KV heads of 128, f16 cache) on a pool of `threads` threads:
+//! `cargo run --release --example attention_bench [-- CONTEXT [THREADS]]`.
+//!
+//! Prints the time per call and the cache read rate. Numbers are rough on a shared machine.
+
+use half::f16;
+use smoldesk::engine::attention::{AttentionShape, KvRows, SumOrder, attend_into};
+use smoldesk::engine::cpu::pool::Pool;
+use std::time::{Duration, Instant};
+
+/// Pseudo-random in [-1, 1) (speed does not depend on the values).
+fn uniform(i: usize) -> f32 {
+    let bits = (i as u64 ^ 0x5bd1_e995).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+    bits as f32 / (1u64 << 23) as f32 - 1.0
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let context: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2048);
+    let threads: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
+    let (n_head, n_kv, hd) = (16, 4, 128);
+    let row = n_kv * hd;
+    let values =
+        |seed: usize| -> Vec<f32> { (0..context * row).map(|i| uniform(i + seed)).collect() };
+    let mut kv = KvRows::<f16>::default();
+    kv.append(0, row, &values(0), &values(1 << 30));
+    let q: Vec<f32> = (0..n_head * hd).map(|i| uniform(i + 7)).collect();
+    let shape = AttentionShape {
+        n_head,
+        n_kv,
+        head_dim: hd,
+        offset: context - 1,
+        seq: 1,
+        order: SumOrder::LlamaCpp,
+    };
+    let pool = Pool::new(threads);
+    let mut out = vec![0f32; n_head * hd];
+    let start = Instant::now();
+    let mut best = Duration::MAX;
+    while start.elapsed() < Duration::from_secs(2) {
+        let t = Instant::now();
+        attend_into(&pool, &q, &kv, shape, &mut out);
+        best = best.min(t.elapsed());
+    }
+    let bytes = 2 * context * row * 2;
+    println!(
+        "decode attention, context {context}, {threads} threads: {:.1} µs per layer, {:.1} GB/s of cache",
+        best.as_secs_f64() * 1e6,
+        bytes as f64 / best.as_secs_f64() / 1e9
+    );
+}
