@@ -397,11 +397,12 @@ struct MessagesDigest {
     first_user: Option<Message>,
 }
 
-/// The role of a message, without its text.
+/// The role of a message, without its text (parsed so an unknown role fails the listing, as
+/// it fails loading).
 #[derive(Deserialize)]
 struct MessageRole {
-    #[serde(default)]
-    role: Role,
+    #[serde(default, rename = "role")]
+    _role: Role,
 }
 
 impl<'de> Deserialize<'de> for MessagesDigest {

@@ -129,6 +129,7 @@ pub fn shows_composer(app: &App) -> bool {
 /// The start screen is shown while no model is ready and the conversation is empty.
 fn shows_welcome(app: &App) -> bool {
     !matches!(app.model, ModelState::Ready(_))
+        && !app.is_opening()
         && app
             .current_conversation()
             .is_none_or(|c| c.messages.is_empty())
@@ -144,7 +145,9 @@ pub fn show_central(app: &mut App, ui: &mut Ui) {
         ui.ctx().request_repaint();
     }
     notices(app, ui);
-    if shows_welcome(app) {
+    if app.is_opening() {
+        opening(ui);
+    } else if shows_welcome(app) {
         model_panel::show_welcome(app, ui);
     } else if app
         .current_conversation()
@@ -154,6 +157,17 @@ pub fn show_central(app: &mut App, ui: &mut Ui) {
     } else {
         conversation(app, ui);
     }
+}
+
+/// Shown while the open conversation's messages are being read.
+fn opening(ui: &mut Ui) {
+    ui.vertical_centered(|ui| {
+        ui.add_space(ui.available_height() * 0.3);
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label(RichText::new("Opening…").color(theme::muted_text_color(ui.visuals())));
+        });
+    });
 }
 
 fn notices(app: &mut App, ui: &mut Ui) {
@@ -258,7 +272,7 @@ pub fn context_notice(dropped: usize) -> String {
 
 fn conversation(app: &mut App, ui: &mut Ui) {
     let mut actions = Vec::new();
-    let Some(conversation) = app.conversations.iter().find(|c| c.id == app.current) else {
+    let Some(conversation) = app.conversations.get(&app.current) else {
         return;
     };
     let generation = app
