@@ -188,6 +188,11 @@ fn main() {
     let data = std::env::temp_dir().join(format!("smoldesk-frame-bench-{}", std::process::id()));
     let mut bench = Bench::new(&data);
     bench.frame(Vec::new());
+    let listing = Instant::now();
+    while bench.app.is_opening() && listing.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+        bench.frame(Vec::new());
+    }
     if let Some(conversation) = bench.app.current_conversation_mut() {
         conversation.messages = long_conversation(count);
     }

@@ -5,7 +5,6 @@
 mod common;
 mod ui_support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use egui_kittest::kittest::Queryable;
@@ -13,34 +12,6 @@ use smoldesk::chat::conversation::GenerationStats;
 use smoldesk::ui::Action;
 use smoldesk::worker::messages::SegmentKind;
 use ui_support::*;
-
-struct Dirs {
-    data: tempfile::TempDir,
-    models: tempfile::TempDir,
-    model: PathBuf,
-}
-
-fn dirs() -> Dirs {
-    let data = tempfile::tempdir().unwrap();
-    let models = tempfile::tempdir().unwrap();
-    let model = models.path().join("tiny-smollm3-q4_k_m.gguf");
-    std::fs::copy(common::fixture("tiny-smollm3-q4_k_m.gguf"), &model).unwrap();
-    Dirs {
-        data,
-        models,
-        model,
-    }
-}
-
-fn loaded_app<'a>(fake: &Fake, dirs: &Dirs) -> egui_kittest::Harness<'a, smoldesk::ui::App> {
-    let mut harness = harness(
-        fake_options(fake, dirs.data.path(), dirs.models.path()),
-        None,
-    );
-    load_model(&mut harness, fake, &dirs.model);
-    assert!(harness.state().loaded_model().is_some());
-    harness
-}
 
 /// Sends `question` and lets the fake worker answer `answer` with `stats`.
 fn exchange(
