@@ -86,7 +86,10 @@ impl Bench {
         let start = Instant::now();
         let app = &mut self.app;
         let frame = &mut self.frame;
-        let output = self.ctx.run_ui(input, |ui| eframe::App::ui(app, ui, frame));
+        let output = self.ctx.run_ui(input, |ui| {
+            eframe::App::logic(app, ui.ctx(), frame);
+            eframe::App::ui(app, ui, frame);
+        });
         let primitives = self.ctx.tessellate(output.shapes, output.pixels_per_point);
         let total = start.elapsed();
         std::hint::black_box(primitives);

@@ -282,9 +282,10 @@ impl App {
         } else {
             ExitSignal::default()
         };
-        let model_dirs = options
-            .model_dirs
-            .unwrap_or_else(|| crate::paths::model_dirs(&options.data_dir));
+        let model_dirs = match options.model_dirs {
+            Some(dirs) => model_panel::ModelDirs::Given(dirs),
+            None => model_panel::ModelDirs::Default(options.data_dir.clone()),
+        };
         let mut app = Self {
             backend,
             saver: Saver::new(store.clone(), wake.clone()),
@@ -342,6 +343,11 @@ impl App {
     /// The conversation list (bodies are read when a conversation is opened).
     pub fn conversations(&self) -> &ConversationList {
         &self.conversations
+    }
+
+    /// Whether the model folders are being listed (in the background).
+    pub fn is_scanning_models(&self) -> bool {
+        self.picker.scanning()
     }
 
     /// The open conversation (`None` while it is being read).

@@ -53,10 +53,10 @@ pub struct ChatViewState {
 }
 
 /// What the heights of all messages depend on: when it changes, every height is measured again.
+/// (Show thinking is not part of it: heights are kept for both states.)
 #[derive(Debug, Clone, Default, PartialEq)]
 struct LayoutKey {
     conversation: String,
-    show_thinking: bool,
     width_bits: u32,
     font_bits: u32,
 }
@@ -70,12 +70,31 @@ struct MessageKey {
     context_start: bool,
 }
 
-/// The measured height of each message of the open conversation, so that only the messages
-/// in view are laid out and the rest take their remembered space.
+/// A message's height in one Show thinking state: measured when it was laid out, else a
+/// guess kept until it is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Height {
+    value: f32,
+    measured: bool,
+}
+
+/// One message's heights with thinking hidden (`[0]`) and shown (`[1]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct MessageHeights {
+    key: MessageKey,
+    by_state: [Option<Height>; 2],
+}
+
+/// The height of each message of the open conversation in both Show thinking states, so that
+/// only the messages in view are laid out and the rest take their remembered (or once
+/// guessed) space, and toggling Show thinking measures nothing again.
 #[derive(Debug, Default)]
 struct HeightCache {
     layout: LayoutKey,
-    heights: Vec<Option<(MessageKey, f32)>>,
+    heights: Vec<Option<MessageHeights>>,
+    /// How much taller a reply with thinking is when thinking is shown (its folded header),
+    /// as last measured.
+    thinking_header: Option<f32>,
 }
 
 impl HeightCache {
@@ -84,20 +103,79 @@ impl HeightCache {
         if self.layout != layout {
             self.layout = layout;
             self.heights.clear();
+            self.thinking_header = None;
         }
         self.heights.resize(messages, None);
     }
 
-    fn get(&self, index: usize, key: MessageKey) -> Option<f32> {
-        match self.heights.get(index) {
-            Some(Some((cached, height))) if *cached == key => Some(*height),
-            _ => None,
+    /// The height of message `index` with thinking shown or not: remembered, else derived
+    /// from its height in the other state, else `estimate()` (remembered until measured).
+    fn get(
+        &mut self,
+        index: usize,
+        key: MessageKey,
+        show_thinking: bool,
+        header_guess: f32,
+        estimate: impl FnOnce() -> f32,
+    ) -> f32 {
+        let header = self.thinking_header.unwrap_or(header_guess);
+        let Some(slot) = self.heights.get_mut(index) else {
+            return estimate();
+        };
+        let entry = slot.get_or_insert(MessageHeights {
+            key,
+            by_state: [None, None],
+        });
+        if entry.key != key {
+            *entry = MessageHeights {
+                key,
+                by_state: [None, None],
+            };
         }
+        let state = usize::from(show_thinking);
+        if let Some(height) = entry.by_state[state] {
+            return height.value;
+        }
+        let value = match entry.by_state[1 - state] {
+            Some(other) if key.thinking_len == 0 => other.value,
+            Some(other) if show_thinking => other.value + header,
+            Some(other) => (other.value - header).max(0.0),
+            None => estimate(),
+        };
+        entry.by_state[state] = Some(Height {
+            value,
+            measured: false,
+        });
+        value
     }
 
-    fn set(&mut self, index: usize, key: MessageKey, height: f32) {
-        if let Some(slot) = self.heights.get_mut(index) {
-            *slot = Some((key, height));
+    /// Records the measured height of message `index`.
+    fn set(&mut self, index: usize, key: MessageKey, show_thinking: bool, value: f32) {
+        let Some(slot) = self.heights.get_mut(index) else {
+            return;
+        };
+        let entry = slot.get_or_insert(MessageHeights {
+            key,
+            by_state: [None, None],
+        });
+        if entry.key != key {
+            entry.key = key;
+            entry.by_state = [None, None];
+        }
+        let state = usize::from(show_thinking);
+        entry.by_state[state] = Some(Height {
+            value,
+            measured: true,
+        });
+        if key.thinking_len > 0
+            && let Some(other) = entry.by_state[1 - state].filter(|h| h.measured)
+        {
+            let (shown, hidden) = if show_thinking {
+                (value, other.value)
+            } else {
+                (other.value, value)
+            };
+            self.thinking_header = Some(shown - hidden);
         }
     }
 }
@@ -313,7 +391,6 @@ fn conversation(app: &mut App, ui: &mut Ui) {
                         heights.prepare(
                             LayoutKey {
                                 conversation: conversation.id.clone(),
-                                show_thinking: view.show_thinking,
                                 width_bits: ui.available_width().to_bits(),
                                 font_bits,
                             },
@@ -350,6 +427,7 @@ fn messages_in_view(
     let visible = viewport.expand(CULL_MARGIN);
     let width = ui.available_width();
     let row_height = ui.text_style_height(&egui::TextStyle::Body);
+    let header_guess = ui.spacing().interact_size.y + ui.spacing().item_spacing.y;
     let mut skipped = 0.0;
     let mut y = ui.cursor().top() - top;
     for (index, message) in messages.iter().enumerate() {
@@ -361,9 +439,9 @@ fn messages_in_view(
         };
         let live =
             index == view.last_index || view.editing.as_ref().is_some_and(|(i, _)| *i == index);
-        let height = heights
-            .get(index, key)
-            .unwrap_or_else(|| estimated_height(message, width, row_height, view.show_thinking));
+        let height = heights.get(index, key, view.show_thinking, header_guess, || {
+            estimated_height(message, width, row_height, view.show_thinking)
+        });
         if !live && (y + height < visible.top() || y > visible.bottom()) {
             skipped += height;
             y += height;
@@ -379,7 +457,7 @@ fn messages_in_view(
         let before = ui.cursor().top();
         ui.push_id(index, |ui| message_ui(ui, view, index, message));
         let after = ui.cursor().top();
-        heights.set(index, key, after - before);
+        heights.set(index, key, view.show_thinking, after - before);
         y = after - top;
     }
     if skipped > 0.0 {
@@ -774,6 +852,50 @@ fn small_action(ui: &mut Ui, text: &str, tip: &str) -> egui::Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(thinking_len: usize) -> MessageKey {
+        MessageKey {
+            content_len: 10,
+            thinking_len,
+            has_stats: true,
+            context_start: false,
+        }
+    }
+
+    #[test]
+    fn heights_are_kept_per_show_thinking_state_and_guessed_once() {
+        let mut cache = HeightCache::default();
+        cache.prepare(LayoutKey::default(), 2);
+        let mut estimates = 0;
+        let mut estimate = || {
+            estimates += 1;
+            100.0
+        };
+        assert_eq!(cache.get(0, key(5), true, 20.0, &mut estimate), 100.0);
+        assert_eq!(cache.get(0, key(5), true, 20.0, &mut estimate), 100.0);
+        assert_eq!(estimates, 1, "a guess is remembered");
+        cache.set(0, key(5), true, 130.0);
+        cache.set(1, key(0), true, 50.0);
+        // Hidden thinking: derived from the shown height, nothing estimated.
+        assert_eq!(cache.get(0, key(5), false, 20.0, &mut estimate), 110.0);
+        assert_eq!(cache.get(1, key(0), false, 20.0, &mut estimate), 50.0);
+        assert_eq!(estimates, 1);
+        cache.set(0, key(5), false, 104.0);
+        assert_eq!(cache.get(0, key(5), true, 20.0, &mut estimate), 130.0);
+        assert_eq!(cache.thinking_header, Some(26.0), "the header height is learned");
+        // A changed message is measured again.
+        assert_eq!(cache.get(0, key(6), true, 20.0, &mut estimate), 100.0);
+        assert_eq!(estimates, 2);
+        cache.prepare(
+            LayoutKey {
+                width_bits: 1,
+                ..LayoutKey::default()
+            },
+            2,
+        );
+        assert_eq!(cache.get(1, key(0), false, 20.0, &mut estimate), 100.0);
+        assert_eq!(estimates, 3, "a new width forgets every height");
+    }
 
     #[test]
     fn seconds_read_naturally() {

@@ -185,10 +185,11 @@ pub fn starting_harness<'a>(
     build(Harness::builder(), options, storage)
 }
 
-/// Steps until the open conversation has been read.
+/// Steps until the open conversation has been read and the model folders listed.
 fn opened(mut harness: Harness<'_, App>) -> Harness<'_, App> {
     assert!(
-        step_until(&mut harness, BACKGROUND_WAIT, |app| !app.is_opening()),
+        step_until(&mut harness, BACKGROUND_WAIT, |app| !app.is_opening()
+            && !app.is_scanning_models()),
         "the conversations were not read"
     );
     harness
