@@ -1,7 +1,7 @@
 //! Frame-time benchmark of the chat view: a 1,000-message conversation (long code blocks,
 //! thinking spans) drawn by the real [`App`] in a headless egui context, measuring what the UI
 //! thread does per frame (egui layout and tessellation; no rasterizer) while scrolling,
-//! streaming a reply and toggling Show thinking.
+//! streaming a reply and toggling Show thinking (at the bottom and scrolled up).
 //!
 //! Run (release mode, numbers are rough on a busy machine):
 //! `cargo run --release --example frame_bench [-- MESSAGES]`
@@ -101,6 +101,19 @@ impl Bench {
             total,
             repaint_requested,
         }
+    }
+
+    /// Toggles Show thinking `times` times, three frames each; returns the frame times.
+    fn toggle_show_thinking(&mut self, times: usize) -> Vec<FrameTime> {
+        let mut frames = Vec::new();
+        for _ in 0..times {
+            self.app.apply(Action::ToggleShowThinking);
+            for _ in 0..3 {
+                frames.push(self.frame(Vec::new()));
+            }
+        }
+        self.settle(600);
+        frames
     }
 
     /// Frames without input until nothing asks for another one (at most `max`).
@@ -215,14 +228,16 @@ fn main() {
     }
     let after_scroll = bench.settle(600);
 
-    let mut toggling = Vec::new();
-    for _ in 0..40 {
-        bench.app.apply(Action::ToggleShowThinking);
-        for _ in 0..3 {
-            toggling.push(bench.frame(Vec::new()));
-        }
+    let at_bottom = bench.toggle_show_thinking(40);
+    for _ in 0..60 {
+        bench.frame(wheel(120.0));
     }
-    bench.settle(600);
+    // Let the smooth scroll come to rest (it moves without asking for frames of its own).
+    for _ in 0..300 {
+        bench.frame(Vec::new());
+    }
+    let scrolled_up = bench.toggle_show_thinking(40);
+    let toggling = [at_bottom.clone(), scrolled_up.clone()].concat();
 
     let mut streaming = Vec::new();
     bench.app.apply(Action::Regenerate);
@@ -268,6 +283,8 @@ fn main() {
 
     println!("{}", summary("scrolling (wheel)", &scrolling));
     println!("{}", summary("toggling Show thinking", &toggling));
+    println!("{}", summary("  at the bottom", &at_bottom));
+    println!("{}", summary("  scrolled up", &scrolled_up));
     println!("{}", summary("streaming a reply", &streaming));
     let all: Vec<FrameTime> = [scrolling, toggling, streaming].concat();
     println!("{}", summary("all", &all));

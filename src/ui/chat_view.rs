@@ -50,6 +50,20 @@ pub struct ChatViewState {
     pub content_height: f32,
     /// Measured heights of messages, for skipping those far outside the view.
     heights: HeightCache,
+    /// The message at the top of the view last frame, to keep it there when Show thinking
+    /// changes every height above it.
+    anchor: Option<ScrollAnchor>,
+    /// The scroll offset last frame.
+    offset: f32,
+}
+
+/// The first message in view, how far the view's top is below that message's top, and the
+/// Show thinking state it was measured in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ScrollAnchor {
+    index: usize,
+    offset: f32,
+    show_thinking: bool,
 }
 
 /// What the heights of all messages depend on: when it changes, every height is measured again.
@@ -147,6 +161,25 @@ impl HeightCache {
             measured: false,
         });
         value
+    }
+
+    /// Where message `index` starts when thinking is shown or not: the heights of the
+    /// messages before it (remembered, derived or guessed as [`Self::get`] does).
+    fn top_of(
+        &mut self,
+        index: usize,
+        messages: &[Message],
+        show_thinking: bool,
+        header_guess: f32,
+        key_of: impl Fn(usize, &Message) -> MessageKey,
+        mut estimate: impl FnMut(&Message) -> f32,
+    ) -> f32 {
+        messages
+            .iter()
+            .enumerate()
+            .take(index)
+            .map(|(i, m)| self.get(i, key_of(i, m), show_thinking, header_guess, || estimate(m)))
+            .sum()
     }
 
     /// Records the measured height of message `index`.
@@ -358,6 +391,13 @@ fn conversation(app: &mut App, ui: &mut Ui) {
         .as_ref()
         .filter(|g| g.conversation_id == conversation.id);
     let context_start = context_start(app, conversation);
+    let anchored = anchored_offset(
+        ui,
+        &mut app.chat,
+        &conversation.messages,
+        app.prefs.show_thinking,
+        context_start,
+    );
     let mut view = MessageView {
         markdown: &mut app.markdown,
         editing: &mut app.chat.editing,
@@ -379,8 +419,16 @@ fn conversation(app: &mut App, ui: &mut Ui) {
         scroll = scroll.vertical_scroll_offset(app.chat.content_height + 100_000.0);
         app.chat.scroll_to_bottom = false;
     }
+    let rubber_band = ui.spacing().scroll.kinetic.rubber_band;
+    if let Some(offset) = anchored {
+        scroll = scroll.vertical_scroll_offset(offset);
+        // The new offset may lie past last frame's end (the content grew): it is not an
+        // overscroll to spring back from.
+        ui.spacing_mut().scroll.kinetic.rubber_band = false;
+    }
     let heights = &mut app.chat.heights;
     let font_bits = app.prefs.font_size.to_bits();
+    let mut anchor = None;
     let output = scroll.show_viewport(ui, |ui, viewport| {
         egui::Frame::new()
             .inner_margin(egui::Margin::symmetric(16, 12))
@@ -396,15 +444,24 @@ fn conversation(app: &mut App, ui: &mut Ui) {
                             },
                             conversation.messages.len(),
                         );
-                        messages_in_view(ui, &mut view, heights, &conversation.messages, viewport);
+                        anchor = messages_in_view(
+                            ui,
+                            &mut view,
+                            heights,
+                            &conversation.messages,
+                            viewport,
+                        );
                         ui.add_space(8.0);
                     });
                 });
             });
     });
+    ui.spacing_mut().scroll.kinetic.rubber_band = rubber_band;
     let bottom_gap =
         output.content_size.y - (output.state.clamped_offset().y + output.inner_rect.height());
     app.chat.at_bottom = bottom_gap <= 24.0;
+    app.chat.anchor = anchor;
+    app.chat.offset = output.state.clamped_offset().y;
     app.chat.content_height = output.content_size.y;
     if !app.chat.at_bottom {
         jump_to_latest(app, ui, output.inner_rect);
@@ -422,26 +479,30 @@ fn messages_in_view(
     heights: &mut HeightCache,
     messages: &[Message],
     viewport: egui::Rect,
-) {
+) -> Option<ScrollAnchor> {
     let top = ui.min_rect().top();
     let visible = viewport.expand(CULL_MARGIN);
     let width = ui.available_width();
     let row_height = ui.text_style_height(&egui::TextStyle::Body);
-    let header_guess = ui.spacing().interact_size.y + ui.spacing().item_spacing.y;
+    let header_guess = thinking_header_guess(ui);
     let mut skipped = 0.0;
     let mut y = ui.cursor().top() - top;
+    let start_y = y;
+    let mut anchor = None;
     for (index, message) in messages.iter().enumerate() {
-        let key = MessageKey {
-            content_len: message.content.len(),
-            thinking_len: message.thinking.as_ref().map_or(0, String::len),
-            has_stats: message.stats.is_some(),
-            context_start: view.context_start == Some(index),
-        };
+        let key = message_key(index, message, view.context_start);
         let live =
             index == view.last_index || view.editing.as_ref().is_some_and(|(i, _)| *i == index);
         let height = heights.get(index, key, view.show_thinking, header_guess, || {
             estimated_height(message, width, row_height, view.show_thinking)
         });
+        if anchor.is_none() && y + height > viewport.top() {
+            anchor = Some(ScrollAnchor {
+                index,
+                offset: viewport.top() - (y - start_y),
+                show_thinking: view.show_thinking,
+            });
+        }
         if !live && (y + height < visible.top() || y > visible.bottom()) {
             skipped += height;
             y += height;
@@ -466,6 +527,53 @@ fn messages_in_view(
             (skipped - ui.spacing().item_spacing.y).max(0.0),
         ));
     }
+    anchor
+}
+
+/// What a message's height depends on besides the [`LayoutKey`].
+fn message_key(index: usize, message: &Message, context_start: Option<usize>) -> MessageKey {
+    MessageKey {
+        content_len: message.content.len(),
+        thinking_len: message.thinking.as_ref().map_or(0, String::len),
+        has_stats: message.stats.is_some(),
+        context_start: context_start == Some(index),
+    }
+}
+
+/// Where to scroll after Show thinking changed, so that the same messages stay in view (and
+/// need no new layout): the message at the top stays there, or, when the view was at the
+/// bottom, it stays at the bottom. `None` when nothing changed.
+fn anchored_offset(
+    ui: &Ui,
+    chat: &mut ChatViewState,
+    messages: &[Message],
+    show_thinking: bool,
+    context_start: Option<usize>,
+) -> Option<f32> {
+    let anchor = chat.anchor.filter(|a| a.show_thinking != show_thinking)?;
+    let width = f32::from_bits(chat.heights.layout.width_bits);
+    let row_height = ui.text_style_height(&egui::TextStyle::Body);
+    let header_guess = thinking_header_guess(ui);
+    let mut top_of = |index: usize, show: bool| {
+        chat.heights.top_of(
+            index,
+            messages,
+            show,
+            header_guess,
+            |i, m| message_key(i, m, context_start),
+            |m| estimated_height(m, width, row_height, show),
+        )
+    };
+    if chat.at_bottom {
+        let grown = top_of(messages.len(), show_thinking) - top_of(messages.len(), !show_thinking);
+        return Some((chat.offset + grown).max(0.0));
+    }
+    Some(top_of(anchor.index, show_thinking) + anchor.offset)
+}
+
+/// A first guess at the height of a folded thinking header.
+fn thinking_header_guess(ui: &Ui) -> f32 {
+    ui.spacing().interact_size.y + ui.spacing().item_spacing.y
 }
 
 /// The floating "jump to latest" button shown once the user has scrolled up.
