@@ -313,7 +313,11 @@ fn toggling_show_thinking_keeps_the_message_at_the_top_of_the_view_in_place() {
     let fake = Fake::default();
     let dirs = dirs();
     let mut harness = loaded_app(&fake, &dirs);
-    harness.state_mut().current_conversation_mut().unwrap().messages = thoughtful_conversation(60);
+    harness
+        .state_mut()
+        .current_conversation_mut()
+        .unwrap()
+        .messages = thoughtful_conversation(60);
     harness.run_steps(3);
     for _ in 0..30 {
         harness.event(egui::Event::PointerMoved(egui::pos2(700.0, 400.0)));

@@ -27,10 +27,13 @@ fn save(data: &Path, title: &str, question: &str, updated_ms: i64) -> Conversati
     let mut conversation = Conversation::new(ChatSettings::default());
     conversation.title = title.to_string();
     conversation.updated_ms = updated_ms;
-    conversation.messages.push(Message::new(Role::User, question));
     conversation
         .messages
-        .push(Message::new(Role::Assistant, format!("Answer to: {question}")));
+        .push(Message::new(Role::User, question));
+    conversation.messages.push(Message::new(
+        Role::Assistant,
+        format!("Answer to: {question}"),
+    ));
     ConversationStore::new(conversations_dir(data))
         .save(&conversation)
         .unwrap();
@@ -38,7 +41,10 @@ fn save(data: &Path, title: &str, question: &str, updated_ms: i64) -> Conversati
 }
 
 fn open_app<'a>(fake: &Fake, dirs: &Dirs) -> Harness<'a, App> {
-    harness(fake_options(fake, dirs.data.path(), dirs.models.path()), None)
+    harness(
+        fake_options(fake, dirs.data.path(), dirs.models.path()),
+        None,
+    )
 }
 
 /// Parses per kind, over every thread; panics if any happened on another thread than the
@@ -59,8 +65,18 @@ fn reads_off_the_ui_thread(app: &App, kind: ReadKind) -> usize {
 fn opening_a_conversation_from_the_list_shows_its_messages_after_the_background_read() {
     let fake = Fake::default();
     let dirs = dirs();
-    let older = save(dirs.data.path(), "Ferns in winter", "Do ferns survive frost?", 1_000);
-    let newer = save(dirs.data.path(), "Bread at home", "How long to knead?", 2_000);
+    let older = save(
+        dirs.data.path(),
+        "Ferns in winter",
+        "Do ferns survive frost?",
+        1_000,
+    );
+    let newer = save(
+        dirs.data.path(),
+        "Bread at home",
+        "How long to knead?",
+        2_000,
+    );
     let mut harness = open_app(&fake, &dirs);
     assert_eq!(harness.state().current_conversation().unwrap().id, newer.id);
     assert!(harness.state().conversations().is_listed_only(&older.id));
@@ -156,7 +172,10 @@ fn startup_with_200_conversations_reads_only_summaries_and_the_open_one_off_the_
         "only the open conversation's body is read"
     );
     assert_eq!(app.conversations().loaded().count(), 1);
-    assert!(shows(&harness, "Chat 198 about tea"), "titles come from summaries");
+    assert!(
+        shows(&harness, "Chat 198 about tea"),
+        "titles come from summaries"
+    );
 
     // The rare word is only in an answer, so finding it needs the bodies (read off the UI
     // thread too).
@@ -171,7 +190,10 @@ fn startup_with_200_conversations_reads_only_summaries_and_the_open_one_off_the_
     harness.run_steps(2);
     assert!(shows(&harness, "Chat 7 about a rare word: quokka"));
     assert!(!shows(&harness, "Chat 8 about tea"));
-    assert_eq!(reads_off_the_ui_thread(harness.state(), ReadKind::Body), 200);
+    assert_eq!(
+        reads_off_the_ui_thread(harness.state(), ReadKind::Body),
+        200
+    );
 }
 
 #[test]
@@ -182,18 +204,13 @@ fn deleting_a_conversation_not_read_yet_reads_it_first_so_undo_brings_it_back() 
     save(dirs.data.path(), "New notes", "Remember the eggs", 2_000);
     let mut harness = open_app(&fake, &dirs);
     assert!(harness.state().conversations().is_listed_only(&older.id));
-    harness
-        .state_mut()
-        .apply(Action::Delete(older.id.clone()));
+    harness.state_mut().apply(Action::Delete(older.id.clone()));
     assert!(step_until(&mut harness, BACKGROUND_WAIT, |app| {
         !app.conversations().contains(&older.id)
     }));
     let file = conversations_dir(dirs.data.path()).join(format!("{}.json", older.id));
     assert!(step_until(&mut harness, BACKGROUND_WAIT, |_| !file.exists()));
-    assert_eq!(
-        harness.state().deleted_conversations().next(),
-        Some(&older)
-    );
+    assert_eq!(harness.state().deleted_conversations().next(), Some(&older));
     harness.get_by_label("Undo").click();
     harness.run_steps(2);
     assert_eq!(harness.state().current_conversation(), Some(&older));

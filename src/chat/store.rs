@@ -602,7 +602,9 @@ mod tests {
         let mut titled = sample();
         titled.title = "Given title".into();
         titled.updated_ms = 1;
-        titled.messages.insert(0, Message::new(Role::Assistant, "Hello first"));
+        titled
+            .messages
+            .insert(0, Message::new(Role::Assistant, "Hello first"));
         store.save(&untitled).unwrap();
         store.save(&titled).unwrap();
         std::fs::write(dir.path().join("broken.json"), "{ not json").unwrap();
@@ -613,7 +615,10 @@ mod tests {
             updated_ms: c.updated_ms,
             message_count: c.messages.len(),
         };
-        assert_eq!(listing.summaries, vec![summary(&untitled), summary(&titled)]);
+        assert_eq!(
+            listing.summaries,
+            vec![summary(&untitled), summary(&titled)]
+        );
         assert_eq!(listing.summaries[0].title, "Hi **there**");
         assert_eq!(listing.errors.len(), 1);
         let thread = std::thread::current().name().unwrap().to_string();
@@ -637,7 +642,11 @@ mod tests {
         )
         .unwrap();
         let listing = store.list();
-        assert_eq!(listing.errors.len(), 1, "an unknown role is caught at listing");
+        assert_eq!(
+            listing.errors.len(),
+            1,
+            "an unknown role is caught at listing"
+        );
         assert_eq!(listing.summaries.len(), 1);
         assert_eq!(listing.summaries[0].message_count, 2);
         assert!(matches!(

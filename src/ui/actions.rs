@@ -284,7 +284,7 @@ impl App {
     }
 
     /// Runs `work` on a thread named `name`; what it returns is applied to the app later.
-    fn run_task(
+    pub(crate) fn run_task(
         &mut self,
         name: &'static str,
         work: impl FnOnce() -> super::background::Completion<App> + Send + 'static,

@@ -974,26 +974,30 @@ mod tests {
     fn heights_are_kept_per_show_thinking_state_and_guessed_once() {
         let mut cache = HeightCache::default();
         cache.prepare(LayoutKey::default(), 2);
-        let mut estimates = 0;
-        let mut estimate = || {
-            estimates += 1;
+        let estimates = std::cell::Cell::new(0);
+        let estimate = || {
+            estimates.set(estimates.get() + 1);
             100.0
         };
-        assert_eq!(cache.get(0, key(5), true, 20.0, &mut estimate), 100.0);
-        assert_eq!(cache.get(0, key(5), true, 20.0, &mut estimate), 100.0);
-        assert_eq!(estimates, 1, "a guess is remembered");
+        assert_eq!(cache.get(0, key(5), true, 20.0, estimate), 100.0);
+        assert_eq!(cache.get(0, key(5), true, 20.0, estimate), 100.0);
+        assert_eq!(estimates.get(), 1, "a guess is remembered");
         cache.set(0, key(5), true, 130.0);
         cache.set(1, key(0), true, 50.0);
         // Hidden thinking: derived from the shown height, nothing estimated.
-        assert_eq!(cache.get(0, key(5), false, 20.0, &mut estimate), 110.0);
-        assert_eq!(cache.get(1, key(0), false, 20.0, &mut estimate), 50.0);
-        assert_eq!(estimates, 1);
+        assert_eq!(cache.get(0, key(5), false, 20.0, estimate), 110.0);
+        assert_eq!(cache.get(1, key(0), false, 20.0, estimate), 50.0);
+        assert_eq!(estimates.get(), 1);
         cache.set(0, key(5), false, 104.0);
-        assert_eq!(cache.get(0, key(5), true, 20.0, &mut estimate), 130.0);
-        assert_eq!(cache.thinking_header, Some(26.0), "the header height is learned");
+        assert_eq!(cache.get(0, key(5), true, 20.0, estimate), 130.0);
+        assert_eq!(
+            cache.thinking_header,
+            Some(26.0),
+            "the header height is learned"
+        );
         // A changed message is measured again.
-        assert_eq!(cache.get(0, key(6), true, 20.0, &mut estimate), 100.0);
-        assert_eq!(estimates, 2);
+        assert_eq!(cache.get(0, key(6), true, 20.0, estimate), 100.0);
+        assert_eq!(estimates.get(), 2);
         cache.prepare(
             LayoutKey {
                 width_bits: 1,
@@ -1001,8 +1005,8 @@ mod tests {
             },
             2,
         );
-        assert_eq!(cache.get(1, key(0), false, 20.0, &mut estimate), 100.0);
-        assert_eq!(estimates, 3, "a new width forgets every height");
+        assert_eq!(cache.get(1, key(0), false, 20.0, estimate), 100.0);
+        assert_eq!(estimates.get(), 3, "a new width forgets every height");
     }
 
     #[test]

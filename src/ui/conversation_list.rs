@@ -495,8 +495,9 @@ impl App {
 
     fn on_opened(&mut self, id: &str, result: Result<Box<Conversation>, Unreadable>) {
         let held = std::mem::take(&mut self.after_read);
-        let (now, later): (Vec<Action>, Vec<Action>) =
-            held.into_iter().partition(|a| action_conversation(a) == Some(id));
+        let (now, later): (Vec<Action>, Vec<Action>) = held
+            .into_iter()
+            .partition(|a| action_conversation(a) == Some(id));
         self.after_read = later;
         match result {
             Ok(conversation) => {
@@ -567,7 +568,11 @@ mod tests {
         assert!(list.start_reading(&["a".into()]).is_empty(), "read once");
         assert!(list.unread_ids().is_empty());
         list.drop_empty_except("none");
-        assert_eq!(list.len(), 1, "the empty new chat goes, the listed one stays");
+        assert_eq!(
+            list.len(),
+            1,
+            "the empty new chat goes, the listed one stays"
+        );
         let version = list.version();
         assert!(list.set_loaded(with_message("a")));
         assert!(list.version() > version);

@@ -279,10 +279,13 @@ impl ModelPicker {
             let wanted = std::mem::take(&mut self.sizes_wanted);
             let spawned = self.disk.spawn(move || DiskLook {
                 listing: None,
-                sizes: wanted.into_iter().map(|p| {
-                    let size = file_size(&p);
-                    (p, size)
-                }).collect(),
+                sizes: wanted
+                    .into_iter()
+                    .map(|p| {
+                        let size = file_size(&p);
+                        (p, size)
+                    })
+                    .collect(),
             });
             match spawned {
                 Ok(task) => self.sizes_task = Some(task),

@@ -173,7 +173,11 @@ pub fn lenient_harness<'a>(
     options: AppOptions,
     storage: Option<&'a MemoryStorage>,
 ) -> Harness<'a, App> {
-    opened(build(Harness::builder().allow_missing_glyphs(), options, storage))
+    opened(build(
+        Harness::builder().allow_missing_glyphs(),
+        options,
+        storage,
+    ))
 }
 
 /// The app in a test harness right after it started (its conversations may still be being
