@@ -199,18 +199,12 @@ impl ConversationStore {
     /// Reads every conversation in the folder, most recently changed first. A missing folder
     /// is an empty list; unreadable files are reported, not fatal.
     pub fn load_all(&self) -> LoadedConversations {
-        let mut loaded = LoadedConversations::default();
-        for (path, id) in self.conversation_files() {
-            self.count_read(ReadKind::Body);
-            match read_conversation(&path, &id) {
-                Ok(conversation) => loaded.conversations.push(conversation),
-                Err(err) => loaded.errors.push(err),
-            }
+        let (conversations, errors) =
+            self.read_each(ReadKind::Body, read_conversation, |c| (c.updated_ms, &c.id));
+        LoadedConversations {
+            conversations,
+            errors,
         }
-        loaded
-            .conversations
-            .sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms).then(b.id.cmp(&a.id)));
-        loaded
     }
 
     /// Summarises every conversation in the folder (title, time, message count) without
@@ -218,18 +212,29 @@ impl ConversationStore {
     /// file listed here is valid JSON; one whose messages turn out unreadable fails on
     /// [`Self::load`]. A missing folder is an empty list.
     pub fn list(&self) -> Listing {
-        let mut listing = Listing::default();
+        let (summaries, errors) =
+            self.read_each(ReadKind::Summary, read_summary, |s| (s.updated_ms, &s.id));
+        Listing { summaries, errors }
+    }
+
+    /// Reads every conversation file with `read`, newest first by `changed` (time, then id);
+    /// the files that fail are returned apart.
+    fn read_each<T>(
+        &self,
+        kind: ReadKind,
+        read: fn(&Path, &str) -> Result<T, StoreError>,
+        changed: fn(&T) -> (i64, &String),
+    ) -> (Vec<T>, Vec<StoreError>) {
+        let (mut read_ok, mut errors) = (Vec::new(), Vec::new());
         for (path, id) in self.conversation_files() {
-            self.count_read(ReadKind::Summary);
-            match read_summary(&path, &id) {
-                Ok(summary) => listing.summaries.push(summary),
-                Err(err) => listing.errors.push(err),
+            self.count_read(kind);
+            match read(&path, &id) {
+                Ok(item) => read_ok.push(item),
+                Err(err) => errors.push(err),
             }
         }
-        listing
-            .summaries
-            .sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms).then(b.id.cmp(&a.id)));
-        listing
+        read_ok.sort_by(|a, b| changed(b).cmp(&changed(a)));
+        (read_ok, errors)
     }
 
     /// The `<id>.json` files of the folder with their ids (none when it is missing).
