@@ -1,7 +1,7 @@
 //! Frame-time benchmark of the chat view: a 1,000-message conversation (long code blocks,
 //! thinking spans) drawn by the real [`App`] in a headless egui context, measuring what the UI
 //! thread does per frame (egui layout and tessellation; no rasterizer) while scrolling,
-//! streaming a reply and toggling Show thinking.
+//! streaming a reply and toggling Show thinking (at the bottom and scrolled up).
 //!
 //! Run (release mode, numbers are rough on a busy machine):
 //! `cargo run --release --example frame_bench [-- MESSAGES]`
@@ -86,7 +86,10 @@ impl Bench {
         let start = Instant::now();
         let app = &mut self.app;
         let frame = &mut self.frame;
-        let output = self.ctx.run_ui(input, |ui| eframe::App::ui(app, ui, frame));
+        let output = self.ctx.run_ui(input, |ui| {
+            eframe::App::logic(app, ui.ctx(), frame);
+            eframe::App::ui(app, ui, frame);
+        });
         let primitives = self.ctx.tessellate(output.shapes, output.pixels_per_point);
         let total = start.elapsed();
         std::hint::black_box(primitives);
@@ -98,6 +101,19 @@ impl Bench {
             total,
             repaint_requested,
         }
+    }
+
+    /// Toggles Show thinking `times` times, three frames each; returns the frame times.
+    fn toggle_show_thinking(&mut self, times: usize) -> Vec<FrameTime> {
+        let mut frames = Vec::new();
+        for _ in 0..times {
+            self.app.apply(Action::ToggleShowThinking);
+            for _ in 0..3 {
+                frames.push(self.frame(Vec::new()));
+            }
+        }
+        self.settle(600);
+        frames
     }
 
     /// Frames without input until nothing asks for another one (at most `max`).
@@ -188,6 +204,11 @@ fn main() {
     let data = std::env::temp_dir().join(format!("smoldesk-frame-bench-{}", std::process::id()));
     let mut bench = Bench::new(&data);
     bench.frame(Vec::new());
+    let listing = Instant::now();
+    while bench.app.is_opening() && listing.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(1));
+        bench.frame(Vec::new());
+    }
     if let Some(conversation) = bench.app.current_conversation_mut() {
         conversation.messages = long_conversation(count);
     }
@@ -207,14 +228,16 @@ fn main() {
     }
     let after_scroll = bench.settle(600);
 
-    let mut toggling = Vec::new();
-    for _ in 0..40 {
-        bench.app.apply(Action::ToggleShowThinking);
-        for _ in 0..3 {
-            toggling.push(bench.frame(Vec::new()));
-        }
+    let at_bottom = bench.toggle_show_thinking(40);
+    for _ in 0..60 {
+        bench.frame(wheel(120.0));
     }
-    bench.settle(600);
+    // Let the smooth scroll come to rest (it moves without asking for frames of its own).
+    for _ in 0..300 {
+        bench.frame(Vec::new());
+    }
+    let scrolled_up = bench.toggle_show_thinking(40);
+    let toggling = [at_bottom.clone(), scrolled_up.clone()].concat();
 
     let mut streaming = Vec::new();
     bench.app.apply(Action::Regenerate);
@@ -260,6 +283,8 @@ fn main() {
 
     println!("{}", summary("scrolling (wheel)", &scrolling));
     println!("{}", summary("toggling Show thinking", &toggling));
+    println!("{}", summary("  at the bottom", &at_bottom));
+    println!("{}", summary("  scrolled up", &scrolled_up));
     println!("{}", summary("streaming a reply", &streaming));
     let all: Vec<FrameTime> = [scrolling, toggling, streaming].concat();
     println!("{}", summary("all", &all));

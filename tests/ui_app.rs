@@ -15,39 +15,6 @@ use smoldesk::worker::Event;
 use smoldesk::worker::messages::{SegmentKind, WorkerError};
 use ui_support::*;
 
-/// A data folder and a model folder holding (a link to) the tiny SmolLM3 fixture.
-struct Dirs {
-    data: tempfile::TempDir,
-    models: tempfile::TempDir,
-    model: PathBuf,
-}
-
-fn dirs() -> Dirs {
-    let data = tempfile::tempdir().unwrap();
-    let models = tempfile::tempdir().unwrap();
-    let model = models.path().join("tiny-smollm3-q4_k_m.gguf");
-    std::fs::copy(common::fixture("tiny-smollm3-q4_k_m.gguf"), &model).unwrap();
-    Dirs {
-        data,
-        models,
-        model,
-    }
-}
-
-/// The app with a model "loaded" by the fake backend.
-fn loaded_app<'a>(fake: &Fake, dirs: &Dirs) -> egui_kittest::Harness<'a, smoldesk::ui::App> {
-    let mut harness = harness(
-        fake_options(fake, dirs.data.path(), dirs.models.path()),
-        None,
-    );
-    load_model(&mut harness, fake, &dirs.model);
-    assert!(
-        harness.state().loaded_model().is_some(),
-        "the model did not load"
-    );
-    harness
-}
-
 fn thinking_stats() -> GenerationStats {
     GenerationStats {
         prompt_tokens: 42,
@@ -441,7 +408,7 @@ fn deleting_a_conversation_can_be_undone() {
     harness.run_steps(2);
     harness.get_by_label("Delete").click();
     harness.run_steps(2);
-    assert!(harness.state().conversations().iter().all(|c| c.id != id));
+    assert!(!harness.state().conversations().contains(&id));
     assert!(shows(&harness, "Deleted “Keep me”"));
     assert!(step_until(&mut harness, Duration::from_secs(5), |_| !file.exists()));
 
@@ -467,7 +434,7 @@ fn new_chat_rename_and_search() {
     let with_messages = harness
         .state()
         .conversations()
-        .iter()
+        .loaded()
         .filter(|c| !c.messages.is_empty())
         .count();
     assert_eq!(with_messages, 2);

@@ -5,7 +5,6 @@
 mod common;
 mod ui_support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use egui_kittest::kittest::Queryable;
@@ -13,34 +12,6 @@ use smoldesk::chat::conversation::GenerationStats;
 use smoldesk::ui::Action;
 use smoldesk::worker::messages::SegmentKind;
 use ui_support::*;
-
-struct Dirs {
-    data: tempfile::TempDir,
-    models: tempfile::TempDir,
-    model: PathBuf,
-}
-
-fn dirs() -> Dirs {
-    let data = tempfile::tempdir().unwrap();
-    let models = tempfile::tempdir().unwrap();
-    let model = models.path().join("tiny-smollm3-q4_k_m.gguf");
-    std::fs::copy(common::fixture("tiny-smollm3-q4_k_m.gguf"), &model).unwrap();
-    Dirs {
-        data,
-        models,
-        model,
-    }
-}
-
-fn loaded_app<'a>(fake: &Fake, dirs: &Dirs) -> egui_kittest::Harness<'a, smoldesk::ui::App> {
-    let mut harness = harness(
-        fake_options(fake, dirs.data.path(), dirs.models.path()),
-        None,
-    );
-    load_model(&mut harness, fake, &dirs.model);
-    assert!(harness.state().loaded_model().is_some());
-    harness
-}
 
 /// Sends `question` and lets the fake worker answer `answer` with `stats`.
 fn exchange(
@@ -299,4 +270,85 @@ fn export_is_written_in_the_background_and_announced() {
         text.contains("A\nB"),
         "the export keeps the original text: {text}"
     );
+}
+
+/// A conversation of `count` exchanges whose replies have thinking.
+fn thoughtful_conversation(count: usize) -> Vec<smoldesk::chat::conversation::Message> {
+    use smoldesk::chat::conversation::{Message, Role};
+    (0..count)
+        .flat_map(|i| {
+            let question = Message::new(Role::User, format!("Question number {i}"));
+            let mut answer = Message::new(
+                Role::Assistant,
+                format!("Answer number {i}.\n\nIt has a second paragraph."),
+            );
+            answer.thinking = Some(format!("Thinking about question {i}."));
+            answer.stats = Some(GenerationStats {
+                thinking_tokens: 12,
+                thinking_secs: 1.0,
+                ..GenerationStats::default()
+            });
+            [question, answer]
+        })
+        .collect()
+}
+
+/// Which "Answer number …" is highest in the chat view, and the top of its text.
+fn first_answer_in_view(harness: &egui_kittest::Harness<'_, smoldesk::ui::App>) -> (usize, f32) {
+    (0..60)
+        .filter_map(|i| {
+            let label = format!("Answer number {i}.");
+            let top = harness
+                .query_all_by_label_contains(&label)
+                .map(|node| node.rect().top())
+                .find(|top| *top > 60.0)?;
+            Some((i, top))
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .expect("an answer is in view")
+}
+
+#[test]
+fn toggling_show_thinking_keeps_the_message_at_the_top_of_the_view_in_place() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    harness
+        .state_mut()
+        .current_conversation_mut()
+        .unwrap()
+        .messages = thoughtful_conversation(60);
+    harness.run_steps(3);
+    for _ in 0..30 {
+        harness.event(egui::Event::PointerMoved(egui::pos2(700.0, 400.0)));
+        harness.event(egui::Event::MouseWheel {
+            unit: egui::MouseWheelUnit::Point,
+            delta: egui::vec2(0.0, 200.0),
+            phase: egui::TouchPhase::Move,
+            source: egui::MouseWheelSource::Wheel,
+            modifiers: egui::Modifiers::NONE,
+        });
+        harness.step();
+    }
+    harness.run_steps(60);
+    let before = first_answer_in_view(&harness);
+    assert!(
+        before.0 < 55,
+        "scrolled up, away from the newest message: {before:?}"
+    );
+    assert!(shows(&harness, "Thought for"));
+    for shown in [false, true] {
+        harness.state_mut().apply(Action::ToggleShowThinking);
+        harness.run_steps(20);
+        assert_eq!(harness.state().preferences().show_thinking, shown);
+        assert_eq!(shows(&harness, "Thought for"), shown);
+        let after = first_answer_in_view(&harness);
+        assert_eq!(after.0, before.0, "the same message stays at the top");
+        assert!(
+            (after.1 - before.1).abs() < 40.0,
+            "it moved from {} to {}",
+            before.1,
+            after.1
+        );
+    }
 }

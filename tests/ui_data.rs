@@ -183,7 +183,7 @@ fn undo_after_ten_deletions_restores_each_one() {
         harness
             .state()
             .conversations()
-            .iter()
+            .loaded()
             .all(|c| c.messages.is_empty())
     );
     assert!(step_until(&mut harness, WAIT, |_| saved_ids(data.path()).is_empty()));
@@ -196,7 +196,7 @@ fn undo_after_ten_deletions_restores_each_one() {
     let mut restored: Vec<_> = harness
         .state()
         .conversations()
-        .iter()
+        .loaded()
         .filter(|c| !c.messages.is_empty())
         .map(|c| c.id.clone())
         .collect();

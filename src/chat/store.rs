@@ -1,10 +1,14 @@
 //! Saving conversations: one JSON file per conversation, each written atomically (temporary
 //! file, fsync, rename) so a crash never leaves a half-written conversation behind.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use super::conversation::{Conversation, Role};
+use serde::Deserialize;
+
+use super::conversation::{Conversation, Message, Role};
 
 /// What can go wrong reading or writing conversations.
 #[derive(Debug, thiserror::Error)]
@@ -94,16 +98,68 @@ pub struct LoadedConversations {
     pub errors: Vec<StoreError>,
 }
 
+/// What the conversation list shows of a saved conversation, read from its file without
+/// keeping its messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConversationSummary {
+    /// The conversation's id (its file name).
+    pub id: String,
+    /// The title to show ([`Conversation::display_title`]).
+    pub title: String,
+    /// Last change, milliseconds since the Unix epoch.
+    pub updated_ms: i64,
+    /// How many messages it has.
+    pub message_count: usize,
+}
+
+/// The summaries of the conversations in the folder, and the files that could not be read.
+#[derive(Debug, Default)]
+pub struct Listing {
+    /// The readable conversations, most recently changed first.
+    pub summaries: Vec<ConversationSummary>,
+    /// One error per unreadable file (left untouched; see [`ConversationStore::quarantine`]).
+    pub errors: Vec<StoreError>,
+}
+
+/// What a read of the folder parsed: a conversation's summary or its whole body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReadKind {
+    /// A summary for the list ([`ConversationStore::list`]).
+    Summary,
+    /// A whole conversation ([`ConversationStore::load`], [`ConversationStore::load_all`]).
+    Body,
+}
+
+/// Counts of the files a store parsed, per kind and per thread name (for checking that the
+/// UI thread never parses conversations).
+pub type ReadCounts = HashMap<(ReadKind, String), usize>;
+
 /// The folder of saved conversations.
 #[derive(Debug, Clone)]
 pub struct ConversationStore {
     dir: PathBuf,
+    reads: Arc<Mutex<ReadCounts>>,
 }
 
 impl ConversationStore {
     /// A store in `dir` (created on the first save).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            reads: Arc::default(),
+        }
+    }
+
+    /// How many files this store (and its clones) parsed, per kind and thread name.
+    pub fn read_counts(&self) -> ReadCounts {
+        self.reads.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    fn count_read(&self, kind: ReadKind) {
+        let thread = std::thread::current().name().unwrap_or("").to_string();
+        if let Ok(mut reads) = self.reads.lock() {
+            *reads.entry((kind, thread)).or_default() += 1;
+        }
     }
 
     /// The folder.
@@ -136,29 +192,61 @@ impl ConversationStore {
     /// Reads one conversation. Its id is always the file name, whatever the JSON says.
     pub fn load(&self, id: &str) -> Result<Conversation, StoreError> {
         let path = self.path_of(id)?;
+        self.count_read(ReadKind::Body);
         read_conversation(&path, id)
     }
 
     /// Reads every conversation in the folder, most recently changed first. A missing folder
     /// is an empty list; unreadable files are reported, not fatal.
     pub fn load_all(&self) -> LoadedConversations {
-        let mut loaded = LoadedConversations::default();
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return loaded;
-        };
-        for path in entries.filter_map(Result::ok).map(|e| e.path()) {
-            let Some(id) = conversation_id_of(&path) else {
-                continue;
-            };
-            match read_conversation(&path, &id) {
-                Ok(conversation) => loaded.conversations.push(conversation),
-                Err(err) => loaded.errors.push(err),
+        let (conversations, errors) =
+            self.read_each(ReadKind::Body, read_conversation, |c| (c.updated_ms, &c.id));
+        LoadedConversations {
+            conversations,
+            errors,
+        }
+    }
+
+    /// Summarises every conversation in the folder (title, time, message count) without
+    /// keeping messages, most recently changed first. Each file is still parsed in full, so a
+    /// file listed here is valid JSON; one whose messages turn out unreadable fails on
+    /// [`Self::load`]. A missing folder is an empty list.
+    pub fn list(&self) -> Listing {
+        let (summaries, errors) =
+            self.read_each(ReadKind::Summary, read_summary, |s| (s.updated_ms, &s.id));
+        Listing { summaries, errors }
+    }
+
+    /// Reads every conversation file with `read`, newest first by `changed` (time, then id);
+    /// the files that fail are returned apart.
+    fn read_each<T>(
+        &self,
+        kind: ReadKind,
+        read: fn(&Path, &str) -> Result<T, StoreError>,
+        changed: fn(&T) -> (i64, &String),
+    ) -> (Vec<T>, Vec<StoreError>) {
+        let (mut read_ok, mut errors) = (Vec::new(), Vec::new());
+        for (path, id) in self.conversation_files() {
+            self.count_read(kind);
+            match read(&path, &id) {
+                Ok(item) => read_ok.push(item),
+                Err(err) => errors.push(err),
             }
         }
-        loaded
-            .conversations
-            .sort_by(|a, b| b.updated_ms.cmp(&a.updated_ms).then(b.id.cmp(&a.id)));
-        loaded
+        read_ok.sort_by(|a, b| changed(b).cmp(&changed(a)));
+        (read_ok, errors)
+    }
+
+    /// The `<id>.json` files of the folder with their ids (none when it is missing).
+    fn conversation_files(&self) -> Vec<(PathBuf, String)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter_map(|path| conversation_id_of(&path).map(|id| (path, id)))
+            .collect()
     }
 
     /// Moves an unreadable conversation file into the `quarantine/` folder beside it (never
@@ -296,6 +384,93 @@ fn read_conversation(path: &Path, id: &str) -> Result<Conversation, StoreError> 
     Ok(conversation)
 }
 
+/// The fields of a conversation file that its summary needs; messages are skimmed by
+/// [`MessagesDigest`].
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct SummaryFields {
+    title: String,
+    updated_ms: i64,
+    messages: MessagesDigest,
+}
+
+/// A conversation's messages reduced to their number and the first user message (which the
+/// title may come from); the other messages are checked for valid JSON but not kept.
+#[derive(Default)]
+struct MessagesDigest {
+    count: usize,
+    first_user: Option<Message>,
+}
+
+/// The role of a message, without its text (parsed so an unknown role fails the listing, as
+/// it fails loading).
+#[derive(Deserialize)]
+struct MessageRole {
+    #[serde(default, rename = "role")]
+    _role: Role,
+}
+
+impl<'de> Deserialize<'de> for MessagesDigest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = MessagesDigest;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of messages")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<MessagesDigest, A::Error> {
+                let mut digest = MessagesDigest::default();
+                loop {
+                    let more = if digest.first_user.is_some() {
+                        seq.next_element::<MessageRole>()?.is_some()
+                    } else {
+                        match seq.next_element::<Message>()? {
+                            Some(message) => {
+                                if message.role == Role::User {
+                                    digest.first_user = Some(message);
+                                }
+                                true
+                            }
+                            None => false,
+                        }
+                    };
+                    if !more {
+                        return Ok(digest);
+                    }
+                    digest.count += 1;
+                }
+            }
+        }
+        deserializer.deserialize_seq(Visitor)
+    }
+}
+
+fn read_summary(path: &Path, id: &str) -> Result<ConversationSummary, StoreError> {
+    let bytes = std::fs::read(path).map_err(|source| StoreError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let fields: SummaryFields =
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let titled = Conversation {
+        title: fields.title,
+        messages: fields.messages.first_user.into_iter().collect(),
+        ..Conversation::default()
+    };
+    Ok(ConversationSummary {
+        id: id.to_string(),
+        title: titled.display_title(),
+        updated_ms: fields.updated_ms,
+        message_count: fields.messages.count,
+    })
+}
+
 /// The id of a saved conversation file (`<id>.json`), or `None` for any other file.
 fn conversation_id_of(path: &Path) -> Option<String> {
     if path.extension()? != "json" || !path.is_file() {
@@ -421,6 +596,68 @@ mod tests {
             .map(|c| c.id)
             .collect();
         assert_eq!(ids, [new.id, old.id]);
+    }
+
+    #[test]
+    fn listing_summarises_without_loading_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConversationStore::new(dir.path());
+        let mut untitled = sample();
+        untitled.updated_ms = 2;
+        let mut titled = sample();
+        titled.title = "Given title".into();
+        titled.updated_ms = 1;
+        titled
+            .messages
+            .insert(0, Message::new(Role::Assistant, "Hello first"));
+        store.save(&untitled).unwrap();
+        store.save(&titled).unwrap();
+        std::fs::write(dir.path().join("broken.json"), "{ not json").unwrap();
+        let listing = store.list();
+        let summary = |c: &Conversation| ConversationSummary {
+            id: c.id.clone(),
+            title: c.display_title(),
+            updated_ms: c.updated_ms,
+            message_count: c.messages.len(),
+        };
+        assert_eq!(
+            listing.summaries,
+            vec![summary(&untitled), summary(&titled)]
+        );
+        assert_eq!(listing.summaries[0].title, "Hi **there**");
+        assert_eq!(listing.errors.len(), 1);
+        let thread = std::thread::current().name().unwrap().to_string();
+        let counts = store.read_counts();
+        assert_eq!(counts.get(&(ReadKind::Summary, thread.clone())), Some(&3));
+        assert_eq!(counts.get(&(ReadKind::Body, thread)), None);
+    }
+
+    #[test]
+    fn a_file_whose_messages_are_broken_is_listed_only_if_its_json_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConversationStore::new(dir.path());
+        std::fs::write(
+            dir.path().join("bad-role.json"),
+            r#"{"title":"x","messages":[{"role":"alien","content":"?"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("bad-stats.json"),
+            r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","stats":7}]}"#,
+        )
+        .unwrap();
+        let listing = store.list();
+        assert_eq!(
+            listing.errors.len(),
+            1,
+            "an unknown role is caught at listing"
+        );
+        assert_eq!(listing.summaries.len(), 1);
+        assert_eq!(listing.summaries[0].message_count, 2);
+        assert!(matches!(
+            store.load("bad-stats"),
+            Err(StoreError::Parse { .. })
+        ));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::app::{App, Generation, ModelState, Phase};
+use super::conversation_list::Entry;
 use super::shortcuts::ShortcutAction;
 use crate::chat::conversation::{Conversation, Message, Role};
 use crate::chat::store::export_markdown;
@@ -72,6 +73,9 @@ pub enum Action {
 impl App {
     /// Carries out an action.
     pub fn apply(&mut self, action: Action) {
+        if self.defer_until_read(&action) {
+            return;
+        }
         match action {
             Action::NewChat => self.new_chat(),
             Action::Select(id) => self.select(&id),
@@ -99,6 +103,7 @@ impl App {
             Action::ToggleShowThinking => self.prefs.show_thinking = !self.prefs.show_thinking,
             Action::SetTemplateOverride(path) => self.set_template_override(path),
         }
+        self.read_current_if_needed();
     }
 
     /// Carries out a keyboard shortcut.
@@ -115,47 +120,10 @@ impl App {
 
     // ----- conversations -----
 
-    pub(crate) fn load_conversations(&mut self) {
-        let loaded = self.store.load_all();
-        for error in &loaded.errors {
-            self.report_unreadable(error);
-        }
-        self.conversations = loaded.conversations;
-        let wanted = self.prefs.last_conversation.clone();
-        let pick = wanted
-            .filter(|id| self.conversations.iter().any(|c| &c.id == id))
-            .or_else(|| self.conversations.first().map(|c| c.id.clone()));
-        match pick {
-            Some(id) => self.current = id,
-            None => self.new_chat(),
-        }
-    }
-
-    /// Tells the user about a conversation file that cannot be read and, unless this copy is
-    /// read-only, moves it into `quarantine/` (so the notice comes once, and nothing is lost).
-    fn report_unreadable(&mut self, error: &crate::chat::store::StoreError) {
-        let moved = match error.unreadable_file() {
-            Some(path) if !self.read_only => Some(self.store.quarantine(path)),
-            _ => None,
-        };
-        let text = match moved {
-            Some(Ok(target)) => format!(
-                "A saved conversation could not be read ({error}). The file was moved to {} \
-                 so that nothing is lost.",
-                target.display()
-            ),
-            Some(Err(quarantine_error)) => {
-                format!("A saved conversation could not be read: {error}. {quarantine_error}")
-            }
-            None => format!("A saved conversation could not be read: {error}"),
-        };
-        self.notices.error(text);
-    }
-
     fn new_chat(&mut self) {
         self.chat.editing = None;
-        if let Some(empty) = self.conversations.iter().find(|c| c.messages.is_empty()) {
-            self.current = empty.id.clone();
+        if let Some(empty) = self.conversations.empty_id() {
+            self.current = empty;
         } else {
             let conversation = Conversation::new(self.new_chat_settings());
             self.current = conversation.id.clone();
@@ -166,7 +134,7 @@ impl App {
     }
 
     fn select(&mut self, id: &str) {
-        if self.conversations.iter().any(|c| c.id == id) && self.current != id {
+        if self.conversations.contains(id) && self.current != id {
             self.current = id.to_string();
             self.chat.editing = None;
             self.chat.scroll_to_bottom = true;
@@ -177,8 +145,7 @@ impl App {
 
     /// Unsaved empty conversations vanish when the user moves on.
     fn drop_empty_conversations_except(&mut self, keep: &str) {
-        self.conversations
-            .retain(|c| !c.messages.is_empty() || c.id == keep);
+        self.conversations.drop_empty_except(keep);
     }
 
     fn rename(&mut self, id: &str, title: String) {
@@ -191,9 +158,9 @@ impl App {
     }
 
     fn delete(&mut self, id: &str) {
-        let Some(index) = self.conversations.iter().position(|c| c.id == id) else {
+        if !self.conversations.contains(id) {
             return;
-        };
+        }
         if self
             .generation
             .as_ref()
@@ -202,17 +169,21 @@ impl App {
             self.stop();
             self.generation = None;
         }
-        let conversation = self.conversations.remove(index);
+        let Some((index, entry)) = self.conversations.remove(id) else {
+            return;
+        };
         if !self.read_only {
             self.saver.delete(id);
         }
-        if !conversation.messages.is_empty() {
+        if let Entry::Loaded(conversation) = entry
+            && !conversation.messages.is_empty()
+        {
             self.deleted.push((index, conversation));
             self.offer_undo();
         }
         if self.current == id {
-            match self.conversations.first() {
-                Some(next) => self.current = next.id.clone(),
+            match self.conversations.first_id() {
+                Some(next) => self.current = next,
                 None => self.new_chat(),
             }
         }
@@ -224,7 +195,6 @@ impl App {
             return;
         };
         let (index, conversation) = self.deleted.remove(pos);
-        let index = index.min(self.conversations.len());
         self.current = conversation.id.clone();
         self.conversations.insert(index, conversation);
         self.notices.dismiss_undo(id);
@@ -244,11 +214,11 @@ impl App {
 
     /// Writes the export on a background thread (the write ends with an fsync).
     fn export(&mut self, id: &str) {
-        let Some(conversation) = self.conversations.iter().find(|c| c.id == id).cloned() else {
+        let Some(conversation) = self.conversations.get(id).cloned() else {
             return;
         };
         let dir = self.data_dir.join("exports");
-        self.tasks.run("smoldesk-export", move || {
+        self.run_task("smoldesk-export", move || {
             let path = dir.join(export_file_name(&conversation));
             let written = std::fs::create_dir_all(&dir).and_then(|()| {
                 let text = export_markdown(&conversation);
@@ -266,7 +236,7 @@ impl App {
     }
 
     fn copy_markdown(&mut self, id: &str) {
-        if let Some(conversation) = self.conversations.iter().find(|c| c.id == id) {
+        if let Some(conversation) = self.conversations.get(id) {
             self.chat.copy_request = Some(export_markdown(conversation));
             self.notices.info("Copied the conversation as Markdown");
         }
@@ -286,7 +256,7 @@ impl App {
         let model = self
             .loaded_model()
             .map(|m| (m.info.path.clone(), m.info.chat_template.clone()));
-        self.tasks.run("smoldesk-template", move || {
+        self.run_task("smoldesk-template", move || {
             let source = match &path {
                 None => Ok(None),
                 Some(file) => std::fs::read_to_string(file).map(|s| Some((file.clone(), s))),
@@ -311,6 +281,18 @@ impl App {
                 }
             })
         });
+    }
+
+    /// Runs `work` on a thread named `name`; what it returns is applied to the app later.
+    pub(crate) fn run_task(
+        &mut self,
+        name: &'static str,
+        work: impl FnOnce() -> super::background::Completion<App> + Send + 'static,
+    ) {
+        if let Err(err) = self.tasks.spawn_as(name, work) {
+            self.notices
+                .error(format!("Cannot start a background task ({name}): {err}"));
+        }
     }
 
     /// Puts a chat template read by [`App::set_template_override`] in use; `compiled` is the
@@ -355,7 +337,7 @@ impl App {
 
     fn send_draft(&mut self) {
         let text = self.composer.draft.trim().to_string();
-        if text.is_empty() || self.is_generating() {
+        if text.is_empty() || self.is_generating() || self.is_opening() {
             return;
         }
         if self.loaded_model().is_none() {

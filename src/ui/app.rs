@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use egui_commonmark::CommonMarkCache;
 
 use super::backend::Backend;
+use super::background::{BackgroundTasks, Completion};
+use super::conversation_list::{ConversationList, ConversationReader};
 use super::exit_signal::ExitSignal;
 use super::model_panel::ModelPicker;
 use super::notices::Notices;
@@ -194,7 +196,11 @@ pub struct App {
     pub(crate) data_dir: PathBuf,
     pub(crate) prefs: Preferences,
     applied_theme: Option<AppliedTheme>,
-    pub(crate) conversations: Vec<Conversation>,
+    pub(crate) conversations: ConversationList,
+    /// Lists the saved conversations and reads their bodies off the UI thread.
+    pub(crate) reader: ConversationReader,
+    /// Actions on conversations waiting for their bodies to be read.
+    pub(crate) after_read: Vec<super::actions::Action>,
     pub(crate) current: String,
     pub(crate) model: ModelState,
     pub(crate) generation: Option<Generation>,
@@ -225,13 +231,14 @@ pub struct App {
     /// Set once everything was saved for exiting.
     shut_down: bool,
     /// Disk and template work running off the UI thread.
-    pub(crate) tasks: super::tasks::Tasks,
+    pub(crate) tasks: BackgroundTasks<Completion<App>>,
     catch_panics: bool,
 }
 
 impl App {
-    /// Creates the app: reads preferences and conversations, starts the worker (unless a
-    /// backend is given) and opens the requested or last model.
+    /// Creates the app: reads preferences, starts listing the conversations (in the
+    /// background), starts the worker (unless a backend is given) and opens the requested or
+    /// last model.
     pub fn new(cc: &eframe::CreationContext<'_>, options: AppOptions) -> Self {
         let prefs = Preferences::load(cc.storage);
         let delay = if renders_in_software(cc) {
@@ -277,16 +284,19 @@ impl App {
         } else {
             ExitSignal::default()
         };
-        let model_dirs = options
-            .model_dirs
-            .unwrap_or_else(|| crate::paths::model_dirs(&options.data_dir));
+        let model_dirs = match options.model_dirs {
+            Some(dirs) => model_panel::ModelDirs::Given(dirs),
+            None => model_panel::ModelDirs::Default(options.data_dir.clone()),
+        };
         let mut app = Self {
             backend,
             saver: Saver::new(store.clone(), wake.clone()),
+            reader: ConversationReader::new(store.clone(), !read_only, wake.clone()),
+            after_read: Vec::new(),
             store,
             data_dir: options.data_dir,
             applied_theme: None,
-            conversations: Vec::new(),
+            conversations: ConversationList::default(),
             current: String::new(),
             model: ModelState::Empty,
             generation: None,
@@ -295,7 +305,7 @@ impl App {
             composer: composer::ComposerState::default(),
             notices: Notices::default(),
             meter: TokenMeter::new(wake.clone()),
-            tasks: super::tasks::Tasks::new(wake.clone()),
+            tasks: BackgroundTasks::new("smoldesk-task", wake.clone()),
             picker: ModelPicker::new(model_dirs, wake),
             sidebar: sidebar::SidebarState::default(),
             chat: chat_view::ChatViewState::default(),
@@ -315,12 +325,9 @@ impl App {
         };
         app.report_data_lock(lock_problem);
         if !app.read_only {
-            let removed = app.store.remove_stale_temp_files();
-            if removed > 0 {
-                log::info!("removed {removed} temporary files of interrupted saves");
-            }
+            app.saver.remove_stale_temps();
         }
-        app.load_conversations();
+        app.reader.list();
         if let Some(path) = app.prefs.template_override.clone() {
             app.set_template_override(Some(path));
         }
@@ -335,14 +342,24 @@ impl App {
         &self.prefs
     }
 
-    /// All conversations, most recently changed first.
-    pub fn conversations(&self) -> &[Conversation] {
+    /// The conversation list (bodies are read when a conversation is opened).
+    pub fn conversations(&self) -> &ConversationList {
         &self.conversations
     }
 
-    /// The open conversation.
+    /// Whether the model folders are being listed (in the background).
+    pub fn is_scanning_models(&self) -> bool {
+        self.picker.scanning()
+    }
+
+    /// The open conversation (`None` while it is being read).
     pub fn current_conversation(&self) -> Option<&Conversation> {
-        self.conversations.iter().find(|c| c.id == self.current)
+        self.conversations.get(&self.current)
+    }
+
+    /// The counts of conversation files parsed so far, per kind and thread.
+    pub fn store_reads(&self) -> crate::chat::store::ReadCounts {
+        self.store.read_counts()
     }
 
     /// The open conversation, for changes outside the panels (tests, scripts).
@@ -488,12 +505,11 @@ impl App {
     // ----- helpers shared by the panels -----
 
     pub(crate) fn current_mut(&mut self) -> Option<&mut Conversation> {
-        let id = self.current.clone();
-        self.conversations.iter_mut().find(|c| c.id == id)
+        self.conversations.get_mut(&self.current)
     }
 
     pub(crate) fn conversation_mut(&mut self, id: &str) -> Option<&mut Conversation> {
-        self.conversations.iter_mut().find(|c| c.id == id)
+        self.conversations.get_mut(id)
     }
 
     pub(crate) fn is_generating(&self) -> bool {
@@ -520,7 +536,7 @@ impl App {
         if self.read_only {
             return;
         }
-        if let Some(conversation) = self.conversations.iter().find(|c| c.id == id)
+        if let Some(conversation) = self.conversations.get(id)
             && !conversation.messages.is_empty()
         {
             self.saver.save(conversation);
@@ -570,9 +586,15 @@ impl App {
                  SmolDesk will try again after the next message."
             ));
         }
-        for finished in self.tasks.take_finished() {
-            finished(self);
+        for done in self.tasks.poll() {
+            match done.outcome {
+                Ok(finish) => finish(self),
+                Err(panic) => {
+                    self.notices.error(panic.to_string());
+                }
+            }
         }
+        self.apply_reads();
         let picked = self.picker.poll();
         for action in picked {
             self.apply(action);
@@ -649,7 +671,9 @@ impl eframe::App for App {
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {
-        self.prefs.last_conversation = Some(self.current.clone());
+        if !self.current.is_empty() {
+            self.prefs.last_conversation = Some(self.current.clone());
+        }
         self.prefs.store(storage);
     }
 

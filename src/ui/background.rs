@@ -3,7 +3,8 @@
 //! failure, and the UI is woken when a result is ready. Results are collected without blocking
 //! (`poll`) at the start of a frame.
 //!
-//! - [`BackgroundTasks`]: one-shot jobs, each on its own thread (model card, file dialog).
+//! - [`BackgroundTasks`]: one-shot jobs, each on its own thread (model card, file dialog,
+//!   reading conversations; exports and chat templates, whose results are [`Completion`]s).
 //! - [`TaskQueue`]: jobs served in order by one long-lived thread (the saver).
 //! - [`spawn_service`]: a long-lived loop that keys its own results (the token meter).
 
@@ -20,6 +21,10 @@ pub type Wake = Arc<dyn Fn() + Send + Sync>;
 
 /// Identifies one task among those of its runner.
 pub type TaskId = u64;
+
+/// What a finished job does to the state `S` it was started for (the app), applied on the UI
+/// thread.
+pub type Completion<S> = Box<dyn FnOnce(&mut S) + Send>;
 
 /// A task that panicked instead of returning.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,11 +81,19 @@ impl<T: Send + 'static> BackgroundTasks<T> {
 
     /// Starts a job; its result comes back from [`Self::poll`] under the returned id.
     pub fn spawn(&mut self, job: impl FnOnce() -> T + Send + 'static) -> std::io::Result<TaskId> {
+        self.spawn_as(self.name, job)
+    }
+
+    /// Starts a job on a thread called `name` instead of the runner's name.
+    pub fn spawn_as(
+        &mut self,
+        name: &'static str,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> std::io::Result<TaskId> {
         let id = self.next_id;
         self.next_id += 1;
         let tx = self.results_tx.clone();
         let wake = self.wake.clone();
-        let name = self.name;
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
@@ -249,6 +262,19 @@ mod tests {
         let panic = done[1].outcome.clone().unwrap_err();
         assert_eq!(panic.message, "broken");
         assert_eq!(panic.task, "test-task");
+    }
+
+    #[test]
+    fn a_job_can_run_under_its_own_thread_name() {
+        let mut tasks = BackgroundTasks::new("test-task", no_wake());
+        let id = tasks
+            .spawn_as("test-named", || {
+                std::thread::current().name().map(str::to_string)
+            })
+            .unwrap();
+        let done = poll_until(|| tasks.poll(), 1);
+        assert_eq!(done[0].id, id);
+        assert_eq!(done[0].outcome, Ok(Some("test-named".to_string())));
     }
 
     #[test]

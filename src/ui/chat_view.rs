@@ -50,13 +50,27 @@ pub struct ChatViewState {
     pub content_height: f32,
     /// Measured heights of messages, for skipping those far outside the view.
     heights: HeightCache,
+    /// The message at the top of the view last frame, to keep it there when Show thinking
+    /// changes every height above it.
+    anchor: Option<ScrollAnchor>,
+    /// The scroll offset last frame.
+    offset: f32,
+}
+
+/// The first message in view, how far the view's top is below that message's top, and the
+/// Show thinking state it was measured in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ScrollAnchor {
+    index: usize,
+    offset: f32,
+    show_thinking: bool,
 }
 
 /// What the heights of all messages depend on: when it changes, every height is measured again.
+/// (Show thinking is not part of it: heights are kept for both states.)
 #[derive(Debug, Clone, Default, PartialEq)]
 struct LayoutKey {
     conversation: String,
-    show_thinking: bool,
     width_bits: u32,
     font_bits: u32,
 }
@@ -70,12 +84,31 @@ struct MessageKey {
     context_start: bool,
 }
 
-/// The measured height of each message of the open conversation, so that only the messages
-/// in view are laid out and the rest take their remembered space.
+/// A message's height in one Show thinking state: measured when it was laid out, else a
+/// guess kept until it is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Height {
+    value: f32,
+    measured: bool,
+}
+
+/// One message's heights with thinking hidden (`[0]`) and shown (`[1]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct MessageHeights {
+    key: MessageKey,
+    by_state: [Option<Height>; 2],
+}
+
+/// The height of each message of the open conversation in both Show thinking states, so that
+/// only the messages in view are laid out and the rest take their remembered (or once
+/// guessed) space, and toggling Show thinking measures nothing again.
 #[derive(Debug, Default)]
 struct HeightCache {
     layout: LayoutKey,
-    heights: Vec<Option<(MessageKey, f32)>>,
+    heights: Vec<Option<MessageHeights>>,
+    /// How much taller a reply with thinking is when thinking is shown (its folded header),
+    /// as last measured.
+    thinking_header: Option<f32>,
 }
 
 impl HeightCache {
@@ -84,20 +117,98 @@ impl HeightCache {
         if self.layout != layout {
             self.layout = layout;
             self.heights.clear();
+            self.thinking_header = None;
         }
         self.heights.resize(messages, None);
     }
 
-    fn get(&self, index: usize, key: MessageKey) -> Option<f32> {
-        match self.heights.get(index) {
-            Some(Some((cached, height))) if *cached == key => Some(*height),
-            _ => None,
+    /// The height of message `index` with thinking shown or not: remembered, else derived
+    /// from its height in the other state, else `estimate()` (remembered until measured).
+    fn get(
+        &mut self,
+        index: usize,
+        key: MessageKey,
+        show_thinking: bool,
+        header_guess: f32,
+        estimate: impl FnOnce() -> f32,
+    ) -> f32 {
+        let header = self.thinking_header.unwrap_or(header_guess);
+        let Some(slot) = self.heights.get_mut(index) else {
+            return estimate();
+        };
+        let entry = slot.get_or_insert(MessageHeights {
+            key,
+            by_state: [None, None],
+        });
+        if entry.key != key {
+            *entry = MessageHeights {
+                key,
+                by_state: [None, None],
+            };
         }
+        let state = usize::from(show_thinking);
+        if let Some(height) = entry.by_state[state] {
+            return height.value;
+        }
+        let value = match entry.by_state[1 - state] {
+            Some(other) if key.thinking_len == 0 => other.value,
+            Some(other) if show_thinking => other.value + header,
+            Some(other) => (other.value - header).max(0.0),
+            None => estimate(),
+        };
+        entry.by_state[state] = Some(Height {
+            value,
+            measured: false,
+        });
+        value
     }
 
-    fn set(&mut self, index: usize, key: MessageKey, height: f32) {
-        if let Some(slot) = self.heights.get_mut(index) {
-            *slot = Some((key, height));
+    /// Where message `index` starts when thinking is shown or not: the heights of the
+    /// messages before it (remembered, derived or guessed as [`Self::get`] does).
+    fn top_of(
+        &mut self,
+        index: usize,
+        messages: &[Message],
+        show_thinking: bool,
+        header_guess: f32,
+        key_of: impl Fn(usize, &Message) -> MessageKey,
+        mut estimate: impl FnMut(&Message) -> f32,
+    ) -> f32 {
+        messages
+            .iter()
+            .enumerate()
+            .take(index)
+            .map(|(i, m)| self.get(i, key_of(i, m), show_thinking, header_guess, || estimate(m)))
+            .sum()
+    }
+
+    /// Records the measured height of message `index`.
+    fn set(&mut self, index: usize, key: MessageKey, show_thinking: bool, value: f32) {
+        let Some(slot) = self.heights.get_mut(index) else {
+            return;
+        };
+        let entry = slot.get_or_insert(MessageHeights {
+            key,
+            by_state: [None, None],
+        });
+        if entry.key != key {
+            entry.key = key;
+            entry.by_state = [None, None];
+        }
+        let state = usize::from(show_thinking);
+        entry.by_state[state] = Some(Height {
+            value,
+            measured: true,
+        });
+        if key.thinking_len > 0
+            && let Some(other) = entry.by_state[1 - state].filter(|h| h.measured)
+        {
+            let (shown, hidden) = if show_thinking {
+                (value, other.value)
+            } else {
+                (other.value, value)
+            };
+            self.thinking_header = Some(shown - hidden);
         }
     }
 }
@@ -129,6 +240,7 @@ pub fn shows_composer(app: &App) -> bool {
 /// The start screen is shown while no model is ready and the conversation is empty.
 fn shows_welcome(app: &App) -> bool {
     !matches!(app.model, ModelState::Ready(_))
+        && !app.is_opening()
         && app
             .current_conversation()
             .is_none_or(|c| c.messages.is_empty())
@@ -144,7 +256,9 @@ pub fn show_central(app: &mut App, ui: &mut Ui) {
         ui.ctx().request_repaint();
     }
     notices(app, ui);
-    if shows_welcome(app) {
+    if app.is_opening() {
+        opening(ui);
+    } else if shows_welcome(app) {
         model_panel::show_welcome(app, ui);
     } else if app
         .current_conversation()
@@ -154,6 +268,17 @@ pub fn show_central(app: &mut App, ui: &mut Ui) {
     } else {
         conversation(app, ui);
     }
+}
+
+/// Shown while the open conversation's messages are being read.
+fn opening(ui: &mut Ui) {
+    ui.vertical_centered(|ui| {
+        ui.add_space(ui.available_height() * 0.3);
+        ui.horizontal(|ui| {
+            ui.spinner();
+            ui.label(RichText::new("Opening…").color(theme::muted_text_color(ui.visuals())));
+        });
+    });
 }
 
 fn notices(app: &mut App, ui: &mut Ui) {
@@ -258,7 +383,7 @@ pub fn context_notice(dropped: usize) -> String {
 
 fn conversation(app: &mut App, ui: &mut Ui) {
     let mut actions = Vec::new();
-    let Some(conversation) = app.conversations.iter().find(|c| c.id == app.current) else {
+    let Some(conversation) = app.conversations.get(&app.current) else {
         return;
     };
     let generation = app
@@ -266,6 +391,13 @@ fn conversation(app: &mut App, ui: &mut Ui) {
         .as_ref()
         .filter(|g| g.conversation_id == conversation.id);
     let context_start = context_start(app, conversation);
+    let anchored = anchored_offset(
+        ui,
+        &mut app.chat,
+        &conversation.messages,
+        app.prefs.show_thinking,
+        context_start,
+    );
     let mut view = MessageView {
         markdown: &mut app.markdown,
         editing: &mut app.chat.editing,
@@ -287,8 +419,16 @@ fn conversation(app: &mut App, ui: &mut Ui) {
         scroll = scroll.vertical_scroll_offset(app.chat.content_height + 100_000.0);
         app.chat.scroll_to_bottom = false;
     }
+    let rubber_band = ui.spacing().scroll.kinetic.rubber_band;
+    if let Some(offset) = anchored {
+        scroll = scroll.vertical_scroll_offset(offset);
+        // The new offset may lie past last frame's end (the content grew): it is not an
+        // overscroll to spring back from.
+        ui.spacing_mut().scroll.kinetic.rubber_band = false;
+    }
     let heights = &mut app.chat.heights;
     let font_bits = app.prefs.font_size.to_bits();
+    let mut anchor = None;
     let output = scroll.show_viewport(ui, |ui, viewport| {
         egui::Frame::new()
             .inner_margin(egui::Margin::symmetric(16, 12))
@@ -299,21 +439,29 @@ fn conversation(app: &mut App, ui: &mut Ui) {
                         heights.prepare(
                             LayoutKey {
                                 conversation: conversation.id.clone(),
-                                show_thinking: view.show_thinking,
                                 width_bits: ui.available_width().to_bits(),
                                 font_bits,
                             },
                             conversation.messages.len(),
                         );
-                        messages_in_view(ui, &mut view, heights, &conversation.messages, viewport);
+                        anchor = messages_in_view(
+                            ui,
+                            &mut view,
+                            heights,
+                            &conversation.messages,
+                            viewport,
+                        );
                         ui.add_space(8.0);
                     });
                 });
             });
     });
+    ui.spacing_mut().scroll.kinetic.rubber_band = rubber_band;
     let bottom_gap =
         output.content_size.y - (output.state.clamped_offset().y + output.inner_rect.height());
     app.chat.at_bottom = bottom_gap <= 24.0;
+    app.chat.anchor = anchor;
+    app.chat.offset = output.state.clamped_offset().y;
     app.chat.content_height = output.content_size.y;
     if !app.chat.at_bottom {
         jump_to_latest(app, ui, output.inner_rect);
@@ -331,25 +479,30 @@ fn messages_in_view(
     heights: &mut HeightCache,
     messages: &[Message],
     viewport: egui::Rect,
-) {
+) -> Option<ScrollAnchor> {
     let top = ui.min_rect().top();
     let visible = viewport.expand(CULL_MARGIN);
     let width = ui.available_width();
     let row_height = ui.text_style_height(&egui::TextStyle::Body);
+    let header_guess = thinking_header_guess(ui);
     let mut skipped = 0.0;
     let mut y = ui.cursor().top() - top;
+    let start_y = y;
+    let mut anchor = None;
     for (index, message) in messages.iter().enumerate() {
-        let key = MessageKey {
-            content_len: message.content.len(),
-            thinking_len: message.thinking.as_ref().map_or(0, String::len),
-            has_stats: message.stats.is_some(),
-            context_start: view.context_start == Some(index),
-        };
+        let key = message_key(index, message, view.context_start);
         let live =
             index == view.last_index || view.editing.as_ref().is_some_and(|(i, _)| *i == index);
-        let height = heights
-            .get(index, key)
-            .unwrap_or_else(|| estimated_height(message, width, row_height, view.show_thinking));
+        let height = heights.get(index, key, view.show_thinking, header_guess, || {
+            estimated_height(message, width, row_height, view.show_thinking)
+        });
+        if anchor.is_none() && y + height > viewport.top() {
+            anchor = Some(ScrollAnchor {
+                index,
+                offset: viewport.top() - (y - start_y),
+                show_thinking: view.show_thinking,
+            });
+        }
         if !live && (y + height < visible.top() || y > visible.bottom()) {
             skipped += height;
             y += height;
@@ -365,7 +518,7 @@ fn messages_in_view(
         let before = ui.cursor().top();
         ui.push_id(index, |ui| message_ui(ui, view, index, message));
         let after = ui.cursor().top();
-        heights.set(index, key, after - before);
+        heights.set(index, key, view.show_thinking, after - before);
         y = after - top;
     }
     if skipped > 0.0 {
@@ -374,6 +527,53 @@ fn messages_in_view(
             (skipped - ui.spacing().item_spacing.y).max(0.0),
         ));
     }
+    anchor
+}
+
+/// What a message's height depends on besides the [`LayoutKey`].
+fn message_key(index: usize, message: &Message, context_start: Option<usize>) -> MessageKey {
+    MessageKey {
+        content_len: message.content.len(),
+        thinking_len: message.thinking.as_ref().map_or(0, String::len),
+        has_stats: message.stats.is_some(),
+        context_start: context_start == Some(index),
+    }
+}
+
+/// Where to scroll after Show thinking changed, so that the same messages stay in view (and
+/// need no new layout): the message at the top stays there, or, when the view was at the
+/// bottom, it stays at the bottom. `None` when nothing changed.
+fn anchored_offset(
+    ui: &Ui,
+    chat: &mut ChatViewState,
+    messages: &[Message],
+    show_thinking: bool,
+    context_start: Option<usize>,
+) -> Option<f32> {
+    let anchor = chat.anchor.filter(|a| a.show_thinking != show_thinking)?;
+    let width = f32::from_bits(chat.heights.layout.width_bits);
+    let row_height = ui.text_style_height(&egui::TextStyle::Body);
+    let header_guess = thinking_header_guess(ui);
+    let mut top_of = |index: usize, show: bool| {
+        chat.heights.top_of(
+            index,
+            messages,
+            show,
+            header_guess,
+            |i, m| message_key(i, m, context_start),
+            |m| estimated_height(m, width, row_height, show),
+        )
+    };
+    if chat.at_bottom {
+        let grown = top_of(messages.len(), show_thinking) - top_of(messages.len(), !show_thinking);
+        return Some((chat.offset + grown).max(0.0));
+    }
+    Some(top_of(anchor.index, show_thinking) + anchor.offset)
+}
+
+/// A first guess at the height of a folded thinking header.
+fn thinking_header_guess(ui: &Ui) -> f32 {
+    ui.spacing().interact_size.y + ui.spacing().item_spacing.y
 }
 
 /// The floating "jump to latest" button shown once the user has scrolled up.
@@ -760,6 +960,54 @@ fn small_action(ui: &mut Ui, text: &str, tip: &str) -> egui::Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(thinking_len: usize) -> MessageKey {
+        MessageKey {
+            content_len: 10,
+            thinking_len,
+            has_stats: true,
+            context_start: false,
+        }
+    }
+
+    #[test]
+    fn heights_are_kept_per_show_thinking_state_and_guessed_once() {
+        let mut cache = HeightCache::default();
+        cache.prepare(LayoutKey::default(), 2);
+        let estimates = std::cell::Cell::new(0);
+        let estimate = || {
+            estimates.set(estimates.get() + 1);
+            100.0
+        };
+        assert_eq!(cache.get(0, key(5), true, 20.0, estimate), 100.0);
+        assert_eq!(cache.get(0, key(5), true, 20.0, estimate), 100.0);
+        assert_eq!(estimates.get(), 1, "a guess is remembered");
+        cache.set(0, key(5), true, 130.0);
+        cache.set(1, key(0), true, 50.0);
+        // Hidden thinking: derived from the shown height, nothing estimated.
+        assert_eq!(cache.get(0, key(5), false, 20.0, estimate), 110.0);
+        assert_eq!(cache.get(1, key(0), false, 20.0, estimate), 50.0);
+        assert_eq!(estimates.get(), 1);
+        cache.set(0, key(5), false, 104.0);
+        assert_eq!(cache.get(0, key(5), true, 20.0, estimate), 130.0);
+        assert_eq!(
+            cache.thinking_header,
+            Some(26.0),
+            "the header height is learned"
+        );
+        // A changed message is measured again.
+        assert_eq!(cache.get(0, key(6), true, 20.0, estimate), 100.0);
+        assert_eq!(estimates.get(), 2);
+        cache.prepare(
+            LayoutKey {
+                width_bits: 1,
+                ..LayoutKey::default()
+            },
+            2,
+        );
+        assert_eq!(cache.get(1, key(0), false, 20.0, estimate), 100.0);
+        assert_eq!(estimates.get(), 3, "a new width forgets every height");
+    }
 
     #[test]
     fn seconds_read_naturally() {

@@ -191,7 +191,7 @@ fn update_meter(app: &mut App, ctx: &egui::Context) {
     if app.is_generating() {
         return;
     }
-    let Some(conversation) = app.conversations.iter().find(|c| c.id == app.current) else {
+    let Some(conversation) = app.conversations.get(&app.current) else {
         return;
     };
     let mut hasher = std::hash::DefaultHasher::new();

@@ -7,8 +7,9 @@ use super::model_panel::format_bytes;
 use super::theme;
 use crate::chat::state_cache::{DEFAULT_DISK_CAP, StateCache};
 
-/// Draws the section: sizes in memory and on disk, and "Clear saved states".
-pub fn show(ui: &mut Ui) {
+/// Draws the section: sizes in memory and on disk, and "Clear saved states"; returns whether
+/// that was clicked (the files are deleted off the UI thread, see [`clear_in_background`]).
+pub fn show(ui: &mut Ui) -> bool {
     let cache = StateCache::app();
     let usage = cache.usage();
     ui.label(format!(
@@ -29,10 +30,16 @@ pub fn show(ui: &mut Ui) {
         .color(theme::muted_text_color(ui.visuals())),
     );
     let empty = usage.disk_files == 0 && usage.memory_states == 0;
-    if ui
-        .add_enabled(!empty, egui::Button::new("Clear saved states"))
+    ui.add_enabled(!empty, egui::Button::new("Clear saved states"))
         .clicked()
-    {
-        cache.clear();
-    }
+}
+
+/// Deletes every saved conversation state on a background thread.
+pub fn clear_in_background(app: &mut super::app::App) {
+    app.run_task("smoldesk-clear-states", || {
+        StateCache::app().clear();
+        Box::new(|app: &mut super::app::App| {
+            app.notices.info("Saved conversation states cleared");
+        })
+    });
 }

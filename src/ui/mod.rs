@@ -4,6 +4,7 @@
 //!   (with [`kv_cache_settings`]):
 //!   the panels; [`notices`]: banners; [`shortcuts`]: the keyboard;
 //! - [`theme`] and [`prefs`]: looks and remembered preferences;
+//! - [`conversation_list`]: conversations listed by summary, bodies read when opened;
 //! - [`token_meter`] and [`saver`]: background counting and saving, on [`background`]'s tasks;
 //! - [`exit_signal`]: saving and exiting on SIGTERM/SIGINT;
 //! - [`backend`]: the worker as the UI sees it; [`desktop`]: `--install-desktop`.
@@ -14,6 +15,7 @@ pub mod backend;
 pub mod background;
 pub mod chat_view;
 pub mod composer;
+pub mod conversation_list;
 pub mod desktop;
 pub mod events;
 pub mod exit_signal;
@@ -26,7 +28,6 @@ pub mod saver;
 pub mod settings;
 pub mod shortcuts;
 pub mod sidebar;
-pub mod tasks;
 pub mod theme;
 pub mod token_meter;
 pub mod toolbar;

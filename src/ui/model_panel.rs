@@ -46,15 +46,57 @@ impl Card {
 
 type CardResult = Result<Box<ModelInfo>, String>;
 
+/// Where to look for models: these folders, or the default ones of a data folder
+/// ([`crate::paths::model_dirs`], which resolves links and so touches the disk).
+#[derive(Debug, Clone)]
+pub enum ModelDirs {
+    /// Exactly these folders.
+    Given(Vec<PathBuf>),
+    /// The default folders for this data folder.
+    Default(PathBuf),
+}
+
+impl ModelDirs {
+    fn resolve(self) -> Vec<PathBuf> {
+        match self {
+            ModelDirs::Given(dirs) => dirs,
+            ModelDirs::Default(data_dir) => crate::paths::model_dirs(&data_dir),
+        }
+    }
+}
+
+/// What a background look at the disk found: the model folders and the models in them (when
+/// it was a rescan), and file sizes (`None`: the file is missing).
+#[derive(Debug, Default)]
+struct DiskLook {
+    listing: Option<(Vec<PathBuf>, Vec<PathBuf>)>,
+    sizes: Vec<(PathBuf, Option<u64>)>,
+}
+
+/// The size of a model file, `None` when it is not there.
+fn file_size(path: &Path) -> Option<u64> {
+    std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+}
+
 /// State of the model chooser.
 pub struct ModelPicker {
     /// The path typed by the user.
     pub path_input: String,
     /// Models found in the model folders.
     pub found: Vec<PathBuf>,
-    /// File sizes of listed models, read when the list was made (`None`: missing).
+    /// File sizes of listed models, read in the background (`None`: missing).
     sizes: std::collections::HashMap<PathBuf, Option<u64>>,
-    model_dirs: Vec<PathBuf>,
+    /// Files whose size was asked for and is not being read yet.
+    sizes_wanted: Vec<PathBuf>,
+    /// Where models are looked for (resolved in the background on the first scan).
+    dirs: ModelDirs,
+    /// Reads of the model folders and file sizes; the rescan in flight, if any.
+    disk: BackgroundTasks<DiskLook>,
+    scan_task: Option<TaskId>,
+    sizes_task: Option<TaskId>,
     /// The card being shown.
     pub card: Option<Card>,
     /// Readers of model headers, and the one whose card is wanted.
@@ -68,13 +110,17 @@ pub struct ModelPicker {
 }
 
 impl ModelPicker {
-    /// A chooser looking for models in `model_dirs`.
-    pub fn new(model_dirs: Vec<PathBuf>, wake: Arc<dyn Fn() + Send + Sync>) -> Self {
+    /// A chooser looking for models in `dirs` (listed in the background).
+    pub fn new(dirs: ModelDirs, wake: Arc<dyn Fn() + Send + Sync>) -> Self {
         let mut picker = Self {
             path_input: String::new(),
             found: Vec::new(),
             sizes: std::collections::HashMap::new(),
-            model_dirs,
+            sizes_wanted: Vec::new(),
+            dirs,
+            disk: BackgroundTasks::new("smoldesk-model-scan", wake.clone()),
+            scan_task: None,
+            sizes_task: None,
             card: None,
             card_readers: BackgroundTasks::new("smoldesk-model-card", wake.clone()),
             card_task: None,
@@ -86,26 +132,48 @@ impl ModelPicker {
         picker
     }
 
-    /// Lists the model folders again.
+    /// Lists the model folders again, in the background (with the sizes of what it finds).
     pub fn rescan(&mut self) {
-        self.found = crate::paths::find_model_files(&self.model_dirs);
-        self.sizes.clear();
+        if self.scan_task.is_some() {
+            return;
+        }
+        let dirs = self.dirs.clone();
+        let spawned = self.disk.spawn(move || {
+            let dirs = dirs.resolve();
+            let found = crate::paths::find_model_files(&dirs);
+            let sizes = found.iter().map(|p| (p.clone(), file_size(p))).collect();
+            DiskLook {
+                listing: Some((dirs, found)),
+                sizes,
+            }
+        });
+        match spawned {
+            Ok(task) => self.scan_task = Some(task),
+            Err(err) => log::error!("cannot start looking for models: {err}"),
+        }
     }
 
-    /// A listed model's size in bytes, `None` when the file is gone. Read once per listing so
-    /// drawing never touches the disk.
-    pub fn size_of(&mut self, path: &Path) -> Option<u64> {
-        *self.sizes.entry(path.to_path_buf()).or_insert_with(|| {
-            std::fs::metadata(path)
-                .ok()
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-        })
+    /// Whether the model folders are being listed.
+    pub fn scanning(&self) -> bool {
+        self.scan_task.is_some()
     }
 
-    /// The folders searched for models.
+    /// A model's size in bytes: `Some(None)` when the file is gone, `None` while it is being
+    /// read (drawing never touches the disk; the size is read in the background).
+    pub fn size_of(&mut self, path: &Path) -> Option<Option<u64>> {
+        let size = self.sizes.get(path).copied();
+        if size.is_none() && !self.sizes_wanted.iter().any(|p| p == path) {
+            self.sizes_wanted.push(path.to_path_buf());
+        }
+        size
+    }
+
+    /// The folders searched for models (once the first scan resolved them).
     pub fn model_dirs(&self) -> &[PathBuf] {
-        &self.model_dirs
+        match &self.dirs {
+            ModelDirs::Given(dirs) => dirs,
+            ModelDirs::Default(_) => &[],
+        }
     }
 
     /// Reads a model's header on a background thread and shows its card.
@@ -125,8 +193,9 @@ impl ModelPicker {
         if self.dialog.is_some() {
             return;
         }
-        let start_dir = self.model_dirs.iter().find(|d| d.is_dir()).cloned();
+        let dirs = self.model_dirs().to_vec();
         let spawned = self.dialogs.spawn(move || {
+            let start_dir = dirs.into_iter().find(|d| d.is_dir());
             let mut dialog = rfd::FileDialog::new()
                 .set_title("Open a model")
                 .add_filter("GGUF model", &["gguf"])
@@ -152,6 +221,7 @@ impl ModelPicker {
 
     /// Collects finished background work; returns the actions it leads to.
     pub fn poll(&mut self) -> Vec<Action> {
+        self.poll_disk();
         for TaskDone { id, outcome } in self.card_readers.poll() {
             if self.card_task != Some(id) {
                 continue;
@@ -181,6 +251,47 @@ impl ModelPicker {
             }
         }
         actions
+    }
+}
+
+impl ModelPicker {
+    /// Takes in listings and sizes read in the background, and starts reading the sizes
+    /// asked for since.
+    fn poll_disk(&mut self) {
+        for TaskDone { id, outcome } in self.disk.poll() {
+            if self.scan_task == Some(id) {
+                self.scan_task = None;
+            }
+            if self.sizes_task == Some(id) {
+                self.sizes_task = None;
+            }
+            let Ok(look) = outcome else {
+                continue;
+            };
+            if let Some((dirs, found)) = look.listing {
+                self.dirs = ModelDirs::Given(dirs);
+                self.found = found;
+                self.sizes.clear();
+            }
+            self.sizes.extend(look.sizes);
+        }
+        if self.sizes_task.is_none() && !self.sizes_wanted.is_empty() {
+            let wanted = std::mem::take(&mut self.sizes_wanted);
+            let spawned = self.disk.spawn(move || DiskLook {
+                listing: None,
+                sizes: wanted
+                    .into_iter()
+                    .map(|p| {
+                        let size = file_size(&p);
+                        (p, size)
+                    })
+                    .collect(),
+            });
+            match spawned {
+                Ok(task) => self.sizes_task = Some(task),
+                Err(err) => log::error!("cannot start reading model sizes: {err}"),
+            }
+        }
     }
 }
 
@@ -313,7 +424,13 @@ pub fn picker_contents(app: &mut App, ui: &mut Ui) {
         "found",
         &mut actions,
     );
-    if app.picker.found.is_empty() {
+    if app.picker.scanning() {
+        ui.label(
+            RichText::new("Looking for models…")
+                .small()
+                .color(theme::muted_text_color(ui.visuals())),
+        );
+    } else if app.picker.found.is_empty() {
         let dirs: Vec<String> = app
             .picker
             .model_dirs()
@@ -430,8 +547,15 @@ fn model_list(
             ui.horizontal(|ui| {
                 let name = file_name(path);
                 let size = picker.size_of(path);
-                let exists = size.is_some();
-                let size = size.map_or_else(|| "missing".to_string(), format_bytes);
+                let exists = size != Some(None);
+                let size = match size {
+                    None => {
+                        ui.ctx().request_repaint();
+                        "…".to_string()
+                    }
+                    Some(None) => "missing".to_string(),
+                    Some(Some(bytes)) => format_bytes(bytes),
+                };
                 if ui
                     .add_enabled(exists, egui::Button::new("Load"))
                     .on_hover_text(format!("Load {name}"))
@@ -716,12 +840,23 @@ mod tests {
         std::fs::write(&bad, "not a model").unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
         let mut picker = ModelPicker::new(
-            vec![dir.path().to_path_buf()],
+            ModelDirs::Given(vec![dir.path().to_path_buf()]),
             Arc::new(move || {
                 let _ = tx.send(());
             }),
         );
+        assert!(picker.found.is_empty() && picker.scanning());
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(picker.poll().is_empty());
+        assert!(!picker.scanning());
         assert_eq!(picker.found, vec![bad.clone()]);
+        assert_eq!(picker.size_of(&bad), Some(Some(11)));
+        let gone = dir.path().join("gone.gguf");
+        assert_eq!(picker.size_of(&gone), None, "read in the background");
+        picker.poll();
+        rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        picker.poll();
+        assert_eq!(picker.size_of(&gone), Some(None));
         picker.inspect(bad.clone());
         rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(picker.poll().is_empty());

@@ -14,6 +14,9 @@ pub enum Job {
     Save(Box<Conversation>),
     /// Delete a conversation's file.
     Delete(String),
+    /// Remove the temporary files of saves a crash interrupted (only the copy that owns the
+    /// data folder may).
+    RemoveStaleTemps,
 }
 
 /// The background writer of one [`ConversationStore`].
@@ -29,6 +32,13 @@ impl Saver {
             let result = match job {
                 Job::Save(conversation) => store.save(&conversation),
                 Job::Delete(id) => store.delete(&id),
+                Job::RemoveStaleTemps => {
+                    let removed = store.remove_stale_temp_files();
+                    if removed > 0 {
+                        log::info!("removed {removed} temporary files of interrupted saves");
+                    }
+                    Ok(())
+                }
             };
             result.map_err(|err| {
                 log::error!("{err}");
@@ -46,6 +56,12 @@ impl Saver {
     /// Queues deleting a conversation's file.
     pub fn delete(&mut self, id: &str) {
         self.submit(Job::Delete(id.to_string()));
+    }
+
+    /// Queues removing the temporary files of interrupted saves (queued before any write, so
+    /// it never races one).
+    pub fn remove_stale_temps(&mut self) {
+        self.submit(Job::RemoveStaleTemps);
     }
 
     /// Messages of writes that failed (or whose writer panicked) since the last call.
@@ -99,6 +115,17 @@ mod tests {
         saver.save(&c);
         assert!(saver.flush(Duration::from_secs(10)));
         assert_eq!(store.load_all().conversations, vec![c]);
+    }
+
+    #[test]
+    fn stale_temporary_files_are_removed_in_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join("x.json.1.tmp");
+        std::fs::write(&stale, "half").unwrap();
+        let mut saver = Saver::new(ConversationStore::new(dir.path()), Arc::new(|| {}));
+        saver.remove_stale_temps();
+        assert!(saver.flush(Duration::from_secs(10)));
+        assert!(!stale.exists());
     }
 
     #[test]

@@ -66,7 +66,9 @@ fn contents(app: &mut App, ui: &mut Ui) {
     appearance(app, ui);
     ui.add_space(10.0);
     section(ui, "Saved conversation states");
-    super::kv_cache_settings::show(ui);
+    if super::kv_cache_settings::show(ui) {
+        super::kv_cache_settings::clear_in_background(app);
+    }
 }
 
 fn section(ui: &mut Ui, title: &str) {

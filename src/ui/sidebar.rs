@@ -4,6 +4,7 @@ use egui::{RichText, Ui};
 
 use super::actions::Action;
 use super::app::App;
+use super::conversation_list::Entry;
 use super::{shortcuts, theme};
 use crate::chat::conversation::{Conversation, now_ms};
 
@@ -14,10 +15,19 @@ pub struct SidebarState {
     pub search: String,
     /// The conversation being renamed and the title typed so far.
     pub renaming: Option<(String, String)>,
-    /// Ids matching the search, for the query and conversation revision they were computed at.
-    matches: Option<(String, u64, Vec<String>)>,
+    /// Ids matching the search, with what they were computed for.
+    matches: Option<SearchCache>,
     /// How many times the search ran (to check it is not rerun needlessly).
     pub searches: u64,
+}
+
+/// The ids matching a search, and the query, revision and list version they are for.
+#[derive(Debug)]
+struct SearchCache {
+    query: String,
+    revision: u64,
+    list_version: u64,
+    ids: Vec<String>,
 }
 
 /// The list's frame.
@@ -58,11 +68,17 @@ pub fn show(app: &mut App, ui: &mut Ui) {
             }
             let mut last_group = None;
             let now = now_ms();
+            if app.reader.listing() {
+                ui.label(
+                    RichText::new("Reading saved chats…")
+                        .color(theme::muted_text_color(ui.visuals())),
+                );
+            }
             for id in &ids {
-                let Some(conversation) = app.conversations.iter().find(|c| &c.id == id) else {
+                let Some(entry) = app.conversations.entry(id) else {
                     continue;
                 };
-                let group = date_group(conversation.updated_ms, now);
+                let group = date_group(entry.updated_ms(), now);
                 if last_group != Some(group) {
                     ui.add_space(6.0);
                     ui.label(
@@ -73,7 +89,7 @@ pub fn show(app: &mut App, ui: &mut Ui) {
                     );
                     last_group = Some(group);
                 }
-                let selected = conversation.id == app.current;
+                let selected = *id == app.current;
                 ui.push_id(id, |ui| {
                     row(app, ui, id, selected, &mut actions);
                 });
@@ -132,14 +148,14 @@ fn row(app: &mut App, ui: &mut Ui, id: &str, selected: bool, actions: &mut Vec<A
         }
         return;
     }
-    let Some(conversation) = app.conversations.iter().find(|c| c.id == id) else {
+    let Some(entry) = app.conversations.entry(id) else {
         return;
     };
-    let title = conversation.display_title();
+    let title = entry.title();
     let menu_info = RowMenu {
         id: id.to_string(),
-        title: conversation.display_title(),
-        has_messages: !conversation.messages.is_empty(),
+        title: title.clone(),
+        has_messages: entry.has_messages(),
         exports_dir: app.data_dir.join("exports"),
     };
     let mut start_rename = false;
@@ -210,27 +226,48 @@ impl RowMenu {
     }
 }
 
-/// The conversations matching the search, most recent first. Cached per query and revision;
-/// while a reply streams (every token is a revision) the cache holds until the reply ends, so
-/// the search reruns on edits, not per token.
+/// The conversations matching the search, most recent first. Cached per query, revision and
+/// list version; while a reply streams (every token is a revision) the cache holds until the
+/// reply ends, so the search reruns on edits, not per token. Searching reads the bodies not
+/// read yet, in the background; their messages are searched once they are in.
 fn matching_ids(app: &mut App) -> Vec<String> {
     let query = app.sidebar.search.trim().to_lowercase();
-    if let Some((q, revision, ids)) = &app.sidebar.matches
-        && *q == query
-        && (*revision == app.revision || app.is_generating())
-        && ids.len() <= app.conversations.len()
+    let version = app.conversations.version();
+    if let Some(cached) = &app.sidebar.matches
+        && cached.query == query
+        && cached.list_version == version
+        && (cached.revision == app.revision || app.is_generating())
     {
-        return ids.clone();
+        return cached.ids.clone();
+    }
+    if !query.is_empty() {
+        app.read_all_bodies();
     }
     app.sidebar.searches += 1;
     let ids: Vec<String> = app
         .conversations
+        .entries()
         .iter()
-        .filter(|c| !c.messages.is_empty() && matches(c, &query))
-        .map(|c| c.id.clone())
+        .filter(|e| e.has_messages() && entry_matches(e, &query))
+        .map(|e| e.id().to_string())
         .collect();
-    app.sidebar.matches = Some((query, app.revision, ids.clone()));
+    app.sidebar.matches = Some(SearchCache {
+        query,
+        revision: app.revision,
+        list_version: version,
+        ids: ids.clone(),
+    });
     ids
+}
+
+/// Whether an entry matches the (lower-case) query: by title until its body is read.
+fn entry_matches(entry: &Entry, query: &str) -> bool {
+    match entry {
+        Entry::Loaded(conversation) => matches(conversation, query),
+        Entry::Listed { summary, .. } => {
+            query.is_empty() || summary.title.to_lowercase().contains(query)
+        }
+    }
 }
 
 impl App {

@@ -158,10 +158,14 @@ impl eframe::Storage for MemoryStorage {
 /// Window size of the tests.
 pub const SIZE: [f32; 2] = [1200.0, 800.0];
 
-/// The app in a test harness, with the given options and (optional) stored preferences. Every
-/// character the app draws must have a glyph (the harness panics on "tofu").
+/// How long the tests wait for the background (reading conversations, saving).
+pub const BACKGROUND_WAIT: Duration = Duration::from_secs(10);
+
+/// The app in a test harness, with the given options and (optional) stored preferences, once
+/// its open conversation has been read. Every character the app draws must have a glyph (the
+/// harness panics on "tofu").
 pub fn harness<'a>(options: AppOptions, storage: Option<&'a MemoryStorage>) -> Harness<'a, App> {
-    build(Harness::builder(), options, storage)
+    opened(build(Harness::builder(), options, storage))
 }
 
 /// Like [`harness`], but drawing characters no font has is allowed (random models babble).
@@ -169,7 +173,30 @@ pub fn lenient_harness<'a>(
     options: AppOptions,
     storage: Option<&'a MemoryStorage>,
 ) -> Harness<'a, App> {
-    build(Harness::builder().allow_missing_glyphs(), options, storage)
+    opened(build(
+        Harness::builder().allow_missing_glyphs(),
+        options,
+        storage,
+    ))
+}
+
+/// The app in a test harness right after it started (its conversations may still be being
+/// read).
+pub fn starting_harness<'a>(
+    options: AppOptions,
+    storage: Option<&'a MemoryStorage>,
+) -> Harness<'a, App> {
+    build(Harness::builder(), options, storage)
+}
+
+/// Steps until the open conversation has been read and the model folders listed.
+fn opened(mut harness: Harness<'_, App>) -> Harness<'_, App> {
+    assert!(
+        step_until(&mut harness, BACKGROUND_WAIT, |app| !app.is_opening()
+            && !app.is_scanning_models()),
+        "the conversations were not read"
+    );
+    harness
 }
 
 fn build<'a>(
@@ -192,6 +219,43 @@ fn build<'a>(
                 },
             )
         })
+}
+
+/// A data folder and a model folder holding a copy of the tiny SmolLM3 fixture.
+pub struct Dirs {
+    /// The data folder.
+    pub data: tempfile::TempDir,
+    /// The model folder.
+    pub models: tempfile::TempDir,
+    /// The model file in it.
+    pub model: PathBuf,
+}
+
+/// Fresh [`Dirs`].
+pub fn dirs() -> Dirs {
+    let data = tempfile::tempdir().unwrap();
+    let models = tempfile::tempdir().unwrap();
+    let model = models.path().join("tiny-smollm3-q4_k_m.gguf");
+    std::fs::copy(crate::common::fixture("tiny-smollm3-q4_k_m.gguf"), &model).unwrap();
+    Dirs {
+        data,
+        models,
+        model,
+    }
+}
+
+/// The app on `dirs` with a model "loaded" by the fake backend.
+pub fn loaded_app<'a>(fake: &Fake, dirs: &Dirs) -> Harness<'a, App> {
+    let mut harness = harness(
+        fake_options(fake, dirs.data.path(), dirs.models.path()),
+        None,
+    );
+    load_model(&mut harness, fake, &dirs.model);
+    assert!(
+        harness.state().loaded_model().is_some(),
+        "the model did not load"
+    );
+    harness
 }
 
 /// Options with a fake backend, a data folder and a model folder; nothing is reloaded.
