@@ -12,11 +12,11 @@ use candle_core::quantized::k_quants::{self, GgmlType};
 use half::f16;
 
 use super::blocks::{
-    BlockQ4Kx8, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8K, BlockQ8Kx4, QK, QK_K, as_blocks,
+    BlockQ4Kx8, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, BlockQ8Kx4, QK, QK_K,
+    as_blocks,
 };
 use super::pool::{Pool, SharedMut};
-use super::{dequant, q4k, q6k, q8_0, q8k, simd_level};
-use crate::engine::kernels::{self, Q8_1};
+use super::{dequant, q4_1, q4k, q6k, q8_0, q8k, simd_level};
 
 /// From this many inputs on, llama.cpp multiplies Q6_K through its tiled K-quant path (which
 /// sums in another order than its vec_dot).
@@ -136,7 +136,7 @@ enum Kernel {
     F32,
     /// f16 weights widened on the fly, f32 activations.
     F16,
-    /// Q4_1 weights with llama.cpp-rounded Q8_1 activations ([`kernels`]).
+    /// Q4_1 weights with llama.cpp-rounded Q8_1 activations ([`super::q4_1`]).
     Q4_1,
     /// Q4_K repacked in place into 8-row groups ([`q4k`]): llama.cpp's gemm for activation rows
     /// in groups of four, its gemv for the rest.
@@ -157,7 +157,7 @@ enum Kernel {
 enum ActKind {
     /// Plain f32.
     F32,
-    /// llama.cpp's Q8_1 ([`kernels::Q8_1`]).
+    /// llama.cpp's Q8_1 ([`BlockQ8_1`]).
     Q8_1,
     /// llama.cpp's Q8_K, every row (candle's k-quant kernels read the same layout).
     Q8K,
@@ -306,14 +306,14 @@ impl Matrix {
         pool.for_each_chunk(self.rows, ROWS_PER_CHUNK, |rows| match self.kernel {
             Kernel::F32 => self.rows_f32(act.f32(), m, rows, out),
             Kernel::F16 => self.rows_f16(act.f32(), m, rows, out),
-            Kernel::Q4_1 => self.rows_q4_1(act.q8_1(), m, rows, out),
+            Kernel::Q4_1 => self.rows_of_blocks(act.q8_1(), m, rows, out, q4_1::dot_q4_1_q8_1),
             Kernel::Q4Kx8 => self.rows_q4k_x8(act, rows, out),
             Kernel::Q6K => self.rows_q6k(act, rows, out),
             Kernel::Q8_0 => {
-                self.rows_q8_0::<BlockQ8_0>(act.q8_0(), m, rows, out, q8_0::dot_q8_0_q8_0)
+                self.rows_of_blocks::<BlockQ8_0, _>(act.q8_0(), m, rows, out, q8_0::dot_q8_0_q8_0)
             }
             Kernel::Q5_0 => {
-                self.rows_q8_0::<BlockQ5_0>(act.q8_0(), m, rows, out, q8_0::dot_q5_0_q8_0)
+                self.rows_of_blocks::<BlockQ5_0, _>(act.q8_0(), m, rows, out, q8_0::dot_q5_0_q8_0)
             }
             Kernel::Candle(dtype) => {
                 with_candle_block!(dtype, candle_rows, self, act.blocks(kind), m, rows, out)
@@ -441,13 +441,14 @@ impl Matrix {
         });
     }
 
-    fn rows_q8_0<B: super::blocks::PodBlock>(
+    /// Rows of a matrix of 32-value weight blocks `B` against 32-value activation blocks `A`.
+    fn rows_of_blocks<B: super::blocks::PodBlock, A>(
         &self,
-        act: &[BlockQ8_0],
+        act: &[A],
         m: usize,
         rows: std::ops::Range<usize>,
         out: SharedMut<'_, f32>,
-        dot: fn(super::SimdLevel, &[B], &[BlockQ8_0]) -> f32,
+        dot: fn(super::SimdLevel, &[B], &[A]) -> f32,
     ) {
         let level = simd_level();
         let nb = self.cols / QK;
@@ -456,21 +457,14 @@ impl Matrix {
             dot(level, &w[r * nb..][..nb], &act[t * nb..][..nb])
         });
     }
-
-    fn rows_q4_1(
-        &self,
-        act: &[Q8_1],
-        m: usize,
-        rows: std::ops::Range<usize>,
-        out: SharedMut<'_, f32>,
-    ) {
-        let bytes = self.data.bytes();
-        let (rb, blocks) = (self.row_bytes(), self.cols / 32);
-        self.write_rows(m, rows, out, |r, t| {
-            kernels::dot_q4_1_q8_1(&bytes[r * rb..][..rb], &act[t * blocks..][..blocks])
-        });
-    }
 }
+
+/// A zeroed Q8_1 block (the activation buffer's filler before quantization).
+const EMPTY_Q8_1: BlockQ8_1 = BlockQ8_1 {
+    d: f16::ZERO,
+    s: f16::ZERO,
+    qs: [0; 32],
+};
 
 /// The activation block type of candle's kernel for `dtype`.
 fn candle_vec_dot_type(dtype: GgmlDType) -> GgmlDType {
@@ -567,7 +561,7 @@ pub struct Activations {
     m: usize,
     k: usize,
     f32: Vec<f32>,
-    q8_1: Vec<Q8_1>,
+    q8_1: Vec<BlockQ8_1>,
     q8k: Vec<BlockQ8K>,
     q8k_x4: Vec<BlockQ8Kx4>,
     q8_0: Vec<BlockQ8_0>,
@@ -669,13 +663,14 @@ impl Activations {
                 }
                 ActKind::Q8_1 => {
                     self.q8_1.clear();
-                    self.q8_1.resize(m * k / 32, Q8_1::default());
+                    self.q8_1.resize(m * k / 32, EMPTY_Q8_1);
                     let shared = SharedMut::new(&mut self.q8_1);
+                    let level = simd_level();
                     pool.for_each_chunk(m, 1, |rows| {
                         for t in rows {
                             // SAFETY: each row goes to exactly one thread.
                             let dst = unsafe { shared.range_mut(t * k / 32..(t + 1) * k / 32) };
-                            kernels::quantize_q8_1(&x[t * k..][..k], dst);
+                            q4_1::quantize_row_q8_1(level, &x[t * k..][..k], dst);
                         }
                     });
                 }
@@ -712,7 +707,7 @@ impl Activations {
         &self.f32
     }
 
-    fn q8_1(&self) -> &[Q8_1] {
+    fn q8_1(&self) -> &[BlockQ8_1] {
         self.check(ActKind::Q8_1);
         &self.q8_1
     }
