@@ -300,3 +300,32 @@ fn export_is_written_in_the_background_and_announced() {
         "the export keeps the original text: {text}"
     );
 }
+
+#[test]
+fn a_new_chat_is_listed_while_its_first_reply_streams() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    harness.run_steps(2);
+    assert!(shows(&harness, "No conversations yet"));
+    send_message(&mut harness, "Tell me about whales");
+    let id = fake.last_request().id;
+    fake.started(id, "prompt", 0);
+    for _ in 0..5 {
+        fake.segment(id, SegmentKind::Answer, "Whales are big. ");
+        harness.step();
+    }
+    assert!(harness.state().generation().is_some());
+    assert!(!shows(&harness, "No conversations yet"));
+    // The user's bubble and the conversation's row in the list.
+    assert_eq!(
+        harness.query_all_by_label("Tell me about whales").count(),
+        2
+    );
+    fake.finished(id, GenerationStats::default());
+    harness.run_steps(2);
+    assert_eq!(
+        harness.query_all_by_label("Tell me about whales").count(),
+        2
+    );
+}

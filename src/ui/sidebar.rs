@@ -6,6 +6,7 @@ use super::actions::Action;
 use super::app::App;
 use super::{shortcuts, theme};
 use crate::chat::conversation::{Conversation, now_ms};
+use crate::worker::messages::RequestId;
 
 /// What the list remembers between frames.
 #[derive(Debug, Default)]
@@ -14,10 +15,20 @@ pub struct SidebarState {
     pub search: String,
     /// The conversation being renamed and the title typed so far.
     pub renaming: Option<(String, String)>,
-    /// Ids matching the search, for the query and conversation revision they were computed at.
-    matches: Option<(String, u64, Vec<String>)>,
+    /// Ids matching the search, with what they were computed for.
+    matches: Option<SearchCache>,
     /// How many times the search ran (to check it is not rerun needlessly).
     pub searches: u64,
+}
+
+/// The conversations matching a search, and when they were computed.
+#[derive(Debug)]
+struct SearchCache {
+    query: String,
+    revision: u64,
+    /// The reply streaming then, if one was.
+    generation: Option<RequestId>,
+    ids: Vec<String>,
 }
 
 /// The list's frame.
@@ -211,16 +222,19 @@ impl RowMenu {
 }
 
 /// The conversations matching the search, most recent first. Cached per query and revision;
-/// while a reply streams (every token is a revision) the cache holds until the reply ends, so
-/// the search reruns on edits, not per token.
+/// while a reply streams (every token is a revision) the list computed once that reply had
+/// started holds until it ends, so the search reruns on edits, not per token, and a new chat
+/// is listed as soon as its first message is sent.
 fn matching_ids(app: &mut App) -> Vec<String> {
     let query = app.sidebar.search.trim().to_lowercase();
-    if let Some((q, revision, ids)) = &app.sidebar.matches
-        && *q == query
-        && (*revision == app.revision || app.is_generating())
-        && ids.len() <= app.conversations.len()
+    let generation = app.generation().map(|g| g.id);
+    if let Some(cache) = &app.sidebar.matches
+        && cache.query == query
+        && (cache.revision == app.revision
+            || (generation.is_some() && cache.generation == generation))
+        && cache.ids.len() <= app.conversations.len()
     {
-        return ids.clone();
+        return cache.ids.clone();
     }
     app.sidebar.searches += 1;
     let ids: Vec<String> = app
@@ -229,7 +243,12 @@ fn matching_ids(app: &mut App) -> Vec<String> {
         .filter(|c| !c.messages.is_empty() && matches(c, &query))
         .map(|c| c.id.clone())
         .collect();
-    app.sidebar.matches = Some((query, app.revision, ids.clone()));
+    app.sidebar.matches = Some(SearchCache {
+        query,
+        revision: app.revision,
+        generation,
+        ids: ids.clone(),
+    });
     ids
 }
 
