@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use chrono::NaiveDate;
 
-use super::context::{ContextError, fit_in_blocks};
+use super::context::{ContextError, Fitted, fit_in_blocks};
 use super::conversation::{ChatSettings, GenerationStats, Message, StopReason};
 use super::prompt::PromptBuilder;
 use super::template::PromptFormatter;
@@ -80,9 +80,32 @@ const THINK_CLOSE_TEXT: &str = "</think>";
 /// every thought (encoded as plain text).
 const AFTER_THINK_CLOSE_TEXT: &str = "\n";
 
-/// Tokens kept free for the reply when fitting the conversation into the context.
-fn reply_reserve(context: usize, max_tokens: usize) -> usize {
+/// Tokens kept free for the reply when fitting the conversation into the context: the reply's
+/// token limit, at most a quarter of the context.
+pub fn reply_reserve(context: usize, max_tokens: usize) -> usize {
     max_tokens.clamp(1, (context / 4).max(1))
+}
+
+/// Tokens the prompt of a reply may take: the context minus the room kept for the reply.
+pub fn prompt_budget(context: usize, max_tokens: usize) -> usize {
+    context.saturating_sub(reply_reserve(context, max_tokens))
+}
+
+/// The messages the next reply's prompt holds: old turns dropped in blocks when the
+/// conversation no longer fits (the rule of [`generate_reply`], shared with the token meter).
+pub fn fit_for_reply(
+    messages: &[Message],
+    context: usize,
+    max_tokens: usize,
+    count_tokens: &mut dyn FnMut(&[Message]) -> usize,
+) -> Result<Fitted, ContextError> {
+    let block = (context / DROP_BLOCK_DIVISOR).max(1);
+    fit_in_blocks(
+        messages,
+        prompt_budget(context, max_tokens),
+        block,
+        count_tokens,
+    )
 }
 
 /// Generates the assistant's next reply to `messages` (which end with the user's message).
@@ -95,13 +118,15 @@ pub fn generate_reply(
 ) -> Result<Reply, GenerateError> {
     let tokenizer = engine.tokenizer().clone();
     let context = engine.context_length();
-    let budget = context.saturating_sub(reply_reserve(context, settings.sampling.max_tokens));
-
     let builder = PromptBuilder::new(ctx.formatter, &tokenizer, ctx.date);
     let mut count_tokens =
         |candidate: &[Message]| builder.count(settings, candidate).unwrap_or(usize::MAX);
-    let block = (context / DROP_BLOCK_DIVISOR).max(1);
-    let fitted = fit_in_blocks(messages, budget, block, &mut count_tokens)?;
+    let fitted = fit_for_reply(
+        messages,
+        context,
+        settings.sampling.max_tokens,
+        &mut count_tokens,
+    )?;
     let prompt = builder.build(settings, &fitted.messages)?;
     on_event(GenerationEvent::Started {
         prompt_tokens: prompt.tokens.len(),
