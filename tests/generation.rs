@@ -20,21 +20,7 @@ fn load(name: &str, context_length: usize) -> Engine {
 
 /// One reply to `messages`, with the model's own template.
 fn reply(engine: &mut Engine, messages: &[Message], settings: &ChatSettings) -> Reply {
-    let formatter = PromptFormatter::new(engine.info().chat_template.as_deref(), None);
-    let not_cancelled = || false;
-    let ctx = GenerationContext {
-        formatter: &formatter,
-        date: chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap(),
-        cancelled: &not_cancelled,
-    };
-    generate_reply(
-        engine,
-        &ctx,
-        messages,
-        settings,
-        &mut |_: GenerationEvent| {},
-    )
-    .expect("a reply")
+    reply_and_shown_answer(engine, messages, settings).0
 }
 
 fn settings(sampling: SamplingParams) -> ChatSettings {
