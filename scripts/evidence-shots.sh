@@ -4,7 +4,8 @@
 #   a-poem-line-breaks.png      SmolLM2 writes a poem; its line breaks show as line breaks.
 #   b-thinking-budget.png       scripted-thinker with the chat's thinking budget at 256: the
 #                               thought says "… (budget reached)" and an answer follows.
-#   c-overflow-notice.png       a 2,048-token chat that overflowed: the block-drop notice.
+#   c-overflow-notice.png       a 2,048-token chat that overflowed: the block-drop notice (and
+#                               c-overflow-bottom.png: its end, with the context meter).
 #   d-interrupted-reply.png     a reply killed (SIGKILL) while streaming, after a restart on the
 #                               same data folder: marked interrupted, with Continue and Regenerate.
 # Each scenario runs in a fresh home (preferences, conversations and caches in a temp folder).
@@ -217,6 +218,10 @@ PY
     done
     log "c: $(conv_state)"
     [ "$dropped" -gt 0 ] || log "c: the context never overflowed"
+    shot c-overflow-bottom.png
+    # The notice sits above the first message the model still sees: scroll up to it.
+    xdotool mousemove --window "$win" 700 300 click --repeat 4 --delay 80 4
+    sleep 1
     shot c-overflow-notice.png
     stop_app
 }
