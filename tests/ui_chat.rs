@@ -7,7 +7,7 @@ mod ui_support;
 
 use std::time::Duration;
 
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use smoldesk::chat::conversation::GenerationStats;
 use smoldesk::ui::Action;
 use smoldesk::worker::messages::SegmentKind;
@@ -351,4 +351,71 @@ fn toggling_show_thinking_keeps_the_message_at_the_top_of_the_view_in_place() {
             after.1
         );
     }
+}
+
+#[test]
+fn a_new_chat_is_listed_while_its_first_reply_streams() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    harness.run_steps(2);
+    assert!(shows(&harness, "No conversations yet"));
+    send_message(&mut harness, "Tell me about whales");
+    let id = fake.last_request().id;
+    fake.started(id, "prompt", 0);
+    for _ in 0..5 {
+        fake.segment(id, SegmentKind::Answer, "Whales are big. ");
+        harness.step();
+    }
+    assert!(harness.state().generation().is_some());
+    assert!(!shows(&harness, "No conversations yet"));
+    // The user's bubble and the conversation's row in the list.
+    assert_eq!(
+        harness.query_all_by_label("Tell me about whales").count(),
+        2
+    );
+    fake.finished(id, GenerationStats::default());
+    harness.run_steps(2);
+    assert_eq!(
+        harness.query_all_by_label("Tell me about whales").count(),
+        2
+    );
+}
+
+#[test]
+fn after_an_overflow_the_meter_counts_the_prompt_the_model_will_see() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    let context = harness.state().loaded_model().unwrap().context_length();
+    for turn in 0..6 {
+        let answer = format!("Answer {turn}: ") + &"many words here ".repeat(context / 12);
+        exchange(
+            &mut harness,
+            &fake,
+            &format!("Question {turn}"),
+            &answer,
+            GenerationStats::default(),
+        );
+    }
+    assert!(step_until_shows(
+        &mut harness,
+        "left out of the next reply",
+        Duration::from_secs(60)
+    ));
+    let label = harness
+        .query_all_by_label_contains("Context: ")
+        .next()
+        .unwrap()
+        .accesskit_node()
+        .value()
+        .unwrap();
+    let used: usize = label["Context: ".len()..]
+        .split(" / ")
+        .next()
+        .unwrap()
+        .replace(',', "")
+        .parse()
+        .unwrap();
+    assert!(used > 0 && used <= context, "{label}");
 }

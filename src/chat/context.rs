@@ -102,6 +102,9 @@ pub fn fit_in_blocks(
     let cut_at = (dropped_tokens.div_ceil(block) + 1) * block;
     match fit_to_context(messages, all_tokens.saturating_sub(cut_at), count_tokens) {
         Ok(fitted) if fitted.dropped >= needed.dropped => Ok(fitted),
+        // The block boundary lies past the end (the dropped part is one huge message): the
+        // minimal drop, if it already frees a block (it stays put until the rest outgrows it).
+        _ if budget_tokens.saturating_sub(needed.prompt_tokens) >= block => Ok(needed),
         // Not even the newest message fits so small a part: keep it alone.
         _ => {
             let newest = drop_points(messages).last().copied().unwrap_or(0);
@@ -366,6 +369,35 @@ mod tests {
         assert!(drops >= 5, "the conversation outgrew the context: {cuts:?}");
         assert!(drops <= 80 * 28 / block, "{drops} drops: {cuts:?}");
         assert!(cuts.windows(2).all(|w| w[0] < w[1]), "{cuts:?}");
+    }
+
+    /// A pasted text far larger than a block, then short turns: the paste goes, the turns
+    /// after it stay, and the cut holds while the conversation grows.
+    #[test]
+    fn a_huge_first_message_is_dropped_without_the_turns_after_it() {
+        let budget = 1900;
+        let block = 512;
+        let mut messages = vec![
+            user(&"p".repeat(1750)),
+            assistant(&"a".repeat(150)),
+            user(&"q".repeat(30)),
+            assistant(&"b".repeat(90)),
+            user(&"r".repeat(30)),
+        ];
+        let mut cuts = Vec::new();
+        for turn in 0..4 {
+            let fitted = fit_blocks(&messages, budget, block);
+            assert!(fitted.prompt_tokens + block <= budget, "turn {turn}");
+            assert_eq!(fitted.messages[0].role, Role::User, "turn {turn}");
+            assert!(
+                fitted.messages.len() > 1,
+                "turn {turn}: only the newest kept"
+            );
+            cuts.push(fitted.dropped);
+            messages.push(assistant(&"c".repeat(60)));
+            messages.push(user(&"s".repeat(20)));
+        }
+        assert_eq!(cuts, vec![2; 4]);
     }
 
     #[test]

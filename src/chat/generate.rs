@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use chrono::NaiveDate;
 
-use super::context::{ContextError, fit_in_blocks};
+use super::context::{ContextError, Fitted, fit_in_blocks};
 use super::conversation::{ChatSettings, GenerationStats, Message, StopReason};
 use super::prompt::PromptBuilder;
 use super::template::PromptFormatter;
@@ -73,14 +73,39 @@ pub struct GenerationContext<'a> {
 /// [`fit_in_blocks`]), so the following turns reuse the KV cache again.
 const DROP_BLOCK_DIVISOR: usize = 4;
 
-/// The text that ends a thought early. SmolLM3's template follows it with a newline, which the
-/// model then writes itself (forcing the newline too makes a bigram-like model, such as the
-/// scripted test model, start a new thought instead of answering).
+/// The tag that ends a thought early (parsed as a special token where the vocabulary has one).
 const THINK_CLOSE_TEXT: &str = "</think>";
 
-/// Tokens kept free for the reply when fitting the conversation into the context.
-fn reply_reserve(context: usize, max_tokens: usize) -> usize {
+/// What follows the tag when the budget ends a thought, as SmolLM3's template writes it after
+/// every thought (encoded as plain text).
+const AFTER_THINK_CLOSE_TEXT: &str = "\n";
+
+/// Tokens kept free for the reply when fitting the conversation into the context: the reply's
+/// token limit, at most a quarter of the context.
+pub fn reply_reserve(context: usize, max_tokens: usize) -> usize {
     max_tokens.clamp(1, (context / 4).max(1))
+}
+
+/// Tokens the prompt of a reply may take: the context minus the room kept for the reply.
+pub fn prompt_budget(context: usize, max_tokens: usize) -> usize {
+    context.saturating_sub(reply_reserve(context, max_tokens))
+}
+
+/// The messages the next reply's prompt holds: old turns dropped in blocks when the
+/// conversation no longer fits (the rule of [`generate_reply`], shared with the token meter).
+pub fn fit_for_reply(
+    messages: &[Message],
+    context: usize,
+    max_tokens: usize,
+    count_tokens: &mut dyn FnMut(&[Message]) -> usize,
+) -> Result<Fitted, ContextError> {
+    let block = (context / DROP_BLOCK_DIVISOR).max(1);
+    fit_in_blocks(
+        messages,
+        prompt_budget(context, max_tokens),
+        block,
+        count_tokens,
+    )
 }
 
 /// Generates the assistant's next reply to `messages` (which end with the user's message).
@@ -93,13 +118,15 @@ pub fn generate_reply(
 ) -> Result<Reply, GenerateError> {
     let tokenizer = engine.tokenizer().clone();
     let context = engine.context_length();
-    let budget = context.saturating_sub(reply_reserve(context, settings.sampling.max_tokens));
-
     let builder = PromptBuilder::new(ctx.formatter, &tokenizer, ctx.date);
     let mut count_tokens =
         |candidate: &[Message]| builder.count(settings, candidate).unwrap_or(usize::MAX);
-    let block = (context / DROP_BLOCK_DIVISOR).max(1);
-    let fitted = fit_in_blocks(messages, budget, block, &mut count_tokens)?;
+    let fitted = fit_for_reply(
+        messages,
+        context,
+        settings.sampling.max_tokens,
+        &mut count_tokens,
+    )?;
     let prompt = builder.build(settings, &fitted.messages)?;
     on_event(GenerationEvent::Started {
         prompt_tokens: prompt.tokens.len(),
@@ -143,8 +170,9 @@ fn fresh_seed() -> u64 {
 }
 
 /// Generates a completion of an already tokenized prompt (no template), streaming segments.
-/// With a `thinking_budget`, a thought that reaches that many tokens is closed (`</think>` is
-/// fed to the model as if it wrote it, and no new thought may start) and the model answers.
+/// With a `thinking_budget`, a thought that reaches that many tokens is closed (`</think>` and a
+/// newline are fed to the model as if it wrote them, and no new thought may start) and the
+/// model answers.
 pub fn generate_from_tokens(
     engine: &mut Engine,
     ctx: &GenerationContext<'_>,
@@ -226,8 +254,7 @@ struct ThinkingBudget {
 impl ThinkingBudget {
     fn new(tokenizer: &GgufTokenizer, limit: Option<usize>) -> Self {
         let close = match limit {
-            Some(_) => tokenizer
-                .encode(THINK_CLOSE_TEXT, true)
+            Some(_) => thought_closing_tokens(tokenizer)
                 .inspect_err(|err| {
                     log::warn!("no thinking budget: cannot encode the end tag: {err}")
                 })
@@ -265,6 +292,13 @@ impl ThinkingBudget {
             *slot = f32::NEG_INFINITY;
         }
     }
+}
+
+/// The tokens fed when the budget ends a thought: the end tag, then the newline as plain text.
+fn thought_closing_tokens(tokenizer: &GgufTokenizer) -> Result<Vec<u32>, EngineError> {
+    let mut tokens = tokenizer.encode(THINK_CLOSE_TEXT, true)?;
+    tokens.extend(tokenizer.encode(AFTER_THINK_CLOSE_TEXT, false)?);
+    Ok(tokens)
 }
 
 /// The state of one reply while tokens stream in.
@@ -389,6 +423,57 @@ mod tests {
         assert_eq!(reply.answer, "Hello world");
         assert_eq!(shown, "Hello world");
         assert_eq!(reply.tokens.len(), words.len() + 1);
+    }
+
+    #[test]
+    fn a_thought_is_closed_with_the_end_tag_and_a_plain_newline() {
+        let tokenizer = tiny_smollm3_tokenizer();
+        let (_, close) = tokenizer.think_ids().unwrap();
+        let tokens = thought_closing_tokens(&tokenizer).unwrap();
+        assert_eq!(tokens[0], close);
+        assert!(tokens.len() > 1, "{tokens:?}");
+        let mut decoder = StreamDecoder::new();
+        let rest: String = tokens[1..]
+            .iter()
+            .map(|&id| decoder.push(&tokenizer, id))
+            .collect();
+        assert_eq!(rest + &decoder.finish(), "\n");
+        assert!(
+            tokens[1..]
+                .iter()
+                .all(|&id| tokenizer.token_type(id) != Some(TokenType::Control))
+        );
+    }
+
+    #[test]
+    fn the_newline_after_a_closed_thought_is_not_shown_in_the_answer() {
+        let tokenizer = tiny_smollm3_tokenizer();
+        let (open, _) = tokenizer.think_ids().unwrap();
+        let mut shown = String::new();
+        let mut on_event = |event: GenerationEvent| {
+            if let GenerationEvent::Segment(segment) = event
+                && segment.kind == SegmentKind::Answer
+            {
+                shown.push_str(&segment.text);
+            }
+        };
+        let mut run = ReplyRun::new(&tokenizer, false, &mut on_event);
+        let thought = tokenizer.encode("Let me see", false).unwrap();
+        let answer = tokenizer.encode("Hello world", false).unwrap();
+        let closing = thought_closing_tokens(&tokenizer).unwrap();
+        for &id in std::iter::once(&open)
+            .chain(&thought)
+            .chain(&closing)
+            .chain(&answer)
+        {
+            run.push_token(id);
+        }
+        let reply = run.finish(StopReason::EndOfTurn);
+        assert_eq!(reply.thinking, "Let me see");
+        assert_eq!(reply.answer, "Hello world");
+        assert_eq!(shown, "Hello world");
+        // The tag is counted as thinking, the newline is not.
+        assert_eq!(reply.stats.thinking_tokens, 1 + thought.len() + 1);
     }
 
     #[test]

@@ -225,6 +225,19 @@ fn update_meter(app: &mut App, ctx: &egui::Context) {
     };
 }
 
+/// Says how many old messages the next reply leaves out to fit the context.
+pub fn left_out_note(left_out: usize) -> String {
+    let (number, verb) = if left_out == 1 {
+        ("1 older message is".to_string(), "it")
+    } else {
+        (
+            format!("{} older messages are", format_count(left_out)),
+            "them",
+        )
+    };
+    format!("{number} left out of the next reply to make room: the model does not see {verb}.")
+}
+
 fn too_long_message(count: &Count) -> String {
     format!(
         "This message is too long: {} tokens, but the context holds {}. Shorten it, or raise \
@@ -276,12 +289,12 @@ fn meter_row(app: &App, ui: &mut Ui) {
     ui.horizontal(|ui| {
         let text = format!(
             "Context: {} / {} tokens",
-            format_count(count.total),
+            format_count(count.sent),
             format_count(count.context_length)
         );
         let label = RichText::new(text).small().color(color);
         ui.label(if current { label } else { label.italics() })
-            .on_hover_text("The conversation, the system prompt and your draft, counted with the model's own template and tokenizer");
+            .on_hover_text("The next reply's prompt: the system prompt, the messages that still fit and your draft, counted with the model's own template and tokenizer");
         let bar_width = 120.0;
         let (rect, _) = ui.allocate_exact_size(egui::vec2(bar_width, 4.0), egui::Sense::hover());
         ui.painter()
@@ -294,7 +307,7 @@ fn meter_row(app: &App, ui: &mut Ui) {
         ui.label(RichText::new(too_long_message(count)).color(color));
     } else if count.history_overflows() {
         ui.label(
-            RichText::new("The conversation no longer fits: the oldest messages will be left out of the next reply.")
+            RichText::new(left_out_note(count.left_out))
                 .small()
                 .color(color),
         );

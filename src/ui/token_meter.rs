@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use crate::chat::conversation::{ChatSettings, Message, Role};
+use crate::chat::generate::{fit_for_reply, prompt_budget};
 use crate::chat::prompt::PromptBuilder;
 use crate::chat::template::PromptFormatter;
 use crate::engine::tokenizer::GgufTokenizer;
@@ -44,6 +45,10 @@ pub struct CountRequest {
 pub struct Count {
     /// Tokens of the whole prompt: system prompt, history and draft.
     pub total: usize,
+    /// Tokens of the prompt the next reply gets: `total`, or less once old turns are left out.
+    pub sent: usize,
+    /// Old messages left out of that prompt to make room (in blocks, as the worker drops them).
+    pub left_out: usize,
     /// Tokens of the prompt with the draft alone (what must fit at the very least).
     pub draft_alone: usize,
     /// Tokens the context holds.
@@ -60,12 +65,12 @@ impl Count {
 
     /// Whether old messages will be dropped to make room.
     pub fn history_overflows(&self) -> bool {
-        self.total > self.budget && !self.draft_too_long()
+        self.left_out > 0 && !self.draft_too_long()
     }
 
-    /// Share of the context used, from 0 to 1.
+    /// Share of the context the next prompt uses, from 0 to 1.
     pub fn fraction(&self) -> f32 {
-        (self.total as f32 / self.context_length.max(1) as f32).min(1.0)
+        (self.sent as f32 / self.context_length.max(1) as f32).min(1.0)
     }
 }
 
@@ -172,29 +177,33 @@ fn count_loop(
     }
 }
 
-/// Room kept free for the reply when the worker fits a conversation into the context (the
-/// same rule as the generation loop: the reply's token limit, at most a quarter of the context).
-pub fn reply_reserve(context: usize, max_tokens: usize) -> usize {
-    max_tokens.clamp(1, (context / 4).max(1))
-}
-
-/// Counts one request: the whole prompt, and the draft alone.
+/// Counts one request: the whole prompt, the draft alone, and the prompt the next reply gets
+/// once old turns are left out.
 pub fn count_request(request: &CountRequest) -> Result<Count, String> {
     let model = &request.model;
+    let settings = &request.settings;
     let draft = Message::new(Role::User, request.draft.clone());
     let mut all = request.history.clone();
     all.push(draft.clone());
-    let total = count_prompt(model, &request.settings, &all)?;
-    let draft_alone = count_prompt(model, &request.settings, std::slice::from_ref(&draft))?;
+    let total = count_prompt(model, settings, &all)?;
+    let draft_alone = count_prompt(model, settings, std::slice::from_ref(&draft))?;
     let context_length = model.context_length;
+    let max_tokens = settings.sampling.max_tokens;
+    let budget = prompt_budget(context_length, max_tokens);
+    let (sent, left_out) = if total > budget && draft_alone <= budget {
+        let mut count = |m: &[Message]| count_prompt(model, settings, m).unwrap_or(usize::MAX);
+        fit_for_reply(&all, context_length, max_tokens, &mut count)
+            .map_or((total, 0), |fitted| (fitted.prompt_tokens, fitted.dropped))
+    } else {
+        (total, 0)
+    };
     Ok(Count {
         total,
+        sent,
+        left_out,
         draft_alone,
         context_length,
-        budget: context_length.saturating_sub(reply_reserve(
-            context_length,
-            request.settings.sampling.max_tokens,
-        )),
+        budget,
     })
 }
 
@@ -214,11 +223,14 @@ fn count_prompt(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chat::generate::reply_reserve;
 
     #[test]
     fn counts_flag_drafts_that_cannot_fit() {
         let count = Count {
             total: 9000,
+            sent: 9000,
+            left_out: 0,
             draft_alone: 7000,
             context_length: 8192,
             budget: 6144,
@@ -227,13 +239,15 @@ mod tests {
         assert!(!count.history_overflows());
         let count = Count {
             total: 9000,
+            sent: 6000,
+            left_out: 4,
             draft_alone: 100,
             context_length: 8192,
             budget: 6144,
         };
         assert!(!count.draft_too_long());
         assert!(count.history_overflows());
-        assert_eq!(count.fraction(), 1.0);
+        assert_eq!(count.fraction(), 6000.0 / 8192.0);
     }
 
     #[test]
@@ -289,6 +303,44 @@ mod tests {
         );
         assert!(count.draft_alone < count.total);
         assert_eq!(count.budget, 4096 - 1024);
+    }
+
+    #[test]
+    fn an_overflowing_conversation_counts_the_prompt_the_next_reply_gets() {
+        let model = smollm3_model(4096);
+        let settings = ChatSettings {
+            thinking: false,
+            ..ChatSettings::default()
+        };
+        let mut history = Vec::new();
+        for turn in 0..40 {
+            history.push(Message::new(
+                Role::User,
+                format!("Question {turn}: ").repeat(8),
+            ));
+            history.push(Message::new(Role::Assistant, "A long answer. ".repeat(10)));
+        }
+        let request = CountRequest {
+            model: model.clone(),
+            settings: settings.clone(),
+            history: history.clone(),
+            draft: "One more question".into(),
+        };
+        let count = count_request(&request).unwrap();
+        assert!(count.total > count.budget, "{count:?}");
+        assert!(count.history_overflows());
+        assert!(
+            count.left_out > 0 && count.left_out < history.len(),
+            "{count:?}"
+        );
+        assert!(count.sent <= count.budget, "{count:?}");
+        let mut all = history;
+        all.push(Message::new(Role::User, "One more question"));
+        assert_eq!(
+            count.sent,
+            count_prompt(&model, &settings, &all[count.left_out..]).unwrap()
+        );
+        assert!(count.fraction() < 1.0);
     }
 
     #[test]
