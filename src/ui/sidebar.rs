@@ -7,7 +7,6 @@ use super::app::App;
 use super::conversation_list::Entry;
 use super::{shortcuts, theme};
 use crate::chat::conversation::{Conversation, now_ms};
-use crate::worker::messages::RequestId;
 
 /// What the list remembers between frames.
 #[derive(Debug, Default)]
@@ -22,21 +21,12 @@ pub struct SidebarState {
     pub searches: u64,
 }
 
-<<<<<<< HEAD
 /// The ids matching a search, and the query, revision and list version they are for.
-=======
-/// The conversations matching a search, and when they were computed.
->>>>>>> shots
 #[derive(Debug)]
 struct SearchCache {
     query: String,
     revision: u64,
-<<<<<<< HEAD
     list_version: u64,
-=======
-    /// The reply streaming then, if one was.
-    generation: Option<RequestId>,
->>>>>>> shots
     ids: Vec<String>,
 }
 
@@ -236,7 +226,6 @@ impl RowMenu {
     }
 }
 
-<<<<<<< HEAD
 /// The conversations matching the search, most recent first. Cached per query, revision and
 /// list version; while a reply streams (every token is a revision) the cache holds until the
 /// reply ends, so the search reruns on edits, not per token. Searching reads the bodies not
@@ -253,22 +242,6 @@ fn matching_ids(app: &mut App) -> Vec<String> {
     }
     if !query.is_empty() {
         app.read_all_bodies();
-=======
-/// The conversations matching the search, most recent first. Cached per query and revision;
-/// while a reply streams (every token is a revision) the list computed once that reply had
-/// started holds until it ends, so the search reruns on edits, not per token, and a new chat
-/// is listed as soon as its first message is sent.
-fn matching_ids(app: &mut App) -> Vec<String> {
-    let query = app.sidebar.search.trim().to_lowercase();
-    let generation = app.generation().map(|g| g.id);
-    if let Some(cache) = &app.sidebar.matches
-        && cache.query == query
-        && (cache.revision == app.revision
-            || (generation.is_some() && cache.generation == generation))
-        && cache.ids.len() <= app.conversations.len()
-    {
-        return cache.ids.clone();
->>>>>>> shots
     }
     app.sidebar.searches += 1;
     let ids: Vec<String> = app
@@ -281,11 +254,7 @@ fn matching_ids(app: &mut App) -> Vec<String> {
     app.sidebar.matches = Some(SearchCache {
         query,
         revision: app.revision,
-<<<<<<< HEAD
         list_version: version,
-=======
-        generation,
->>>>>>> shots
         ids: ids.clone(),
     });
     ids
