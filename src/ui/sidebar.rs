@@ -21,12 +21,14 @@ pub struct SidebarState {
     pub searches: u64,
 }
 
-/// The ids matching a search, and the query, revision and list version they are for.
+/// The ids matching a search, and the query, revision, list version and number of
+/// non-empty conversations they are for.
 #[derive(Debug)]
 struct SearchCache {
     query: String,
     revision: u64,
     list_version: u64,
+    non_empty: usize,
     ids: Vec<String>,
 }
 
@@ -233,9 +235,18 @@ impl RowMenu {
 fn matching_ids(app: &mut App) -> Vec<String> {
     let query = app.sidebar.search.trim().to_lowercase();
     let version = app.conversations.version();
+    // A new chat gets its first message without the list changing; counting non-empty
+    // entries (cheap) lists it at once, even while its first reply streams.
+    let non_empty = app
+        .conversations
+        .entries()
+        .iter()
+        .filter(|e| e.has_messages())
+        .count();
     if let Some(cached) = &app.sidebar.matches
         && cached.query == query
         && cached.list_version == version
+        && cached.non_empty == non_empty
         && (cached.revision == app.revision || app.is_generating())
     {
         return cached.ids.clone();
@@ -255,6 +266,7 @@ fn matching_ids(app: &mut App) -> Vec<String> {
         query,
         revision: app.revision,
         list_version: version,
+        non_empty,
         ids: ids.clone(),
     });
     ids
