@@ -1,6 +1,8 @@
-//! Timing of one layer's decode attention (one query token over a cached context, SmolLM3-3B
-//! shapes: 16 query heads, 4 KV heads of 128, f16 cache) on a pool of `threads` threads:
-//! `cargo run --release --example attention_bench [-- CONTEXT [THREADS]]`.
+//! Timing of one layer's attention (the last `SEQ` query tokens, default 1, over a cached
+//! context of `CONTEXT` positions, SmolLM3-3B shapes: 16 query heads, 4 KV heads of 128, f16
+//! cache) on a pool of `THREADS` threads:
+//! `cargo run --release --example attention_bench [-- CONTEXT [THREADS [SEQ]]]`.
+//! One query token takes the decode path; more take the prompt (tiled) path.
 //!
 //! Prints the time per call and the cache read rate. Numbers are rough on a shared machine.
 
@@ -19,23 +21,25 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let context: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2048);
     let threads: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(2);
+    let seq: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
+    let seq = seq.clamp(1, context);
     let (n_head, n_kv, hd) = (16, 4, 128);
     let row = n_kv * hd;
     let values =
         |seed: usize| -> Vec<f32> { (0..context * row).map(|i| uniform(i + seed)).collect() };
     let mut kv = KvRows::<f16>::default();
     kv.append(0, row, &values(0), &values(1 << 30));
-    let q: Vec<f32> = (0..n_head * hd).map(|i| uniform(i + 7)).collect();
+    let q: Vec<f32> = (0..seq * n_head * hd).map(|i| uniform(i + 7)).collect();
     let shape = AttentionShape {
         n_head,
         n_kv,
         head_dim: hd,
-        offset: context - 1,
-        seq: 1,
+        offset: context - seq,
+        seq,
         order: SumOrder::LlamaCpp,
     };
     let pool = Pool::new(threads);
-    let mut out = vec![0f32; n_head * hd];
+    let mut out = vec![0f32; seq * n_head * hd];
     let start = Instant::now();
     let mut best = Duration::MAX;
     while start.elapsed() < Duration::from_secs(2) {
@@ -45,7 +49,7 @@ fn main() {
     }
     let bytes = 2 * context * row * 2;
     println!(
-        "decode attention, context {context}, {threads} threads: {:.1} µs per layer, {:.1} GB/s of cache",
+        "attention of {seq} token(s), context {context}, {threads} threads: {:.1} µs per layer, {:.1} GB/s of cache",
         best.as_secs_f64() * 1e6,
         bytes as f64 / best.as_secs_f64() / 1e9
     );

@@ -13,6 +13,9 @@ use half::slice::HalfFloatSliceExt;
 use super::cpu::pool::{Pool, SharedMut};
 use super::cpu::{SimdLevel, simd_level};
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 /// Lanes of one AVX register of f32, the unit of llama.cpp's summation order.
 const LANES: usize = 8;
 /// Accumulators of `ggml_vec_dot_f16` (32 values per step).
@@ -20,6 +23,9 @@ const DOT_ACCUMULATORS: usize = 4;
 
 /// A value type the KV cache can hold: f16 (llama.cpp's default) or f32.
 pub trait KvValue: Copy + Send + Sync + 'static {
+    /// Whether the product of two values of this type is exact in f32 (so a fused
+    /// multiply-add rounds as a multiply then an add).
+    const EXACT_PRODUCTS: bool;
     /// Rounds an f32 to this type.
     fn from_f32(value: f32) -> Self;
     /// Widens to f32 (exact).
@@ -39,6 +45,7 @@ pub trait KvValue: Copy + Send + Sync + 'static {
 }
 
 impl KvValue for f16 {
+    const EXACT_PRODUCTS: bool = true;
     fn from_f32(value: f32) -> Self {
         f16::from_f32(value)
     }
@@ -126,6 +133,7 @@ unsafe fn round_f16c(values: &mut [f32]) {
 }
 
 impl KvValue for f32 {
+    const EXACT_PRODUCTS: bool = false;
     fn from_f32(value: f32) -> Self {
         value
     }
@@ -265,6 +273,8 @@ struct Scratch {
     row: Vec<f32>,
     /// Weighted-sum accumulators, `tokens × n_rep × N × head_dim`.
     acc: Vec<f32>,
+    /// Value rows transposed in blocks of 8 positions (the AVX2 prompt path).
+    block: Vec<f32>,
 }
 
 thread_local! {
@@ -324,7 +334,6 @@ fn attend_group<T: KvValue>(
         ..
     } = shape;
     let n_rep = n_head / n_kv;
-    let scale = 1.0f32 / (hd as f32).sqrt();
     // llama.cpp takes its tiled sgemm for two or more query rows, vec_dot for one.
     let single = match shape.order {
         SumOrder::LlamaCpp => seq == 1,
@@ -346,36 +355,43 @@ fn attend_group<T: KvValue>(
                 .extend(query.iter().map(|&x| T::from_f32(x).to_f32()));
         }
     }
-    scratch.row.resize(hd, 0.0);
+    // Rows padded to whole blocks of 8 positions; weights a head does not see stay zero.
+    let stride = visible_max.next_multiple_of(LANES);
     scratch.weights.clear();
-    scratch
-        .weights
-        .resize(heads * visible_max, f32::NEG_INFINITY);
-    for j in 0..visible_max {
-        prefetch(&kv.k, (j + PREFETCH_AHEAD) * n_kv + g, hd);
-        T::widen(&kv.k[(j * n_kv + g) * hd..][..hd], &mut scratch.row);
-        // Query tokens that see position j: those at or after it.
-        let from = j.saturating_sub(offset).max(first) - first;
-        for i in from * n_rep..heads {
-            let query = &scratch.queries[i * hd..][..hd];
-            let s = if single {
-                dot_vec(&scratch.row, query)
-            } else {
-                dot_tiled(&scratch.row, query)
-            };
-            scratch.weights[i * visible_max + j] = s * scale;
-        }
+    scratch.weights.resize(heads * stride, 0.0);
+    #[cfg(target_arch = "x86_64")]
+    let tiled_avx2 = !single && hd.is_multiple_of(LANES) && simd_level() >= SimdLevel::Avx2;
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiled_avx2 = false;
+    if tiled_avx2 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2, FMA and F16C; the head size is a multiple of 8; the
+        // queries and weights are sized above.
+        unsafe {
+            avx2::scores(kv, shape, g, first, scratch, stride)
+        };
+    } else {
+        scores(kv, shape, g, first, single, scratch, stride);
     }
-    for (i, weights) in scratch.weights.chunks_exact_mut(visible_max).enumerate() {
+    for (i, weights) in scratch.weights.chunks_exact_mut(stride).enumerate() {
         let visible = offset + first + i / n_rep + 1;
-        let weights = &mut weights[..visible];
+        let (weights, unseen) = weights.split_at_mut(visible);
         softmax(weights);
         T::round_in_place(weights);
+        unseen.fill(0.0);
+    }
+    if tiled_avx2 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above; the weights now hold the probabilities, zero where unseen.
+        unsafe {
+            avx2::weighted_sums(kv, shape, g, first, scratch, stride, out)
+        };
+        return;
     }
     if single {
-        weighted_sums::<T, { LANES * DOT_ACCUMULATORS }>(kv, shape, g, first, scratch);
+        weighted_sums::<T, { LANES * DOT_ACCUMULATORS }>(kv, shape, g, first, scratch, stride);
     } else {
-        weighted_sums::<T, LANES>(kv, shape, g, first, scratch);
+        weighted_sums::<T, LANES>(kv, shape, g, first, scratch, stride);
     }
     for (i, acc) in scratch
         .acc
@@ -398,6 +414,42 @@ fn attend_group<T: KvValue>(
     }
 }
 
+/// Scaled scores `scratch.weights[i * stride + j]` of every (head `i` of the task, position
+/// `j`) pair where the head sees the position, in `ggml_vec_dot_f16`'s order for a single
+/// token, the tiled sgemm's otherwise.
+#[inline(always)]
+fn scores<T: KvValue>(
+    kv: &KvRows<T>,
+    shape: AttentionShape,
+    g: usize,
+    first: usize,
+    single: bool,
+    scratch: &mut Scratch,
+    stride: usize,
+) {
+    let (hd, n_kv, offset) = (shape.head_dim, shape.n_kv, shape.offset);
+    let n_rep = shape.n_head / n_kv;
+    let heads = scratch.queries.len() / hd;
+    let visible_max = offset + first + heads / n_rep;
+    let scale = 1.0f32 / (hd as f32).sqrt();
+    scratch.row.resize(hd, 0.0);
+    for j in 0..visible_max {
+        prefetch(&kv.k, (j + PREFETCH_AHEAD) * n_kv + g, hd);
+        T::widen(&kv.k[(j * n_kv + g) * hd..][..hd], &mut scratch.row);
+        // Query tokens that see position j: those at or after it.
+        let from = j.saturating_sub(offset).max(first) - first;
+        for i in from * n_rep..heads {
+            let query = &scratch.queries[i * hd..][..hd];
+            let s = if single {
+                dot_vec(&scratch.row, query)
+            } else {
+                dot_tiled(&scratch.row, query)
+            };
+            scratch.weights[i * stride + j] = s * scale;
+        }
+    }
+}
+
 /// `Σ_j weights[j] · values[j]` for every (token, head) of a task, position `j` summed into
 /// accumulator `j % N`, each value row widened once. Leaves `tokens × n_rep × N × head_dim`
 /// accumulators in `scratch.acc` (combined like llama.cpp's tiled sgemm for `N = 8`, like
@@ -409,11 +461,13 @@ fn weighted_sums<T: KvValue, const N: usize>(
     g: usize,
     first: usize,
     scratch: &mut Scratch,
+    stride: usize,
 ) {
     let (hd, n_kv, offset) = (shape.head_dim, shape.n_kv, shape.offset);
     let n_rep = shape.n_head / n_kv;
     let heads = scratch.queries.len() / hd;
-    let visible_max = scratch.weights.len() / heads;
+    let visible_max = offset + first + heads / n_rep;
+    scratch.row.resize(hd, 0.0);
     scratch.acc.clear();
     scratch.acc.resize(heads * N * hd, 0.0);
     for j in 0..visible_max {
@@ -421,7 +475,7 @@ fn weighted_sums<T: KvValue, const N: usize>(
         T::widen(&kv.v[(j * n_kv + g) * hd..][..hd], &mut scratch.row);
         let from = j.saturating_sub(offset).max(first) - first;
         for i in from * n_rep..heads {
-            let w = scratch.weights[i * visible_max + j];
+            let w = scratch.weights[i * stride + j];
             let acc = &mut scratch.acc[(i * N + j % N) * hd..][..hd];
             for (a, &v) in acc.iter_mut().zip(&scratch.row) {
                 *a += w * v;
@@ -529,6 +583,17 @@ unsafe fn dot_vec_avx2(x: &[f32], y: &[f32]) -> f32 {
 /// 8 summed with [`hsum`] into an f64 total, then a multiply by `1 / total`.
 #[inline(always)]
 fn softmax(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() >= SimdLevel::Avx2 {
+        // SAFETY: the CPU has AVX2 and FMA (the SIMD level says so).
+        return unsafe { avx2::softmax(x) };
+    }
+    softmax_portable(x)
+}
+
+/// [`softmax`] in portable code.
+#[inline(always)]
+fn softmax_portable(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
     for chunk in x.chunks_mut(LANES) {
@@ -663,6 +728,27 @@ mod tests {
     }
 
     #[test]
+    fn the_simd_softmax_rounds_as_the_portable_one() {
+        if simd_level() < SimdLevel::Avx2 {
+            return;
+        }
+        for len in 1..80 {
+            // Spreads of up to ±150 put some lanes outside `ggml_v_expf`'s fast range.
+            let spread = [3.0, 40.0, 150.0][len % 3];
+            let row: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 + len * 11) % 101) as f32 / 101.0 * 2.0 * spread - spread)
+                .collect();
+            let mut portable = row.clone();
+            softmax_portable(&mut portable);
+            let mut simd = row;
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            unsafe { avx2::softmax(&mut simd) };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&simd), bits(&portable), "length {len}, spread {spread}");
+        }
+    }
+
+    #[test]
     fn the_simd_dot_rounds_as_the_portable_one_on_f16_values() {
         let value = |i: usize| {
             let bits = (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
@@ -783,7 +869,14 @@ mod tests {
 
     #[test]
     fn attention_on_the_cache_equals_the_widening_implementation_to_the_bit() {
-        let (n_head, n_kv, hd, total) = (6, 2, 64, 45);
+        // Within one chunk of positions of the AVX2 prompt path, and over several.
+        for total in [45, 300] {
+            attention_equals_the_widening_implementation(total);
+        }
+    }
+
+    fn attention_equals_the_widening_implementation(total: usize) {
+        let (n_head, n_kv, hd) = (6, 2, 64);
         let row = n_kv * hd;
         let k: Vec<f32> = (0..total * row)
             .map(|i| ((i * 31 % 17) as f32 - 8.0) / 9.0)
@@ -800,7 +893,7 @@ mod tests {
         kv32.append(0, row, &k, &v);
         let pool = Pool::new(2);
         for order in [SumOrder::LlamaCpp, SumOrder::SameForEveryRow] {
-            for (offset, seq) in [(0, total), (total - 1, 1), (3, 20), (10, 35)] {
+            for (offset, seq) in [(0, total), (total - 1, 1), (3, 20), (10, 35), (total - 18, 18)] {
                 let shape = AttentionShape {
                     n_head,
                     n_kv,
