@@ -168,12 +168,17 @@ impl<T: KvValue> KvRows<T> {
             store.truncate(positions * row);
             let needed = store.len() + new.len();
             if needed > store.capacity() {
-                let target = (needed / row).next_multiple_of(256) * row;
-                store.reserve_exact(target - store.len());
+                store.reserve_exact(reserved_values(needed / row, row) - store.len());
             }
             store.extend(new.iter().map(|&x| T::from_f32(x)));
         }
     }
+}
+
+/// The capacity (in values) a cache of `positions` rows of `row` values is given: whole steps
+/// of 256 positions, so appending a token rarely moves the cache.
+pub fn reserved_values(positions: usize, row: usize) -> usize {
+    positions.next_multiple_of(256) * row
 }
 
 /// Shapes of one attention call.

@@ -177,8 +177,9 @@ pub trait KvBytes: Sized + Copy {
     const ELEMENT: KvElement;
     /// Appends the little-endian bytes of `values` to `out`.
     fn extend_bytes(values: &[Self], out: &mut Vec<u8>);
-    /// Decodes little-endian bytes (a whole number of values).
-    fn from_bytes(bytes: &[u8]) -> Vec<Self>;
+    /// Decodes little-endian bytes (a whole number of values) into a vector with room for
+    /// `capacity` values.
+    fn from_bytes(bytes: &[u8], capacity: usize) -> Vec<Self>;
 }
 
 impl KvBytes for f16 {
@@ -187,11 +188,14 @@ impl KvBytes for f16 {
         out.reserve(values.len() * 2);
         out.extend(values.iter().flat_map(|v| v.to_bits().to_le_bytes()));
     }
-    fn from_bytes(bytes: &[u8]) -> Vec<Self> {
-        bytes
-            .chunks_exact(2)
-            .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
-            .collect()
+    fn from_bytes(bytes: &[u8], capacity: usize) -> Vec<Self> {
+        let mut out = Vec::with_capacity(capacity.max(bytes.len() / 2));
+        out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]]))),
+        );
+        out
     }
 }
 
@@ -201,11 +205,14 @@ impl KvBytes for f32 {
         out.reserve(values.len() * 4);
         out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
     }
-    fn from_bytes(bytes: &[u8]) -> Vec<Self> {
-        bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
+    fn from_bytes(bytes: &[u8], capacity: usize) -> Vec<Self> {
+        let mut out = Vec::with_capacity(capacity.max(bytes.len() / 4));
+        out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+        out
     }
 }
 
@@ -223,8 +230,13 @@ impl KvLayerBytes {
     }
 
     /// Decodes keys and values as `T`, checking the element type and that both hold exactly
-    /// `values` entries.
-    pub fn decode<T: KvBytes>(&self, values: usize) -> Result<(Vec<T>, Vec<T>), KvStateError> {
+    /// `values` entries; each vector has room for `capacity` values (so the tokens that follow
+    /// a restore do not move the cache).
+    pub fn decode<T: KvBytes>(
+        &self,
+        values: usize,
+        capacity: usize,
+    ) -> Result<(Vec<T>, Vec<T>), KvStateError> {
         if self.element != T::ELEMENT {
             return Err(KvStateError::Mismatch(format!(
                 "the state holds {:?} values but the cache is {:?}",
@@ -240,7 +252,10 @@ impl KvLayerBytes {
                 self.values.len()
             )));
         }
-        Ok((T::from_bytes(&self.keys), T::from_bytes(&self.values)))
+        Ok((
+            T::from_bytes(&self.keys, capacity),
+            T::from_bytes(&self.values, capacity),
+        ))
     }
 }
 
@@ -717,10 +732,10 @@ mod tests {
     fn layer_bytes_round_trip_and_check_their_shape() {
         let keys = [f16::from_f32(1.5), f16::from_f32(-2.0)];
         let bytes = KvLayerBytes::encode(&keys, &keys);
-        let (k, v) = bytes.decode::<f16>(2).unwrap();
+        let (k, v) = bytes.decode::<f16>(2, 8).unwrap();
         assert_eq!((k.as_slice(), v.as_slice()), (&keys[..], &keys[..]));
-        assert!(bytes.decode::<f16>(3).is_err());
-        assert!(bytes.decode::<f32>(1).is_err());
+        assert!(bytes.decode::<f16>(3, 3).is_err());
+        assert!(bytes.decode::<f32>(1, 1).is_err());
     }
 
     #[test]

@@ -373,17 +373,41 @@ impl Model {
                 self.max_context
             )));
         }
-        let values = len * self.hparams.n_head_kv * self.hparams.head_dim;
+        let row = self.hparams.n_head_kv * self.hparams.head_dim;
+        let values = len * row;
+        // Room for the next tokens, as appending would reserve it.
+        let capacity = super::attention::reserved_values(len + 1, row);
         let f32_cache = matches!(self.cache.first(), Some(LayerCache::F32(_)));
-        let mut cache = Vec::with_capacity(layers.len());
-        for bytes in layers {
-            cache.push(if f32_cache {
-                let (k, v) = bytes.decode(values)?;
+        let decode = |bytes: &super::kv_state::KvLayerBytes| -> Result<LayerCache, KvStateError> {
+            Ok(if f32_cache {
+                let (k, v) = bytes.decode(values, capacity)?;
                 LayerCache::F32(KvRows { k, v })
             } else {
-                let (k, v) = bytes.decode(values)?;
+                let (k, v) = bytes.decode(values, capacity)?;
                 LayerCache::F16(KvRows { k, v })
-            });
+            })
+        };
+        // Layers are decoded on the pool: most of the time goes to faulting in the new
+        // cache's pages, which both cores can do at once.
+        let mut decoded: Vec<Option<Result<LayerCache, KvStateError>>> =
+            (0..layers.len()).map(|_| None).collect();
+        let slots = SharedMut::new(&mut decoded);
+        self.pool.for_each_chunk(layers.len(), 1, |range| {
+            for l in range {
+                // SAFETY: each layer's slot is written by the one task that owns index `l`.
+                unsafe { slots.range_mut(l..l + 1)[0] = Some(decode(&layers[l])) };
+            }
+        });
+        let mut cache = Vec::with_capacity(layers.len());
+        for slot in decoded {
+            match slot {
+                Some(layer) => cache.push(layer?),
+                None => {
+                    return Err(KvStateError::Mismatch(
+                        "a layer was not decoded".to_string(),
+                    ));
+                }
+            }
         }
         self.cache = cache;
         self.cache_len = len;
