@@ -2,29 +2,38 @@
 //!
 //! Like ggml's thread pool: the worker threads live as long as the pool, spin briefly after a
 //! job so the next one (an engine runs hundreds per token) is picked up within microseconds,
-//! then park until woken. The calling thread takes part as thread 0, so a pool of `n` threads
-//! starts `n - 1` workers and a pool of one runs everything inline.
+//! then park until woken. The calling thread takes part, so a pool of `n` threads starts
+//! `n - 1` workers and a pool of one runs everything inline.
+//!
+//! A job is `n` shares. Each share is claimed by whichever thread gets to it first: the caller
+//! takes its own and then any a worker has not started. On a machine busy with other programs
+//! a worker can be descheduled for milliseconds; with fixed shares every one of the hundreds of
+//! jobs per token then waited for it (2 threads decoded several times slower than 1).
 
 use std::cell::UnsafeCell;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 /// Spin iterations a worker waits for the next job before parking.
 const SPIN_ITERATIONS: usize = 20_000;
 
-/// A job as the workers see it: `(thread index, thread count)`.
+/// A job as the threads see it: `(share index, share count)`.
 type Job = dyn Fn(usize, usize) + Sync + 'static;
 
 /// State shared between the caller and the workers.
 struct Shared {
-    /// Bumped once per job; a worker runs the job when it sees a new value.
+    /// Bumped once per job; a worker looks for a share to claim when it sees a new value.
     epoch: AtomicUsize,
-    /// The current job, valid while its epoch is being run (see [`Pool::run`]).
+    /// The current job's epoch (high 32 bits) and its next unclaimed share (low 32 bits). A
+    /// claim is a compare-and-swap on both, so a worker that wakes up late cannot claim a
+    /// share of a job that already ended.
+    claims: AtomicU64,
+    /// The current job, valid while one of its shares is claimed and not completed.
     job: UnsafeCell<Option<*const Job>>,
-    /// Workers that finished the current job.
-    finished: AtomicUsize,
+    /// Shares of the current job completed (or given up after a panic).
+    completed: AtomicUsize,
     /// Workers currently parked (or about to park) on `wake`.
     sleeping: AtomicUsize,
     /// A worker's job panicked.
@@ -58,8 +67,9 @@ impl Pool {
         };
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
+            claims: AtomicU64::new(0),
             job: UnsafeCell::new(None),
-            finished: AtomicUsize::new(0),
+            completed: AtomicUsize::new(0),
             sleeping: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -71,7 +81,7 @@ impl Pool {
             let shared = shared.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("smoldesk-compute-{index}"))
-                .spawn(move || worker_loop(&shared, index, n_threads));
+                .spawn(move || worker_loop(&shared, n_threads));
             match spawned {
                 Ok(handle) => workers.push(handle),
                 Err(err) => {
@@ -93,8 +103,9 @@ impl Pool {
         self.n_threads
     }
 
-    /// Runs `job(thread, n_threads)` once on every thread of the pool and returns when all are
-    /// done. Must not be called from inside a job.
+    /// Runs `job(share, n_threads)` once for every share `0..n_threads`, spread over the pool's
+    /// threads (one thread may run several), and returns when all are done. Must not be called
+    /// from inside a job.
     pub fn run<F: Fn(usize, usize) + Sync>(&self, job: F) {
         let n = self.n_threads;
         if n == 1 {
@@ -103,25 +114,39 @@ impl Pool {
         }
         let shared = &*self.shared;
         let job_ref: &(dyn Fn(usize, usize) + Sync + '_) = &job;
-        // SAFETY: the lifetime is erased only for the duration of this call: `WaitForWorkers`
-        // below does not return (or unwind past this frame) before every worker finished.
+        // SAFETY: the lifetime is erased only for the duration of this call: `FinishJob`
+        // below does not return (or unwind past this frame) before every share is completed
+        // or closed, and no thread reads the job without holding a claimed share.
         let job_ptr: *const Job = unsafe {
             std::mem::transmute::<&(dyn Fn(usize, usize) + Sync + '_), &'static Job>(job_ref)
         };
-        // SAFETY: no worker reads `job` now (all finished the previous epoch).
+        // SAFETY: no thread reads `job` now: every share of the previous job was completed.
         unsafe { *shared.job.get() = Some(job_ptr) };
-        shared.finished.store(0, Ordering::Relaxed);
-        shared.epoch.fetch_add(1, Ordering::SeqCst);
+        shared.completed.store(0, Ordering::Relaxed);
+        let epoch = shared.epoch.load(Ordering::Relaxed).wrapping_add(1);
+        shared
+            .claims
+            .store(claim_word(epoch, 0), Ordering::Release);
+        shared.epoch.store(epoch, Ordering::SeqCst);
         if shared.sleeping.load(Ordering::SeqCst) > 0 {
             let _guard = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
             shared.wake.notify_all();
         }
-        let wait = WaitForWorkers {
-            shared,
-            workers: n - 1,
-        };
-        job(0, n);
-        drop(wait);
+        let finish = FinishJob { shared, epoch, n };
+        let mut caller_panic = None;
+        while let Some(share) = claim(shared, epoch, n) {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(share, n)));
+            shared.completed.fetch_add(1, Ordering::Release);
+            if let Err(payload) = result {
+                caller_panic = Some(payload);
+                break;
+            }
+        }
+        drop(finish);
+        if let Some(payload) = caller_panic {
+            shared.panicked.store(false, Ordering::Relaxed);
+            std::panic::resume_unwind(payload);
+        }
         if shared.panicked.swap(false, Ordering::Relaxed) {
             panic!("a compute thread panicked");
         }
@@ -181,16 +206,46 @@ impl Drop for Pool {
     }
 }
 
-/// Waits (also while unwinding) until every worker finished the current job.
-struct WaitForWorkers<'a> {
-    shared: &'a Shared,
-    workers: usize,
+/// The claim word of share `share` of the job of `epoch`.
+fn claim_word(epoch: usize, share: usize) -> u64 {
+    ((epoch as u64 & 0xffff_ffff) << 32) | share as u64
 }
 
-impl Drop for WaitForWorkers<'_> {
+/// Claims the next unclaimed share of the job of `epoch` (of `n`), if there is one.
+fn claim(shared: &Shared, epoch: usize, n: usize) -> Option<usize> {
+    let mut word = shared.claims.load(Ordering::Acquire);
+    loop {
+        let share = (word & 0xffff_ffff) as usize;
+        if word >> 32 != epoch as u64 & 0xffff_ffff || share >= n {
+            return None;
+        }
+        match shared.claims.compare_exchange_weak(
+            word,
+            word + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return Some(share),
+            Err(now) => word = now,
+        }
+    }
+}
+
+/// Ends a job: shares nobody claimed are closed without running (after a panic), then it
+/// waits until every claimed share is completed.
+struct FinishJob<'a> {
+    shared: &'a Shared,
+    epoch: usize,
+    n: usize,
+}
+
+impl Drop for FinishJob<'_> {
     fn drop(&mut self) {
+        while claim(self.shared, self.epoch, self.n).is_some() {
+            self.shared.completed.fetch_add(1, Ordering::Release);
+        }
         let mut spins = 0usize;
-        while self.shared.finished.load(Ordering::Acquire) < self.workers {
+        while self.shared.completed.load(Ordering::Acquire) < self.n {
             spins += 1;
             if spins < SPIN_ITERATIONS * 10 {
                 std::hint::spin_loop();
@@ -201,24 +256,27 @@ impl Drop for WaitForWorkers<'_> {
     }
 }
 
-fn worker_loop(shared: &Shared, index: usize, n_threads: usize) {
+fn worker_loop(shared: &Shared, n: usize) {
     let mut seen = 0usize;
     loop {
         let Some(epoch) = next_epoch(shared, seen) else {
             return;
         };
         seen = epoch;
-        // SAFETY: the caller set `job` before bumping the epoch and keeps it alive until this
-        // worker reports it finished.
-        let job = unsafe { (*shared.job.get()).map(|p| &*p) };
-        if let Some(job) = job {
-            let result =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(index, n_threads)));
-            if result.is_err() {
-                shared.panicked.store(true, Ordering::Relaxed);
+        // Shares of a later job are left to the next pass (its epoch differs).
+        while let Some(share) = claim(shared, epoch, n) {
+            // SAFETY: the caller set `job` before publishing the claims, and keeps it alive
+            // until this claimed share is reported completed.
+            let job = unsafe { (*shared.job.get()).map(|p| &*p) };
+            if let Some(job) = job {
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(share, n)));
+                if result.is_err() {
+                    shared.panicked.store(true, Ordering::Relaxed);
+                }
             }
+            shared.completed.fetch_add(1, Ordering::Release);
         }
-        shared.finished.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -340,7 +398,7 @@ mod tests {
     use std::sync::atomic::AtomicU32;
 
     #[test]
-    fn run_calls_every_thread_once_per_job() {
+    fn run_calls_every_share_once_per_job() {
         for threads in [1, 2, 3, 5] {
             let pool = Pool::new(threads);
             assert_eq!(pool.n_threads(), threads);
@@ -427,6 +485,25 @@ mod tests {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn the_caller_runs_the_shares_of_a_worker_that_has_not_started() {
+        let pool = Pool::new(2);
+        // Park the worker: after a long pause it sleeps on the condition variable.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let caller = std::thread::current().id();
+        let by_caller = AtomicU32::new(0);
+        for _ in 0..1000 {
+            pool.run(|_, _| {
+                if std::thread::current().id() == caller {
+                    by_caller.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        // Every share ran (checked in other tests); here, the caller did not wait for a
+        // parked worker to wake on every job: it took some shares itself.
+        assert!(by_caller.load(Ordering::Relaxed) > 1000);
     }
 
     #[test]
