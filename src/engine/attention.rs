@@ -749,7 +749,11 @@ mod tests {
             // SAFETY: the CPU has AVX2 and FMA (checked above).
             unsafe { avx2::softmax(&mut simd) };
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&simd), bits(&portable), "length {len}, spread {spread}");
+            assert_eq!(
+                bits(&simd),
+                bits(&portable),
+                "length {len}, spread {spread}"
+            );
         }
     }
 
@@ -898,7 +902,13 @@ mod tests {
         kv32.append(0, row, &k, &v);
         let pool = Pool::new(2);
         for order in [SumOrder::LlamaCpp, SumOrder::SameForEveryRow] {
-            for (offset, seq) in [(0, total), (total - 1, 1), (3, 20), (10, 35), (total - 18, 18)] {
+            for (offset, seq) in [
+                (0, total),
+                (total - 1, 1),
+                (3, 20),
+                (10, 35),
+                (total - 18, 18),
+            ] {
                 let shape = AttentionShape {
                     n_head,
                     n_kv,

@@ -401,7 +401,12 @@ pub(super) unsafe fn softmax(x: &mut [f32]) {
     let inv = _mm256_set1_ps((1.0 / sum) as f32);
     for chunk in body.chunks_exact_mut(LANES) {
         // SAFETY: the chunk holds 8 values.
-        unsafe { _mm256_storeu_ps(chunk.as_mut_ptr(), _mm256_mul_ps(_mm256_loadu_ps(chunk.as_ptr()), inv)) };
+        unsafe {
+            _mm256_storeu_ps(
+                chunk.as_mut_ptr(),
+                _mm256_mul_ps(_mm256_loadu_ps(chunk.as_ptr()), inv),
+            )
+        };
     }
     let inv = (1.0 / sum) as f32;
     for v in tail {

@@ -124,9 +124,7 @@ impl Pool {
         unsafe { *shared.job.get() = Some(job_ptr) };
         shared.completed.store(0, Ordering::Relaxed);
         let epoch = shared.epoch.load(Ordering::Relaxed).wrapping_add(1);
-        shared
-            .claims
-            .store(claim_word(epoch, 0), Ordering::Release);
+        shared.claims.store(claim_word(epoch, 0), Ordering::Release);
         shared.epoch.store(epoch, Ordering::SeqCst);
         if shared.sleeping.load(Ordering::SeqCst) > 0 {
             let _guard = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
