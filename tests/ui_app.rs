@@ -123,9 +123,18 @@ fn a_missing_last_model_is_reported_and_forgotten() {
     options.restore_last_model = true;
     let mut harness = harness(options, Some(&storage));
     harness.run_steps(2);
+    // The UI asks the worker, which checks the disk and answers that the file is missing.
+    let missing = PathBuf::from("/nonexistent/SmolLM3-3B-Q4_K_M.gguf");
+    assert_eq!(fake.loads(), vec![missing.clone()]);
+    fake.push(Event::LoadFailed {
+        id: fake.last_load_id(),
+        path: missing,
+        error: WorkerError::ModelMissing,
+    });
+    harness.run_steps(2);
     assert!(shows(&harness, "is no longer there"));
-    assert!(fake.loads().is_empty());
     assert!(harness.state().preferences().last_model.is_none());
+    assert!(shows(&harness, "Open model…"), "the picker is there to open another");
 }
 
 #[test]

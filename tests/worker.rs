@@ -331,6 +331,22 @@ fn errors_are_reported_and_the_worker_stays_usable() {
         other => panic!("unexpected {other:?}"),
     }
 
+    // A path with no file says so (the UI does not look at the disk itself).
+    let missing = dir.path().join("gone.gguf");
+    worker.send(Command::LoadModel {
+        id: 8,
+        path: missing.clone(),
+        options: LoadOptions::default(),
+    });
+    match next(&worker) {
+        Event::LoadFailed {
+            id: 8,
+            path,
+            error: WorkerError::ModelMissing,
+        } => assert_eq!(path, missing),
+        other => panic!("unexpected {other:?}"),
+    }
+
     load(&worker, &common::fixture("tiny-smollm3-q4_k_m.gguf"), 256);
     // A message longer than the whole context is refused with a clear error.
     let long = "word ".repeat(2000);

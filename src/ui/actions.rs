@@ -474,27 +474,13 @@ impl App {
         if !restore_last {
             return;
         }
-        let Some(last) = self.prefs.last_model.clone() else {
-            return;
-        };
-        if last.is_file() {
+        // A missing file is reported by the worker (`WorkerError::ModelMissing`).
+        if let Some(last) = self.prefs.last_model.clone() {
             self.load_model(last);
-        } else {
-            self.notices.error(format!(
-                "The last model, {}, is no longer there. Open another model to continue.",
-                last.display()
-            ));
-            self.prefs.forget_model(&last);
         }
     }
 
     fn load_model(&mut self, path: PathBuf) {
-        if !path.is_file() {
-            self.notices
-                .error(format!("There is no model file at {}.", path.display()));
-            self.prefs.forget_model(&path);
-            return;
-        }
         if !crate::paths::has_model_extension(&path) {
             self.notices.info(format!(
                 "{} does not end in .gguf; trying to open it anyway.",

@@ -139,6 +139,19 @@ impl App {
             self.notices.info("Loading was cancelled.");
             return;
         }
+        if *error == WorkerError::ModelMissing {
+            let message = if self.prefs.last_model.as_deref() == Some(path) {
+                format!(
+                    "The last model, {}, is no longer there. Open another model to continue.",
+                    path.display()
+                )
+            } else {
+                format!("There is no model file at {}.", path.display())
+            };
+            self.notices.error(message);
+            self.prefs.forget_model(path);
+            return;
+        }
         self.notices
             .error(format!("Could not open {}: {error}", file_name(path)));
         if self.prefs.last_model.as_deref() == Some(path) {

@@ -90,6 +90,10 @@ pub enum WorkerError {
     /// The load was cancelled (by the user, or because another load replaced it).
     #[error("loading was cancelled")]
     LoadCancelled,
+    /// There is no model file at the path (checked by the worker: the UI thread does not
+    /// touch the disk).
+    #[error("there is no model file there")]
+    ModelMissing,
     /// The model file could not be loaded.
     #[error("{0}")]
     Load(String),

@@ -252,6 +252,14 @@ impl Worker {
         // Free the old weights before reading the new ones.
         self.engine = None;
         self.resume.engine_changed();
+        if !path.is_file() {
+            self.send(Event::LoadFailed {
+                id,
+                path: path.to_path_buf(),
+                error: WorkerError::ModelMissing,
+            });
+            return;
+        }
         let start = Instant::now();
         let mut last_sent = -1.0f32;
         let epochs = self.epochs.clone();
