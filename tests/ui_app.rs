@@ -134,7 +134,10 @@ fn a_missing_last_model_is_reported_and_forgotten() {
     harness.run_steps(2);
     assert!(shows(&harness, "is no longer there"));
     assert!(harness.state().preferences().last_model.is_none());
-    assert!(shows(&harness, "Open model…"), "the picker is there to open another");
+    assert!(
+        shows(&harness, "Open model…"),
+        "the picker is there to open another"
+    );
 }
 
 #[test]
