@@ -187,15 +187,40 @@ fn assert_mostly_reused(stats: &GenerationStats) {
     );
 }
 
-fn worker_with_cache(dir: &Path) -> WorkerHandle {
-    let cache = StateCache::open(StateCacheConfig {
+fn worker_with_cache(dir: &Path) -> CachedWorker {
+    let cache = Arc::new(StateCache::open(StateCacheConfig {
         dir: Some(dir.to_path_buf()),
         memory_budget: u64::MAX,
         disk_cap: u64::MAX,
-    });
-    let worker = WorkerHandle::spawn_with_state_cache(Arc::new(|| {}), Arc::new(cache));
+    }));
+    let worker = WorkerHandle::spawn_with_state_cache(Arc::new(|| {}), cache.clone());
     load(&worker, &common::fixture(Q4_MODEL));
-    worker
+    CachedWorker {
+        worker: Some(worker),
+        cache,
+    }
+}
+
+/// A worker and its state cache. Dropping it waits until the states it saved are on disk: the
+/// worker's own shutdown waits only briefly (an app must close at once), and a test that
+/// "restarts" reads the folder next.
+struct CachedWorker {
+    worker: Option<WorkerHandle>,
+    cache: Arc<StateCache>,
+}
+
+impl std::ops::Deref for CachedWorker {
+    type Target = WorkerHandle;
+    fn deref(&self) -> &WorkerHandle {
+        self.worker.as_ref().expect("the worker lives until drop")
+    }
+}
+
+impl Drop for CachedWorker {
+    fn drop(&mut self) {
+        drop(self.worker.take());
+        self.cache.flush();
+    }
 }
 
 /// Conversation A's three turns, each after the previous answer.
