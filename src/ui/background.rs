@@ -122,6 +122,8 @@ pub struct TaskQueue<J, T> {
     results: Receiver<TaskDone<T>>,
     /// Results taken out of the channel by [`Self::wait_for`] and not yet polled.
     early: Vec<TaskDone<T>>,
+    /// The last job whose result came back (jobs end in the order they were submitted).
+    last_done: Option<TaskId>,
     next_id: TaskId,
     ended: Option<Receiver<()>>,
 }
@@ -158,6 +160,7 @@ impl<J: Send + 'static, T: Send + 'static> TaskQueue<J, T> {
             jobs,
             results,
             early: Vec::new(),
+            last_done: None,
             next_id: 1,
             ended,
         }
@@ -181,13 +184,17 @@ impl<J: Send + 'static, T: Send + 'static> TaskQueue<J, T> {
     pub fn poll(&mut self) -> Vec<TaskDone<T>> {
         let mut done = std::mem::take(&mut self.early);
         done.extend(self.results.try_iter());
+        if let Some(last) = done.iter().map(|d| d.id).max() {
+            self.last_done = self.last_done.max(Some(last));
+        }
         done
     }
 
     /// Waits until job `id` has ended, at most `timeout`; returns whether it did. Results
     /// received meanwhile stay available to [`Self::poll`].
     pub fn wait_for(&mut self, id: TaskId, timeout: Duration) -> bool {
-        if self.early.iter().any(|d| d.id >= id) {
+        // Already ended, its result polled (on an earlier frame) or not.
+        if self.last_done.is_some_and(|done| done >= id) || self.early.iter().any(|d| d.id >= id) {
             return true;
         }
         let deadline = Instant::now() + timeout;
@@ -275,6 +282,19 @@ mod tests {
         let done = poll_until(|| tasks.poll(), 1);
         assert_eq!(done[0].id, id);
         assert_eq!(done[0].outcome, Ok(Some("test-named".to_string())));
+    }
+
+    #[test]
+    fn waiting_for_a_job_whose_result_was_already_polled_returns_at_once() {
+        let mut queue = TaskQueue::new("test-queue", no_wake(), |n: u32| n);
+        let id = queue.submit(1).unwrap();
+        assert_eq!(poll_until(|| queue.poll(), 1).len(), 1);
+        let start = Instant::now();
+        assert!(queue.wait_for(id, Duration::from_secs(5)));
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "it waited for nothing"
+        );
     }
 
     #[test]
