@@ -379,7 +379,7 @@ fn attend_group<T: KvValue>(
         scores(kv, shape, g, first, single, scratch, stride);
     }
     for (i, weights) in scratch.weights.chunks_exact_mut(stride).enumerate() {
-        let visible = offset + first + i / n_rep + 1;
+        let visible = visible_to(i, shape, first);
         let (weights, unseen) = weights.split_at_mut(visible);
         softmax(weights);
         T::round_in_place(weights);
@@ -419,6 +419,19 @@ fn attend_group<T: KvValue>(
     }
 }
 
+/// The first query head (of a task's `tokens × n_rep`) that sees position `j`.
+#[inline(always)]
+fn first_head_seeing(j: usize, shape: AttentionShape, first: usize) -> usize {
+    let n_rep = shape.n_head / shape.n_kv;
+    (j.saturating_sub(shape.offset).max(first) - first) * n_rep
+}
+
+/// Positions that head `i` of the task sees (`0..visible`).
+#[inline(always)]
+fn visible_to(i: usize, shape: AttentionShape, first: usize) -> usize {
+    shape.offset + first + i / (shape.n_head / shape.n_kv) + 1
+}
+
 /// Scaled scores `scratch.weights[i * stride + j]` of every (head `i` of the task, position
 /// `j`) pair where the head sees the position, in `ggml_vec_dot_f16`'s order for a single
 /// token, the tiled sgemm's otherwise.
@@ -432,18 +445,15 @@ fn scores<T: KvValue>(
     scratch: &mut Scratch,
     stride: usize,
 ) {
-    let (hd, n_kv, offset) = (shape.head_dim, shape.n_kv, shape.offset);
-    let n_rep = shape.n_head / n_kv;
+    let (hd, n_kv) = (shape.head_dim, shape.n_kv);
     let heads = scratch.queries.len() / hd;
-    let visible_max = offset + first + heads / n_rep;
+    let visible_max = visible_to(heads - 1, shape, first);
     let scale = 1.0f32 / (hd as f32).sqrt();
     scratch.row.resize(hd, 0.0);
     for j in 0..visible_max {
         prefetch(&kv.k, (j + PREFETCH_AHEAD) * n_kv + g, hd);
         T::widen(&kv.k[(j * n_kv + g) * hd..][..hd], &mut scratch.row);
-        // Query tokens that see position j: those at or after it.
-        let from = j.saturating_sub(offset).max(first) - first;
-        for i in from * n_rep..heads {
+        for i in first_head_seeing(j, shape, first)..heads {
             let query = &scratch.queries[i * hd..][..hd];
             let s = if single {
                 dot_vec(&scratch.row, query)
@@ -468,18 +478,16 @@ fn weighted_sums<T: KvValue, const N: usize>(
     scratch: &mut Scratch,
     stride: usize,
 ) {
-    let (hd, n_kv, offset) = (shape.head_dim, shape.n_kv, shape.offset);
-    let n_rep = shape.n_head / n_kv;
+    let (hd, n_kv) = (shape.head_dim, shape.n_kv);
     let heads = scratch.queries.len() / hd;
-    let visible_max = offset + first + heads / n_rep;
+    let visible_max = visible_to(heads - 1, shape, first);
     scratch.row.resize(hd, 0.0);
     scratch.acc.clear();
     scratch.acc.resize(heads * N * hd, 0.0);
     for j in 0..visible_max {
         prefetch(&kv.v, (j + PREFETCH_AHEAD) * n_kv + g, hd);
         T::widen(&kv.v[(j * n_kv + g) * hd..][..hd], &mut scratch.row);
-        let from = j.saturating_sub(offset).max(first) - first;
-        for i in from * n_rep..heads {
+        for i in first_head_seeing(j, shape, first)..heads {
             let w = scratch.weights[i * stride + j];
             let acc = &mut scratch.acc[(i * N + j % N) * hd..][..hd];
             for (a, &v) in acc.iter_mut().zip(&scratch.row) {

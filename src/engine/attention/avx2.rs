@@ -14,7 +14,10 @@
 
 use std::arch::x86_64::*;
 
-use super::{AttentionShape, KvRows, KvValue, LANES, PREFETCH_AHEAD, Scratch, expf, prefetch};
+use super::{
+    AttentionShape, KvRows, KvValue, LANES, PREFETCH_AHEAD, Scratch, expf, first_head_seeing,
+    prefetch, visible_to,
+};
 use crate::engine::cpu::pool::SharedMut;
 
 /// Positions taken together: their widened keys or transposed values (`CHUNK × head size` f32,
@@ -45,19 +48,6 @@ fn hsum(v: __m256) -> f32 {
     let a = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
     let t = _mm_add_ps(a, _mm_movehl_ps(a, a));
     _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)))
-}
-
-/// The first query head (of a task's `tokens × n_rep`) that sees position `j`.
-#[inline(always)]
-fn first_head_seeing(j: usize, shape: AttentionShape, first: usize) -> usize {
-    let n_rep = shape.n_head / shape.n_kv;
-    (j.saturating_sub(shape.offset).max(first) - first) * n_rep
-}
-
-/// Positions that head `i` of the task sees (`0..visible`).
-#[inline(always)]
-fn visible_to(i: usize, shape: AttentionShape, first: usize) -> usize {
-    shape.offset + first + i / (shape.n_head / shape.n_kv) + 1
 }
 
 /// Scaled scores `scratch.weights[i * stride + j]` of every (head `i` of the task, position `j`)
