@@ -625,7 +625,9 @@ mod tests {
             row_width: 256,
             tokens: tokens.to_vec(),
         };
-        let values: Vec<f32> = (0..tokens.len() * 256).map(|i| i as f32).collect();
+        let values: Vec<f32> = (0..info.stored_positions() * 256)
+            .map(|i| i as f32)
+            .collect();
         KvState::new(info, vec![KvLayerBytes::encode(&values, &values)]).unwrap()
     }
 
@@ -689,7 +691,9 @@ mod tests {
             cache.get("a").is_none(),
             "the least recently used went first"
         );
-        cache.put("big", state(&[1, 2, 3, 4, 5, 6]));
+        // States are stored in whole blocks of the cache: 600 tokens take three.
+        let big: Vec<u32> = (1..=600).collect();
+        cache.put("big", state(&big));
         assert_eq!(cache.usage().memory_states, 1);
         assert!(cache.get("big").is_some());
     }

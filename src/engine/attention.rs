@@ -15,6 +15,9 @@ use super::cpu::{SimdLevel, simd_level};
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+mod cache;
+
+pub use cache::{BLOCK, KvRows};
 
 /// Lanes of one AVX register of f32, the unit of llama.cpp's summation order.
 const LANES: usize = 8;
@@ -26,6 +29,8 @@ pub trait KvValue: Copy + Send + Sync + 'static {
     /// Whether the product of two values of this type is exact in f32 (so a fused
     /// multiply-add rounds as a multiply then an add).
     const EXACT_PRODUCTS: bool;
+    /// Whether this is f16 (loaded with F16C's conversion).
+    const HALF: bool;
     /// Rounds an f32 to this type.
     fn from_f32(value: f32) -> Self;
     /// Widens to f32 (exact).
@@ -46,6 +51,7 @@ pub trait KvValue: Copy + Send + Sync + 'static {
 
 impl KvValue for f16 {
     const EXACT_PRODUCTS: bool = true;
+    const HALF: bool = true;
     fn from_f32(value: f32) -> Self {
         f16::from_f32(value)
     }
@@ -134,6 +140,7 @@ unsafe fn round_f16c(values: &mut [f32]) {
 
 impl KvValue for f32 {
     const EXACT_PRODUCTS: bool = false;
+    const HALF: bool = false;
     fn from_f32(value: f32) -> Self {
         value
     }
@@ -149,36 +156,6 @@ impl KvValue for f32 {
     fn from_le(bytes: &[u8]) -> Self {
         f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
     }
-}
-
-/// Keys and values of one layer, one row of `n_kv × head_dim` per position.
-#[derive(Debug, Default)]
-pub struct KvRows<T> {
-    /// Keys, position-major.
-    pub k: Vec<T>,
-    /// Values, position-major.
-    pub v: Vec<T>,
-}
-
-impl<T: KvValue> KvRows<T> {
-    /// Keeps the first `positions` rows of `row` values each and appends `k`/`v` (f32,
-    /// `seq × row`), rounded to `T`. Capacity grows in steps of 256 positions.
-    pub fn append(&mut self, positions: usize, row: usize, k: &[f32], v: &[f32]) {
-        for (store, new) in [(&mut self.k, k), (&mut self.v, v)] {
-            store.truncate(positions * row);
-            let needed = store.len() + new.len();
-            if needed > store.capacity() {
-                store.reserve_exact(reserved_values(needed / row, row) - store.len());
-            }
-            store.extend(new.iter().map(|&x| T::from_f32(x)));
-        }
-    }
-}
-
-/// The capacity (in values) a cache of `positions` rows of `row` values is given: whole steps
-/// of 256 positions, so appending a token rarely moves the cache.
-pub fn reserved_values(positions: usize, row: usize) -> usize {
-    positions.next_multiple_of(256) * row
 }
 
 /// Shapes of one attention call.
@@ -245,26 +222,24 @@ pub fn attend<T: KvValue>(q: &[f32], kv: &KvRows<T>, shape: AttentionShape) -> V
     out
 }
 
-/// Positions ahead of the one being read whose key or value row is prefetched. A task reads one
-/// head's slice of every cached row (a quarter of each row for SmolLM3), a stride the hardware
-/// prefetchers do not follow far enough: without this, decode attention waited on memory.
+/// Positions ahead of the one being read whose key is prefetched.
 const PREFETCH_AHEAD: usize = 8;
 
-/// Asks the CPU to bring row `row` (of `width` values) of `values` into cache, if it exists.
+/// Asks the CPU to bring `values` into cache, if there are any.
 #[inline(always)]
-fn prefetch<T>(values: &[T], row: usize, width: usize) {
+fn prefetch<T>(values: Option<&[T]>) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(row) = values.get(row * width..(row + 1) * width) {
+    if let Some(values) = values {
         use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        let bytes = std::mem::size_of_val(row);
-        let start = row.as_ptr().cast::<i8>();
+        let bytes = std::mem::size_of_val(values);
+        let start = values.as_ptr().cast::<i8>();
         for line in (0..bytes).step_by(64) {
-            // SAFETY: the address lies inside `row`; a prefetch never faults.
+            // SAFETY: the address lies inside `values`; a prefetch never faults.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(start.add(line)) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (values, row, width);
+    let _ = values;
 }
 
 /// Per-thread buffers of one attention task, reused across calls.
@@ -368,12 +343,24 @@ fn attend_group<T: KvValue>(
     let tiled_avx2 = !single && hd.is_multiple_of(LANES) && simd_level() >= SimdLevel::Avx2;
     #[cfg(not(target_arch = "x86_64"))]
     let tiled_avx2 = false;
+    #[cfg(target_arch = "x86_64")]
+    let single_avx2 =
+        single && hd.is_multiple_of(LANES * DOT_ACCUMULATORS) && simd_level() >= SimdLevel::Avx2;
+    #[cfg(not(target_arch = "x86_64"))]
+    let single_avx2 = false;
     if tiled_avx2 {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX2, FMA and F16C; the head size is a multiple of 8; the
         // queries and weights are sized above.
         unsafe {
             avx2::scores(kv, shape, g, first, scratch, stride)
+        };
+    } else if single_avx2 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2, FMA and F16C; one query token; the head size is a
+        // multiple of 32; the queries and weights are sized above.
+        unsafe {
+            avx2::scores_vec(kv, shape, g, scratch, stride)
         };
     } else {
         scores(kv, shape, g, first, single, scratch, stride);
@@ -390,6 +377,14 @@ fn attend_group<T: KvValue>(
         // SAFETY: as above; the weights now hold the probabilities, zero where unseen.
         unsafe {
             avx2::weighted_sums(kv, shape, g, first, scratch, stride, out)
+        };
+        return;
+    }
+    if single_avx2 {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above; the weights now hold the probabilities, zero where unseen.
+        unsafe {
+            avx2::weighted_sums_vec(kv, shape, g, scratch, stride, out)
         };
         return;
     }
@@ -445,14 +440,14 @@ fn scores<T: KvValue>(
     scratch: &mut Scratch,
     stride: usize,
 ) {
-    let (hd, n_kv) = (shape.head_dim, shape.n_kv);
+    let hd = shape.head_dim;
     let heads = scratch.queries.len() / hd;
     let visible_max = visible_to(heads - 1, shape, first);
     let scale = 1.0f32 / (hd as f32).sqrt();
     scratch.row.resize(hd, 0.0);
     for j in 0..visible_max {
-        prefetch(&kv.k, (j + PREFETCH_AHEAD) * n_kv + g, hd);
-        T::widen(&kv.k[(j * n_kv + g) * hd..][..hd], &mut scratch.row);
+        prefetch(kv.key_if_stored(j + PREFETCH_AHEAD, g));
+        T::widen(kv.key(j, g), &mut scratch.row);
         for i in first_head_seeing(j, shape, first)..heads {
             let query = &scratch.queries[i * hd..][..hd];
             let s = if single {
@@ -478,15 +473,14 @@ fn weighted_sums<T: KvValue, const N: usize>(
     scratch: &mut Scratch,
     stride: usize,
 ) {
-    let (hd, n_kv) = (shape.head_dim, shape.n_kv);
+    let hd = shape.head_dim;
     let heads = scratch.queries.len() / hd;
     let visible_max = visible_to(heads - 1, shape, first);
     scratch.row.resize(hd, 0.0);
     scratch.acc.clear();
     scratch.acc.resize(heads * N * hd, 0.0);
     for j in 0..visible_max {
-        prefetch(&kv.v, (j + PREFETCH_AHEAD) * n_kv + g, hd);
-        T::widen(&kv.v[(j * n_kv + g) * hd..][..hd], &mut scratch.row);
+        kv.widen_value(j, g, &mut scratch.row);
         for i in first_head_seeing(j, shape, first)..heads {
             let w = scratch.weights[i * stride + j];
             let acc = &mut scratch.acc[(i * N + j % N) * hd..][..hd];
@@ -809,14 +803,16 @@ mod tests {
         let visible_max = offset + seq;
         let mut out = vec![0f32; seq * n_head * hd];
         for g in 0..n_kv {
-            let widen = |store: &[T]| -> Vec<f32> {
-                let mut rows = vec![0f32; visible_max * hd];
-                for (j, row) in rows.chunks_exact_mut(hd).enumerate() {
-                    T::widen(&store[(j * n_kv + g) * hd..][..hd], row);
-                }
-                rows
-            };
-            let (keys, values) = (widen(&kv.k), widen(&kv.v));
+            let mut keys = vec![0f32; visible_max * hd];
+            let mut values = vec![0f32; visible_max * hd];
+            for (j, (key, value)) in keys
+                .chunks_exact_mut(hd)
+                .zip(values.chunks_exact_mut(hd))
+                .enumerate()
+            {
+                T::widen(kv.key(j, g), key);
+                kv.widen_value(j, g, value);
+            }
             let mut query = vec![0f32; hd];
             for t in 0..seq {
                 let visible = offset + t + 1;
@@ -887,13 +883,17 @@ mod tests {
     #[test]
     fn attention_on_the_cache_equals_the_widening_implementation_to_the_bit() {
         // Within one chunk of positions of the AVX2 prompt path, and over several.
-        for total in [45, 300] {
-            attention_equals_the_widening_implementation(total);
+        // 3 query heads per KV head (odd, as SmolLM2), and 4 (as SmolLM3).
+        for total in [45, 300, 600] {
+            attention_equals_the_widening_implementation(total, (6, 2, 64));
         }
+        attention_equals_the_widening_implementation(300, (8, 2, 32));
     }
 
-    fn attention_equals_the_widening_implementation(total: usize) {
-        let (n_head, n_kv, hd) = (6, 2, 64);
+    fn attention_equals_the_widening_implementation(
+        total: usize,
+        (n_head, n_kv, hd): (usize, usize, usize),
+    ) {
         let row = n_kv * hd;
         let k: Vec<f32> = (0..total * row)
             .map(|i| ((i * 31 % 17) as f32 - 8.0) / 9.0)
@@ -905,9 +905,9 @@ mod tests {
             .map(|i| ((i * 5 % 19) as f32 - 9.0) / 5.0)
             .collect();
         let mut kv16 = KvRows::<f16>::default();
-        kv16.append(0, row, &k, &v);
+        kv16.append(0, n_kv, hd, &k, &v);
         let mut kv32 = KvRows::<f32>::default();
-        kv32.append(0, row, &k, &v);
+        kv32.append(0, n_kv, hd, &k, &v);
         let pool = Pool::new(2);
         for order in [SumOrder::LlamaCpp, SumOrder::SameForEveryRow] {
             for (offset, seq) in [
@@ -954,7 +954,7 @@ mod tests {
                 let n = s.offset + t + 1;
                 let scores: Vec<f64> = (0..n)
                     .map(|j| {
-                        let k = &kv.k[(j * s.n_kv + g) * hd..][..hd];
+                        let k = kv.key(j, g);
                         k.iter()
                             .zip(qv)
                             .map(|(a, b)| f64::from(a.to_f32()) * f64::from(*b))
@@ -967,8 +967,7 @@ mod tests {
                 for d in 0..hd {
                     let v: f64 = (0..n)
                         .map(|j| {
-                            (scores[j] - max).exp() / total
-                                * f64::from(kv.v[(j * s.n_kv + g) * hd + d].to_f32())
+                            (scores[j] - max).exp() / total * f64::from(kv.value(j, g, d).to_f32())
                         })
                         .sum();
                     out[(t * s.n_head + h) * hd + d] = v as f32;
@@ -992,7 +991,7 @@ mod tests {
             .map(|i| ((i * 5 % 19) as f32 - 9.0) / 5.0)
             .collect();
         let mut kv = KvRows::<f16>::default();
-        kv.append(0, row, &k, &v);
+        kv.append(0, n_kv, hd, &k, &v);
         for (offset, seq) in [(0, total), (total - 1, 1)] {
             let shape = AttentionShape {
                 n_head,
@@ -1014,9 +1013,9 @@ mod tests {
     #[test]
     fn append_truncates_back_to_a_prefix() {
         let mut kv = KvRows::<f32>::default();
-        kv.append(0, 2, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
-        kv.append(1, 2, &[9.0, 10.0], &[11.0, 12.0]);
-        assert_eq!(kv.k, vec![1.0, 2.0, 9.0, 10.0]);
-        assert_eq!(kv.v, vec![5.0, 6.0, 11.0, 12.0]);
+        kv.append(0, 1, 2, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
+        kv.append(1, 1, 2, &[9.0, 10.0], &[11.0, 12.0]);
+        assert_eq!(kv.keys_position_major(9), vec![1.0, 2.0, 9.0, 10.0]);
+        assert_eq!(kv.values_position_major(9), vec![5.0, 6.0, 11.0, 12.0]);
     }
 }

@@ -11,7 +11,7 @@
 //! | 4 | `header_len`: bytes of the header block |
 //! | `header_len` | header: model identity, element type, context length, layers, row width, tokens |
 //! | 4 | CRC-32 of the header block |
-//! | data | per layer: the keys, then the values of every position (`tokens × row` elements) |
+//! | data | per layer: the keys, then the values, in the cache's layout: whole blocks of [`BLOCK`] positions covering the tokens ([`KvStateInfo::stored_positions`] `× row` elements each) |
 //! | 4 | CRC-32 of the data |
 //!
 //! Reading checks every field against the file's real size before allocating anything, so a
@@ -25,13 +25,14 @@ use std::time::UNIX_EPOCH;
 use half::f16;
 use serde::Serialize;
 
+use super::attention::BLOCK;
 use super::error::{EngineError, Result};
 use super::session::Engine;
 
 /// The file's first bytes.
 const MAGIC: &[u8; 8] = b"SMOLDKV\0";
 /// Version of the file layout; files of other versions are rejected.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Bytes before the header block: magic, version, header length.
 const PREAMBLE_LEN: u64 = 16;
 /// Header bytes besides the tokens.
@@ -159,8 +160,9 @@ impl KvElement {
 }
 
 /// Keys and values of one layer for positions `0..len`, as little-endian bytes of the cache's
-/// element type, position-major (`len × row` values each). What `Model::kv_layer_bytes` gives
-/// and `Model::set_kv_bytes` takes.
+/// element type, in the cache's own layout (whole blocks of [`BLOCK`] positions, so saving and
+/// restoring copy memory as it is). What `Model::kv_layer_bytes` gives and
+/// `Model::set_kv_bytes` takes.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KvLayerBytes {
     /// The element type of `keys` and `values`.
@@ -277,9 +279,15 @@ pub struct KvStateInfo {
 }
 
 impl KvStateInfo {
+    /// Positions whose keys and values the state stores: its tokens rounded up to whole
+    /// blocks of the cache.
+    pub fn stored_positions(&self) -> usize {
+        self.tokens.len().div_ceil(BLOCK) * BLOCK
+    }
+
     /// Bytes of keys and values in the state.
     pub fn data_bytes(&self) -> u64 {
-        (self.n_layer * 2 * self.tokens.len() * self.row_width * self.element.size()) as u64
+        (self.n_layer * 2 * self.stored_positions() * self.row_width * self.element.size()) as u64
     }
 
     /// Bytes of the whole state file.
@@ -369,7 +377,7 @@ impl KvState {
     /// Builds a state from its description and one [`KvLayerBytes`] per layer; checks that
     /// they agree.
     pub fn new(info: KvStateInfo, layers: Vec<KvLayerBytes>) -> Result<Self, KvStateError> {
-        let per_layer = info.tokens.len() * info.row_width * info.element.size();
+        let per_layer = info.stored_positions() * info.row_width * info.element.size();
         if layers.len() != info.n_layer {
             return Err(KvStateError::Mismatch(format!(
                 "{} layers given for {}",
@@ -463,7 +471,7 @@ impl KvState {
     pub fn read(path: &Path) -> Result<Self, KvStateError> {
         let mut file = StateReader::open(path)?;
         let info = file.header()?;
-        let per_layer = info.tokens.len() * info.row_width * info.element.size();
+        let per_layer = info.stored_positions() * info.row_width * info.element.size();
         let mut crc = crc32fast::Hasher::new();
         let mut layers = Vec::with_capacity(info.n_layer);
         for _ in 0..info.n_layer {
@@ -577,7 +585,7 @@ impl StateReader {
         let expected = info
             .n_layer
             .checked_mul(2)
-            .and_then(|n| n.checked_mul(info.tokens.len()))
+            .and_then(|n| n.checked_mul(info.stored_positions()))
             .and_then(|n| n.checked_mul(info.row_width))
             .and_then(|n| n.checked_mul(info.element.size()))
             .and_then(|n| (n as u64).checked_add(PREAMBLE_LEN + header_len + 8));
@@ -706,7 +714,7 @@ mod tests {
         };
         let layers = (0..3)
             .map(|l| {
-                let keys: Vec<f16> = (0..tokens * 4)
+                let keys: Vec<f16> = (0..tokens.div_ceil(BLOCK) * BLOCK * 4)
                     .map(|i| f16::from_f32((l * 100 + i) as f32 * 0.25))
                     .collect();
                 let values: Vec<f16> = keys.iter().map(|k| -*k).collect();

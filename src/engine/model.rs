@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use half::f16;
 
-use super::attention::{AttentionShape, KvRows, SumOrder, attend_into, expf};
+use super::attention::{AttentionShape, BLOCK, KvRows, SumOrder, attend_into, expf};
 use super::cpu::matmul::{Activations, Matrix, Store, WeightBytes};
 use super::cpu::pool::{Pool, SharedMut};
 use super::cpu::q4k::repack_q4k_x8_in_place;
@@ -344,13 +344,13 @@ impl Model {
     /// little-endian bytes of the cache's element type, for saving a KV state.
     pub fn kv_layer_bytes(&self, layer: usize, len: usize) -> super::kv_state::KvLayerBytes {
         use super::kv_state::KvLayerBytes;
-        let n = len.min(self.cache_len) * self.hparams.n_head_kv * self.hparams.head_dim;
+        let len = len.min(self.cache_len);
         match self.cache.get(layer) {
             Some(LayerCache::F16(kv)) => {
-                KvLayerBytes::encode(&kv.k[..n.min(kv.k.len())], &kv.v[..n.min(kv.v.len())])
+                KvLayerBytes::encode(kv.stored_keys(len), kv.stored_values_of(len))
             }
             Some(LayerCache::F32(kv)) => {
-                KvLayerBytes::encode(&kv.k[..n.min(kv.k.len())], &kv.v[..n.min(kv.v.len())])
+                KvLayerBytes::encode(kv.stored_keys(len), kv.stored_values_of(len))
             }
             None => KvLayerBytes::default(),
         }
@@ -373,18 +373,18 @@ impl Model {
                 self.max_context
             )));
         }
-        let row = self.hparams.n_head_kv * self.hparams.head_dim;
-        let values = len * row;
+        let (n_kv, hd) = (self.hparams.n_head_kv, self.hparams.head_dim);
+        let stored = len.div_ceil(BLOCK) * BLOCK * n_kv * hd;
         // Room for the next tokens, as appending would reserve it.
-        let capacity = super::attention::reserved_values(len + 1, row);
+        let capacity = (len + 1).div_ceil(BLOCK) * BLOCK * n_kv * hd;
         let f32_cache = matches!(self.cache.first(), Some(LayerCache::F32(_)));
         let decode = |bytes: &super::kv_state::KvLayerBytes| -> Result<LayerCache, KvStateError> {
             Ok(if f32_cache {
-                let (k, v) = bytes.decode(values, capacity)?;
-                LayerCache::F32(KvRows { k, v })
+                let (k, v) = bytes.decode(stored, capacity)?;
+                LayerCache::F32(KvRows::from_stored(n_kv, hd, len, k, v))
             } else {
-                let (k, v) = bytes.decode(values, capacity)?;
-                LayerCache::F16(KvRows { k, v })
+                let (k, v) = bytes.decode(stored, capacity)?;
+                LayerCache::F16(KvRows::from_stored(n_kv, hd, len, k, v))
             })
         };
         // Layers are decoded on the pool: most of the time goes to faulting in the new
@@ -472,14 +472,14 @@ impl Layer<'_> {
             seq,
             order: self.order,
         };
-        let row = h.n_head_kv * h.head_dim;
+        let (n_kv, hd) = (h.n_head_kv, h.head_dim);
         match cache {
             LayerCache::F16(kv) => {
-                kv.append(self.offset, row, &b.k, &b.v);
+                kv.append(self.offset, n_kv, hd, &b.k, &b.v);
                 attend_into(pool, &b.q, kv, shape, &mut b.attn);
             }
             LayerCache::F32(kv) => {
-                kv.append(self.offset, row, &b.k, &b.v);
+                kv.append(self.offset, n_kv, hd, &b.k, &b.v);
                 attend_into(pool, &b.q, kv, shape, &mut b.attn);
             }
         }

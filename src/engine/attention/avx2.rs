@@ -15,8 +15,8 @@
 use std::arch::x86_64::*;
 
 use super::{
-    AttentionShape, KvRows, KvValue, LANES, PREFETCH_AHEAD, Scratch, expf, first_head_seeing,
-    prefetch, visible_to,
+    AttentionShape, BLOCK, KvRows, KvValue, LANES, PREFETCH_AHEAD, Scratch, expf,
+    first_head_seeing, prefetch, visible_to,
 };
 use crate::engine::cpu::pool::SharedMut;
 
@@ -66,7 +66,7 @@ pub(super) unsafe fn scores<T: KvValue>(
     scratch: &mut Scratch,
     stride: usize,
 ) {
-    let (hd, n_kv) = (shape.head_dim, shape.n_kv);
+    let hd = shape.head_dim;
     let heads = scratch.queries.len() / hd;
     let visible_max = visible_to(heads - 1, shape, first);
     assert!(hd.is_multiple_of(LANES) && stride >= visible_max);
@@ -77,8 +77,8 @@ pub(super) unsafe fn scores<T: KvValue>(
         let len = (visible_max - start).min(CHUNK);
         for (l, row) in scratch.row[..len * hd].chunks_exact_mut(hd).enumerate() {
             let j = start + l;
-            prefetch(&kv.k, (j + PREFETCH_AHEAD) * n_kv + g, hd);
-            T::widen(&kv.k[(j * n_kv + g) * hd..][..hd], row);
+            prefetch(kv.key_if_stored(j + PREFETCH_AHEAD, g));
+            T::widen(kv.key(j, g), row);
         }
         let mut i = first_head_seeing(start, shape, first);
         while i < heads {
@@ -187,9 +187,8 @@ pub(super) unsafe fn weighted_sums<T: KvValue>(
     scratch.block.resize(CHUNK * hd, 0.0);
     for start in (0..visible_max).step_by(CHUNK) {
         let blocks = (visible_max - start).min(CHUNK).div_ceil(LANES);
-        for b in 0..blocks {
-            transpose_values(kv, shape, g, start + b * LANES, visible_max, scratch, b);
-        }
+        // SAFETY: AVX2; the chunk's blocks of 8 positions lie in the cache's stored blocks.
+        unsafe { widen_values(kv, hd, g, start, blocks, scratch) };
         let mut i = first_head_seeing(start, shape, first);
         while i < heads {
             let r = (heads - i).min(HEADS);
@@ -217,6 +216,245 @@ pub(super) unsafe fn weighted_sums<T: KvValue>(
     }
 }
 
+/// [`weighted_sums`] for a single query token, in `ggml_vec_dot_f16`'s order: position `j`
+/// goes to accumulator `j % 32` (register `j / 8 % 4`, lane `j % 8` of the transposed blocks),
+/// and the 4 registers of each output are combined as `GGML_F32x8_REDUCE` does. Decode
+/// attention after thousands of tokens spent most of its time in the portable version, whose
+/// 32 accumulators per output (64 KB per task) live in L2 and are loaded and stored for every
+/// position.
+///
+/// # Safety
+/// As [`scores`], after the weights hold probabilities; the task has one query token and
+/// `shape.head_dim` is a multiple of 8.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn weighted_sums_vec<T: KvValue>(
+    kv: &KvRows<T>,
+    shape: AttentionShape,
+    g: usize,
+    scratch: &mut Scratch,
+    stride: usize,
+    out: SharedMut<'_, f32>,
+) {
+    let (hd, n_head) = (shape.head_dim, shape.n_head);
+    let heads = scratch.queries.len() / hd;
+    let visible = visible_to(heads - 1, shape, 0);
+    assert!(hd.is_multiple_of(LANES) && stride >= visible.next_multiple_of(LANES));
+    assert!(scratch.weights.len() >= heads * stride && heads == n_head / shape.n_kv);
+    scratch.acc.clear();
+    scratch.acc.resize(heads * hd * VEC_LANES, 0.0);
+    // A block of the cache at a time: each value element's positions are one contiguous run.
+    for start in (0..visible).step_by(BLOCK) {
+        let blocks = (visible - start).min(BLOCK).div_ceil(LANES);
+        let mut i = 0;
+        while i < heads {
+            // Three heads' accumulators fill 12 registers; four would spill.
+            let r = if heads - i == 4 {
+                2
+            } else {
+                (heads - i).min(3)
+            };
+            // SAFETY: heads `i..i + r` exist; the asserts above bound every access; the
+            // blocks of 8 positions lie in the cache's stored blocks.
+            unsafe {
+                match r {
+                    3 => sum_heads_vec::<T, 3>(kv, scratch, hd, g, i, start, blocks, stride),
+                    2 => sum_heads_vec::<T, 2>(kv, scratch, hd, g, i, start, blocks, stride),
+                    _ => sum_heads_vec::<T, 1>(kv, scratch, hd, g, i, start, blocks, stride),
+                }
+            }
+            i += r;
+        }
+    }
+    for (i, acc) in scratch.acc.chunks_exact(hd * VEC_LANES).enumerate() {
+        let h = g * heads + i;
+        // SAFETY: each head's output belongs to exactly one task.
+        let head_out = unsafe { out.range_mut(h * hd..(h + 1) * hd) };
+        for (o, regs) in head_out.iter_mut().zip(acc.chunks_exact(VEC_LANES)) {
+            // SAFETY: `regs` holds 4 registers of 8 values.
+            *o = unsafe { reduce4(regs.as_ptr()) };
+        }
+    }
+}
+
+/// Accumulators of one output in the single-token order: 4 registers of 8 lanes.
+const VEC_LANES: usize = 4 * LANES;
+
+/// `GGML_F32x8_REDUCE` of the 4 registers at `regs` (see [`reduce_registers`]).
+///
+/// # Safety
+/// AVX2; `regs` points to 32 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn reduce4(regs: *const f32) -> f32 {
+    // SAFETY: the caller gives 32 values.
+    reduce_registers(std::array::from_fn(|k| unsafe {
+        _mm256_loadu_ps(regs.add(k * LANES))
+    }))
+}
+
+/// `GGML_F32x8_REDUCE`: `(r0 + r2) + (r1 + r3)`, then the high half plus the low half, then
+/// two horizontal adds (as [`super::reduce_accumulators`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn reduce_registers([r0, r1, r2, r3]: [__m256; 4]) -> f32 {
+    let a01 = _mm256_add_ps(_mm256_add_ps(r0, r2), _mm256_add_ps(r1, r3));
+    let t0 = _mm_add_ps(_mm256_castps256_ps128(a01), _mm256_extractf128_ps::<1>(a01));
+    let t1 = _mm_hadd_ps(t0, t0);
+    _mm_cvtss_f32(_mm_hadd_ps(t1, t1))
+}
+
+/// Scaled scores of a single query token's heads (the task's `scratch.queries`) against every
+/// key they see, into `scratch.weights[i * stride + j]`, each a dot product in
+/// `ggml_vec_dot_f16`'s order (as [`super::dot_vec`]: 4 accumulators of 8 lanes over steps of
+/// 32, fused multiply-adds). Two heads go over each key together, their 8 accumulators in
+/// registers; the portable loop widened each key to memory and reduced one head at a time.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `shape.head_dim` is a multiple of 32; `scratch.queries` holds the
+/// task's queries (one token) and `scratch.weights` `heads × stride` values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn scores_vec<T: KvValue>(
+    kv: &KvRows<T>,
+    shape: AttentionShape,
+    g: usize,
+    scratch: &mut Scratch,
+    stride: usize,
+) {
+    let hd = shape.head_dim;
+    let heads = scratch.queries.len() / hd;
+    let visible = visible_to(heads - 1, shape, 0);
+    assert!(hd.is_multiple_of(VEC_LANES) && stride >= visible);
+    assert!(scratch.weights.len() >= heads * stride && heads == shape.n_head / shape.n_kv);
+    let scale = 1.0f32 / (hd as f32).sqrt();
+    let queries = scratch.queries.as_ptr();
+    let weights = scratch.weights.as_mut_ptr();
+    for j in 0..visible {
+        prefetch(kv.key_if_stored(j + PREFETCH_AHEAD, g));
+        let key = kv.key(j, g).as_ptr();
+        let mut i = 0;
+        while i < heads {
+            let r = (heads - i).min(2);
+            // SAFETY: the key has `hd` values, heads `i..i + r` have `hd` query values each,
+            // and their weights of position `j` lie inside `heads × stride`.
+            unsafe {
+                let (q, w) = (queries.add(i * hd), weights.add(i * stride + j));
+                if r == 2 {
+                    score_vec::<T, 2>(key, q, hd, w, stride, scale);
+                } else {
+                    score_vec::<T, 1>(key, q, hd, w, stride, scale);
+                }
+            }
+            i += r;
+        }
+    }
+}
+
+/// The scaled dot products of one key (`hd` values at `key`) with `R` queries (`hd` values
+/// each from `queries`), written `stride` apart from `out`.
+///
+/// # Safety
+/// AVX2, FMA and F16C; the pointers cover what is read and written; `hd` a multiple of 32.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn score_vec<T: KvValue, const R: usize>(
+    key: *const T,
+    queries: *const f32,
+    hd: usize,
+    out: *mut f32,
+    stride: usize,
+    scale: f32,
+) {
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    for step in (0..hd).step_by(VEC_LANES) {
+        // SAFETY: `step + 32 <= hd` for the key and every query.
+        unsafe {
+            let k: [__m256; 4] = std::array::from_fn(|a| load8::<T>(key.add(step + a * LANES)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let q = _mm256_loadu_ps(queries.add(r * hd + step + a * LANES));
+                    *acc = _mm256_fmadd_ps(k[a], q, *acc);
+                }
+            }
+        }
+    }
+    for (r, &acc) in acc.iter().enumerate() {
+        // SAFETY: the caller gives room for `R` outputs `stride` apart.
+        unsafe { *out.add(r * stride) = reduce_registers(acc) * scale };
+    }
+}
+
+/// Adds the positions from `start` (`blocks` blocks of 8, inside one block of the cache;
+/// `start` a multiple of 32) into the single-token accumulators of heads `i..i + R` of KV head
+/// `g`, block `b` into register `b % 4`, one value element at a time.
+///
+/// # Safety
+/// AVX2 and FMA; heads `i..i + R` exist; the blocks are stored; their weights lie inside each
+/// head's `stride`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn sum_heads_vec<T: KvValue, const R: usize>(
+    kv: &KvRows<T>,
+    scratch: &mut Scratch,
+    hd: usize,
+    g: usize,
+    i: usize,
+    start: usize,
+    blocks: usize,
+    stride: usize,
+) {
+    debug_assert!(start.is_multiple_of(VEC_LANES));
+    let weights = scratch.weights.as_ptr();
+    let acc = scratch.acc.as_mut_ptr();
+    for d in 0..hd {
+        // The element's values of the `blocks` blocks of 8, one after another.
+        let column = kv.value_lanes(start, g, d, blocks * LANES).as_ptr();
+        // SAFETY: accumulators (i + r, d) lie inside `heads × hd × 32`; weights
+        // `start + 8b .. + 8` inside each head's row (stride is padded to 8); the element's
+        // values of the blocks inside the cache block that holds `start`.
+        unsafe {
+            let at = |r: usize| acc.add(((i + r) * hd + d) * VEC_LANES);
+            let mut sums: [[__m256; 4]; R] = std::array::from_fn(|r| {
+                std::array::from_fn(|k| _mm256_loadu_ps(at(r).add(k * LANES)))
+            });
+            for b in (0..blocks).step_by(4) {
+                // Unrolled by 4 so that each block's register is known at compile time.
+                for k in 0..4 {
+                    if b + k < blocks {
+                        let v = load8::<T>(column.add((b + k) * LANES));
+                        for (r, s) in sums.iter_mut().enumerate() {
+                            let w = weights.add((i + r) * stride + start + (b + k) * LANES);
+                            s[k] = madd::<T>(_mm256_loadu_ps(w), v, s[k]);
+                        }
+                    }
+                }
+            }
+            for (r, s) in sums.iter().enumerate() {
+                for (k, &s) in s.iter().enumerate() {
+                    _mm256_storeu_ps(at(r).add(k * LANES), s);
+                }
+            }
+        }
+    }
+}
+
+/// 8 cache values at `p`, widened to f32.
+///
+/// # Safety
+/// AVX2 and F16C; `p` points to 8 values.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn load8<T: KvValue>(p: *const T) -> __m256 {
+    // SAFETY: the caller gives 8 values of `T` (2 or 4 bytes each, as `T::HALF` says).
+    unsafe {
+        if T::HALF {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+        } else {
+            _mm256_loadu_ps(p.cast())
+        }
+    }
+}
+
 /// Where value index `d` of block `b` of a chunk lies in `scratch.block`: the two indices of a
 /// pair sit side by side, and a pair's blocks one after another, so a pass over the chunk for
 /// one pair reads consecutive memory.
@@ -225,75 +463,34 @@ fn block_at(d: usize, b: usize) -> usize {
     ((d / 2 * BLOCKS + b) * 2 + d % 2) * LANES
 }
 
-/// Value rows of positions `from..from + 8` (zero past `visible_max`), widened and transposed
-/// into block `b` of `scratch.block` (see [`block_at`]).
+/// The values of head `g` at the `blocks` blocks of 8 positions from `start` (a multiple of 8,
+/// inside one block of the cache, whose element-major layout has them side by side already),
+/// widened into `scratch.block` (see [`block_at`]).
+///
+/// # Safety
+/// AVX2 and F16C; the blocks are stored in the cache; `scratch.block` holds a chunk.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn transpose_values<T: KvValue>(
+unsafe fn widen_values<T: KvValue>(
     kv: &KvRows<T>,
-    shape: AttentionShape,
+    hd: usize,
     g: usize,
-    from: usize,
-    visible_max: usize,
+    start: usize,
+    blocks: usize,
     scratch: &mut Scratch,
-    b: usize,
 ) {
-    let (hd, n_kv) = (shape.head_dim, shape.n_kv);
-    let rows = &mut scratch.row[..LANES * hd];
-    for (l, row) in rows.chunks_exact_mut(hd).enumerate() {
-        let j = from + l;
-        if j < visible_max {
-            prefetch(&kv.v, (j + PREFETCH_AHEAD) * n_kv + g, hd);
-            T::widen(&kv.v[(j * n_kv + g) * hd..][..hd], row);
-        } else {
-            row.fill(0.0);
+    assert!(blocks <= BLOCKS && scratch.block.len() >= CHUNK * hd);
+    let block = scratch.block.as_mut_ptr();
+    for d in 0..hd {
+        let column = kv.value_lanes(start, g, d, blocks * LANES).as_ptr();
+        for b in 0..blocks {
+            // SAFETY: the element's values of block `b` lie inside the cache block that
+            // holds `start`; `block_at(d, b) + 8 <= CHUNK × hd`.
+            unsafe {
+                _mm256_storeu_ps(block.add(block_at(d, b)), load8::<T>(column.add(b * LANES)))
+            };
         }
     }
-    let block = &mut scratch.block;
-    for d in (0..hd).step_by(LANES) {
-        let mut r = [_mm256_setzero_ps(); LANES];
-        for (l, x) in r.iter_mut().enumerate() {
-            // SAFETY: row `l` has `hd` values; `d + 8 <= hd`.
-            *x = unsafe { _mm256_loadu_ps(rows.as_ptr().add(l * hd + d)) };
-        }
-        for (x, column) in transpose8(r).into_iter().enumerate() {
-            let at = block_at(d + x, b);
-            // SAFETY: `at + 8 <= CHUNK × hd`, the block buffer's size.
-            unsafe { _mm256_storeu_ps(block[at..at + LANES].as_mut_ptr(), column) };
-        }
-    }
-}
-
-/// Transposes 8 registers of 8 lanes (row `l`, lane `x` becomes row `x`, lane `l`).
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
-    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-    [
-        _mm256_permute2f128_ps::<0x20>(u0, u4),
-        _mm256_permute2f128_ps::<0x20>(u1, u5),
-        _mm256_permute2f128_ps::<0x20>(u2, u6),
-        _mm256_permute2f128_ps::<0x20>(u3, u7),
-        _mm256_permute2f128_ps::<0x31>(u0, u4),
-        _mm256_permute2f128_ps::<0x31>(u1, u5),
-        _mm256_permute2f128_ps::<0x31>(u2, u6),
-        _mm256_permute2f128_ps::<0x31>(u3, u7),
-    ]
 }
 
 /// Adds the chunk of positions from `start` (`blocks` blocks of 8, transposed in
