@@ -17,7 +17,7 @@ use super::cpu::{SimdLevel, simd_level};
 mod avx2;
 mod cache;
 
-pub use cache::{BLOCK, KvRows};
+pub use cache::{BLOCK, KvRows, stored_positions};
 
 /// Lanes of one AVX register of f32, the unit of llama.cpp's summation order.
 const LANES: usize = 8;
@@ -253,7 +253,7 @@ struct Scratch {
     row: Vec<f32>,
     /// Weighted-sum accumulators, `tokens × n_rep × N × head_dim`.
     acc: Vec<f32>,
-    /// Value rows transposed in blocks of 8 positions (the AVX2 prompt path).
+    /// A chunk's values widened to f32, in blocks of 8 positions (the AVX2 prompt path).
     block: Vec<f32>,
 }
 

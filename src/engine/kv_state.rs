@@ -11,7 +11,7 @@
 //! | 4 | `header_len`: bytes of the header block |
 //! | `header_len` | header: model identity, element type, context length, layers, row width, tokens |
 //! | 4 | CRC-32 of the header block |
-//! | data | per layer: the keys, then the values, in the cache's layout: whole blocks of [`BLOCK`] positions covering the tokens ([`KvStateInfo::stored_positions`] `× row` elements each) |
+//! | data | per layer: the keys, then the values, in the cache's layout: whole blocks of [`BLOCK`](super::attention::BLOCK) positions covering the tokens ([`KvStateInfo::stored_positions`] `× row` elements each) |
 //! | 4 | CRC-32 of the data |
 //!
 //! Reading checks every field against the file's real size before allocating anything, so a
@@ -25,7 +25,7 @@ use std::time::UNIX_EPOCH;
 use half::f16;
 use serde::Serialize;
 
-use super::attention::BLOCK;
+use super::attention::stored_positions;
 use super::error::{EngineError, Result};
 use super::session::Engine;
 
@@ -160,7 +160,7 @@ impl KvElement {
 }
 
 /// Keys and values of one layer for positions `0..len`, as little-endian bytes of the cache's
-/// element type, in the cache's own layout (whole blocks of [`BLOCK`] positions, so saving and
+/// element type, in the cache's own layout (whole blocks of [`BLOCK`](super::attention::BLOCK) positions, so saving and
 /// restoring copy memory as it is). What `Model::kv_layer_bytes` gives and
 /// `Model::set_kv_bytes` takes.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -282,7 +282,7 @@ impl KvStateInfo {
     /// Positions whose keys and values the state stores: its tokens rounded up to whole
     /// blocks of the cache.
     pub fn stored_positions(&self) -> usize {
-        self.tokens.len().div_ceil(BLOCK) * BLOCK
+        stored_positions(self.tokens.len())
     }
 
     /// Bytes of keys and values in the state.
@@ -714,7 +714,7 @@ mod tests {
         };
         let layers = (0..3)
             .map(|l| {
-                let keys: Vec<f16> = (0..tokens.div_ceil(BLOCK) * BLOCK * 4)
+                let keys: Vec<f16> = (0..stored_positions(tokens) * 4)
                     .map(|i| f16::from_f32((l * 100 + i) as f32 * 0.25))
                     .collect();
                 let values: Vec<f16> = keys.iter().map(|k| -*k).collect();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use half::f16;
 
-use super::attention::{AttentionShape, BLOCK, KvRows, SumOrder, attend_into, expf};
+use super::attention::{AttentionShape, KvRows, SumOrder, attend_into, expf, stored_positions};
 use super::cpu::matmul::{Activations, Matrix, Store, WeightBytes};
 use super::cpu::pool::{Pool, SharedMut};
 use super::cpu::q4k::repack_q4k_x8_in_place;
@@ -374,9 +374,9 @@ impl Model {
             )));
         }
         let (n_kv, hd) = (self.hparams.n_head_kv, self.hparams.head_dim);
-        let stored = len.div_ceil(BLOCK) * BLOCK * n_kv * hd;
+        let stored = stored_positions(len) * n_kv * hd;
         // Room for the next tokens, as appending would reserve it.
-        let capacity = (len + 1).div_ceil(BLOCK) * BLOCK * n_kv * hd;
+        let capacity = stored_positions(len + 1) * n_kv * hd;
         let f32_cache = matches!(self.cache.first(), Some(LayerCache::F32(_)));
         let decode = |bytes: &super::kv_state::KvLayerBytes| -> Result<LayerCache, KvStateError> {
             Ok(if f32_cache {

@@ -1,13 +1,14 @@
-//! AVX2 attention kernels: the softmax, and the prompt (tiled) path. They round exactly as the
-//! portable code of the parent module does. The prompt path sums (llama.cpp's tiled-sgemm order: 8 lanes per dot product, then its
-//! horizontal sum), only faster:
-//! - positions are taken in chunks whose widened keys (or transposed values) stay in L2, and
+//! AVX2 attention kernels: the softmax, the prompt (tiled) path and the single-token path. They
+//! round exactly as the portable code of the parent module does. The prompt path sums
+//! (llama.cpp's tiled-sgemm order: 8 lanes per dot product, then its horizontal sum), only
+//! faster:
+//! - positions are taken in chunks whose widened keys (or values) stay in L2, and
 //!   each group of 4 query heads goes over a chunk with its accumulators in registers: 4 heads
 //!   × 2 positions of scores, or 4 heads × 2 value indices of weighted sums. The portable loops
 //!   go position by position over every head of the task, whose queries and accumulators do
 //!   not fit in L1, so they wait on L2 for most loads;
-//! - value rows are transposed in blocks of 8 positions, so the 8 lanes of one register are
-//!   the 8 positions llama.cpp sums in lanes.
+//! - the cache holds each value element's positions side by side, so the 8 lanes of one
+//!   register are the 8 positions llama.cpp sums in lanes.
 //!
 //! This path is what makes a few new tokens after thousands of cached ones (continuing a long
 //! conversation) cost little more than their matmuls.
@@ -20,7 +21,7 @@ use super::{
 };
 use crate::engine::cpu::pool::SharedMut;
 
-/// Positions taken together: their widened keys or transposed values (`CHUNK × head size` f32,
+/// Positions taken together: their widened keys or values (`CHUNK × head size` f32,
 /// 64 KB for SmolLM3) stay in L2 while every head of the task goes over them.
 const CHUNK: usize = 128;
 /// Blocks of 8 positions in a chunk.
@@ -217,7 +218,7 @@ pub(super) unsafe fn weighted_sums<T: KvValue>(
 }
 
 /// [`weighted_sums`] for a single query token, in `ggml_vec_dot_f16`'s order: position `j`
-/// goes to accumulator `j % 32` (register `j / 8 % 4`, lane `j % 8` of the transposed blocks),
+/// goes to accumulator `j % 32` (register `j / 8 % 4`, lane `j % 8` of the cache's value lanes),
 /// and the 4 registers of each output are combined as `GGML_F32x8_REDUCE` does. Decode
 /// attention after thousands of tokens spent most of its time in the portable version, whose
 /// 32 accumulators per output (64 KB per task) live in L2 and are loaded and stored for every
@@ -493,7 +494,7 @@ unsafe fn widen_values<T: KvValue>(
     }
 }
 
-/// Adds the chunk of positions from `start` (`blocks` blocks of 8, transposed in
+/// Adds the chunk of positions from `start` (`blocks` blocks of 8, widened into
 /// `scratch.block`) into the accumulators of heads `i..i + R`, two value indices at a time in
 /// registers.
 ///

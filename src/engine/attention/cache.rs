@@ -10,12 +10,17 @@
 //!   values in (its V cache is transposed for this reason), with no transposition at run time.
 //!
 //! Blocks are added at the end as positions arrive, so the cache grows without re-laying out
-//! what it holds. Saved states keep the position-major layout.
+//! what it holds. Saved states hold the blocks as they are.
 
 use super::KvValue;
 
 /// Positions per block.
 pub const BLOCK: usize = 256;
+
+/// Positions a cache of `positions` positions stores: whole blocks.
+pub fn stored_positions(positions: usize) -> usize {
+    positions.div_ceil(BLOCK) * BLOCK
+}
 
 /// Keys and values of one layer (see the module documentation for the layout).
 #[derive(Debug)]
@@ -155,7 +160,7 @@ impl<T: KvValue> KvRows<T> {
 
     /// Adds zeroed blocks until `positions` positions fit.
     fn grow_to(&mut self, positions: usize) {
-        let needed = positions.div_ceil(BLOCK) * BLOCK * self.row();
+        let needed = self.stored_values(positions);
         let zero = T::from_f32(0.0);
         for store in [&mut self.keys, &mut self.values] {
             if needed > store.len() {
@@ -167,7 +172,7 @@ impl<T: KvValue> KvRows<T> {
 
     /// Values stored for `positions` positions: whole blocks.
     fn stored_values(&self, positions: usize) -> usize {
-        positions.div_ceil(BLOCK) * BLOCK * self.row()
+        stored_positions(positions) * self.row()
     }
 
     /// The stored keys covering positions `0..len` (at most those held), in this layout:
@@ -208,22 +213,22 @@ impl<T: KvValue> KvRows<T> {
     /// The keys of positions `0..len` (at most those held), position-major.
     #[cfg(test)]
     pub fn keys_position_major(&self, len: usize) -> Vec<T> {
-        let mut out = Vec::with_capacity(len.min(self.len) * self.row());
-        for p in 0..len.min(self.len) {
-            for g in 0..self.n_kv {
-                out.extend_from_slice(self.key(p, g));
-            }
-        }
-        out
+        self.position_major(len, |p, g, d| self.key(p, g)[d])
     }
 
     /// The values of positions `0..len` (at most those held), position-major.
     #[cfg(test)]
     pub fn values_position_major(&self, len: usize) -> Vec<T> {
+        self.position_major(len, |p, g, d| self.value(p, g, d))
+    }
+
+    /// `element(p, g, d)` for positions `0..len` (at most those held), position-major.
+    #[cfg(test)]
+    fn position_major(&self, len: usize, element: impl Fn(usize, usize, usize) -> T) -> Vec<T> {
         let mut out = Vec::with_capacity(len.min(self.len) * self.row());
         for p in 0..len.min(self.len) {
             for g in 0..self.n_kv {
-                out.extend((0..self.head_dim).map(|d| self.value(p, g, d)));
+                out.extend((0..self.head_dim).map(|d| element(p, g, d)));
             }
         }
         out
