@@ -14,4 +14,6 @@ cargo test --locked "$@"
 # The portable kernels on the whole forward pass (the suites above run the CPU's best level).
 if [ $# -eq 0 ]; then
     SMOLDESK_SIMD=portable cargo test --locked --test model_logits
+    # Q4_K products on the file's layout only (the model repacks in the background otherwise).
+    SMOLDESK_REPACK=off cargo test --locked --test smollm2_q4km
 fi

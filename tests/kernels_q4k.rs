@@ -1,8 +1,10 @@
-//! Bit-exactness of the Q8_K quantizer and the repacked Q4_K matmul against llama.cpp's own
-//! outputs (golden vectors in tests/fixtures/kernels/, format in its README.md).
+//! Bit-exactness of the Q8_K quantizer and the Q4_K matmul, on the GGUF layout and repacked,
+//! against llama.cpp's own outputs (golden vectors in tests/fixtures/kernels/, format in its README.md).
 
-use smoldesk::engine::cpu::blocks::{BlockQ4Kx8, BlockQ8K, QK_K};
-use smoldesk::engine::cpu::q4k::{gemm_q4k_x8, gemv_q4k_x8, repack_q4k_x8_in_place};
+use smoldesk::engine::cpu::blocks::{BlockQ4K, BlockQ4Kx8, BlockQ8K, QK_K};
+use smoldesk::engine::cpu::q4k::{
+    gemm_q4k, gemm_q4k_x8, gemv_q4k, gemv_q4k_x8, repack_q4k_x8_in_place,
+};
 use smoldesk::engine::cpu::q8k::{
     quantize_row_q8k, quantize_rows_q8k_x4, zeroed_q8k, zeroed_q8k_x4,
 };
@@ -146,9 +148,37 @@ fn repacked(case: &MatmulCase) -> Vec<BlockQ4Kx8> {
     blocks
 }
 
+/// The weights as the GGUF file stores them, in an aligned buffer.
+fn gguf_blocks(case: &MatmulCase) -> Vec<BlockQ4K> {
+    let zero = BlockQ4K {
+        d: Default::default(),
+        dmin: Default::default(),
+        scales: [0; 12],
+        qs: [0; 128],
+    };
+    let mut blocks = vec![zero; case.w.len() / std::mem::size_of::<BlockQ4K>()];
+    // SAFETY: BlockQ4K is plain old data (integers and f16s); the view covers exactly `blocks`.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            blocks.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of_val(blocks.as_slice()),
+        )
+    };
+    bytes.copy_from_slice(&case.w);
+    blocks
+}
+
+/// The weights in one of the two layouts the model multiplies.
+enum Weights<'a> {
+    /// As the file stores them (the model's first products, before the background repack).
+    Gguf(&'a [BlockQ4K]),
+    /// Repacked as llama.cpp does.
+    Repacked(&'a [BlockQ4Kx8]),
+}
+
 /// llama.cpp's split: rows `0 .. m - m % 4` through the 4-row quantizer and the gemm, the rest
 /// through the row quantizer and the gemv.
-fn matmul(level: SimdLevel, w: &[BlockQ4Kx8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+fn matmul(level: SimdLevel, w: &Weights, n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
     let nb = k / QK_K;
     let tiled = m - m % 4;
     let mut out = vec![f32::NAN; m * n];
@@ -159,30 +189,43 @@ fn matmul(level: SimdLevel, w: &[BlockQ4Kx8], n: usize, k: usize, x: &[f32], m: 
     {
         quantize_rows_q8k_x4(level, rows, k, a);
     }
-    gemm_q4k_x8(level, k, w, &act4, tiled, &mut out, n);
+    match w {
+        Weights::Gguf(w) => gemm_q4k(level, k, w, &act4, tiled, &mut out, n),
+        Weights::Repacked(w) => gemm_q4k_x8(level, k, w, &act4, tiled, &mut out, n),
+    }
     for r in tiled..m {
         let mut act = zeroed_q8k(nb);
         quantize_row_q8k(&x[r * k..(r + 1) * k], &mut act);
-        gemv_q4k_x8(level, k, w, &act, &mut out[r * n..(r + 1) * n]);
+        let dst = &mut out[r * n..(r + 1) * n];
+        match w {
+            Weights::Gguf(w) => gemv_q4k(level, k, w, &act, dst),
+            Weights::Repacked(w) => gemv_q4k_x8(level, k, w, &act, dst),
+        }
     }
     out
 }
 
 fn assert_matmul_matches(name: &str) {
     let case = read_matmul(name);
-    let w = repacked(&case);
+    let (packed, gguf) = (repacked(&case), gguf_blocks(&case));
+    let layouts = [
+        ("repacked", Weights::Repacked(&packed)),
+        ("gguf", Weights::Gguf(&gguf)),
+    ];
     for level in levels() {
-        for (m, expected) in &case.outputs {
-            let ours = matmul(level, &w, case.n, case.k, &case.x, *m);
-            for (i, (a, b)) in ours.iter().zip(expected).enumerate() {
-                assert_eq!(
-                    a.to_bits(),
-                    b.to_bits(),
-                    "{name} {} m={m}: token {} row {}: {a} vs llama.cpp {b}",
-                    level.name(),
-                    i / case.n,
-                    i % case.n
-                );
+        for (layout, w) in &layouts {
+            for (m, expected) in &case.outputs {
+                let ours = matmul(level, w, case.n, case.k, &case.x, *m);
+                for (i, (a, b)) in ours.iter().zip(expected).enumerate() {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{name} {} {layout} m={m}: token {} row {}: {a} vs llama.cpp {b}",
+                        level.name(),
+                        i / case.n,
+                        i % case.n
+                    );
+                }
             }
         }
     }

@@ -13,7 +13,6 @@ use half::f16;
 use super::attention::{AttentionShape, KvRows, SumOrder, attend_into, expf, stored_positions};
 use super::cpu::matmul::{Activations, Matrix, Store, WeightBytes};
 use super::cpu::pool::{Pool, SharedMut};
-use super::cpu::q4k::repack_q4k_x8_in_place;
 use super::error::{EngineError, Result};
 use super::gguf::{GgufFile, TensorInfo};
 use super::kernels;
@@ -102,6 +101,75 @@ pub struct Model {
     max_context: usize,
     attention_order: SumOrder,
     buffers: Buffers,
+    repack: BackgroundRepack,
+}
+
+/// Repacks a model's Q4_K matrices on a thread of its own after load ([`Matrix::repack`]): the
+/// model answers at once from the file's pages, with the same bits, and its Q4_K products get
+/// faster matrix by matrix. Repacking 1.35 GB at load instead took most of a 2-3 s load,
+/// mostly the kernel providing fresh pages.
+struct BackgroundRepack {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BackgroundRepack {
+    /// Starts repacking `matrices` in order (those without Q4_K work are skipped), unless
+    /// `SMOLDESK_REPACK=off` keeps every product on the file's layout (to test that path).
+    fn start(matrices: Vec<Matrix>) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let matrices: Vec<Matrix> = matrices.into_iter().filter(Matrix::needs_repack).collect();
+        let off = std::env::var("SMOLDESK_REPACK").is_ok_and(|v| v == "off");
+        if matrices.is_empty() || off {
+            return Self { stop, thread: None };
+        }
+        let stopped = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("smoldesk-repack".into())
+            .spawn(move || {
+                let start = std::time::Instant::now();
+                for matrix in &matrices {
+                    if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
+                    if let Err(err) = matrix.repack() {
+                        log::warn!("Q4_K weights stay in the file's layout: {err}");
+                        return;
+                    }
+                }
+                log::debug!(
+                    "{} Q4_K matrices repacked in {:.2} s",
+                    matrices.len(),
+                    start.elapsed().as_secs_f64()
+                );
+            });
+        match thread {
+            Ok(thread) => Self {
+                stop,
+                thread: Some(thread),
+            },
+            Err(err) => {
+                log::warn!("no thread to repack Q4_K weights: {err}");
+                Self { stop, thread: None }
+            }
+        }
+    }
+
+    /// Waits until every matrix is repacked (or the job gave up).
+    fn wait(&mut self) {
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            log::warn!("repacking Q4_K weights panicked; they stay in the file's layout");
+        }
+    }
+}
+
+impl Drop for BackgroundRepack {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.wait();
+    }
 }
 
 impl Model {
@@ -161,6 +229,14 @@ impl Model {
 
         let max_context = max_context.clamp(1, h.context_length);
         let rope = RopeTables::new(&h, max_context, freq_factors.as_deref());
+        let matrices = blocks.iter().flat_map(|b| {
+            [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down].map(Matrix::clone)
+        });
+        let repack = BackgroundRepack::start(
+            matrices
+                .chain([embedding.clone(), output.clone()])
+                .collect(),
+        );
         Ok(Self {
             cache: (0..h.n_layer).map(|_| LayerCache::new(false)).collect(),
             hparams: h,
@@ -174,7 +250,15 @@ impl Model {
             max_context,
             attention_order: SumOrder::default(),
             buffers: Buffers::default(),
+            repack,
         })
+    }
+
+    /// Blocks until the Q4_K matrices are repacked for the fastest kernels (they are repacked
+    /// in the background after load; results are the same before and after). For benchmarks
+    /// of steady speed.
+    pub fn wait_for_repack(&mut self) {
+        self.repack.wait();
     }
 
     /// The hyper-parameters.
@@ -642,72 +726,33 @@ fn tensor_names<'g>(h: &HParams, tied: bool, gguf: &'g GgufFile) -> Vec<&'g Tens
         .collect()
 }
 
-/// Byte alignment of each tensor in the region of repacked weights (a cache line).
-const REPACKED_ALIGN: usize = 64;
-
-/// Brings every tensor the model reads into memory, reporting progress by bytes and stopping
-/// when `progress` returns `false`.
+/// Maps the file and touches every page of the tensors the model reads, reporting progress by
+/// bytes and stopping when `progress` returns `false`.
 ///
-/// Q4_K matrices are read (not mapped) into one anonymous region, on huge pages where the kernel
-/// gives them, and repacked there group by group while the bytes are still in cache. Repacking
-/// them inside a private mapping of the file instead cost a copy-on-write fault and a TLB
-/// shootdown per 4 KiB page, most of the load time under `perf`. Every other tensor is used from
-/// a shared read-only mapping of the file (no copy), its pages touched once so the first token
-/// does not pay for them.
+/// Every tensor is used in place from a shared read-only mapping of the file: no copy, and no
+/// repacking (see [`super::cpu::q4k`] for why Q4_K is not repacked as llama.cpp does). When the
+/// file is in the page cache, loading only maps those pages; touching them now means the first
+/// token does not pay for it.
 fn load_weights<'g>(
     gguf: &'g GgufFile,
     tensors: &[&TensorInfo],
     pool: &Pool,
     progress: &mut dyn FnMut(f32) -> bool,
 ) -> Result<Weights<'g>> {
-    let io_err = |source| EngineError::Io {
-        path: gguf.path.clone(),
-        source,
-    };
-    let file = gguf.open_data()?;
     let map = gguf.map_shared()?;
-    let mut repacked_at = std::collections::HashMap::new();
-    let mut repacked_len = 0usize;
-    for info in tensors.iter().filter(|t| repacked_shape(t).is_some()) {
-        let range = gguf.mapped_range(info, map.len())?;
-        repacked_at.insert(info.name.clone(), repacked_len);
-        repacked_len += range.len().next_multiple_of(REPACKED_ALIGN);
-    }
-    let mut repacked = memmap2::MmapMut::map_anon(repacked_len.max(1)).map_err(io_err)?;
-    #[cfg(target_os = "linux")]
-    if let Err(err) = repacked.advise(memmap2::Advice::HugePage) {
-        log::debug!("no huge pages for the repacked weights: {err}");
-    }
     let total = tensors.iter().map(|t| t.n_bytes).sum::<u64>().max(1);
     let mut done = 0u64;
     for info in tensors {
         let range = gguf.mapped_range(info, map.len())?;
-        match (repacked_shape(info), repacked_at.get(&info.name)) {
-            (Some((rows, cols)), Some(&at)) => {
-                let dest = &mut repacked[at..at + range.len()];
-                read_repacked_q4k(
-                    pool,
-                    &file,
-                    range.start as u64,
-                    dest,
-                    (rows, cols),
-                    info,
-                    gguf,
-                )?;
-            }
-            _ => touch_pages(pool, &map[range]),
-        }
+        touch_pages(pool, &map[range]);
         done += info.n_bytes;
         if !progress((done as f64 / total as f64).min(1.0) as f32) {
             return Err(EngineError::Cancelled);
         }
     }
-    let repacked = repacked.make_read_only().map_err(io_err)?;
     Ok(Weights {
         gguf,
         file: Arc::new(Store::Mapped(map)),
-        repacked: Arc::new(Store::Mapped(repacked)),
-        repacked_at,
     })
 }
 
@@ -725,90 +770,11 @@ fn touch_pages(pool: &Pool, bytes: &[u8]) {
     std::hint::black_box(touched.into_inner());
 }
 
-/// Reads the Q4_K matrix `info` of `rows × cols` from `file` at `offset` into `dest` and
-/// repacks it there into 8-row groups, runs of groups spread over the pool.
-fn read_repacked_q4k(
-    pool: &Pool,
-    file: &std::fs::File,
-    offset: u64,
-    dest: &mut [u8],
-    (rows, cols): (usize, usize),
-    info: &TensorInfo,
-    gguf: &GgufFile,
-) -> Result<()> {
-    let group_bytes = dest.len() / (rows / 8);
-    let failed = std::sync::Mutex::new(None);
-    let shared = SharedMut::new(dest);
-    pool.for_each_chunk(rows / 8, 64, |groups| {
-        let bytes = groups.start * group_bytes..groups.end * group_bytes;
-        let at = offset + bytes.start as u64;
-        // SAFETY: each range of groups goes to exactly one task.
-        let part = unsafe { shared.range_mut(bytes) };
-        let result = read_exact_at(file, part, at)
-            .map_err(|source| EngineError::Io {
-                path: gguf.path.clone(),
-                source,
-            })
-            .and_then(|()| {
-                repack_q4k_x8_in_place(part, groups.len() * 8, cols).map_err(|err| {
-                    EngineError::BadTensor {
-                        name: info.name.clone(),
-                        reason: err.to_string(),
-                    }
-                })
-            });
-        if let Err(err) = result {
-            failed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_or_insert(err);
-        }
-    });
-    match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some(err) => Err(err),
-        None => Ok(()),
-    }
-}
-
-/// Fills `buf` from `file` at `offset` (positioned read: the pool's threads share the file).
-fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
-    }
-    #[cfg(windows)]
-    {
-        let (mut buf, mut offset) = (buf, offset);
-        while !buf.is_empty() {
-            match std::os::windows::fs::FileExt::seek_read(file, buf, offset)? {
-                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                n => {
-                    buf = &mut buf[n..];
-                    offset += n as u64;
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// `(rows, cols)` of a Q4_K matrix that is repacked at load.
-fn repacked_shape(info: &TensorInfo) -> Option<(usize, usize)> {
-    let [cols, rows] = info.dims.as_slice() else {
-        return None;
-    };
-    let (rows, cols) = (*rows as usize, *cols as usize);
-    Matrix::repacks_q4k(info.dtype, rows, cols).then_some((rows, cols))
-}
-
 /// Builds matrices and vectors from the loaded weights.
 struct Weights<'a> {
     gguf: &'a GgufFile,
     /// The file, mapped shared and read-only.
     file: Arc<Store>,
-    /// The repacked Q4_K matrices, at the offsets of `repacked_at`.
-    repacked: Arc<Store>,
-    repacked_at: std::collections::HashMap<String, usize>,
 }
 
 impl Weights<'_> {
@@ -838,10 +804,6 @@ impl Weights<'_> {
             name: name.into(),
             reason: err.to_string(),
         };
-        if let Some(&at) = self.repacked_at.get(name) {
-            let repacked = WeightBytes::new(self.repacked.clone(), at, range.len());
-            return Matrix::q4k_repacked(rows, cols, repacked).map_err(bad);
-        }
         let mapped = WeightBytes::new(self.file.clone(), range.start, range.len());
         match Matrix::new(info.dtype, rows, cols, mapped.clone()) {
             Err(super::cpu::matmul::MatmulError::Misaligned(_)) => {

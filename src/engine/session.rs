@@ -103,6 +103,11 @@ impl Engine {
         &self.info
     }
 
+    /// Blocks until the model's weights are in their fastest layout ([`Model::wait_for_repack`]).
+    pub fn wait_for_repack(&mut self) {
+        self.model.wait_for_repack();
+    }
+
     /// Threads of the compute pool the model runs on.
     pub fn threads(&self) -> usize {
         self.model.threads()
