@@ -366,28 +366,48 @@ impl Matrix {
     /// Rows `rows` (whole 8-row groups) of a Q4_K matrix for every input, as llama.cpp splits
     /// them: the gemm for the inputs in groups of four, the gemv for the rest.
     fn rows_q4k(&self, act: &Activations, rows: std::ops::Range<usize>, out: SharedMut<'_, f32>) {
-        let level = simd_level();
-        let (k, nb, m) = (self.cols, self.cols / QK_K, act.m);
+        let nb = self.cols / QK_K;
         let packed = self
             .repacked
             .get()
             .and_then(|p| as_blocks::<BlockQ4Kx8>(p.bytes()));
+        if let Some(w) = packed {
+            return self.rows_q4k_x8(&w[rows.start / 8 * nb..rows.end / 8 * nb], act, rows, out);
+        }
         let gguf: &[BlockQ4K] = as_blocks(self.data.bytes()).unwrap_or_default();
-        let (packed, gguf) = match packed {
-            Some(w) => (Some(&w[rows.start / 8 * nb..rows.end / 8 * nb]), &[][..]),
-            None => (None, &gguf[rows.start * nb..rows.end * nb]),
-        };
+        let gguf = &gguf[rows.start * nb..rows.end * nb];
+        if act.gemm_rows() > 0 {
+            // The gemm needs these rows interleaved; the leftover inputs' gemv then reads the
+            // same interleaved rows, from cache.
+            q4k::with_interleaved(gguf, nb, |w| self.rows_q4k_x8(w, act, rows, out));
+            return;
+        }
+        let (level, q8k) = (simd_level(), act.q8k());
+        for t in 0..act.m {
+            let start = t * self.rows;
+            // SAFETY: each chunk of output rows goes to exactly one thread.
+            let dst = unsafe { out.range_mut(start + rows.start..start + rows.end) };
+            q4k::gemv_q4k(level, self.cols, gguf, &q8k[t * nb..(t + 1) * nb], dst);
+        }
+    }
+
+    /// [`Matrix::rows_q4k`] on the interleaved rows `w` (the repacked copy's, or a scratch's).
+    fn rows_q4k_x8(
+        &self,
+        w: &[BlockQ4Kx8],
+        act: &Activations,
+        rows: std::ops::Range<usize>,
+        out: SharedMut<'_, f32>,
+    ) {
+        let level = simd_level();
+        let (k, nb, m) = (self.cols, self.cols / QK_K, act.m);
         let m4 = act.gemm_rows();
         if m4 > 0 {
             GEMM_SCRATCH.with(|scratch| {
                 let tile = &mut scratch.borrow_mut();
                 tile.clear();
                 tile.resize(m4 * rows.len(), 0.0);
-                let x4 = act.q8k_x4();
-                match packed {
-                    Some(w) => q4k::gemm_q4k_x8(level, k, w, x4, m4, tile, rows.len()),
-                    None => q4k::gemm_q4k(level, k, gguf, x4, m4, tile, rows.len()),
-                }
+                q4k::gemm_q4k_x8(level, k, w, act.q8k_x4(), m4, tile, rows.len());
                 for (t, tile_row) in tile.chunks_exact(rows.len()).enumerate() {
                     let start = t * self.rows;
                     // SAFETY: each chunk of output rows goes to exactly one thread.
@@ -401,11 +421,7 @@ impl Matrix {
             let start = t * self.rows;
             // SAFETY: as above.
             let dst = unsafe { out.range_mut(start + rows.start..start + rows.end) };
-            let a = &q8k[t * nb..(t + 1) * nb];
-            match packed {
-                Some(w) => q4k::gemv_q4k_x8(level, k, w, a, dst),
-                None => q4k::gemv_q4k(level, k, gguf, a, dst),
-            }
+            q4k::gemv_q4k_x8(level, k, w, &q8k[t * nb..(t + 1) * nb], dst);
         }
     }
 

@@ -90,8 +90,7 @@ pub fn repack_q4k_x8_in_place(data: &mut [u8], rows: usize, k: usize) -> Result<
         scratch.extend_from_slice(as_blocks::<BlockQ4K>(group).ok_or(KernelError::Misaligned)?);
         let out = as_blocks_mut::<BlockQ4Kx8>(group).ok_or(KernelError::Misaligned)?;
         for (x, block) in out.iter_mut().enumerate() {
-            let rows: [BlockQ4K; 8] = std::array::from_fn(|i| scratch[x + i * nb]);
-            *block = interleave(&rows);
+            interleave_into(std::array::from_fn(|i| &scratch[x + i * nb]), block);
         }
     }
     Ok(())
@@ -100,20 +99,45 @@ pub fn repack_q4k_x8_in_place(data: &mut [u8], rows: usize, k: usize) -> Result<
 /// llama.cpp's `make_block_q4_Kx8` with 8-byte interleaving.
 pub fn interleave(rows: &[BlockQ4K; 8]) -> BlockQ4Kx8 {
     let mut out = BlockQ4Kx8 {
-        d: rows.map(|r| r.d),
-        dmin: rows.map(|r| r.dmin),
+        d: [f16::ZERO; 8],
+        dmin: [f16::ZERO; 8],
         scales: [0; 96],
         qs: [0; QK_K * 4],
     };
-    for (i, chunk) in out.qs.chunks_exact_mut(8).enumerate() {
-        let (src, offset) = (i % 8, (i / 8) * 8);
-        chunk.copy_from_slice(&rows[src].qs[offset..offset + 8]);
-    }
-    for sub in 0..8 {
-        let pairs: [(u8, u8); 8] = std::array::from_fn(|r| scale_min_k4(sub, &rows[r].scales));
-        out.scales[12 * sub..12 * sub + 12].copy_from_slice(&pack_scale_mins(pairs));
-    }
+    interleave_into(std::array::from_fn(|r| &rows[r]), &mut out);
     out
+}
+
+/// [`interleave`] of eight blocks wherever they lie, written straight into `out` (the gemm on
+/// the GGUF layout interleaves on every call, so no copies on the way).
+pub fn interleave_into(rows: [&BlockQ4K; 8], out: &mut BlockQ4Kx8) {
+    out.d = rows.map(|r| r.d);
+    out.dmin = rows.map(|r| r.dmin);
+    #[cfg(target_arch = "x86_64")]
+    if super::avx2_available() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { avx2::interleave_qs(rows, &mut out.qs) };
+    } else {
+        interleave_qs(rows, &mut out.qs);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    interleave_qs(rows, &mut out.qs);
+    // Each row's pairs decoded once, then packed again per sub-block across the rows.
+    let decoded: [[u8; 16]; 8] = rows.map(|r| decode_scale_mins(&r.scales));
+    for sub in 0..8 {
+        let scales = std::array::from_fn(|r| decoded[r][sub]);
+        let mins = std::array::from_fn(|r| decoded[r][8 + sub]);
+        out.scales[12 * sub..12 * sub + 12].copy_from_slice(&pack_scale_mins(scales, mins));
+    }
+}
+
+/// The values of [`interleave_into`]: 8-byte chunk `t` of row `r` goes to chunk `8 t + r`.
+fn interleave_qs(rows: [&BlockQ4K; 8], qs: &mut [u8; QK_K * 4]) {
+    for (t, chunks) in qs.chunks_exact_mut(64).enumerate() {
+        for (chunk, row) in chunks.chunks_exact_mut(8).zip(rows) {
+            chunk.copy_from_slice(&row.qs[8 * t..8 * t + 8]);
+        }
+    }
 }
 
 /// The inverse of [`interleave`]: the eight GGUF blocks back.
@@ -129,7 +153,7 @@ pub fn deinterleave(block: &BlockQ4Kx8) -> [BlockQ4K; 8] {
         BlockQ4K {
             d: block.d[r],
             dmin: block.dmin[r],
-            scales: pack_scale_mins(pairs),
+            scales: pack_scale_mins(pairs.map(|p| p.0), pairs.map(|p| p.1)),
             qs,
         }
     })
@@ -154,17 +178,57 @@ fn scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     }
 }
 
-/// The 12-byte packing of eight 6-bit (scale, minimum) pairs that [`scale_min_k4`] reads.
-fn pack_scale_mins(pairs: [(u8, u8); 8]) -> [u8; 12] {
-    let mut q = [0u8; 12];
-    for j in 0..4 {
-        let (s, m) = pairs[j];
-        let (s_hi, m_hi) = pairs[j + 4];
-        q[j] = (s & 63) | ((s_hi >> 4) << 6);
-        q[j + 4] = (m & 63) | ((m_hi >> 4) << 6);
-        q[j + 8] = (s_hi & 15) | ((m_hi & 15) << 4);
+/// The 12-byte packing of eight 6-bit scales and minimums that [`scale_min_k4`] reads.
+fn pack_scale_mins(scales: [u8; 8], mins: [u8; 8]) -> [u8; 12] {
+    let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let (s_lo, s_hi) = (word(&scales[..4]), word(&scales[4..]));
+    let (m_lo, m_hi) = (word(&mins[..4]), word(&mins[4..]));
+    // Byte-wise: the low six bits of pairs 0-3, with bits 4-5 of pairs 4-7 on top; then the low
+    // four bits of pairs 4-7 (scale in the low nibble, minimum in the high one).
+    let q = [
+        (s_lo & KMASK1) | (((s_hi >> 4) & KMASK3) << 6),
+        (m_lo & KMASK1) | (((m_hi >> 4) & KMASK3) << 6),
+        (s_hi & KMASK2) | ((m_hi & KMASK2) << 4),
+    ];
+    let mut out = [0u8; 12];
+    for (o, w) in out.chunks_exact_mut(4).zip(q) {
+        o.copy_from_slice(&w.to_le_bytes());
     }
-    q
+    out
+}
+
+const KMASK1: u32 = 0x3f3f_3f3f;
+const KMASK2: u32 = 0x0f0f_0f0f;
+const KMASK3: u32 = 0x0303_0303;
+
+/// llama.cpp's `utmp` decoding of a 12-byte packing, as four words: bytes 0-7 are the eight
+/// 6-bit scales, bytes 8-15 the eight minimums.
+#[inline(always)]
+fn utmp(group: &[u8; 12]) -> [u32; 4] {
+    let word = |i: usize| {
+        u32::from_le_bytes([
+            group[4 * i],
+            group[4 * i + 1],
+            group[4 * i + 2],
+            group[4 * i + 3],
+        ])
+    };
+    let mut u = [word(0), word(1), word(2), 0];
+    u[3] = ((u[2] >> 4) & KMASK2) | (((u[1] >> 6) & KMASK3) << 4);
+    let aux = u[1] & KMASK1;
+    u[1] = (u[2] & KMASK2) | (((u[0] >> 6) & KMASK3) << 4);
+    u[2] = aux;
+    u[0] &= KMASK1;
+    u
+}
+
+/// [`utmp`] as bytes: the scales of sub-blocks 0-7, then their minimums.
+fn decode_scale_mins(group: &[u8; 12]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (o, w) in out.chunks_exact_mut(4).zip(utmp(group)) {
+        o.copy_from_slice(&w.to_le_bytes());
+    }
+    out
 }
 
 /// llama.cpp's gemv on GGUF-layout weights: `out[j]` = row `j` of `w` (`out.len()` rows of
@@ -214,16 +278,32 @@ pub fn gemm_q4k(
 ) {
     let nb = k / QK_K;
     assert!(k.is_multiple_of(QK_K) && nb > 0, "k must be whole blocks");
-    assert!(w.len().is_multiple_of(8 * nb), "whole 8-row groups");
+    with_interleaved(w, nb, |w| gemm_q4k_x8(level, k, w, act, m, out, out_stride));
+}
+
+/// Runs `f` on the GGUF-layout rows `w` (rows of `nb` blocks, whole 8-row groups) interleaved
+/// as llama.cpp repacks them, in a per-thread scratch (kept for the next call). Not reentrant:
+/// `f` must not call it again.
+pub fn with_interleaved<R>(w: &[BlockQ4K], nb: usize, f: impl FnOnce(&[BlockQ4Kx8]) -> R) -> R {
+    assert!(
+        nb > 0 && w.len().is_multiple_of(8 * nb),
+        "whole 8-row groups"
+    );
     INTERLEAVED.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
-        scratch.clear();
-        for group in w.chunks_exact(8 * nb) {
-            scratch
-                .extend((0..nb).map(|x| interleave(&std::array::from_fn(|r| group[r * nb + x]))));
+        let blocks = w.len() / 8;
+        if scratch.len() < blocks {
+            let zero = interleave(&[w[0]; 8]);
+            scratch.resize(blocks, zero);
         }
-        gemm_q4k_x8(level, k, &scratch, act, m, out, out_stride);
-    });
+        let scratch = &mut scratch[..blocks];
+        for (group, packed) in w.chunks_exact(8 * nb).zip(scratch.chunks_exact_mut(nb)) {
+            for (x, block) in packed.iter_mut().enumerate() {
+                interleave_into(std::array::from_fn(|r| &group[r * nb + x]), block);
+            }
+        }
+        f(scratch)
+    })
 }
 
 /// Integer sums of one GGUF block against one activation block: Σ scale·(q4·q8) and
@@ -416,12 +496,8 @@ fn gemm_portable(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ4K, BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, group};
+    use super::{BlockQ4K, BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, group, utmp};
     use std::arch::x86_64::*;
-
-    const KMASK1: u32 = 0x3f3f_3f3f;
-    const KMASK2: u32 = 0x0f0f_0f0f;
-    const KMASK3: u32 = 0x0303_0303;
 
     /// The 16 bytes llama.cpp's `utmp` decoding makes of one 12-byte group: the eight rows'
     /// 6-bit scales, then their minimums.
@@ -430,25 +506,6 @@ mod avx2 {
     fn mins_and_scales(group: &[u8; 12]) -> __m128i {
         let u = utmp(group);
         _mm_set_epi32(u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32)
-    }
-
-    #[inline(always)]
-    fn utmp(group: &[u8; 12]) -> [u32; 4] {
-        let word = |i: usize| {
-            u32::from_le_bytes([
-                group[4 * i],
-                group[4 * i + 1],
-                group[4 * i + 2],
-                group[4 * i + 3],
-            ])
-        };
-        let mut u = [word(0), word(1), word(2), 0];
-        u[3] = ((u[2] >> 4) & KMASK2) | (((u[1] >> 6) & KMASK3) << 4);
-        let aux = u[1] & KMASK1;
-        u[1] = (u[2] & KMASK2) | (((u[0] >> 6) & KMASK3) << 4);
-        u[2] = aux;
-        u[0] &= KMASK1;
-        u
     }
 
     #[inline]
@@ -611,6 +668,38 @@ mod avx2 {
         // SAFETY: out is 8 writable f32.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc_row, acc_min_rows)) };
         out
+    }
+
+    /// [`super::interleave_qs`] in registers: 32 bytes (four chunks) of four rows at a time,
+    /// transposed as 64-bit lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn interleave_qs(rows: [&BlockQ4K; 8], qs: &mut [u8; 1024]) {
+        for half in 0..2 {
+            for quarter in 0..4 {
+                // Chunks 4 q .. 4 q + 4 of rows 4 h .. 4 h + 4.
+                let v: [__m256i; 4] =
+                    std::array::from_fn(|i| load256(&rows[4 * half + i].qs, 32 * quarter));
+                let lo01 = _mm256_unpacklo_epi64(v[0], v[1]);
+                let hi01 = _mm256_unpackhi_epi64(v[0], v[1]);
+                let lo23 = _mm256_unpacklo_epi64(v[2], v[3]);
+                let hi23 = _mm256_unpackhi_epi64(v[2], v[3]);
+                let chunks = [
+                    _mm256_permute2x128_si256::<0x20>(lo01, lo23),
+                    _mm256_permute2x128_si256::<0x20>(hi01, hi23),
+                    _mm256_permute2x128_si256::<0x31>(lo01, lo23),
+                    _mm256_permute2x128_si256::<0x31>(hi01, hi23),
+                ];
+                for (c, v) in chunks.into_iter().enumerate() {
+                    let at = 64 * (4 * quarter + c) + 32 * half;
+                    let dst: &mut [u8] = &mut qs[at..at + 32];
+                    // SAFETY: dst is 32 writable bytes; unaligned store.
+                    unsafe { _mm256_storeu_si256(dst.as_mut_ptr().cast(), v) };
+                }
+            }
+        }
     }
 
     /// The gemv for one GGUF-layout row: per block the exact integer sums as llama.cpp's AVX2
@@ -995,6 +1084,20 @@ pub(crate) mod tests {
                 assert_eq!(block_bytes(a), block_bytes(b));
             }
         }
+    }
+
+    #[test]
+    fn the_avx2_value_interleave_equals_the_portable_one() {
+        if !crate::engine::cpu::avx2_available() {
+            return;
+        }
+        let blocks = arbitrary_q4k(8, &mut TestRng(7));
+        let rows = std::array::from_fn(|r| &blocks[r]);
+        let (mut portable, mut avx2) = ([0u8; 1024], [0u8; 1024]);
+        interleave_qs(rows, &mut portable);
+        // SAFETY: AVX2 is available (checked above).
+        unsafe { avx2::interleave_qs(rows, &mut avx2) };
+        assert_eq!(portable, avx2);
     }
 
     #[test]
