@@ -559,6 +559,11 @@ mod avx2 {
         )
     }
 
+    /// Bytes ahead of the current block [`gemv_group`] asks the cache for. The hardware
+    /// prefetchers stop at 4 KiB pages; prefetching 8 KiB ahead generated 6-10% faster on the
+    /// 3B (`smoldesk bench --prompt-tokens 1 --gen-tokens 48`, alternating runs, Zen 3).
+    const PREFETCH_AHEAD: usize = 8192;
+
     /// The AVX2 `ggml_gemv_q4_K_8x8_q8_K` for one group of eight weight rows.
     ///
     /// # Safety
@@ -573,6 +578,14 @@ mod avx2 {
         let mut acc_row = _mm256_setzero_ps();
         let mut acc_min_rows = _mm256_setzero_ps();
         for (wb, ab) in w.iter().zip(act) {
+            // Past the end of `w` this names another matrix's bytes or none: a prefetch never
+            // faults, and the address is not dereferenced.
+            let ahead = (wb as *const BlockQ4Kx8)
+                .cast::<i8>()
+                .wrapping_add(PREFETCH_AHEAD);
+            for line in 0..std::mem::size_of::<BlockQ4Kx8>() / 64 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+            }
             let row_scale_f32 = _mm256_set1_ps(ab.d);
             let col_scale_f32 = _mm256_cvtph_ps(_mm_shuffle_epi8(f16x8(&wb.d), deltamask));
             let col_dmin_f32 = _mm256_cvtph_ps(f16x8(&wb.dmin));
