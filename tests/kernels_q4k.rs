@@ -127,7 +127,25 @@ fn read_matmul(name: &str) -> MatmulCase {
     }
 }
 
-/// The repacked weights of a GGUF-layout Q4_K matrix, in an aligned buffer.
+/// The bytes of `blocks` (plain old data: integers and f16s), writable.
+fn bytes_of<B: Copy>(blocks: &mut [B]) -> &mut [u8] {
+    // SAFETY: B is plain old data; the view covers exactly `blocks`.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            blocks.as_mut_ptr().cast::<u8>(),
+            std::mem::size_of_val(blocks),
+        )
+    }
+}
+
+/// The weight bytes of `case` in an aligned buffer of blocks `B`.
+fn weights_as<B: Copy>(case: &MatmulCase, zero: B) -> Vec<B> {
+    let mut blocks = vec![zero; case.w.len() / std::mem::size_of::<B>()];
+    bytes_of(&mut blocks).copy_from_slice(&case.w);
+    blocks
+}
+
+/// The repacked weights of a GGUF-layout Q4_K matrix.
 fn repacked(case: &MatmulCase) -> Vec<BlockQ4Kx8> {
     let zero = BlockQ4Kx8 {
         d: [Default::default(); 8],
@@ -135,20 +153,12 @@ fn repacked(case: &MatmulCase) -> Vec<BlockQ4Kx8> {
         scales: [0; 96],
         qs: [0; 1024],
     };
-    let mut blocks = vec![zero; case.w.len() / std::mem::size_of::<BlockQ4Kx8>()];
-    // SAFETY: BlockQ4Kx8 is plain old data (integers and f16s); the view covers exactly `blocks`.
-    let bytes = unsafe {
-        std::slice::from_raw_parts_mut(
-            blocks.as_mut_ptr().cast::<u8>(),
-            std::mem::size_of_val(blocks.as_slice()),
-        )
-    };
-    bytes.copy_from_slice(&case.w);
-    repack_q4k_x8_in_place(bytes, case.n, case.k).unwrap();
+    let mut blocks = weights_as(case, zero);
+    repack_q4k_x8_in_place(bytes_of(&mut blocks), case.n, case.k).unwrap();
     blocks
 }
 
-/// The weights as the GGUF file stores them, in an aligned buffer.
+/// The weights as the GGUF file stores them.
 fn gguf_blocks(case: &MatmulCase) -> Vec<BlockQ4K> {
     let zero = BlockQ4K {
         d: Default::default(),
@@ -156,16 +166,7 @@ fn gguf_blocks(case: &MatmulCase) -> Vec<BlockQ4K> {
         scales: [0; 12],
         qs: [0; 128],
     };
-    let mut blocks = vec![zero; case.w.len() / std::mem::size_of::<BlockQ4K>()];
-    // SAFETY: BlockQ4K is plain old data (integers and f16s); the view covers exactly `blocks`.
-    let bytes = unsafe {
-        std::slice::from_raw_parts_mut(
-            blocks.as_mut_ptr().cast::<u8>(),
-            std::mem::size_of_val(blocks.as_slice()),
-        )
-    };
-    bytes.copy_from_slice(&case.w);
-    blocks
+    weights_as(case, zero)
 }
 
 /// The weights in one of the two layouts the model multiplies.

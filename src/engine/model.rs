@@ -729,10 +729,10 @@ fn tensor_names<'g>(h: &HParams, tied: bool, gguf: &'g GgufFile) -> Vec<&'g Tens
 /// Maps the file and touches every page of the tensors the model reads, reporting progress by
 /// bytes and stopping when `progress` returns `false`.
 ///
-/// Every tensor is used in place from a shared read-only mapping of the file: no copy, and no
-/// repacking (see [`super::cpu::q4k`] for why Q4_K is not repacked as llama.cpp does). When the
-/// file is in the page cache, loading only maps those pages; touching them now means the first
-/// token does not pay for it.
+/// Every tensor is used in place from a shared read-only mapping of the file, with no copy: Q4_K
+/// is repacked afterwards, in the background ([`BackgroundRepack`]). When the file is in the page
+/// cache, loading only maps those pages; touching them now means the first token does not pay
+/// for it.
 fn load_weights<'g>(
     gguf: &'g GgufFile,
     tensors: &[&TensorInfo],

@@ -85,6 +85,24 @@ pub mod avx2 {
         _mm_cvtss_f32(res)
     }
 
+    /// Bytes ahead of the current weight block the streaming kernels (the Q4_K gemv, the Q6_K
+    /// dot) ask the cache for. The hardware prefetchers stop at 4 KiB pages; prefetching 8 KiB
+    /// ahead generated 6-10% faster on the 3B (`smoldesk bench --prompt-tokens 1 --gen-tokens
+    /// 48`, alternating runs, Zen 3).
+    pub const PREFETCH_AHEAD: usize = 8192;
+
+    /// Prefetches the cache lines of the `T` lying [`PREFETCH_AHEAD`] bytes after `at`. The
+    /// address is never dereferenced (past the end of a matrix it may name other bytes or none;
+    /// a prefetch never faults).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn prefetch_ahead<T>(at: &T) {
+        let ahead = (at as *const T).cast::<i8>().wrapping_add(PREFETCH_AHEAD);
+        for line in 0..std::mem::size_of::<T>().div_ceil(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+        }
+    }
+
     /// llama.cpp's `hsum_i32_8`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]

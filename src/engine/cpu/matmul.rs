@@ -76,9 +76,12 @@ pub enum MatmulError {
     /// The bytes are not aligned for the type's blocks.
     #[error("{0:?} weights are misaligned in memory")]
     Misaligned(GgmlDType),
-    /// Repacking a Q4_K matrix failed (no memory for the copy).
+    /// No memory for the repacked copy of a Q4_K matrix.
+    #[error("no memory for repacked Q4_K weights: {0}")]
+    RepackMemory(#[source] std::io::Error),
+    /// A Q4_K matrix could not be repacked.
     #[error("could not repack Q4_K weights: {0}")]
-    Repack(String),
+    Repack(#[from] q4k::KernelError),
 }
 
 /// Where a matrix's bytes live: a region of the mapped model file, or memory of its own.
@@ -285,16 +288,15 @@ impl Matrix {
         if !self.needs_repack() {
             return Ok(());
         }
-        let io = |source: std::io::Error| MatmulError::Repack(source.to_string());
-        let mut copy = memmap2::MmapMut::map_anon(self.data.len).map_err(io)?;
+        let mut copy =
+            memmap2::MmapMut::map_anon(self.data.len).map_err(MatmulError::RepackMemory)?;
         #[cfg(target_os = "linux")]
         if let Err(err) = copy.advise(memmap2::Advice::HugePage) {
             log::debug!("no huge pages for a repacked matrix: {err}");
         }
         copy.copy_from_slice(self.data.bytes());
-        q4k::repack_q4k_x8_in_place(&mut copy, self.rows, self.cols)
-            .map_err(|err| MatmulError::Repack(err.to_string()))?;
-        let copy = copy.make_read_only().map_err(io)?;
+        q4k::repack_q4k_x8_in_place(&mut copy, self.rows, self.cols)?;
+        let copy = copy.make_read_only().map_err(MatmulError::RepackMemory)?;
         let len = copy.len();
         let packed = WeightBytes::new(Arc::new(Store::Mapped(copy)), 0, len);
         if self.repacked.set(packed).is_ok() {
@@ -439,6 +441,7 @@ impl Matrix {
         }
     }
 
+    /// Writes `out[t][rows]` for every input `t` with `dot(row, t)`.
     fn write_rows(
         &self,
         m: usize,

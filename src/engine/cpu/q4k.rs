@@ -22,9 +22,9 @@
 //! `0 .. m - m % 4` four at a time ([`quantize_rows_q8k_x4`](super::q8k::quantize_rows_q8k_x4))
 //! and run [`gemm_q4k`] (or [`gemm_q4k_x8`]) on them; quantize each remaining row with
 //! [`quantize_row_q8k`](super::q8k::quantize_row_q8k) and run [`gemv_q4k`] (or
-//! [`gemv_q4k_x8`]). Every output is
-//! computed whole by one call, so splitting the weight rows across threads in chunks of whole
-//! 8-row groups (llama.cpp: multiples of 8) gives the same bits for any thread count.
+//! [`gemv_q4k_x8`]). Every output is computed whole by one call, so splitting the weight rows
+//! across threads in chunks of whole 8-row groups (llama.cpp: multiples of 8) gives the same
+//! bits for any thread count.
 
 use super::SimdLevel;
 use super::blocks::{BlockQ4K, BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, QK_K, as_blocks, as_blocks_mut};
@@ -96,14 +96,17 @@ pub fn repack_q4k_x8_in_place(data: &mut [u8], rows: usize, k: usize) -> Result<
     Ok(())
 }
 
+/// An all-zero interleaved block (what scratch space starts as).
+const EMPTY_X8: BlockQ4Kx8 = BlockQ4Kx8 {
+    d: [f16::ZERO; 8],
+    dmin: [f16::ZERO; 8],
+    scales: [0; 96],
+    qs: [0; QK_K * 4],
+};
+
 /// llama.cpp's `make_block_q4_Kx8` with 8-byte interleaving.
 pub fn interleave(rows: &[BlockQ4K; 8]) -> BlockQ4Kx8 {
-    let mut out = BlockQ4Kx8 {
-        d: [f16::ZERO; 8],
-        dmin: [f16::ZERO; 8],
-        scales: [0; 96],
-        qs: [0; QK_K * 4],
-    };
+    let mut out = EMPTY_X8;
     interleave_into(std::array::from_fn(|r| &rows[r]), &mut out);
     out
 }
@@ -293,8 +296,7 @@ pub fn with_interleaved<R>(w: &[BlockQ4K], nb: usize, f: impl FnOnce(&[BlockQ4Kx
         let mut scratch = scratch.borrow_mut();
         let blocks = w.len() / 8;
         if scratch.len() < blocks {
-            let zero = interleave(&[w[0]; 8]);
-            scratch.resize(blocks, zero);
+            scratch.resize(blocks, EMPTY_X8);
         }
         let scratch = &mut scratch[..blocks];
         for (group, packed) in w.chunks_exact(8 * nb).zip(scratch.chunks_exact_mut(nb)) {
@@ -338,8 +340,9 @@ fn gemv_row_portable(w: &[BlockQ4K], act: &[BlockQ8K]) -> f32 {
     acc - acc_min
 }
 
-/// llama.cpp's gemv on repacked weights: `out[j]` = row `j` of the repacked weights (`8 * w.len() / (k / QK_K)`
-/// rows: whole 8-row groups) · one activation row (`act.len() == k / QK_K`).
+/// llama.cpp's gemv on repacked weights: `out[j]` = row `j` of the repacked weights
+/// (`8 * w.len() / (k / QK_K)` rows: whole 8-row groups) · one activation row
+/// (`act.len() == k / QK_K`).
 pub fn gemv_q4k_x8(
     level: SimdLevel,
     k: usize,
@@ -496,11 +499,13 @@ fn gemm_portable(
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::super::lanes::avx2::prefetch_ahead;
     use super::{BlockQ4K, BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, group, utmp};
     use std::arch::x86_64::*;
 
-    /// The 16 bytes llama.cpp's `utmp` decoding makes of one 12-byte group: the eight rows'
-    /// 6-bit scales, then their minimums.
+    /// The 16 bytes llama.cpp's `utmp` decoding makes of one 12-byte group: eight 6-bit scales
+    /// (of eight rows in a repacked block, of eight sub-blocks in a GGUF one), then their
+    /// minimums.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn mins_and_scales(group: &[u8; 12]) -> __m128i {
@@ -559,11 +564,6 @@ mod avx2 {
         )
     }
 
-    /// Bytes ahead of the current block [`gemv_group`] asks the cache for. The hardware
-    /// prefetchers stop at 4 KiB pages; prefetching 8 KiB ahead generated 6-10% faster on the
-    /// 3B (`smoldesk bench --prompt-tokens 1 --gen-tokens 48`, alternating runs, Zen 3).
-    const PREFETCH_AHEAD: usize = 8192;
-
     /// The AVX2 `ggml_gemv_q4_K_8x8_q8_K` for one group of eight weight rows.
     ///
     /// # Safety
@@ -578,14 +578,7 @@ mod avx2 {
         let mut acc_row = _mm256_setzero_ps();
         let mut acc_min_rows = _mm256_setzero_ps();
         for (wb, ab) in w.iter().zip(act) {
-            // Past the end of `w` this names another matrix's bytes or none: a prefetch never
-            // faults, and the address is not dereferenced.
-            let ahead = (wb as *const BlockQ4Kx8)
-                .cast::<i8>()
-                .wrapping_add(PREFETCH_AHEAD);
-            for line in 0..std::mem::size_of::<BlockQ4Kx8>() / 64 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-            }
+            prefetch_ahead(wb);
             let row_scale_f32 = _mm256_set1_ps(ab.d);
             let col_scale_f32 = _mm256_cvtph_ps(_mm_shuffle_epi8(f16x8(&wb.d), deltamask));
             let col_dmin_f32 = _mm256_cvtph_ps(f16x8(&wb.dmin));
@@ -729,13 +722,7 @@ mod avx2 {
             std::array::from_fn(|i| _mm256_set1_epi16((2 * i as i16) | ((2 * i as i16 + 1) << 8)));
         let mut acc = _mm_setzero_ps();
         for (x, y) in w.iter().zip(act) {
-            let u = utmp(&x.scales);
-            let mins_and_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
-                u[3] as i32,
-                u[2] as i32,
-                u[1] as i32,
-                u[0] as i32,
-            ));
+            let mins_and_scales = _mm256_cvtepu8_epi16(mins_and_scales(&x.scales));
             // SAFETY: bsums is 32 readable bytes.
             let q8sums = unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) };
             let q8s = _mm_hadd_epi16(

@@ -136,7 +136,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::blocks::{BlockQ6K, BlockQ8K, QK_K};
-    use super::super::lanes::avx2::{hsum_float_8, hsum_i32_8};
+    use super::super::lanes::avx2::{hsum_float_8, hsum_i32_8, prefetch_ahead};
 
     /// llama.cpp's `get_scale_shuffle` table: sub-block scale pairs spread over 8 bytes each.
     static SCALE_SHUFFLE: [[u8; 16]; 8] = {
@@ -221,10 +221,6 @@ mod avx2 {
         unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) }
     }
 
-    /// Bytes ahead of the current block [`dot_rows`] asks the cache for (as the Q4_K gemv does:
-    /// the hardware prefetchers stop at 4 KiB pages).
-    const PREFETCH_AHEAD: usize = 8192;
-
     /// `ggml_vec_dot_q6_K_q8_K` for `R` weight rows at once, each summed exactly as alone.
     /// Every row has `act.len()` blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -234,13 +230,7 @@ mod avx2 {
             let q8sums = load_bsums(y);
             for (acc, row) in acc.iter_mut().zip(&rows) {
                 let x = &row[i];
-                // Never dereferenced; a prefetch of any address is harmless.
-                let ahead = (x as *const BlockQ6K)
-                    .cast::<i8>()
-                    .wrapping_add(PREFETCH_AHEAD);
-                for line in 0..std::mem::size_of::<BlockQ6K>().div_ceil(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-                }
+                prefetch_ahead(x);
                 let d = _mm256_set1_ps(y.d * x.d.to_f32());
                 let sumi = block_lanes(x, y, q8sums);
                 *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), *acc);
