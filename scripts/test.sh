@@ -10,6 +10,17 @@ if [ -z "${SMOLDESK_CACHE_DIR:-}" ]; then
     export SMOLDESK_CACHE_DIR
     trap 'rm -rf "$SMOLDESK_CACHE_DIR"' EXIT
 fi
+# The AVX-512 kernels' tests run in an x86 emulator where this CPU lacks AVX-512 (scripts/emulator/),
+# and fail rather than skip without one.
+if [ "$(uname -sm)" = "Linux x86_64" ]; then
+    if [ -z "${SMOLDESK_AVX512_EMULATOR:-}" ]; then
+        emulator_dir="${CARGO_TARGET_DIR:-target}/avx512-emulator"
+        ./scripts/emulator/setup.sh "$emulator_dir"
+        SMOLDESK_AVX512_EMULATOR="$(cd "$emulator_dir" && pwd)/run"
+        export SMOLDESK_AVX512_EMULATOR
+    fi
+    export SMOLDESK_REQUIRE_AVX512="${SMOLDESK_REQUIRE_AVX512:-1}"
+fi
 cargo test --locked "$@"
 # The portable kernels on the whole forward pass (the suites above run the CPU's best level).
 if [ $# -eq 0 ]; then

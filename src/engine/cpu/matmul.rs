@@ -449,7 +449,18 @@ impl Matrix {
         out: SharedMut<'_, f32>,
         dot: impl Fn(usize, usize) -> f32,
     ) {
-        for t in 0..m {
+        self.write_token_rows(0..m, rows, out, dot);
+    }
+
+    /// [`Self::write_rows`] for the activation rows `tokens` only.
+    fn write_token_rows(
+        &self,
+        tokens: std::ops::Range<usize>,
+        rows: std::ops::Range<usize>,
+        out: SharedMut<'_, f32>,
+        dot: impl Fn(usize, usize) -> f32,
+    ) {
+        for t in tokens {
             let start = t * self.rows;
             // SAFETY: each chunk of output rows goes to exactly one thread.
             let dst = unsafe { out.range_mut(start + rows.start..start + rows.end) };
@@ -491,13 +502,31 @@ impl Matrix {
         let level = simd_level();
         let nb = self.cols / QK_K;
         let w: &[BlockQ6K] = as_blocks(self.data.bytes()).unwrap_or_default();
-        let dot = if tiled {
-            q6k::dot_q6k_q8k_tiled
-        } else {
-            q6k::dot_q6k_q8k
-        };
-        self.write_rows(m, rows, out, |r, t| {
-            dot(level, &w[r * nb..][..nb], &act[t * nb..][..nb])
+        if !tiled {
+            self.write_rows(m, rows, out, |r, t| {
+                q6k::dot_q6k_q8k(level, &w[r * nb..][..nb], &act[t * nb..][..nb])
+            });
+            return;
+        }
+        const T: usize = q6k::TOKENS_PER_PASS;
+        let full = m - m % T;
+        for t0 in (0..full).step_by(T) {
+            // SAFETY: each chunk of output rows goes to exactly one thread; the T token rows
+            // are disjoint.
+            let mut dst: [&mut [f32]; T] = std::array::from_fn(|i| unsafe {
+                let start = (t0 + i) * self.rows;
+                out.range_mut(start + rows.start..start + rows.end)
+            });
+            let acts: [&[BlockQ8K]; T] = std::array::from_fn(|i| &act[(t0 + i) * nb..][..nb]);
+            for (j, r) in rows.clone().enumerate() {
+                let values = q6k::dot_q6k_q8k_tiled_tokens(level, &w[r * nb..][..nb], acts);
+                for (d, v) in dst.iter_mut().zip(values) {
+                    d[j] = v;
+                }
+            }
+        }
+        self.write_token_rows(full..m, rows, out, |r, t| {
+            q6k::dot_q6k_q8k_tiled(level, &w[r * nb..][..nb], &act[t * nb..][..nb])
         });
     }
 

@@ -356,6 +356,15 @@ pub fn gemv_q4k_x8(
     assert!(w.len().is_multiple_of(nb), "whole 8-row groups");
     assert_eq!(out.len(), 8 * (w.len() / nb), "one output per weight row");
     #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx512 && super::avx512_available() {
+        for (wg, out) in w.chunks_exact(nb).zip(out.chunks_exact_mut(8)) {
+            // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked just above).
+            let result = unsafe { avx512::gemv_group(wg, act) };
+            out.copy_from_slice(&result);
+        }
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 && super::avx2_available() {
         for (wg, out) in w.chunks_exact(nb).zip(out.chunks_exact_mut(8)) {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
@@ -393,6 +402,13 @@ pub fn gemm_q4k_x8(
         return;
     }
     assert!(out.len() >= (m - 1) * out_stride + n, "output too short");
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx512 && super::avx512_available() {
+        // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked just above);
+        // shapes checked above.
+        unsafe { avx512::gemm(nb, w, act, m, out, out_stride) };
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 && super::avx2_available() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked just above); shapes checked above.
@@ -508,7 +524,7 @@ mod avx2 {
     /// minimums.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn mins_and_scales(group: &[u8; 12]) -> __m128i {
+    pub(super) fn mins_and_scales(group: &[u8; 12]) -> __m128i {
         let u = utmp(group);
         _mm_set_epi32(u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32)
     }
@@ -988,6 +1004,337 @@ mod avx2 {
     }
 }
 
+/// AVX-512 VNNI forms of the repacked gemv and gemm, with the AVX2 kernels' bits.
+///
+/// `vpdpbusd` forms four u8 × i8 products and adds them to an i32 lane in one instruction, where
+/// AVX2 needs `maddubs`, an i16 add and `madd`. A 64-byte chunk of a [`BlockQ4Kx8`] holds eight
+/// values of each of the eight rows (row `r` at bytes `8 r .. 8 r + 8`), so one `vpdpbusd` of a
+/// chunk against eight activation bytes broadcast to every row sums into lanes `2 r` and
+/// `2 r + 1`. Those integer sums are exact, and every float step (`fma(float(sum), d_w · d_a,
+/// acc)` per block in the gemv, per pair of sub-blocks in the gemm) is taken in the same order as
+/// in the AVX2 kernels, so each output has the same bits.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::super::lanes::avx2::prefetch_ahead;
+    use super::avx2::mins_and_scales;
+    use super::{BlockQ4Kx8, BlockQ8K, BlockQ8Kx4, group};
+    use std::arch::x86_64::*;
+
+    /// One pair of sub-blocks (`2 p`, `2 p + 1`) of a weight block, ready for `vpdpbusd`.
+    struct PairWeights {
+        /// Per 64-byte chunk, the low nibbles (sub-block `2 p`).
+        lo: [__m512i; 4],
+        /// Per chunk, the high nibbles (sub-block `2 p + 1`).
+        hi: [__m512i; 4],
+        /// Row `r`'s scale of sub-block `2 p` in lanes `2 r` and `2 r + 1` (an i16 in an i32).
+        scale_lo: __m512i,
+        /// The same for sub-block `2 p + 1`.
+        scale_hi: __m512i,
+        /// Row `r`'s two minimums as an i16 pair in lane `r`.
+        mins: __m256i,
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn load512(bytes: &[u8], offset: usize) -> __m512i {
+        assert!(offset + 64 <= bytes.len());
+        // SAFETY: in bounds (checked above); unaligned load.
+        unsafe { _mm512_loadu_si512(bytes.as_ptr().add(offset).cast()) }
+    }
+
+    /// Eight activation bytes at `offset`, repeated in every 64-bit lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn broadcast8(q8: &[i8], offset: usize) -> __m512i {
+        assert!(offset + 8 <= q8.len());
+        // SAFETY: in bounds (checked above); unaligned 8-byte read.
+        let v = unsafe { q8.as_ptr().add(offset).cast::<i64>().read_unaligned() };
+        _mm512_set1_epi64(v)
+    }
+
+    /// Eight f16 (one per row), converted exactly and repeated in both 256-bit halves.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn f16x8_twice(v: &[half::f16; 8]) -> __m512 {
+        // SAFETY: [f16; 8] is 16 readable bytes.
+        let h = unsafe { _mm_loadu_si128(v.as_ptr().cast()) };
+        _mm512_cvtph_ps(_mm256_broadcastsi128_si256(h))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn pair_weights(wb: &BlockQ4Kx8, p: usize) -> PairWeights {
+        // Plain loops: closures (`from_fn`, `map`) do not inherit the target features, and were
+        // left as calls.
+        let m4b = _mm512_set1_epi8(0x0f);
+        let mut lo = [_mm512_setzero_si512(); 4];
+        let mut hi = [_mm512_setzero_si512(); 4];
+        for t in 0..4 {
+            let raw = load512(&wb.qs, 256 * p + 64 * t);
+            lo[t] = _mm512_and_si512(raw, m4b);
+            hi[t] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4b);
+        }
+        let ms0 = mins_and_scales(group(&wb.scales, 2 * p));
+        let ms1 = mins_and_scales(group(&wb.scales, 2 * p + 1));
+        PairWeights {
+            lo,
+            hi,
+            scale_lo: _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(ms0, ms0)),
+            scale_hi: _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(ms1, ms1)),
+            mins: _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(
+                _mm_shuffle_epi32::<78>(ms0),
+                _mm_shuffle_epi32::<78>(ms1),
+            )),
+        }
+    }
+
+    /// Σ scale · (q4 · q8) over one pair of sub-blocks for one activation row, split over lanes
+    /// `2 r` and `2 r + 1` for weight row `r`; `lo[t]`/`hi[t]` are the activation bytes of
+    /// chunk `t` of the two sub-blocks, broadcast.
+    ///
+    /// Each lane of a `vpdpbusd` chain sums 16 products of at most 15 · 128, so it fits the i16
+    /// that `vpmaddwd` multiplies by the scale.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn scaled_pair_dot(w: &PairWeights, lo: [__m512i; 4], hi: [__m512i; 4]) -> __m512i {
+        let mut dot_lo = _mm512_setzero_si512();
+        let mut dot_hi = _mm512_setzero_si512();
+        for t in 0..4 {
+            dot_lo = _mm512_dpbusd_epi32(dot_lo, w.lo[t], lo[t]);
+            dot_hi = _mm512_dpbusd_epi32(dot_hi, w.hi[t], hi[t]);
+        }
+        _mm512_add_epi32(
+            _mm512_madd_epi16(dot_lo, w.scale_lo),
+            _mm512_madd_epi16(dot_hi, w.scale_hi),
+        )
+    }
+
+    /// Adds each pair of neighbouring lanes: lane `r` of the result is `a[2 r] + a[2 r + 1]`,
+    /// lane `8 + r` is `b[2 r] + b[2 r + 1]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn fold_neighbours(a: __m512i, b: __m512i) -> __m512i {
+        let even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        let odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+        _mm512_add_epi32(
+            _mm512_permutex2var_epi32(a, even, b),
+            _mm512_permutex2var_epi32(a, odd, b),
+        )
+    }
+
+    /// The gemv for one group of eight weight rows: [`super::avx2::gemv_group`]'s bits.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI; `w.len() == act.len()`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn gemv_group(w: &[BlockQ4Kx8], act: &[BlockQ8K]) -> [f32; 8] {
+        let mut acc = _mm256_setzero_ps();
+        let mut acc_min = _mm256_setzero_ps();
+        for (wb, ab) in w.iter().zip(act) {
+            prefetch_ahead(wb);
+            let row_scale = _mm256_set1_ps(ab.d);
+            // SAFETY: [f16; 8] is 16 readable bytes.
+            let col_scale = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(wb.d.as_ptr().cast()) });
+            // SAFETY: as above.
+            let col_dmin = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(wb.dmin.as_ptr().cast()) });
+            // SAFETY: bsums is 32 readable bytes.
+            let q8sums = unsafe { _mm256_loadu_si256(ab.bsums.as_ptr().cast()) };
+            // Lane `p`: the pair (Σ q8 of sub-block 2 p, of 2 p + 1).
+            let sub_sums = _mm_hadd_epi16(
+                _mm256_castsi256_si128(q8sums),
+                _mm256_extracti128_si256::<1>(q8sums),
+            );
+            let mut dots = _mm512_setzero_si512();
+            let mut mins = _mm256_setzero_si256();
+            for p in 0..4 {
+                let pw = pair_weights(wb, p);
+                let (mut lo, mut hi) = ([_mm512_setzero_si512(); 4], [_mm512_setzero_si512(); 4]);
+                for t in 0..4 {
+                    lo[t] = broadcast8(&ab.qs, 64 * p + 8 * t);
+                    hi[t] = broadcast8(&ab.qs, 64 * p + 32 + 8 * t);
+                }
+                dots = _mm512_add_epi32(dots, scaled_pair_dot(&pw, lo, hi));
+                let sums = _mm256_permutevar8x32_epi32(
+                    _mm256_castsi128_si256(sub_sums),
+                    _mm256_set1_epi32(p as i32),
+                );
+                mins = _mm256_add_epi32(mins, _mm256_madd_epi16(sums, pw.mins));
+            }
+            let dots = _mm512_castsi512_si256(fold_neighbours(dots, dots));
+            acc = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(dots),
+                _mm256_mul_ps(col_scale, row_scale),
+                acc,
+            );
+            acc_min = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(mins),
+                _mm256_mul_ps(col_dmin, row_scale),
+                acc_min,
+            );
+        }
+        let mut out = [0.0f32; 8];
+        // SAFETY: out is 8 writable f32.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc, acc_min)) };
+        out
+    }
+
+    /// Four activation rows' scales arranged for two row pairs: rows (0, 1) and (2, 3), each
+    /// row's scale in eight lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn row_pair_scales(d: &[f32; 4]) -> [__m512; 2] {
+        // SAFETY: d is 4 readable f32.
+        let d4 = _mm512_castps128_ps512(unsafe { _mm_loadu_ps(d.as_ptr()) });
+        [
+            _mm512_permutexvar_ps(
+                _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                d4,
+            ),
+            _mm512_permutexvar_ps(
+                _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2),
+                d4,
+            ),
+        ]
+    }
+
+    /// Σ min · Σq8 of one pair of sub-blocks for four activation rows against eight weight rows,
+    /// as two row pairs (lanes `0..8`: the first row, `8..16`: the second).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn pair_mins(ab: &BlockQ8Kx4, p: usize, mins: __m256i) -> [__m512i; 2] {
+        // SAFETY: 16 p + 16 <= 64 bsums.
+        let bsums = unsafe { _mm256_loadu_si256(ab.bsums.as_ptr().add(16 * p).cast()) };
+        // Lane `i`: activation row i's pair (Σ q8 of sub-block 2 p, of 2 p + 1).
+        let sums = _mm512_castsi128_si512(_mm_hadd_epi16(
+            _mm256_castsi256_si128(bsums),
+            _mm256_extracti128_si256::<1>(bsums),
+        ));
+        let mins = _mm512_broadcast_i64x4(mins);
+        let rows = |hi: i32, lo: i32| {
+            let idx = _mm512_set_epi32(
+                hi, hi, hi, hi, hi, hi, hi, hi, lo, lo, lo, lo, lo, lo, lo, lo,
+            );
+            _mm512_madd_epi16(_mm512_permutexvar_epi32(idx, sums), mins)
+        };
+        [rows(1, 0), rows(3, 2)]
+    }
+
+    /// `G` groups of four activation rows against one group of eight weight rows: per group,
+    /// the outputs of row pairs (0, 1) and (2, 3).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn gemm_tile<const G: usize>(wg: &[BlockQ4Kx8], act: [&[BlockQ8Kx4]; G]) -> [[__m512; 2]; G] {
+        let mut acc = [[_mm512_setzero_ps(); 2]; G];
+        let mut acc_min = [[_mm512_setzero_ps(); 2]; G];
+        for (b, wb) in wg.iter().enumerate() {
+            let col_scale = f16x8_twice(&wb.d);
+            let col_dmin = f16x8_twice(&wb.dmin);
+            for p in 0..4 {
+                let pw = pair_weights(wb, p);
+                for g in 0..G {
+                    let ab = &act[g][b];
+                    // Row i's chunk t of sub-block s is at 32 (4 s + t) + 8 i.
+                    let mut dots = [_mm512_setzero_si512(); 4];
+                    for (i, dot) in dots.iter_mut().enumerate() {
+                        let (mut lo, mut hi) =
+                            ([_mm512_setzero_si512(); 4], [_mm512_setzero_si512(); 4]);
+                        for t in 0..4 {
+                            lo[t] = broadcast8(&ab.qs, 256 * p + 32 * t + 8 * i);
+                            hi[t] = broadcast8(&ab.qs, 256 * p + 128 + 32 * t + 8 * i);
+                        }
+                        *dot = scaled_pair_dot(&pw, lo, hi);
+                    }
+                    let rows = [
+                        fold_neighbours(dots[0], dots[1]),
+                        fold_neighbours(dots[2], dots[3]),
+                    ];
+                    let mins = pair_mins(ab, p, pw.mins);
+                    let row_scales = row_pair_scales(&ab.d);
+                    for h in 0..2 {
+                        acc[g][h] = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(rows[h]),
+                            _mm512_mul_ps(col_scale, row_scales[h]),
+                            acc[g][h],
+                        );
+                        acc_min[g][h] = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(mins[h]),
+                            _mm512_mul_ps(col_dmin, row_scales[h]),
+                            acc_min[g][h],
+                        );
+                    }
+                }
+            }
+        }
+        for (acc, acc_min) in acc.iter_mut().zip(acc_min) {
+            for (a, m) in acc.iter_mut().zip(acc_min) {
+                *a = _mm512_sub_ps(*a, m);
+            }
+        }
+        acc
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn store_tile<const G: usize>(
+        tile: [[__m512; 2]; G],
+        out: &mut [f32],
+        first_row: usize,
+        col: usize,
+        stride: usize,
+    ) {
+        for (g, pairs) in tile.iter().enumerate() {
+            for (h, &v) in pairs.iter().enumerate() {
+                let halves = [
+                    _mm512_castps512_ps256(v),
+                    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))),
+                ];
+                for (e, half) in halves.into_iter().enumerate() {
+                    let at = (first_row + 4 * g + 2 * h + e) * stride + col;
+                    assert!(at + 8 <= out.len());
+                    // SAFETY: in bounds (checked above).
+                    unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(at), half) };
+                }
+            }
+        }
+    }
+
+    /// The gemm, rows in groups of 16, then of 4: [`super::avx2::gemm`]'s bits. Allocates
+    /// nothing (the emulator tests run it without an operating system).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI; shapes as checked by
+    /// `gemm_q4k_x8`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn gemm(
+        nb: usize,
+        w: &[BlockQ4Kx8],
+        act: &[BlockQ8Kx4],
+        m: usize,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let groups = m / 4;
+        let group = |y: usize| &act[y * nb..(y + 1) * nb];
+        let full = groups / 4;
+        for y in 0..full {
+            let rows = [
+                group(4 * y),
+                group(4 * y + 1),
+                group(4 * y + 2),
+                group(4 * y + 3),
+            ];
+            for (x, wg) in w.chunks_exact(nb).enumerate() {
+                store_tile(gemm_tile(wg, rows), out, 16 * y, 8 * x, stride);
+            }
+        }
+        for y in 4 * full..groups {
+            for (x, wg) in w.chunks_exact(nb).enumerate() {
+                store_tile(gemm_tile(wg, [group(y)]), out, 4 * y, 8 * x, stride);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1269,6 +1616,180 @@ pub(crate) mod tests {
                     "gemm r{r} j{j}"
                 );
             }
+        }
+    }
+
+    /// The AVX-512 kernels against the AVX2 ones (the portable ones on a CPU without AVX2), bit
+    /// for bit: natively on an AVX-512 CPU, in the emulator otherwise (see `emulator`).
+    #[cfg(target_arch = "x86_64")]
+    mod on_avx512 {
+        use super::*;
+        use crate::engine::cpu::emulator::{Entry, run_or_skip};
+
+        /// The arguments of one AVX-512 call, as raw parts the entry functions rebuild.
+        #[repr(C)]
+        struct Call {
+            nb: usize,
+            w: *const BlockQ4Kx8,
+            w_len: usize,
+            act: *const u8,
+            act_len: usize,
+            m: usize,
+            out: *mut f32,
+            out_len: usize,
+            stride: usize,
+        }
+
+        /// `gemv_q4k_x8`'s AVX-512 loop; `act` is `nb` [`BlockQ8K`].
+        unsafe extern "C" fn gemv_entry(arg: *mut u8) {
+            // SAFETY: the test passes a live `Call` whose parts are valid for these lengths.
+            unsafe {
+                let c = &*arg.cast::<Call>();
+                let w = std::slice::from_raw_parts(c.w, c.w_len);
+                let act = std::slice::from_raw_parts(c.act.cast::<BlockQ8K>(), c.act_len);
+                let out = std::slice::from_raw_parts_mut(c.out, c.out_len);
+                for (wg, out) in w.chunks_exact(c.nb).zip(out.chunks_exact_mut(8)) {
+                    out.copy_from_slice(&avx512::gemv_group(wg, act));
+                }
+            }
+        }
+
+        /// `gemm_q4k_x8`'s AVX-512 kernel; `act` is `m / 4 * nb` [`BlockQ8Kx4`].
+        unsafe extern "C" fn gemm_entry(arg: *mut u8) {
+            // SAFETY: as in `gemv_entry`.
+            unsafe {
+                let c = &*arg.cast::<Call>();
+                let w = std::slice::from_raw_parts(c.w, c.w_len);
+                let act = std::slice::from_raw_parts(c.act.cast::<BlockQ8Kx4>(), c.act_len);
+                let out = std::slice::from_raw_parts_mut(c.out, c.out_len);
+                avx512::gemm(c.nb, w, act, c.m, out, c.stride);
+            }
+        }
+
+        /// The best level below AVX-512 this CPU has: what the AVX-512 bits must equal.
+        fn reference_level() -> SimdLevel {
+            *levels().last().expect("portable is always there")
+        }
+
+        /// One product to run on AVX-512, with the reference's output.
+        struct Case {
+            call: Call,
+            expected: Vec<f32>,
+            label: String,
+        }
+
+        fn check(cases: &mut [Case], outputs: &mut [Vec<f32>], entry: Entry) {
+            let calls: Vec<(Entry, *mut u8)> = cases
+                .iter_mut()
+                .map(|c| (entry, (&raw mut c.call).cast::<u8>()))
+                .collect();
+            let mut views: Vec<&mut [u8]> = outputs
+                .iter_mut()
+                .map(|o| {
+                    // SAFETY: f32 has no invalid bit patterns; the view covers the vector.
+                    unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr().cast(), 4 * o.len()) }
+                })
+                .collect();
+            let Some(ran) = run_or_skip(&calls, &mut views) else {
+                return;
+            };
+            for (case, out) in cases.iter().zip(outputs.iter()) {
+                assert_eq!(bits(out), bits(&case.expected), "{} ({ran:?})", case.label);
+            }
+        }
+
+        #[test]
+        fn the_avx512_gemv_gives_the_avx2_bits() {
+            let mut rng = TestRng(11);
+            let level = reference_level();
+            let mut weights = Vec::new();
+            let mut acts = Vec::new();
+            let mut expected = Vec::new();
+            let mut shapes = Vec::new();
+            for (n, k) in [(8, 256), (16, 768), (24, 2048), (40, 512), (8, 11008)] {
+                let w = repack(&arbitrary_q4k(n * k / QK_K, &mut rng), n, k);
+                for a in q8k_rows(&tricky_rows(k, &mut rng), k).chunks_exact(k / QK_K) {
+                    let mut out = vec![0.0; n];
+                    gemv_q4k_x8(level, k, &w, a, &mut out);
+                    weights.push(w.clone());
+                    acts.push(a.to_vec());
+                    expected.push(out);
+                    shapes.push((n, k));
+                }
+            }
+            let mut outputs: Vec<Vec<f32>> =
+                expected.iter().map(|e| vec![f32::NAN; e.len()]).collect();
+            let mut cases: Vec<Case> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, k))| Case {
+                    call: Call {
+                        nb: k / QK_K,
+                        w: weights[i].as_ptr(),
+                        w_len: weights[i].len(),
+                        act: acts[i].as_ptr().cast(),
+                        act_len: acts[i].len(),
+                        m: 1,
+                        out: outputs[i].as_mut_ptr(),
+                        out_len: n,
+                        stride: n,
+                    },
+                    expected: expected[i].clone(),
+                    label: format!("gemv n = {n}, k = {k} against {level:?}"),
+                })
+                .collect();
+            check(&mut cases, &mut outputs, gemv_entry);
+        }
+
+        #[test]
+        fn the_avx512_gemm_gives_the_avx2_bits() {
+            let mut rng = TestRng(12);
+            let level = reference_level();
+            // m = 4 and 20 take the 4-row loop only or after one 16-row tile; 36 and 68 both.
+            let shapes = [
+                (8, 256, 4),
+                (16, 512, 20),
+                (24, 768, 36),
+                (8, 1024, 16),
+                (40, 512, 68),
+                (8, 11008, 8),
+            ];
+            let mut weights = Vec::new();
+            let mut acts = Vec::new();
+            let mut expected = Vec::new();
+            for (n, k, m) in shapes {
+                let w = repack(&arbitrary_q4k(n * k / QK_K, &mut rng), n, k);
+                let x: Vec<f32> = (0..m / 4).flat_map(|_| tricky_rows(k, &mut rng)).collect();
+                let a = q8k_x4(level, &x, k);
+                let stride = n + 3;
+                let mut out = vec![f32::NAN; m * stride];
+                gemm_q4k_x8(level, k, &w, &a, m, &mut out, stride);
+                weights.push(w);
+                acts.push(a);
+                expected.push(out);
+            }
+            let mut outputs: Vec<Vec<f32>> =
+                expected.iter().map(|e| vec![f32::NAN; e.len()]).collect();
+            let mut cases: Vec<Case> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, k, m))| Case {
+                    call: Call {
+                        nb: k / QK_K,
+                        w: weights[i].as_ptr(),
+                        w_len: weights[i].len(),
+                        act: acts[i].as_ptr().cast(),
+                        act_len: acts[i].len(),
+                        m,
+                        out: outputs[i].as_mut_ptr(),
+                        out_len: outputs[i].len(),
+                        stride: n + 3,
+                    },
+                    expected: expected[i].clone(),
+                    label: format!("gemm n = {n}, k = {k}, m = {m} against {level:?}"),
+                })
+                .collect();
+            check(&mut cases, &mut outputs, gemm_entry);
         }
     }
 }
