@@ -18,6 +18,10 @@
 //! [`gemm_q4k`] interleaves the rows it is given into a per-thread scratch and runs the
 //! repacked gemm ([`gemm_q4k_x8`]).
 //!
+//! On CPUs with AVX-512 F/BW/VL/VNNI the repacked gemv and gemm run in `vpdpbusd` form
+//! (`avx512`), with the AVX2 kernels' bits; tests run them in an x86 emulator where the CPU
+//! lacks AVX-512 (`super::emulator`).
+//!
 //! Using them as llama.cpp's `forward_mul_mat` does: quantize activation rows
 //! `0 .. m - m % 4` four at a time ([`quantize_rows_q8k_x4`](super::q8k::quantize_rows_q8k_x4))
 //! and run [`gemm_q4k`] (or [`gemm_q4k_x8`]) on them; quantize each remaining row with
@@ -417,6 +421,37 @@ pub fn gemm_q4k_x8(
     }
     let _ = level;
     gemm_portable(nb, w, act, m, out, out_stride);
+}
+
+/// Calls `tile(weight group, activation groups, first output row, first output column)` for
+/// every 8-row weight group with each run of four groups of four activation rows (16 rows), then
+/// with each remaining group alone: the gemm kernels' tiling. Allocates nothing.
+fn for_each_tile<'a>(
+    nb: usize,
+    w: &'a [BlockQ4Kx8],
+    act: &'a [BlockQ8Kx4],
+    m: usize,
+    mut tile: impl FnMut(&'a [BlockQ4Kx8], &[&'a [BlockQ8Kx4]], usize, usize),
+) {
+    let groups = m / 4;
+    let group = |y: usize| &act[y * nb..(y + 1) * nb];
+    let full = groups / 4;
+    for y in 0..full {
+        let rows = [
+            group(4 * y),
+            group(4 * y + 1),
+            group(4 * y + 2),
+            group(4 * y + 3),
+        ];
+        for (x, wg) in w.chunks_exact(nb).enumerate() {
+            tile(wg, &rows, 16 * y, 8 * x);
+        }
+    }
+    for y in 4 * full..groups {
+        for (x, wg) in w.chunks_exact(nb).enumerate() {
+            tile(wg, &[group(y)], 4 * y, 8 * x);
+        }
+    }
 }
 
 /// Integer sums for one pair of sub-blocks (`sub = 2 pair`, `2 pair + 1`) of eight weight rows
@@ -975,7 +1010,7 @@ mod avx2 {
         }
     }
 
-    /// The AVX2 `ggml_gemm_q4_K_8x8_q8_K`: rows in groups of 16, then of 4.
+    /// The AVX2 `ggml_gemm_q4_K_8x8_q8_K`: rows in groups of 16, then of 4 ([`super::for_each_tile`]).
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C; shapes as checked by `gemm_q4k_x8`.
@@ -988,19 +1023,15 @@ mod avx2 {
         out: &mut [f32],
         stride: usize,
     ) {
-        let groups: Vec<&[BlockQ8Kx4]> = act.chunks_exact(nb).collect();
-        let full = m / 16;
-        for y in 0..full {
-            let rows: [&[BlockQ8Kx4]; 4] = std::array::from_fn(|i| groups[4 * y + i]);
-            for (x, wg) in w.chunks_exact(nb).enumerate() {
-                store_tile(gemm_tile(wg, rows), out, 16 * y, 8 * x, stride);
+        super::for_each_tile(nb, w, act, m, |wg, rows, row, col| {
+            if let &[a, b, c, d] = rows {
+                store_tile(gemm_tile(wg, [a, b, c, d]), out, row, col, stride);
+            } else {
+                for (i, &a) in rows.iter().enumerate() {
+                    store_tile(gemm_tile(wg, [a]), out, row + 4 * i, col, stride);
+                }
             }
-        }
-        for (y, &rows) in groups.iter().enumerate().skip(4 * full) {
-            for (x, wg) in w.chunks_exact(nb).enumerate() {
-                store_tile(gemm_tile(wg, [rows]), out, 4 * y, 8 * x, stride);
-            }
-        }
+        });
     }
 }
 
@@ -1313,25 +1344,15 @@ mod avx512 {
         out: &mut [f32],
         stride: usize,
     ) {
-        let groups = m / 4;
-        let group = |y: usize| &act[y * nb..(y + 1) * nb];
-        let full = groups / 4;
-        for y in 0..full {
-            let rows = [
-                group(4 * y),
-                group(4 * y + 1),
-                group(4 * y + 2),
-                group(4 * y + 3),
-            ];
-            for (x, wg) in w.chunks_exact(nb).enumerate() {
-                store_tile(gemm_tile(wg, rows), out, 16 * y, 8 * x, stride);
+        super::for_each_tile(nb, w, act, m, |wg, rows, row, col| {
+            if let &[a, b, c, d] = rows {
+                store_tile(gemm_tile(wg, [a, b, c, d]), out, row, col, stride);
+            } else {
+                for (i, &a) in rows.iter().enumerate() {
+                    store_tile(gemm_tile(wg, [a]), out, row + 4 * i, col, stride);
+                }
             }
-        }
-        for y in 4 * full..groups {
-            for (x, wg) in w.chunks_exact(nb).enumerate() {
-                store_tile(gemm_tile(wg, [group(y)]), out, 4 * y, 8 * x, stride);
-            }
-        }
+        });
     }
 }
 
