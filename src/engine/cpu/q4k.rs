@@ -423,16 +423,30 @@ pub fn gemm_q4k_x8(
     gemm_portable(nb, w, act, m, out, out_stride);
 }
 
-/// Calls `tile(weight group, activation groups, first output row, first output column)` for
-/// every 8-row weight group with each run of four groups of four activation rows (16 rows), then
-/// with each remaining group alone: the gemm kernels' tiling. Allocates nothing.
+/// Calls `tile(weight groups, activation groups, first output row, first output column)` for
+/// every run of up to four 8-row weight groups with each run of four groups of four activation
+/// rows (16 rows), then with each remaining group alone: the gemm kernels' tiling. Allocates
+/// nothing.
 fn for_each_tile<'a>(
     nb: usize,
     w: &'a [BlockQ4Kx8],
     act: &'a [BlockQ8Kx4],
     m: usize,
-    mut tile: impl FnMut(&'a [BlockQ4Kx8], &[&'a [BlockQ8Kx4]], usize, usize),
+    mut tile: impl FnMut(&[&'a [BlockQ4Kx8]], &[&'a [BlockQ8Kx4]], usize, usize),
 ) {
+    let n_groups = w.len() / nb;
+    let wg = |x: usize| &w[x * nb..(x + 1) * nb];
+    let mut each_weight_tile = |rows: &[&'a [BlockQ8Kx4]], row: usize| {
+        for x in (0..n_groups).step_by(4) {
+            let wgs = [
+                wg(x),
+                wg((x + 1).min(n_groups - 1)),
+                wg((x + 2).min(n_groups - 1)),
+                wg((x + 3).min(n_groups - 1)),
+            ];
+            tile(&wgs[..(n_groups - x).min(4)], rows, row, 8 * x);
+        }
+    };
     let groups = m / 4;
     let group = |y: usize| &act[y * nb..(y + 1) * nb];
     let full = groups / 4;
@@ -443,14 +457,10 @@ fn for_each_tile<'a>(
             group(4 * y + 2),
             group(4 * y + 3),
         ];
-        for (x, wg) in w.chunks_exact(nb).enumerate() {
-            tile(wg, &rows, 16 * y, 8 * x);
-        }
+        each_weight_tile(&rows, 16 * y);
     }
     for y in 4 * full..groups {
-        for (x, wg) in w.chunks_exact(nb).enumerate() {
-            tile(wg, &[group(y)], 4 * y, 8 * x);
-        }
+        each_weight_tile(&[group(y)], 4 * y);
     }
 }
 
@@ -900,11 +910,18 @@ mod avx2 {
         total
     }
 
-    /// One pair of sub-blocks of four activation rows against eight weight rows: the integer
-    /// sums per (row, column) in natural column order, and the minimum sums.
+    /// One pair of sub-blocks of four activation rows, shuffled as the gemm needs them: rows 0,1
+    /// (`l01`) and 2,3 (`l23`) by `[pattern][half * 4 + chunk]`, and the pair sums of `bsums`.
+    #[derive(Clone, Copy)]
+    struct LhsPair {
+        l01: [[__m256i; 8]; 2],
+        l23: [[__m256i; 8]; 2],
+        bsums_hsum: __m256i,
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn tile_pair(rhs: &RhsPair, ab: &BlockQ8Kx4, sb: usize) -> ([__m256i; 4], [__m256i; 4]) {
+    fn prepare_lhs(ab: &BlockQ8Kx4, sb: usize) -> LhsPair {
         let aq = i8_bytes(&ab.qs);
         let mut l01 = [[_mm256_setzero_si256(); 8]; 2];
         let mut l23 = [[_mm256_setzero_si256(); 8]; 2];
@@ -924,6 +941,19 @@ mod avx2 {
             _mm256_extractf128_si256::<1>(bsums),
         ));
 
+        LhsPair {
+            l01,
+            l23,
+            bsums_hsum,
+        }
+    }
+
+    /// One pair of sub-blocks of four activation rows against eight weight rows: the integer
+    /// sums per (row, column) in natural column order, and the minimum sums.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn tile_pair(rhs: &RhsPair, lhs: &LhsPair) -> ([__m256i; 4], [__m256i; 4]) {
+        let (l01, l23, bsums_hsum) = (lhs.l01, lhs.l23, lhs.bsums_hsum);
         let mut rows = [_mm256_setzero_si256(); 4];
         for half in 0..2 {
             let m00 = _mm256_madd_epi16(tile_dot(&rhs.c0145, &l01, half), rhs.scale_0145[half]);
@@ -949,46 +979,66 @@ mod avx2 {
         (rows, mins)
     }
 
-    /// `G` groups of four activation rows against one group of eight weight rows
-    /// (llama.cpp's 16-row loop is `G = 4`, its 4-row remainder loop `G = 1`).
+    /// `G` groups of four activation rows against `X` groups of eight weight rows (llama.cpp's
+    /// 16-row loop is `G = 4`, its 4-row remainder loop `G = 1`, both with `X = 1`). Blocks are
+    /// the outer loop, so each activation block is shuffled once for all `X` weight groups.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn gemm_tile<const G: usize>(wg: &[BlockQ4Kx8], act: [&[BlockQ8Kx4]; G]) -> [[__m256; 4]; G] {
-        let mut acc = [[_mm256_setzero_ps(); 4]; G];
-        let mut acc_min = [[_mm256_setzero_ps(); 4]; G];
-        for (b, wb) in wg.iter().enumerate() {
-            let col_scale = _mm256_cvtph_ps(f16x8(&wb.d));
-            let col_dmin = _mm256_cvtph_ps(f16x8(&wb.dmin));
+    fn gemm_block<const X: usize, const G: usize>(
+        wgs: [&[BlockQ4Kx8]; X],
+        act: [&[BlockQ8Kx4]; G],
+    ) -> [[[__m256; 4]; G]; X] {
+        let mut acc = [[[_mm256_setzero_ps(); 4]; G]; X];
+        let mut acc_min = [[[_mm256_setzero_ps(); 4]; G]; X];
+        let nb = wgs[0].len();
+        for b in 0..nb {
             for sb in 0..4 {
-                let rhs = prepare_rhs(wb, sb);
-                for rp in 0..G {
-                    let ab = &act[rp][b];
-                    let (rows, mins) = tile_pair(&rhs, ab, sb);
-                    // SAFETY: d is 4 readable f32.
-                    let d4 = unsafe { _mm_loadu_ps(ab.d.as_ptr()) };
-                    let row_scale = _mm256_set_m128(d4, d4);
-                    let lane = [
-                        _mm256_shuffle_ps::<0>(row_scale, row_scale),
-                        _mm256_shuffle_ps::<85>(row_scale, row_scale),
-                        _mm256_shuffle_ps::<170>(row_scale, row_scale),
-                        _mm256_shuffle_ps::<255>(row_scale, row_scale),
-                    ];
-                    for i in 0..4 {
-                        acc[rp][i] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(rows[i]),
-                            _mm256_mul_ps(col_scale, lane[i]),
-                            acc[rp][i],
-                        );
-                        acc_min[rp][i] = _mm256_fmadd_ps(
-                            _mm256_cvtepi32_ps(mins[i]),
-                            _mm256_mul_ps(col_dmin, lane[i]),
-                            acc_min[rp][i],
-                        );
+                let mut lhs = [None; G];
+                for (l, ag) in lhs.iter_mut().zip(&act) {
+                    *l = Some(prepare_lhs(&ag[b], sb));
+                }
+                for (x, wg) in wgs.iter().enumerate() {
+                    let wb = &wg[b];
+                    let col_scale = _mm256_cvtph_ps(f16x8(&wb.d));
+                    let col_dmin = _mm256_cvtph_ps(f16x8(&wb.dmin));
+                    let rhs = prepare_rhs(wb, sb);
+                    for (rp, lhs) in lhs.iter().enumerate() {
+                        let Some(lhs) = lhs else { continue };
+                        let ab = &act[rp][b];
+                        let (rows, mins) = tile_pair(&rhs, lhs);
+                        // SAFETY: d is 4 readable f32.
+                        let d4 = unsafe { _mm_loadu_ps(ab.d.as_ptr()) };
+                        let row_scale = _mm256_set_m128(d4, d4);
+                        let lane = [
+                            _mm256_shuffle_ps::<0>(row_scale, row_scale),
+                            _mm256_shuffle_ps::<85>(row_scale, row_scale),
+                            _mm256_shuffle_ps::<170>(row_scale, row_scale),
+                            _mm256_shuffle_ps::<255>(row_scale, row_scale),
+                        ];
+                        for i in 0..4 {
+                            acc[x][rp][i] = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(rows[i]),
+                                _mm256_mul_ps(col_scale, lane[i]),
+                                acc[x][rp][i],
+                            );
+                            acc_min[x][rp][i] = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(mins[i]),
+                                _mm256_mul_ps(col_dmin, lane[i]),
+                                acc_min[x][rp][i],
+                            );
+                        }
                     }
                 }
             }
         }
-        std::array::from_fn(|rp| std::array::from_fn(|i| _mm256_sub_ps(acc[rp][i], acc_min[rp][i])))
+        for (acc, acc_min) in acc.iter_mut().zip(acc_min) {
+            for (acc, acc_min) in acc.iter_mut().zip(acc_min) {
+                for (a, m) in acc.iter_mut().zip(acc_min) {
+                    *a = _mm256_sub_ps(*a, m);
+                }
+            }
+        }
+        acc
     }
 
     #[inline]
@@ -1010,7 +1060,8 @@ mod avx2 {
         }
     }
 
-    /// The AVX2 `ggml_gemm_q4_K_8x8_q8_K`: rows in groups of 16, then of 4 ([`super::for_each_tile`]).
+    /// The AVX2 `ggml_gemm_q4_K_8x8_q8_K`'s bits, in tiles of 16 activation rows × 32 weight rows
+    /// ([`gemm_block`], [`super::for_each_tile`]), then of 4 × 8.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C; shapes as checked by `gemm_q4k_x8`.
@@ -1023,12 +1074,18 @@ mod avx2 {
         out: &mut [f32],
         stride: usize,
     ) {
-        super::for_each_tile(nb, w, act, m, |wg, rows, row, col| {
-            if let &[a, b, c, d] = rows {
-                store_tile(gemm_tile(wg, [a, b, c, d]), out, row, col, stride);
-            } else {
+        super::for_each_tile(nb, w, act, m, |wgs, rows, row, col| {
+            if let (&[w0, w1, w2, w3], &[a, b, c, d]) = (wgs, rows) {
+                let tiles = gemm_block([w0, w1, w2, w3], [a, b, c, d]);
+                for (j, tile) in tiles.into_iter().enumerate() {
+                    store_tile(tile, out, row, col + 8 * j, stride);
+                }
+                return;
+            }
+            for (j, &wg) in wgs.iter().enumerate() {
                 for (i, &a) in rows.iter().enumerate() {
-                    store_tile(gemm_tile(wg, [a]), out, row + 4 * i, col, stride);
+                    let [tile] = gemm_block([wg], [a]);
+                    store_tile(tile, out, row + 4 * i, col + 8 * j, stride);
                 }
             }
         });
@@ -1344,12 +1401,14 @@ mod avx512 {
         out: &mut [f32],
         stride: usize,
     ) {
-        super::for_each_tile(nb, w, act, m, |wg, rows, row, col| {
-            if let &[a, b, c, d] = rows {
-                store_tile(gemm_tile(wg, [a, b, c, d]), out, row, col, stride);
-            } else {
-                for (i, &a) in rows.iter().enumerate() {
-                    store_tile(gemm_tile(wg, [a]), out, row + 4 * i, col, stride);
+        super::for_each_tile(nb, w, act, m, |wgs, rows, row, col| {
+            for (j, &wg) in wgs.iter().enumerate() {
+                if let &[a, b, c, d] = rows {
+                    store_tile(gemm_tile(wg, [a, b, c, d]), out, row, col + 8 * j, stride);
+                } else {
+                    for (i, &a) in rows.iter().enumerate() {
+                        store_tile(gemm_tile(wg, [a]), out, row + 4 * i, col + 8 * j, stride);
+                    }
                 }
             }
         });
