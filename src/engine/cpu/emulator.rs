@@ -44,14 +44,6 @@ const TIMEOUT: Duration = Duration::from_secs(600);
 /// The dump's page size: all-zero pages are left out (the emulator's memory starts zeroed).
 const PAGE: usize = 4096;
 
-/// Whether this CPU runs AVX-512 F/BW/VL/VNNI code natively.
-pub(crate) fn has_avx512() -> bool {
-    is_x86_feature_detected!("avx512f")
-        && is_x86_feature_detected!("avx512bw")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512vnni")
-}
-
 /// The emulator's launcher: None when `SMOLDESK_AVX512_EMULATOR` is unset or empty, Err when it
 /// names no file.
 fn launcher() -> Result<Option<PathBuf>, String> {
@@ -84,7 +76,7 @@ pub(crate) fn run_on_avx512(
     calls: &[(Entry, *mut u8)],
     outputs: &mut [&mut [u8]],
 ) -> Result<Ran, String> {
-    if has_avx512() {
+    if crate::engine::cpu::avx512_available() {
         for &(entry, arg) in calls {
             // SAFETY: the caller vouches for each entry and its argument (see the doc above).
             unsafe { entry(arg) };
@@ -106,7 +98,7 @@ pub(crate) fn run_on_avx512(
 /// panics. A failed run always panics with the reason.
 #[track_caller]
 pub(crate) fn run_or_skip(calls: &[(Entry, *mut u8)], outputs: &mut [&mut [u8]]) -> Option<Ran> {
-    if !has_avx512() && !emulator_or_skip() {
+    if !crate::engine::cpu::avx512_available() && !emulator_or_skip() {
         return None;
     }
     match run_on_avx512(calls, outputs) {
@@ -410,7 +402,7 @@ mod tests {
 
     #[test]
     fn an_instruction_the_emulator_cannot_complete_is_an_error() {
-        if has_avx512() {
+        if crate::engine::cpu::avx512_available() {
             eprintln!("skipped: runs natively, where ud2 would kill the process");
             return;
         }

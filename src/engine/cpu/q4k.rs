@@ -438,12 +438,7 @@ fn for_each_tile<'a>(
     let wg = |x: usize| &w[x * nb..(x + 1) * nb];
     let mut each_weight_tile = |rows: &[&'a [BlockQ8Kx4]], row: usize| {
         for x in (0..n_groups).step_by(4) {
-            let wgs = [
-                wg(x),
-                wg((x + 1).min(n_groups - 1)),
-                wg((x + 2).min(n_groups - 1)),
-                wg((x + 3).min(n_groups - 1)),
-            ];
+            let wgs: [_; 4] = std::array::from_fn(|i| wg((x + i).min(n_groups - 1)));
             tile(&wgs[..(n_groups - x).min(4)], rows, row, 8 * x);
         }
     };
@@ -1083,9 +1078,14 @@ mod avx2 {
                 return;
             }
             for (j, &wg) in wgs.iter().enumerate() {
-                for (i, &a) in rows.iter().enumerate() {
-                    let [tile] = gemm_block([wg], [a]);
-                    store_tile(tile, out, row + 4 * i, col + 8 * j, stride);
+                if let &[a, b, c, d] = rows {
+                    let [tile] = gemm_block([wg], [a, b, c, d]);
+                    store_tile(tile, out, row, col + 8 * j, stride);
+                } else {
+                    for (i, &a) in rows.iter().enumerate() {
+                        let [tile] = gemm_block([wg], [a]);
+                        store_tile(tile, out, row + 4 * i, col + 8 * j, stride);
+                    }
                 }
             }
         });

@@ -293,12 +293,8 @@ mod avx2 {
     /// accumulator with `d_x`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn dot_tiled(w: &[BlockQ6K], act: &[BlockQ8K]) -> f32 {
-        let mut acc = 0f32;
-        for (x, y) in w.iter().zip(act) {
-            let sum = hsum_i32_8(block_lanes(x, y, load_bsums(y)));
-            acc = (x.d.to_f32() * sum as f32).mul_add(y.d, acc);
-        }
-        acc
+        let [dot] = dot_tiled_tokens(w, [act]);
+        dot
     }
 
     /// [`dot_tiled`] of one weight row with `T` activation rows, unpacking each weight block
