@@ -24,8 +24,17 @@ targets=("$@")
 
 log() { echo "build.sh: $*" >&2; }
 
+# A fresh machine has a C++ compiler but maybe no CMake: PyPI ships one. The sdist's download
+# needs it too (pip prepares its metadata with scikit-build-core, which looks for CMake).
+ensure_cmake() {
+  command -v cmake >/dev/null && return
+  python3 -m pip install --quiet cmake >&2
+  if command -v pyenv >/dev/null; then pyenv rehash; fi
+}
+
 fetch_sdist() {
   [ -f "$src/CMakeLists.txt" ] && return
+  ensure_cmake
   mkdir -p "$cache"
   local tarball="$cache/llama_cpp_python-$version.tar.gz"
   if [ ! -s "$tarball" ]; then
@@ -48,11 +57,7 @@ variant_flags() {
 
 configure() {
   [ -f "$build/CMakeCache.txt" ] && return
-  # A fresh machine has a C++ compiler but maybe no CMake: PyPI ships one.
-  if ! command -v cmake >/dev/null; then
-    python3 -m pip install --quiet cmake >&2
-    command -v pyenv >/dev/null && pyenv rehash
-  fi
+  ensure_cmake
   local generator=()
   command -v ninja >/dev/null && generator=(-G Ninja)
   log "configuring $build ($variant)"
