@@ -158,17 +158,20 @@ mod avx2 {
     use super::super::blocks::{BlockQ6K, BlockQ8K, QK_K};
     use super::super::lanes::avx2::{hsum_float_8, hsum_i32_8, prefetch_ahead};
 
-    /// llama.cpp's `get_scale_shuffle` table: sub-block scale pairs spread over 8 bytes each.
-    static SCALE_SHUFFLE: [[u8; 16]; 8] = {
-        let mut table = [[0u8; 16]; 8];
-        let mut i = 0;
-        while i < 8 {
+    /// Byte shuffles that pick, from a block's eight scales of one half widened to i16, the
+    /// pair of chunk `k` of that half: scale `2k` for lanes 0-3, `2k + 1` for lanes 4-7 (the
+    /// i16 form of llama.cpp's `get_scale_shuffle`, one instruction instead of a byte shuffle
+    /// and a widening).
+    static SCALE_PAIR: [[u8; 32]; 4] = {
+        let mut table = [[0u8; 32]; 4];
+        let mut k = 0;
+        while k < 4 {
             let mut b = 0;
-            while b < 16 {
-                table[i][b] = (2 * i + b / 8) as u8;
+            while b < 32 {
+                table[k][b] = (4 * k + 2 * (b / 16) + b % 2) as u8;
                 b += 1;
             }
-            i += 1;
+            k += 1;
         }
         table
     };
@@ -214,11 +217,11 @@ mod avx2 {
     /// The sub-block scales (as i16 pairs) of the four chunks of half `j`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn half_scales(scales: __m128i, j: usize) -> [__m256i; 4] {
+    fn half_scales(scales: &Scales, j: usize) -> [__m256i; 4] {
         std::array::from_fn(|k| {
-            // SAFETY: SCALE_SHUFFLE rows are 16 bytes.
-            let shuffle = unsafe { _mm_loadu_si128(SCALE_SHUFFLE[4 * j + k].as_ptr().cast()) };
-            _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, shuffle))
+            // SAFETY: SCALE_PAIR rows are 32 bytes.
+            let pick = unsafe { _mm256_loadu_si256(SCALE_PAIR[k].as_ptr().cast()) };
+            _mm256_shuffle_epi8(scales.halves[j], pick)
         })
     }
 
@@ -236,18 +239,32 @@ mod avx2 {
         _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]))
     }
 
+    /// A block's 16 sub-block scales widened to i16: in order, and each half's eight in
+    /// both 128-bit lanes.
+    struct Scales {
+        wide: __m256i,
+        halves: [__m256i; 2],
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn load_scales(x: &BlockQ6K) -> __m128i {
+    fn load_scales(x: &BlockQ6K) -> Scales {
         // SAFETY: scales is 16 readable bytes.
-        unsafe { _mm_loadu_si128(x.scales.as_ptr().cast()) }
+        let wide = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(x.scales.as_ptr().cast()) });
+        Scales {
+            wide,
+            halves: [
+                _mm256_permute2x128_si256::<0x00>(wide, wide),
+                _mm256_permute2x128_si256::<0x11>(wide, wide),
+            ],
+        }
     }
 
     /// `32 · Σ scale · bsum` per lane pair: the values' -32 offset.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn offset_lanes(scales: __m128i, q8sums: __m256i) -> __m256i {
-        _mm256_slli_epi32::<5>(_mm256_madd_epi16(q8sums, _mm256_cvtepi8_epi16(scales)))
+    fn offset_lanes(scales: &Scales, q8sums: __m256i) -> __m256i {
+        _mm256_slli_epi32::<5>(_mm256_madd_epi16(q8sums, scales.wide))
     }
 
     /// The 8 i32 lanes of `ggml_vec_dot_q6_K_q8_K` for one block (`q8sums` = `y.bsums`).
@@ -257,10 +274,10 @@ mod avx2 {
         let scales = load_scales(x);
         let mut sumi = _mm256_setzero_si256();
         for j in 0..QK_K / 128 {
-            let lanes = half_lanes(&unpack_half(x, j), &half_scales(scales, j), y, j);
+            let lanes = half_lanes(&unpack_half(x, j), &half_scales(&scales, j), y, j);
             sumi = _mm256_add_epi32(sumi, lanes);
         }
-        _mm256_sub_epi32(sumi, offset_lanes(scales, q8sums))
+        _mm256_sub_epi32(sumi, offset_lanes(&scales, q8sums))
     }
 
     /// Loads a block's 16 activation sums.
@@ -307,7 +324,7 @@ mod avx2 {
             let mut sumi = [_mm256_setzero_si256(); T];
             for j in 0..QK_K / 128 {
                 let q = unpack_half(x, j);
-                let sc = half_scales(scales, j);
+                let sc = half_scales(&scales, j);
                 for (sum, act) in sumi.iter_mut().zip(&acts) {
                     *sum = _mm256_add_epi32(*sum, half_lanes(&q, &sc, &act[b], j));
                 }
@@ -315,7 +332,7 @@ mod avx2 {
             let d = x.d.to_f32();
             for ((acc, sum), act) in acc.iter_mut().zip(sumi).zip(&acts) {
                 let y = &act[b];
-                let sum = hsum_i32_8(_mm256_sub_epi32(sum, offset_lanes(scales, load_bsums(y))));
+                let sum = hsum_i32_8(_mm256_sub_epi32(sum, offset_lanes(&scales, load_bsums(y))));
                 *acc = (d * sum as f32).mul_add(y.d, *acc);
             }
         }
