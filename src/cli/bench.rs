@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use crate::engine::cpu::bandwidth;
 use crate::engine::session::{Engine, LoadOptions};
 
 /// Arguments of `smoldesk bench`.
@@ -270,8 +271,6 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-const BANDWIDTH_PASSES: usize = 5;
-
 fn run_bandwidth(args: &Args) -> Result<()> {
     let threads = if args.threads == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -284,69 +283,25 @@ fn run_bandwidth(args: &Args) -> Result<()> {
     let result = BandwidthResult {
         threads,
         buffer_mb: args.bandwidth_mb,
-        read_gb_s: read_bandwidth_gb_s(args.bandwidth_mb << 20, threads),
+        read_gb_s: bandwidth::read_bandwidth_gb_s(args.bandwidth_mb << 20, threads),
     };
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
         println!(
-            "read bandwidth {:.1} GB/s ({} threads, {} MiB buffer, best of {BANDWIDTH_PASSES})",
-            result.read_gb_s, result.threads, result.buffer_mb
+            "read bandwidth {:.1} GB/s ({} threads, {} MiB buffer, best of {})",
+            result.read_gb_s,
+            result.threads,
+            result.buffer_mb,
+            bandwidth::PASSES
         );
     }
     Ok(())
 }
 
-/// Best read bandwidth over a few passes of `threads` threads each summing its share of a
-/// `bytes`-long buffer, in GB/s.
-fn read_bandwidth_gb_s(bytes: usize, threads: usize) -> f64 {
-    // Distinct non-zero values so that every page is really backed by memory.
-    let buffer: Vec<u64> = (0..bytes / 8).map(|i| i as u64 | 1).collect();
-    let share = buffer.len().div_ceil(threads);
-    let mut best: f64 = 0.0;
-    for _ in 0..BANDWIDTH_PASSES {
-        let start = Instant::now();
-        let total = std::thread::scope(|scope| {
-            let workers: Vec<_> = buffer
-                .chunks(share)
-                .map(|part| scope.spawn(move || sum_words(part)))
-                .collect();
-            workers
-                .into_iter()
-                .map(|w| w.join().unwrap_or(0))
-                .fold(0u64, u64::wrapping_add)
-        });
-        std::hint::black_box(total);
-        best = best.max((buffer.len() * 8) as f64 / start.elapsed().as_secs_f64() / 1e9);
-    }
-    best
-}
-
-/// Wrapping sum of `words` with independent lanes, so loads are not serialised by one adder.
-fn sum_words(words: &[u64]) -> u64 {
-    let mut lanes = [0u64; 8];
-    let mut chunks = words.chunks_exact(8);
-    for chunk in &mut chunks {
-        for (lane, &w) in lanes.iter_mut().zip(chunk) {
-            *lane = lane.wrapping_add(w);
-        }
-    }
-    let rest = chunks
-        .remainder()
-        .iter()
-        .fold(0u64, |a, &w| a.wrapping_add(w));
-    lanes.iter().fold(rest, |a, &l| a.wrapping_add(l))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sum_words_adds_every_word_including_the_remainder() {
-        let words: Vec<u64> = (1..=21).collect();
-        assert_eq!(sum_words(&words), 21 * 22 / 2);
-    }
 
     #[test]
     fn pseudo_random_prompt_stays_in_the_ordinary_range_and_streams_differ() {
@@ -363,10 +318,5 @@ mod tests {
     #[test]
     fn argmax_picks_the_first_largest() {
         assert_eq!(argmax(&[0.5, 2.0, -1.0, 2.0]), 1);
-    }
-
-    #[test]
-    fn bandwidth_is_positive_on_a_small_buffer() {
-        assert!(read_bandwidth_gb_s(1 << 20, 2) > 0.0);
     }
 }

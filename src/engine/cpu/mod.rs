@@ -6,6 +6,7 @@
 //! and AVX-512. [`simd_level`] picks the best the CPU has; `SMOLDESK_SIMD=portable|avx2|avx512`
 //! forces a lower one so every path can be tested and benchmarked on one machine.
 
+pub mod bandwidth;
 pub mod blocks;
 pub mod dequant;
 #[cfg(all(test, target_arch = "x86_64"))]
