@@ -138,27 +138,36 @@ impl<T: KvValue> KvRows<T> {
 
     /// Keeps the first `positions` positions (at most those held), zeroing the values of the
     /// rest of the last block: value registers are summed whole, with zero weights past a
-    /// head's view, and zero times a stale value must stay zero.
+    /// head's view, and zero times a stale value must stay zero. Keeping every position does
+    /// nothing: past the last position the values are already zero.
     fn truncate(&mut self, positions: usize) {
         let positions = positions.min(self.len);
+        if positions == self.len {
+            return;
+        }
         let blocks = positions.div_ceil(BLOCK);
         let block_values = BLOCK * self.row();
         self.keys.truncate(blocks * block_values);
         self.values.truncate(blocks * block_values);
-        if !positions.is_multiple_of(BLOCK) {
-            let zero = T::from_f32(0.0);
-            for g in 0..self.n_kv {
-                for d in 0..self.head_dim {
-                    let start = self.value_at(positions, g, d);
-                    let end = start + BLOCK - positions % BLOCK;
-                    self.values[start..end].fill(zero);
-                }
-            }
-        }
+        self.zero_values_from(positions);
         self.len = positions;
     }
 
-    /// Adds zeroed blocks until `positions` positions fit.
+    /// Zeroes the values of positions `positions..` of the block holding `positions`.
+    fn zero_values_from(&mut self, positions: usize) {
+        if positions.is_multiple_of(BLOCK) {
+            return;
+        }
+        let zero = T::from_f32(0.0);
+        for g in 0..self.n_kv {
+            for d in 0..self.head_dim {
+                let start = self.value_at(positions, g, d);
+                let end = start + BLOCK - positions % BLOCK;
+                self.values[start..end].fill(zero);
+            }
+        }
+    }
+
     fn grow_to(&mut self, positions: usize) {
         let needed = self.stored_values(positions);
         let zero = T::from_f32(0.0);
@@ -206,7 +215,7 @@ impl<T: KvValue> KvRows<T> {
         let stored = cache.stored_values(len);
         cache.keys.resize(stored, T::from_f32(0.0));
         cache.values.resize(stored, T::from_f32(0.0));
-        cache.truncate(len);
+        cache.zero_values_from(len);
         cache
     }
 
@@ -273,6 +282,8 @@ mod tests {
             &v[261 * row..262 * row],
         );
         assert_eq!(kv.values_position_major(262), v[..262 * row]);
+        // Appending leaves the values past the last position zero.
+        assert!(kv.value_lanes(256, 0, 5, 8)[6..].iter().all(|&x| x == 0.0));
         assert!(kv.key_if_stored(511, 0).is_some());
         assert!(kv.key_if_stored(512, 0).is_none());
     }
