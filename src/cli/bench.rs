@@ -38,6 +38,10 @@ pub struct Args {
     /// Measure read bandwidth over a buffer instead of running a model.
     #[arg(long)]
     pub bandwidth: bool,
+    /// Also read a --bandwidth-mb buffer once after every generated token of the decode run
+    /// (untimed), so the decode speed can be set against the bandwidth of the same moments.
+    #[arg(long)]
+    pub paired_bandwidth: bool,
     /// Buffer size of --bandwidth, in MiB.
     #[arg(long, default_value_t = 1024)]
     pub bandwidth_mb: usize,
@@ -66,6 +70,9 @@ pub struct BenchResult {
     pub prefill_tok_s: f64,
     /// Generated tokens per second right after the prompt.
     pub decode_tok_s: f64,
+    /// With --paired-bandwidth: mean read bandwidth (GB/s) of the passes taken between the
+    /// decode run's tokens.
+    pub paired_read_gb_s: Option<f64>,
     /// Seconds from starting the prompt to having the first generated token.
     pub ttft_s: f64,
     /// Peak resident memory in MB after the prompt and decode runs (before any --depth run).
@@ -140,14 +147,19 @@ fn run_model(args: &Args, model: &Path) -> Result<BenchResult> {
     let prefill = engine.prefill(&prompt)?;
     let next = argmax(&prefill.logits);
     let ttft_s = start.elapsed().as_secs_f64();
-    let decode_tok_s = decode_rate(&mut engine, next, args.gen_tokens)?;
+    let paired = args
+        .paired_bandwidth
+        .then(|| bandwidth::ReadBuffer::new(args.bandwidth_mb << 20));
+    let threads = engine.threads();
+    let (decode_tok_s, paired_read_gb_s) =
+        decode_rate(&mut engine, next, args.gen_tokens, paired.as_ref(), threads)?;
     let rss_after_decode = peak_rss_mb().unwrap_or(f64::NAN);
 
     let depth_decode_tok_s = if args.depth > 0 {
         engine.reset();
         let context = pseudo_random_prompt(args.depth, vocab, 1);
         let next = argmax(&engine.prefill(&context)?.logits);
-        Some(decode_rate(&mut engine, next, args.depth_gen_tokens)?)
+        Some(decode_rate(&mut engine, next, args.depth_gen_tokens, None, threads)?.0)
     } else {
         None
     };
@@ -168,6 +180,7 @@ fn run_model(args: &Args, model: &Path) -> Result<BenchResult> {
         repack_s,
         prefill_tok_s: args.prompt_tokens as f64 / ttft_s,
         decode_tok_s,
+        paired_read_gb_s,
         ttft_s,
         peak_rss_mb: rss_after_decode,
         depth: args.depth,
@@ -215,6 +228,13 @@ fn print_model_result(r: &BenchResult) {
         "load {:.2} s (repacked {:.2} s later) | prefill {:.1} tok/s | decode {:.2} tok/s | TTFT {:.2} s | peak RSS {:.0} MB",
         r.load_s, r.repack_s, r.prefill_tok_s, r.decode_tok_s, r.ttft_s, r.peak_rss_mb
     );
+    if let Some(gb_s) = r.paired_read_gb_s {
+        let share = r.decode_tok_s * r.file_bytes as f64 / 1e9 / gb_s;
+        print!(
+            " | read bandwidth between tokens {gb_s:.1} GB/s (decode read the file at {:.0}% of it)",
+            100.0 * share
+        );
+    }
     if let Some(rate) = r.depth_decode_tok_s {
         print!(" | decode after {} tokens {:.2} tok/s", r.depth, rate);
     }
@@ -243,13 +263,27 @@ fn pseudo_random_prompt(len: usize, vocab: usize, stream: u64) -> Vec<u32> {
         .collect()
 }
 
-/// Greedy-decodes `tokens` tokens starting from `next`; returns tokens per second.
-fn decode_rate(engine: &mut Engine, mut next: u32, tokens: usize) -> Result<f64> {
-    let start = Instant::now();
+/// Greedy-decodes `tokens` tokens starting from `next`; returns tokens per second and, with
+/// `paired`, the mean GB/s of the read passes of it taken (untimed) after each token.
+fn decode_rate(
+    engine: &mut Engine,
+    mut next: u32,
+    tokens: usize,
+    paired: Option<&bandwidth::ReadBuffer>,
+    threads: usize,
+) -> Result<(f64, Option<f64>)> {
+    let mut decoding = 0.0;
+    let mut passes = Vec::new();
     for _ in 0..tokens {
+        let start = Instant::now();
         next = argmax(&engine.decode(next)?);
+        decoding += start.elapsed().as_secs_f64();
+        if let Some(buffer) = paired {
+            passes.push(buffer.pass_gb_s(threads));
+        }
     }
-    Ok(tokens as f64 / start.elapsed().as_secs_f64())
+    let mean_pass = (!passes.is_empty()).then(|| passes.iter().sum::<f64>() / passes.len() as f64);
+    Ok((tokens as f64 / decoding, mean_pass))
 }
 
 /// Index of the largest logit (the first on ties).
