@@ -173,6 +173,34 @@ impl Pool {
         });
     }
 
+    /// Calls `f(range)` for consecutive ranges covering `0..n`, claimed by whichever thread
+    /// gets to them first: large at first and shrinking as the work runs out (half of what is
+    /// left per thread, at least `min`), each a multiple of `align` long but the last.
+    /// The threads claim a few times per job instead of once per fixed chunk, and still finish
+    /// together.
+    pub fn for_each_guided<F: Fn(Range<usize>) + Sync>(
+        &self,
+        n: usize,
+        align: usize,
+        min: usize,
+        f: F,
+    ) {
+        let min = min.max(align).max(1);
+        if self.n_threads == 1 || n <= min {
+            if n > 0 {
+                f(0..n);
+            }
+            return;
+        }
+        let next = AtomicUsize::new(0);
+        let parts = 2 * self.n_threads;
+        self.run(|_, _| {
+            while let Some(range) = claim_guided(&next, n, align, min, parts) {
+                f(range);
+            }
+        });
+    }
+
     /// Calls `f(range)` once per thread with that thread's share of `0..n` (see
     /// [`split_evenly`]); threads with an empty share are not called.
     pub fn for_each_split<F: Fn(Range<usize>) + Sync>(&self, n: usize, align: usize, f: F) {
@@ -200,6 +228,31 @@ impl Drop for Pool {
         }
         for worker in self.workers.drain(..) {
             let _ = worker.join();
+        }
+    }
+}
+
+/// Claims the next range of a [`Pool::for_each_guided`] job: `1 / parts` of what is left, at
+/// least `min`, rounded up to a multiple of `align`.
+fn claim_guided(
+    next: &AtomicUsize,
+    n: usize,
+    align: usize,
+    min: usize,
+    parts: usize,
+) -> Option<Range<usize>> {
+    let mut start = next.load(Ordering::Relaxed);
+    loop {
+        if start >= n {
+            return None;
+        }
+        let size = ((n - start) / parts)
+            .max(min)
+            .next_multiple_of(align.max(1));
+        let end = (start + size).min(n);
+        match next.compare_exchange_weak(start, end, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return Some(start..end),
+            Err(now) => start = now,
         }
     }
 }
@@ -393,6 +446,38 @@ impl<'a, T> SharedMut<'a, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guided_ranges_cover_every_index_once_aligned_and_shrinking() {
+        for threads in [1, 2, 3] {
+            let pool = Pool::new(threads);
+            for n in [0, 5, 8, 100, 11_008] {
+                let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                let ranges = Mutex::new(Vec::new());
+                pool.for_each_guided(n, 8, 24, |range| {
+                    for i in range.clone() {
+                        seen[i].fetch_add(1, Ordering::Relaxed);
+                    }
+                    ranges.lock().unwrap().push(range);
+                });
+                assert!(
+                    seen.iter().all(|s| s.load(Ordering::Relaxed) == 1),
+                    "n = {n}"
+                );
+                let mut ranges = ranges.into_inner().unwrap();
+                ranges.sort_by_key(|r| r.start);
+                for r in &ranges[..ranges.len().saturating_sub(1)] {
+                    assert_eq!(r.start % 8, 0);
+                    assert_eq!(r.len() % 8, 0);
+                    assert!(r.len() >= 24 || threads == 1);
+                }
+                if threads > 1 && n == 11_008 {
+                    assert!(ranges.len() < 11_008 / 128, "{} claims", ranges.len());
+                    assert!(ranges[0].len() > ranges[ranges.len() - 1].len());
+                }
+            }
+        }
+    }
     use std::sync::atomic::AtomicU32;
 
     #[test]
