@@ -45,8 +45,9 @@ warm_file
 # prompt, kept in the JSON as decode_after_prompt_tok_s).
 bandwidth "$tmp/bandwidth.json"
 log "smoldesk: generate $GEN on an empty context"
+# With a read pass of the same threads after every token: the bandwidth of the same moments.
 "$BIN" bench -m "$MODEL" --prompt-tokens 1 --gen-tokens "$GEN" --threads "$THREADS" --json \
-  >"$tmp/smoldesk-empty.json"
+  --paired-bandwidth --bandwidth-mb "$BANDWIDTH_MB" >"$tmp/smoldesk-empty.json"
 
 # llama-bench: empty-context runs first (their peak RSS is the one reported), then the depth runs.
 warm_file
@@ -74,7 +75,9 @@ bandwidth = json.load(open(f"{tmp}/bandwidth.json"))
 bandwidth_llama = json.load(open(f"{tmp}/bandwidth-llama.json"))
 smol = json.load(open(f"{tmp}/smoldesk.json"))
 smol["decode_after_prompt_tok_s"] = smol["decode_tok_s"]
-smol["decode_tok_s"] = json.load(open(f"{tmp}/smoldesk-empty.json"))["decode_tok_s"]
+empty = json.load(open(f"{tmp}/smoldesk-empty.json"))
+smol["decode_tok_s"] = empty["decode_tok_s"]
+smol["paired_read_gb_s"] = empty["paired_read_gb_s"]
 runs = [json.loads(line) for line in open(f"{tmp}/llama.jsonl") if line.strip()]
 llama_load = json.load(open(f"{tmp}/llama-load.json"))
 llama_rss_mb = int(open(f"{tmp}/llama-rss-kb").read().split()[-1]) / 1024
@@ -127,6 +130,9 @@ print(f"{'':34} {'smoldesk':>10} {'llama.cpp':>10} {'ratio':>7}  note")
 for key, name, ours, theirs, note in rows:
     print(f"{name:34} {cell(ours, '10.2f')} {cell(theirs, '10.2f')} {cell(ratios[key], '6.2f')}x  {note}")
 print(f"{'decode / its ceiling':34} {smol['decode_tok_s'] / ceiling:10.0%} {tg / ceiling_llama:10.0%}")
+paired_share = smol["decode_tok_s"] * file_bytes / 1e9 / smol["paired_read_gb_s"]
+print(f"{'decode / paired bandwidth':34} {paired_share:10.0%} {'-':>10}  "
+      f"mean of passes between tokens: {smol['paired_read_gb_s']:.1f} GB/s")
 summary = {
     "cpu": cpu, "simd": simd, "threads": threads, "model": model, "file_bytes": file_bytes,
     "read_gb_s": bandwidth["read_gb_s"], "decode_ceiling_tok_s": round(ceiling, 3),

@@ -39,7 +39,8 @@ pub struct Args {
     #[arg(long)]
     pub bandwidth: bool,
     /// Also read a --bandwidth-mb buffer once after every generated token of the decode run
-    /// (untimed), so the decode speed can be set against the bandwidth of the same moments.
+    /// (untimed), so the decode speed can be set against the bandwidth of the same moments
+    /// (the peak RSS then includes the buffer).
     #[arg(long)]
     pub paired_bandwidth: bool,
     /// Buffer size of --bandwidth, in MiB.
