@@ -39,9 +39,20 @@ pub fn zeroed_q8k_x4(n: usize) -> Vec<BlockQ8Kx4> {
 ///
 /// An all-zero block gets `d = 0`, zero values and zero sums (llama.cpp leaves its sums
 /// unwritten there; they only ever meet `d = 0`).
+///
+/// With AVX2 (unless `SMOLDESK_SIMD=portable`) eight values at a time, with the same bits: a
+/// generated token quantizes one row before each of a layer's products, on one thread while
+/// the other waits, so the scalar loop showed in its profile.
 pub fn quantize_row_q8k(x: &[f32], out: &mut [BlockQ8K]) {
     assert_eq!(x.len(), out.len() * QK_K, "Q8_K row length");
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = super::simd_level() >= SimdLevel::Avx2 && super::avx2_available();
     for (block, x) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked above); `x` is one block.
+        if avx2 && unsafe { avx2::quantize_block(x, block) } {
+            continue;
+        }
         quantize_block_ref(x, block);
     }
 }
@@ -132,8 +143,87 @@ fn quantize_rows_x4_portable(x: &[f32], k: usize, out: &mut [BlockQ8Kx4]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{BlockQ8Kx4, QK_K};
+    use super::{BlockQ8K, BlockQ8Kx4, QK_K};
     use std::arch::x86_64::*;
+
+    /// `quantize_block_ref` of one block, eight values at a time, with its bits; `false` (and
+    /// nothing written) for a block it leaves to the reference: one holding a NaN or an
+    /// infinity, or so small that `-127 / max` overflows (where the reference's scalar `as i8`
+    /// wraps out-of-range values that packing here would saturate).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `x.len() == QK_K`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn quantize_block(x: &[f32], block: &mut BlockQ8K) -> bool {
+        assert_eq!(x.len(), QK_K);
+        let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) };
+        let sign_bit = _mm256_set1_ps(-0.0);
+        let mut max_abs = _mm256_setzero_ps();
+        let mut unordered = _mm256_setzero_ps();
+        for i in 0..QK_K / 8 {
+            let v = load(i);
+            max_abs = _mm256_max_ps(max_abs, _mm256_andnot_ps(sign_bit, v));
+            unordered = _mm256_or_ps(unordered, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        }
+        if _mm256_movemask_ps(unordered) != 0 {
+            return false;
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 writable f32.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), max_abs) };
+        let amax = lanes.iter().fold(0f32, |a, &b| a.max(b));
+        if amax == 0.0 {
+            block.d = 0.0;
+            block.qs = [0; QK_K];
+            block.bsums = [0; QK_K / 16];
+            return true;
+        }
+        // The reference keeps the first value of the largest magnitude, with its sign.
+        let Some(&max) = x.iter().find(|v| v.abs() == amax) else {
+            return false;
+        };
+        let iscale = -127.0f32 / max;
+        if !amax.is_finite() || !iscale.is_finite() {
+            return false;
+        }
+        let scale = _mm256_set1_ps(iscale);
+        // ggml's `nearest_int`: a separate multiply and add, as the reference.
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let mantissa = _mm256_set1_epi32(0x007f_ffff);
+        let offset = _mm256_set1_epi32(0x0040_0000);
+        let top = _mm256_set1_epi32(127);
+        let bias = _mm256_set1_epi8(-128);
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for chunk in 0..QK_K / 32 {
+            let q: [__m256i; 4] = std::array::from_fn(|t| {
+                let rounded = _mm256_add_ps(_mm256_mul_ps(scale, load(4 * chunk + t)), magic);
+                let int = _mm256_sub_epi32(
+                    _mm256_and_si256(_mm256_castps_si256(rounded), mantissa),
+                    offset,
+                );
+                _mm256_min_epi32(int, top)
+            });
+            // Every value lies in -127..=127 here, so packing is exact.
+            let bytes = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(
+                    _mm256_packs_epi32(q[0], q[1]),
+                    _mm256_packs_epi32(q[2], q[3]),
+                ),
+                order,
+            );
+            // SAFETY: 32 writable bytes at chunk * 32 of qs.
+            unsafe { _mm256_storeu_si256(block.qs.as_mut_ptr().add(32 * chunk).cast(), bytes) };
+            // Sums of 8 bytes, offset by 128 each to make them unsigned.
+            let sums = _mm256_sad_epu8(_mm256_xor_si256(bytes, bias), _mm256_setzero_si256());
+            let mut sum = [0u64; 4];
+            // SAFETY: 32 writable bytes.
+            unsafe { _mm256_storeu_si256(sum.as_mut_ptr().cast(), sums) };
+            block.bsums[2 * chunk] = (sum[0] + sum[1]) as i16 - 16 * 128;
+            block.bsums[2 * chunk + 1] = (sum[2] + sum[3]) as i16 - 16 * 128;
+        }
+        block.d = 1.0 / iscale;
+        true
+    }
 
     /// The AVX2 branch of `ggml_quantize_mat_q8_K_4x8`, instruction for instruction.
     ///
@@ -360,6 +450,45 @@ pub(crate) mod tests {
                 }
             }
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn row_quantizer_avx2_gives_the_reference_bits() {
+        if !crate::engine::cpu::avx2_available() {
+            return;
+        }
+        let bits = |b: &BlockQ8K| (b.d.to_bits(), b.qs, b.bsums);
+        let mut rng = TestRng(21);
+        let k = 512;
+        let mut blocks: Vec<Vec<f32>> = tricky_rows(k, &mut rng)
+            .chunks_exact(QK_K)
+            .map(<[f32]>::to_vec)
+            .collect();
+        for scale in [1e-38f32, 1e-45, 3e38] {
+            blocks.push(rng.activations(QK_K).iter().map(|v| v * scale).collect());
+        }
+        for special in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0] {
+            let mut block = rng.activations(QK_K);
+            block[77] = special;
+            blocks.push(block);
+        }
+        blocks.push(vec![-0.0; QK_K]);
+        for _ in 0..200 {
+            blocks.push(rng.activations(QK_K));
+        }
+        let mut handled = 0;
+        for (i, x) in blocks.iter().enumerate() {
+            let mut reference = zeroed_q8k(1);
+            quantize_block_ref(x, &mut reference[0]);
+            let mut fast = zeroed_q8k(1);
+            // SAFETY: AVX2 checked above; one block.
+            if unsafe { avx2::quantize_block(x, &mut fast[0]) } {
+                handled += 1;
+                assert_eq!(bits(&fast[0]), bits(&reference[0]), "block {i}");
+            }
+        }
+        assert!(handled >= 205, "the AVX2 path took only {handled} blocks");
     }
 
     #[test]
