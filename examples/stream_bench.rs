@@ -24,6 +24,11 @@ fn bytes_of<T>(blocks: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(blocks.as_ptr().cast(), std::mem::size_of_val(blocks)) }
 }
 
+/// A `rows × cols` matrix of `dtype` owning a copy of `bytes`.
+fn matrix_of(dtype: GgmlDType, rows: usize, cols: usize, bytes: &[u8]) -> Matrix {
+    Matrix::new(dtype, rows, cols, WeightBytes::owned(bytes)).expect("valid shape")
+}
+
 fn q4k_matrix(seed: usize, rows: usize, cols: usize) -> Matrix {
     let blocks: Vec<BlockQ4K> = (0..rows * cols / QK_K)
         .map(|b| BlockQ4K {
@@ -33,13 +38,7 @@ fn q4k_matrix(seed: usize, rows: usize, cols: usize) -> Matrix {
             qs: std::array::from_fn(|i| hash(seed + b * 128 + i) as u8),
         })
         .collect();
-    let m = Matrix::new(
-        GgmlDType::Q4K,
-        rows,
-        cols,
-        WeightBytes::owned(bytes_of(&blocks)),
-    );
-    m.expect("valid Q4_K shape")
+    matrix_of(GgmlDType::Q4K, rows, cols, bytes_of(&blocks))
 }
 
 fn q6k_matrix(seed: usize, rows: usize, cols: usize) -> Matrix {
@@ -51,13 +50,7 @@ fn q6k_matrix(seed: usize, rows: usize, cols: usize) -> Matrix {
             d: f16::from_f32((hash(seed + b) % 1000) as f32 * 1e-5),
         })
         .collect();
-    let m = Matrix::new(
-        GgmlDType::Q6K,
-        rows,
-        cols,
-        WeightBytes::owned(bytes_of(&blocks)),
-    );
-    m.expect("valid Q6_K shape")
+    matrix_of(GgmlDType::Q6K, rows, cols, bytes_of(&blocks))
 }
 
 /// Best GB/s of weights over a few passes of one input row through every matrix.

@@ -106,16 +106,17 @@ pub struct Model {
 
 /// Repacks a model's Q4_K matrices (and moves its Q6_K ones to huge pages) on a thread of its
 /// own after load ([`Matrix::repack`]): the model answers at once from the file's pages, with
-/// the same bits, and its products get faster matrix by matrix. Repacking 1.35 GB at load instead took most of a 2-3 s load,
-/// mostly the kernel providing fresh pages.
+/// the same bits, and its products get faster matrix by matrix. Repacking 1.35 GB at load
+/// instead took most of a 2-3 s load, mostly the kernel providing fresh pages.
 struct BackgroundRepack {
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl BackgroundRepack {
-    /// Starts repacking `matrices` in order (those without Q4_K or Q6_K work are skipped), unless
-    /// `SMOLDESK_REPACK=off` keeps every product on the file's layout (to test that path).
+    /// Starts repacking `matrices` in order (those without Q4_K or Q6_K work are skipped),
+    /// unless `SMOLDESK_REPACK=off` keeps every product on the file's layout (to test that
+    /// path).
     fn start(matrices: Vec<Matrix>) -> Self {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let matrices: Vec<Matrix> = matrices.into_iter().filter(Matrix::needs_repack).collect();
@@ -254,9 +255,9 @@ impl Model {
         })
     }
 
-    /// Blocks until the Q4_K and Q6_K matrices are repacked for the fastest kernels (they are repacked
-    /// in the background after load; results are the same before and after). For benchmarks
-    /// of steady speed.
+    /// Blocks until the Q4_K and Q6_K matrices are repacked for the fastest kernels (they are
+    /// repacked in the background after load; results are the same before and after). For
+    /// benchmarks of steady speed.
     pub fn wait_for_repack(&mut self) {
         self.repack.wait();
     }
@@ -731,9 +732,8 @@ fn tensor_names<'g>(h: &HParams, tied: bool, gguf: &'g GgufFile) -> Vec<&'g Tens
 ///
 /// Every tensor is used in place from a shared read-only mapping of the file, with no copy: Q4_K
 /// and Q6_K are moved to memory of their own afterwards, in the background
-/// ([`BackgroundRepack`]). When the file is in the page
-/// cache, loading only maps those pages; touching them now means the first token does not pay
-/// for it.
+/// ([`BackgroundRepack`]). When the file is in the page cache, loading only maps those pages;
+/// touching them now means the first token does not pay for it.
 fn load_weights<'g>(
     gguf: &'g GgufFile,
     tensors: &[&TensorInfo],

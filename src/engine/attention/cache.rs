@@ -168,6 +168,7 @@ impl<T: KvValue> KvRows<T> {
         }
     }
 
+    /// Adds zeroed blocks until `positions` positions fit.
     fn grow_to(&mut self, positions: usize) {
         let needed = self.stored_values(positions);
         let zero = T::from_f32(0.0);

@@ -446,6 +446,7 @@ impl<'a, T> SharedMut<'a, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU32;
 
     #[test]
     fn guided_ranges_cover_every_index_once_aligned_and_shrinking() {
@@ -478,7 +479,6 @@ mod tests {
             }
         }
     }
-    use std::sync::atomic::AtomicU32;
 
     #[test]
     fn run_calls_every_share_once_per_job() {

@@ -156,6 +156,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn quantize_block(x: &[f32], block: &mut BlockQ8K) -> bool {
         assert_eq!(x.len(), QK_K);
+        // SAFETY: called with i < QK_K / 8, and x holds QK_K values.
         let load = |i: usize| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) };
         let sign_bit = _mm256_set1_ps(-0.0);
         let mut max_abs = _mm256_setzero_ps();
