@@ -35,10 +35,12 @@ pub(crate) enum Ran {
 const EMULATOR_VAR: &str = "SMOLDESK_AVX512_EMULATOR";
 /// Set to `1`, a test that cannot run its AVX-512 code fails instead of skipping.
 const REQUIRE_VAR: &str = "SMOLDESK_REQUIRE_AVX512";
-/// Larger mappings (memory-mapped models, reserved arenas) are left out of the dump.
-const MAX_MAPPING: u64 = 64 << 20;
+/// Larger file mappings (memory-mapped models, the test binary mapped for backtraces) are left
+/// out of the dump. Anonymous memory is dumped whatever its size: the kernel joins neighbouring
+/// malloc arenas into one mapping of 128 MiB or more, and a test's data may lie in it.
+const MAX_FILE_MAPPING: u64 = 64 << 20;
 /// The most memory one emulated run may dump.
-const MAX_DUMP: u64 = 512 << 20;
+const MAX_DUMP: u64 = 2 << 30;
 /// How long one emulated run may take.
 const TIMEOUT: Duration = Duration::from_secs(600);
 /// The dump's page size: all-zero pages are left out (the emulator's memory starts zeroed).
@@ -226,7 +228,7 @@ struct Dump {
 
 /// Writes this process's memory to `path` as the emulator reads it: records of (u64 address,
 /// u64 length, bytes) holding the non-zero pages of every readable mapping up to
-/// [`MAX_MAPPING`], except the kernel's `[vvar]`, `[vdso]` and `[vsyscall]`.
+/// [`MAX_FILE_MAPPING`] if it maps a file, except the kernel's `[vvar]`, `[vdso]` and `[vsyscall]`.
 fn dump_memory(path: &Path) -> Result<Dump, String> {
     let maps = std::fs::read_to_string("/proc/self/maps")
         .map_err(|e| format!("could not read /proc/self/maps: {e}"))?;
@@ -236,23 +238,27 @@ fn dump_memory(path: &Path) -> Result<Dump, String> {
         let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
             return Err(format!("unexpected line in /proc/self/maps: {line}"));
         };
-        let name = fields.nth(3).unwrap_or("");
+        let (_offset, _device, inode) = (fields.next(), fields.next(), fields.next());
+        let name = fields.next().unwrap_or("");
+        let maps_a_file = inode.is_some_and(|inode| inode != "0");
         let parse = |s: Option<&str>| s.and_then(|s| u64::from_str_radix(s, 16).ok());
         let mut bounds = range.split('-');
         let (Some(start), Some(end)) = (parse(bounds.next()), parse(bounds.next())) else {
             return Err(format!("unexpected range in /proc/self/maps: {line}"));
         };
-        if perms.starts_with('r') && end - start <= MAX_MAPPING && !name.starts_with("[v") {
+        let too_large = maps_a_file && end - start > MAX_FILE_MAPPING;
+        if perms.starts_with('r') && !too_large && !name.starts_with("[v") {
             wanted.push((start, end - start, perms.as_bytes().get(1) == Some(&b'w')));
         }
     }
+    let wanted = disjoint(wanted);
     let mapped: u64 = wanted.iter().map(|&(_, size, _)| size).sum();
     if mapped > MAX_DUMP {
         return Err(format!(
-            "this process has {} MiB in mappings of up to {} MiB, more than the {} MiB an \
-             emulated run dumps",
+            "this process has {} MiB of anonymous memory and file mappings of up to {} MiB, \
+             more than the {} MiB an emulated run dumps",
             mapped >> 20,
-            MAX_MAPPING >> 20,
+            MAX_FILE_MAPPING >> 20,
             MAX_DUMP >> 20
         ));
     }
@@ -298,6 +304,25 @@ fn dump_memory(path: &Path) -> Result<Dump, String> {
     }
     out.flush().map_err(write_err)?;
     Ok(dump)
+}
+
+/// `(start, size, writable)` ranges sorted by start, with overlapping ones joined (writable when
+/// either is). `/proc/self/maps` is not read atomically: while other threads map, unmap or
+/// grow memory (tests run side by side), one listing can name a range twice or two ranges that
+/// overlap, which the emulator would refuse.
+fn disjoint(mut ranges: Vec<(u64, u64, bool)>) -> Vec<(u64, u64, bool)> {
+    ranges.sort_unstable_by_key(|&(start, _, _)| start);
+    let mut joined: Vec<(u64, u64, bool)> = Vec::with_capacity(ranges.len());
+    for (start, size, writable) in ranges {
+        match joined.last_mut() {
+            Some(last) if start < last.0 + last.1 => {
+                last.1 = last.1.max(start + size - last.0);
+                last.2 |= writable;
+            }
+            _ => joined.push((start, size, writable)),
+        }
+    }
+    joined
 }
 
 /// The runs of whole pages in `data` that are not all zero, with their offsets.
@@ -398,6 +423,25 @@ mod tests {
             })
             .collect();
         assert_eq!(got, want, "ran {ran:?}");
+    }
+
+    #[test]
+    fn a_listing_that_names_ranges_twice_or_overlapping_becomes_disjoint_ranges() {
+        let listed = vec![
+            (0x5000, 0x1000, false),
+            (0x1000, 0x2000, false),
+            (0x1000, 0x3000, true),
+            (0x3000, 0x1000, false),
+            (0x4000, 0x1000, false),
+        ];
+        assert_eq!(
+            disjoint(listed),
+            vec![
+                (0x1000, 0x3000, true),
+                (0x4000, 0x1000, false),
+                (0x5000, 0x1000, false)
+            ]
+        );
     }
 
     #[test]
