@@ -330,11 +330,10 @@ fn attend_group<T: KvValue>(
         for r in 0..n_rep {
             let h = g * n_rep + r;
             let query = &q[(t * n_head + h) * hd..][..hd];
-            scratch
-                .queries
-                .extend(query.iter().map(|&x| T::from_f32(x).to_f32()));
+            scratch.queries.extend_from_slice(query);
         }
     }
+    T::round_in_place(&mut scratch.queries);
     // Rows padded to whole blocks of 8 positions; weights a head does not see stay zero.
     let stride = visible_max.next_multiple_of(LANES);
     scratch.weights.clear();

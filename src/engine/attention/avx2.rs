@@ -241,11 +241,21 @@ pub(super) unsafe fn weighted_sums_vec<T: KvValue>(
     let visible = visible_to(heads - 1, shape, 0);
     assert!(hd.is_multiple_of(LANES) && stride >= visible.next_multiple_of(LANES));
     assert!(scratch.weights.len() >= heads * stride && heads == n_head / shape.n_kv);
-    scratch.acc.clear();
-    scratch.acc.resize(heads * hd * VEC_LANES, 0.0);
+    // Accumulators go through memory only between blocks of the cache: a context of one block
+    // keeps them in registers from the first position to the output.
+    if visible > BLOCK {
+        scratch.acc.clear();
+        scratch.acc.resize(heads * hd * VEC_LANES, 0.0);
+    }
     // A block of the cache at a time: each value element's positions are one contiguous run.
     for start in (0..visible).step_by(BLOCK) {
         let blocks = (visible - start).min(BLOCK).div_ceil(LANES);
+        let span = Span {
+            start,
+            blocks,
+            first: start == 0,
+            last: start + BLOCK >= visible,
+        };
         let mut i = 0;
         while i < heads {
             // Three heads' accumulators fill 12 registers; four would spill.
@@ -255,43 +265,32 @@ pub(super) unsafe fn weighted_sums_vec<T: KvValue>(
                 (heads - i).min(3)
             };
             // SAFETY: heads `i..i + r` exist; the asserts above bound every access; the
-            // blocks of 8 positions lie in the cache's stored blocks.
+            // blocks of 8 positions lie in the cache's stored blocks; the accumulators were
+            // sized above when there is more than one block.
             unsafe {
                 match r {
-                    3 => sum_heads_vec::<T, 3>(kv, scratch, hd, g, i, start, blocks, stride),
-                    2 => sum_heads_vec::<T, 2>(kv, scratch, hd, g, i, start, blocks, stride),
-                    _ => sum_heads_vec::<T, 1>(kv, scratch, hd, g, i, start, blocks, stride),
+                    3 => sum_heads_vec::<T, 3>(kv, scratch, hd, g, i, span, stride, out),
+                    2 => sum_heads_vec::<T, 2>(kv, scratch, hd, g, i, span, stride, out),
+                    _ => sum_heads_vec::<T, 1>(kv, scratch, hd, g, i, span, stride, out),
                 }
             }
             i += r;
         }
     }
-    for (i, acc) in scratch.acc.chunks_exact(hd * VEC_LANES).enumerate() {
-        let h = g * heads + i;
-        // SAFETY: each head's output belongs to exactly one task.
-        let head_out = unsafe { out.range_mut(h * hd..(h + 1) * hd) };
-        for (o, regs) in head_out.iter_mut().zip(acc.chunks_exact(VEC_LANES)) {
-            // SAFETY: `regs` holds 4 registers of 8 values.
-            *o = unsafe { reduce4(regs.as_ptr()) };
-        }
-    }
+}
+
+/// The positions [`sum_heads_vec`] adds: `blocks` blocks of 8 from `start`, inside one block of
+/// the cache, and whether that cache block is the first and the last one the heads see.
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    blocks: usize,
+    first: bool,
+    last: bool,
 }
 
 /// Accumulators of one output in the single-token order: 4 registers of 8 lanes.
 const VEC_LANES: usize = 4 * LANES;
-
-/// `GGML_F32x8_REDUCE` of the 4 registers at `regs` (see [`reduce_registers`]).
-///
-/// # Safety
-/// AVX2; `regs` points to 32 values.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn reduce4(regs: *const f32) -> f32 {
-    // SAFETY: the caller gives 32 values.
-    reduce_registers(std::array::from_fn(|k| unsafe {
-        _mm256_loadu_ps(regs.add(k * LANES))
-    }))
-}
 
 /// `GGML_F32x8_REDUCE`: `(r0 + r2) + (r1 + r3)`, then the high half plus the low half, then
 /// two horizontal adds (as [`super::reduce_accumulators`]).
@@ -384,13 +383,16 @@ unsafe fn score_vec<T: KvValue, const R: usize>(
     }
 }
 
-/// Adds the positions from `start` (`blocks` blocks of 8, inside one block of the cache;
-/// `start` a multiple of 32) into the single-token accumulators of heads `i..i + R` of KV head
-/// `g`, block `b` into register `b % 4`, one value element at a time.
+/// Adds the positions of `span` (`start` a multiple of 32) into the single-token accumulators
+/// of heads `i..i + R` of KV head `g`, block `b` into register `b % 4`, one value element at a
+/// time. The accumulators start at zero on the first cache block and are loaded from
+/// `scratch.acc` otherwise; after the last block they are reduced into the heads' outputs in
+/// `out`, otherwise stored back.
 ///
 /// # Safety
 /// AVX2 and FMA; heads `i..i + R` exist; the blocks are stored; their weights lie inside each
-/// head's `stride`.
+/// head's `stride`; `scratch.acc` holds `heads × hd × 32` values unless the span is both first
+/// and last.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 #[allow(clippy::too_many_arguments)]
@@ -400,23 +402,36 @@ unsafe fn sum_heads_vec<T: KvValue, const R: usize>(
     hd: usize,
     g: usize,
     i: usize,
-    start: usize,
-    blocks: usize,
+    span: Span,
     stride: usize,
+    out: SharedMut<'_, f32>,
 ) {
+    let Span {
+        start,
+        blocks,
+        first,
+        last,
+    } = span;
+    let heads = scratch.queries.len() / hd;
     debug_assert!(start.is_multiple_of(VEC_LANES));
     let weights = scratch.weights.as_ptr();
     let acc = scratch.acc.as_mut_ptr();
     for d in 0..hd {
         // The element's values of the `blocks` blocks of 8, one after another.
         let column = kv.value_lanes(start, g, d, blocks * LANES).as_ptr();
-        // SAFETY: accumulators (i + r, d) lie inside `heads × hd × 32`; weights
-        // `start + 8b .. + 8` inside each head's row (stride is padded to 8); the element's
-        // values of the blocks inside the cache block that holds `start`.
+        // SAFETY: accumulators (i + r, d) lie inside `heads × hd × 32` when they are used;
+        // weights `start + 8b .. + 8` inside each head's row (stride is padded to 8); the
+        // element's values of the blocks inside the cache block that holds `start`.
         unsafe {
             let at = |r: usize| acc.add(((i + r) * hd + d) * VEC_LANES);
             let mut sums: [[__m256; 4]; R] = std::array::from_fn(|r| {
-                std::array::from_fn(|k| _mm256_loadu_ps(at(r).add(k * LANES)))
+                std::array::from_fn(|k| {
+                    if first {
+                        _mm256_setzero_ps()
+                    } else {
+                        _mm256_loadu_ps(at(r).add(k * LANES))
+                    }
+                })
             });
             for b in (0..blocks).step_by(4) {
                 // Unrolled by 4 so that each block's register is known at compile time.
@@ -430,9 +445,15 @@ unsafe fn sum_heads_vec<T: KvValue, const R: usize>(
                     }
                 }
             }
-            for (r, s) in sums.iter().enumerate() {
-                for (k, &s) in s.iter().enumerate() {
-                    _mm256_storeu_ps(at(r).add(k * LANES), s);
+            for (r, &s) in sums.iter().enumerate() {
+                if last {
+                    // Each head's output belongs to exactly one task.
+                    let h = g * heads + i + r;
+                    out.range_mut(h * hd + d..h * hd + d + 1)[0] = reduce_registers(s);
+                } else {
+                    for (k, &s) in s.iter().enumerate() {
+                        _mm256_storeu_ps(at(r).add(k * LANES), s);
+                    }
                 }
             }
         }
