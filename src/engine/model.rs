@@ -585,8 +585,15 @@ impl Layer<'_> {
         self.check()?;
         block.w_up.matmul(pool, &b.act, &mut b.up);
         self.check()?;
-        swiglu_in_place(pool, &mut b.gate, &b.up);
-        b.act.quantize(pool, &b.gate, seq, h.n_ff, &[&block.w_down]);
+        let up = &b.up;
+        b.act.quantize_prepared(
+            pool,
+            &mut b.gate,
+            seq,
+            h.n_ff,
+            &[&block.w_down],
+            |start, part| swiglu_part(part, &up[start..]),
+        );
         block.w_down.matmul(pool, &b.act, &mut b.proj);
         Ok(())
     }
@@ -653,12 +660,8 @@ fn add(pool: &Pool, x: &mut [f32], y: &[f32]) {
     });
 }
 
-/// `gate = silu(gate) · up` element-wise, as llama.cpp's `swiglu`.
-fn swiglu_in_place(pool: &Pool, gate: &mut [f32], up: &[f32]) {
-    for_values(pool, gate, |start, part| swiglu_part(part, &up[start..]));
-}
-
-/// [`swiglu_portable`] compiled with FMA where the CPU has it (for [`expf`]'s multiply-adds).
+/// `gate = silu(gate) · up` element-wise, as llama.cpp's `swiglu`: [`swiglu_portable`] compiled
+/// with FMA where the CPU has it (for [`expf`]'s multiply-adds).
 fn swiglu_part(gate: &mut [f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {

@@ -651,6 +651,22 @@ fn quantize_candle_rows<B: GgmlType>(
     });
 }
 
+/// Q8_K blocks from which quantizing is split over the pool's threads: below it, waking a
+/// thread costs about what it saves (a block takes about 0.1 us).
+const SPLIT_FROM_BLOCKS: usize = 16;
+
+/// Calls `f(range)` for ranges of `0..n` Q8_K blocks (blocks are independent, so a range may
+/// cross rows): one range per thread, or one in all when there are few.
+fn for_block_ranges(pool: &Pool, n: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if n < SPLIT_FROM_BLOCKS {
+        if n > 0 {
+            f(0..n);
+        }
+        return;
+    }
+    pool.for_each_split(n, 1, f);
+}
+
 thread_local! {
     /// A thread's gemm output tile, reused.
     static GEMM_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -713,6 +729,56 @@ impl Activations {
         }
     }
 
+    /// [`Activations::quantize`] of `x` after `prepare(offset, part)` has rewritten consecutive
+    /// parts of it in place (`offset` is where `part` starts in `x`). Where every matrix takes
+    /// Q8_K rows only (Q6_K, and Q4_K for fewer than four rows), each thread prepares whole
+    /// blocks and quantizes them at once, in one pass over the pool: a generated token's SwiGLU
+    /// and its quantization for the down projection cost one dispatch, split evenly, instead of
+    /// two with the quantization on one thread.
+    pub fn quantize_prepared(
+        &mut self,
+        pool: &Pool,
+        x: &mut [f32],
+        m: usize,
+        k: usize,
+        for_matrices: &[&Matrix],
+        prepare: impl Fn(usize, &mut [f32]) + Sync,
+    ) {
+        assert!(x.len() >= m * k, "input too short");
+        let x = &mut x[..m * k];
+        self.m = m;
+        let kinds = || for_matrices.iter().flat_map(|m| m.act_kinds());
+        // Q8Kx4 holds the gemm's rows, of which a token or two has none.
+        let no_gemm_rows = self.gemm_rows() == 0;
+        let only_q8k =
+            kinds().all(|&kind| kind == ActKind::Q8K || (kind == ActKind::Q8Kx4 && no_gemm_rows));
+        if !only_q8k || !k.is_multiple_of(QK_K) {
+            let values = SharedMut::new(x);
+            pool.for_each_split(values.len(), QK_K, |part| {
+                // SAFETY: each part goes to exactly one thread.
+                prepare(part.start, unsafe { values.range_mut(part) })
+            });
+            return self.quantize(pool, x, m, k, for_matrices);
+        }
+        self.m = m;
+        self.k = k;
+        self.ready.clear();
+        self.q8k.resize(m * (k / QK_K), q8k::zeroed_q8k(1)[0]);
+        let (values, blocks) = (SharedMut::new(x), SharedMut::new(&mut self.q8k));
+        for_block_ranges(pool, blocks.len(), |range| {
+            // SAFETY: each range of blocks, and so of values, goes to exactly one thread.
+            let part = unsafe { values.range_mut(range.start * QK_K..range.end * QK_K) };
+            prepare(range.start * QK_K, part);
+            // SAFETY: as above.
+            q8k::quantize_row_q8k(part, unsafe { blocks.range_mut(range) });
+        });
+        self.ready.push(ActKind::Q8K);
+        if kinds().any(|&kind| kind == ActKind::Q8Kx4) {
+            self.q8k_x4.clear();
+            self.ready.push(ActKind::Q8Kx4);
+        }
+    }
+
     /// Prepares `x` (`m` rows of `k` values) for every matrix of `for_matrices`.
     pub fn quantize(
         &mut self,
@@ -733,15 +799,12 @@ impl Activations {
             }
             match kind {
                 ActKind::Q8K => {
-                    let nb = k / QK_K;
-                    self.q8k.resize(m * nb, q8k::zeroed_q8k(1)[0]);
+                    self.q8k.resize(m * (k / QK_K), q8k::zeroed_q8k(1)[0]);
                     let shared = SharedMut::new(&mut self.q8k);
-                    pool.for_each_chunk(m, 1, |rows| {
-                        for t in rows {
-                            // SAFETY: each row goes to exactly one thread.
-                            let dst = unsafe { shared.range_mut(t * nb..(t + 1) * nb) };
-                            q8k::quantize_row_q8k(&x[t * k..][..k], dst);
-                        }
+                    for_block_ranges(pool, shared.len(), |blocks| {
+                        let values = &x[blocks.start * QK_K..blocks.end * QK_K];
+                        // SAFETY: each range of blocks goes to exactly one thread.
+                        q8k::quantize_row_q8k(values, unsafe { shared.range_mut(blocks) });
                     });
                 }
                 ActKind::Q8Kx4 => {
@@ -1041,6 +1104,41 @@ mod tests {
             results.push(out);
         }
         assert_eq!(results[0], results[1]);
+    }
+
+    /// Preparing and quantizing in one pass (Q8_K rows: Q6_K, Q4_K for 1-3 rows) or in two
+    /// (the gemm's rows, other types) gives the bits of preparing first and quantizing after,
+    /// with any number of threads, rows and blocks per row.
+    #[test]
+    fn quantizing_a_prepared_input_equals_preparing_then_quantizing() {
+        let double_and_shift = |start: usize, part: &mut [f32]| {
+            for (i, v) in part.iter_mut().enumerate() {
+                *v = *v * 2.0 + ((start + i) % 7) as f32 * 0.25;
+            }
+        };
+        for dtype in [GgmlDType::Q6K, GgmlDType::Q4K, GgmlDType::Q4_1] {
+            for (m, k) in [(1, 256 * 43), (1, 512), (3, 256 * 17), (5, 256 * 9)] {
+                let rows = 16;
+                let (w, _) = matrix(dtype, rows, k);
+                let x = values(m * k, m + k);
+                let mut prepared = x.clone();
+                double_and_shift(0, &mut prepared);
+                for threads in [1, 2, 3] {
+                    let pool = Pool::new(threads);
+                    let mut expected_act = Activations::new();
+                    expected_act.quantize(&pool, &prepared, m, k, &[&w]);
+                    let mut expected = vec![0f32; m * rows];
+                    w.matmul(&pool, &expected_act, &mut expected);
+
+                    let (mut act, mut input) = (Activations::new(), x.clone());
+                    act.quantize_prepared(&pool, &mut input, m, k, &[&w], double_and_shift);
+                    assert_eq!(input, prepared, "{dtype:?} m={m} k={k} threads={threads}");
+                    let mut got = vec![0f32; m * rows];
+                    w.matmul(&pool, &act, &mut got);
+                    assert_eq!(got, expected, "{dtype:?} m={m} k={k} threads={threads}");
+                }
+            }
+        }
     }
 
     #[test]
