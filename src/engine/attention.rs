@@ -37,6 +37,12 @@ pub trait KvValue: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;
     /// Widens a slice into `dst` (same length).
     fn widen(src: &[Self], dst: &mut [f32]);
+    /// Rounds a slice into `dst` (same length), as [`KvValue::from_f32`] does value by value.
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = Self::from_f32(s);
+        }
+    }
     /// Rounds every value to this type and back, in place.
     fn round_in_place(values: &mut [f32]) {
         for v in values {
@@ -66,6 +72,10 @@ impl KvValue for f16 {
             return unsafe { widen_f16c(src, dst) };
         }
         src.convert_to_f32_slice(dst);
+    }
+    /// With F16C 8 values at a time where the CPU has it (`half`'s slice conversion).
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        dst.convert_from_f32_slice(src);
     }
     #[inline(always)]
     fn round_in_place(values: &mut [f32]) {
@@ -148,6 +158,9 @@ impl KvValue for f32 {
         self
     }
     fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn narrow(src: &[f32], dst: &mut [Self]) {
         dst.copy_from_slice(src);
     }
     fn write_le(self, out: &mut Vec<u8>) {

@@ -119,17 +119,18 @@ impl<T: KvValue> KvRows<T> {
         let row = self.row();
         let new = k.len() / row.max(1);
         self.grow_to(self.len + new);
+        // One head's values rounded together, then spread over their element-major places.
+        let mut rounded = vec![T::from_f32(0.0); head_dim];
         for t in 0..new {
             let p = self.len + t;
             for g in 0..n_kv {
                 let at = self.key_at(p, g);
                 let src = &k[t * row + g * head_dim..][..head_dim];
-                for (dst, &x) in self.keys[at..at + head_dim].iter_mut().zip(src) {
-                    *dst = T::from_f32(x);
-                }
-                for (d, &x) in v[t * row + g * head_dim..][..head_dim].iter().enumerate() {
+                T::narrow(src, &mut self.keys[at..at + head_dim]);
+                T::narrow(&v[t * row + g * head_dim..][..head_dim], &mut rounded);
+                for (d, &x) in rounded.iter().enumerate() {
                     let at = self.value_at(p, g, d);
-                    self.values[at] = T::from_f32(x);
+                    self.values[at] = x;
                 }
             }
         }
@@ -287,6 +288,47 @@ mod tests {
         assert!(kv.value_lanes(256, 0, 5, 8)[6..].iter().all(|&x| x == 0.0));
         assert!(kv.key_if_stored(511, 0).is_some());
         assert!(kv.key_if_stored(512, 0).is_none());
+    }
+
+    /// An f16 cache holds each key and value as `f16::from_f32` rounds it, halfway cases,
+    /// subnormals, overflow and NaN included (the rows are rounded 8 at a time).
+    #[test]
+    fn an_f16_cache_rounds_every_value_as_f16_from_f32() {
+        let (n_kv, hd) = (2, 24);
+        let row = n_kv * hd;
+        let tricky = [
+            1.0 + f32::EPSILON * 1024.0, // halfway between two f16s: ties to even
+            1.0 + f32::EPSILON * 3072.0,
+            65504.0,
+            65520.0, // rounds to infinity
+            -1e6,
+            6e-8, // subnormal in f16
+            3e-8,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+        ];
+        let values = |seed: usize| -> Vec<f32> {
+            (0..5 * row)
+                .map(|i| match (i * 7 + seed) % 13 {
+                    j if j < tricky.len() => tricky[j],
+                    _ => (i as f32 * 0.37 + seed as f32).sin() * 3.0,
+                })
+                .collect()
+        };
+        let (k, v) = (values(0), values(5));
+        let mut kv = KvRows::<f16>::default();
+        kv.append(0, n_kv, hd, &k, &v);
+        let same = |a: f16, b: f32| a.to_bits() == f16::from_f32(b).to_bits();
+        for p in 0..5 {
+            for g in 0..n_kv {
+                for d in 0..hd {
+                    let i = p * row + g * hd + d;
+                    assert!(same(kv.key(p, g)[d], k[i]), "key {p} {g} {d}: {}", k[i]);
+                    assert!(same(kv.value(p, g, d), v[i]), "value {p} {g} {d}: {}", v[i]);
+                }
+            }
+        }
     }
 
     #[test]
