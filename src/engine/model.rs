@@ -703,8 +703,26 @@ impl RopeTables {
     }
 
     /// Rotates adjacent pairs of every head of one token's `row` (`heads × head_dim`) for
-    /// position `position`.
+    /// position `position`: [`Self::apply_portable`] compiled with FMA where the CPU has it.
+    /// Without it each `mul_add` is a call to a software fused multiply-add, several times
+    /// slower (a generated token of the 3B spent 4-9 us more per layer).
     fn apply(&self, row: &mut [f32], position: usize, head_dim: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports FMA (checked just above).
+            return unsafe { self.apply_fma(row, position, head_dim) };
+        }
+        self.apply_portable(row, position, head_dim)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "fma")]
+    fn apply_fma(&self, row: &mut [f32], position: usize, head_dim: usize) {
+        self.apply_portable(row, position, head_dim)
+    }
+
+    #[inline(always)]
+    fn apply_portable(&self, row: &mut [f32], position: usize, head_dim: usize) {
         let table = &self.cos_sin[position * self.pairs..][..self.pairs];
         for head in row.chunks_mut(head_dim) {
             for (pair, &(cos, sin)) in head.chunks_exact_mut(2).zip(table) {
