@@ -119,18 +119,22 @@ impl<T: KvValue> KvRows<T> {
         let row = self.row();
         let new = k.len() / row.max(1);
         self.grow_to(self.len + new);
-        // One head's values rounded together, then spread over their element-major places.
-        let mut rounded = vec![T::from_f32(0.0); head_dim];
         for t in 0..new {
             let p = self.len + t;
             for g in 0..n_kv {
                 let at = self.key_at(p, g);
                 let src = &k[t * row + g * head_dim..][..head_dim];
                 T::narrow(src, &mut self.keys[at..at + head_dim]);
-                T::narrow(&v[t * row + g * head_dim..][..head_dim], &mut rounded);
-                for (d, &x) in rounded.iter().enumerate() {
-                    let at = self.value_at(p, g, d);
-                    self.values[at] = x;
+                // Values rounded 8 together, then spread over their element-major places.
+                let mut rounded = [T::from_f32(0.0); 8];
+                let value = &v[t * row + g * head_dim..][..head_dim];
+                for (c, chunk) in value.chunks(rounded.len()).enumerate() {
+                    let rounded = &mut rounded[..chunk.len()];
+                    T::narrow(chunk, rounded);
+                    for (j, &x) in rounded.iter().enumerate() {
+                        let at = self.value_at(p, g, 8 * c + j);
+                        self.values[at] = x;
+                    }
                 }
             }
         }

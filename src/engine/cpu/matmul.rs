@@ -760,23 +760,39 @@ impl Activations {
             });
             return self.quantize(pool, x, m, k, for_matrices);
         }
-        self.m = m;
         self.k = k;
         self.ready.clear();
-        self.q8k.resize(m * (k / QK_K), q8k::zeroed_q8k(1)[0]);
-        let (values, blocks) = (SharedMut::new(x), SharedMut::new(&mut self.q8k));
-        for_block_ranges(pool, blocks.len(), |range| {
+        let values = SharedMut::new(x);
+        self.quantize_q8k(pool, m * k, |blocks| {
+            let range = blocks.start * QK_K..blocks.end * QK_K;
             // SAFETY: each range of blocks, and so of values, goes to exactly one thread.
-            let part = unsafe { values.range_mut(range.start * QK_K..range.end * QK_K) };
-            prepare(range.start * QK_K, part);
-            // SAFETY: as above.
-            q8k::quantize_row_q8k(part, unsafe { blocks.range_mut(range) });
+            let part = unsafe { values.range_mut(range) };
+            prepare(blocks.start * QK_K, part);
+            part
         });
         self.ready.push(ActKind::Q8K);
         if kinds().any(|&kind| kind == ActKind::Q8Kx4) {
             self.q8k_x4.clear();
             self.ready.push(ActKind::Q8Kx4);
         }
+    }
+
+    /// Quantizes `len` values (whole Q8_K blocks) into `self.q8k`, ranges of blocks spread over
+    /// the pool ([`for_block_ranges`]); `values(blocks)` gives the values of a range of blocks,
+    /// called once per range on the thread that quantizes it.
+    fn quantize_q8k<'x>(
+        &mut self,
+        pool: &Pool,
+        len: usize,
+        values: impl Fn(std::ops::Range<usize>) -> &'x [f32] + Sync,
+    ) {
+        self.q8k.resize(len / QK_K, q8k::zeroed_q8k(1)[0]);
+        let shared = SharedMut::new(&mut self.q8k);
+        for_block_ranges(pool, shared.len(), |blocks| {
+            let x = values(blocks.clone());
+            // SAFETY: each range of blocks goes to exactly one thread.
+            q8k::quantize_row_q8k(x, unsafe { shared.range_mut(blocks) });
+        });
     }
 
     /// Prepares `x` (`m` rows of `k` values) for every matrix of `for_matrices`.
@@ -798,15 +814,9 @@ impl Activations {
                 continue;
             }
             match kind {
-                ActKind::Q8K => {
-                    self.q8k.resize(m * (k / QK_K), q8k::zeroed_q8k(1)[0]);
-                    let shared = SharedMut::new(&mut self.q8k);
-                    for_block_ranges(pool, shared.len(), |blocks| {
-                        let values = &x[blocks.start * QK_K..blocks.end * QK_K];
-                        // SAFETY: each range of blocks goes to exactly one thread.
-                        q8k::quantize_row_q8k(values, unsafe { shared.range_mut(blocks) });
-                    });
-                }
+                ActKind::Q8K => self.quantize_q8k(pool, x.len(), |blocks| {
+                    &x[blocks.start * QK_K..blocks.end * QK_K]
+                }),
                 ActKind::Q8Kx4 => {
                     let (nb, groups) = (k / QK_K, self.gemm_rows() / 4);
                     self.q8k_x4.resize(groups * nb, q8k::zeroed_q8k_x4(1)[0]);
