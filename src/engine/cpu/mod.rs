@@ -29,8 +29,8 @@ pub enum SimdLevel {
     Portable,
     /// x86-64 with AVX2, FMA and F16C.
     Avx2,
-    /// x86-64 with AVX-512 F/BW/VL/VNNI (and AVX2): the Q4_K kernels; the others run their
-    /// AVX2 forms. No machine this was written on has AVX-512, so these kernels are tested bit
+    /// x86-64 with AVX-512 F/BW/VL/VNNI (and AVX2): the Q4_K and Q6_K kernels; the others run
+    /// their AVX2 forms. No machine this was written on has AVX-512, so these kernels are tested bit
     /// for bit against the AVX2 ones in an x86 emulator (`scripts/emulator/`), and natively
     /// wherever the tests run on such a CPU.
     Avx512,

@@ -8,6 +8,11 @@
 //!
 //! The `_rows` form computes several weight rows per pass over the activations; every row's
 //! value is summed exactly as the one-row form sums it, so both give the same bits.
+//!
+//! Levels: portable, AVX2 (llama.cpp's instruction sequence, with the scale shuffles of our own)
+//! and AVX-512 F/BW/VL/VNNI (`vpmaddubsw` + `vpdpwssd` on 64-byte registers), all with the same
+//! bits. The AVX-512 form is tested bit for bit against the AVX2 one in the emulator; its speed
+//! is not measured yet (no AVX-512 machine so far).
 
 use super::SimdLevel;
 use super::blocks::{BlockQ6K, BlockQ8K, QK_K};
@@ -20,6 +25,11 @@ pub const ROWS_PER_PASS: usize = 1;
 /// Dot product of one Q6_K weight row with Q8_K activations of the same length.
 pub fn dot_q6k_q8k(level: SimdLevel, w: &[BlockQ6K], act: &[BlockQ8K]) -> f32 {
     debug_assert_eq!(w.len(), act.len());
+    #[cfg(target_arch = "x86_64")]
+    if takes_avx512(level) {
+        // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked just above).
+        return unsafe { avx512::dot(w, act) };
+    }
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 && lanes::avx2_available() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
@@ -39,7 +49,7 @@ pub fn dot_q6k_q8k_rows(level: SimdLevel, w: &[BlockQ6K], act: &[BlockQ8K], out:
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if level >= SimdLevel::Avx2 && lanes::avx2_available() {
+    if level >= SimdLevel::Avx2 && lanes::avx2_available() && !takes_avx512(level) {
         let group = blocks * ROWS_PER_PASS;
         let mut outs = out.chunks_exact_mut(ROWS_PER_PASS);
         let mut groups = w.chunks_exact(group);
@@ -58,6 +68,12 @@ pub fn dot_q6k_q8k_rows(level: SimdLevel, w: &[BlockQ6K], act: &[BlockQ8K], out:
     for (o, row) in out.iter_mut().zip(w.chunks_exact(blocks)) {
         *o = dot_q6k_q8k(level, row, act);
     }
+}
+
+/// Whether the kernels at `level` take their AVX-512 form: asked for, and the CPU has it.
+#[cfg(target_arch = "x86_64")]
+fn takes_avx512(level: SimdLevel) -> bool {
+    level >= SimdLevel::Avx512 && super::avx512_available()
 }
 
 /// The 256 unsigned 6-bit values of a Q6_K block (0..64; the -32 offset is applied through
@@ -81,6 +97,11 @@ pub fn q6k_values(block: &BlockQ6K) -> [u8; QK_K] {
 /// sums it (its path for batches of 8 tokens or more).
 pub fn dot_q6k_q8k_tiled(level: SimdLevel, w: &[BlockQ6K], act: &[BlockQ8K]) -> f32 {
     debug_assert_eq!(w.len(), act.len());
+    #[cfg(target_arch = "x86_64")]
+    if takes_avx512(level) {
+        // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked just above).
+        return unsafe { avx512::dot_tiled_tokens(w, [act])[0] };
+    }
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 && lanes::avx2_available() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
@@ -109,6 +130,11 @@ pub fn dot_q6k_q8k_tiled_tokens<const T: usize>(
     acts: [&[BlockQ8K]; T],
 ) -> [f32; T] {
     debug_assert!(acts.iter().all(|a| a.len() == w.len()));
+    #[cfg(target_arch = "x86_64")]
+    if takes_avx512(level) {
+        // SAFETY: the CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI (checked just above).
+        return unsafe { avx512::dot_tiled_tokens(w, acts) };
+    }
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 && lanes::avx2_available() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
@@ -241,14 +267,14 @@ mod avx2 {
 
     /// A block's 16 sub-block scales widened to i16: in order, and each half's eight in
     /// both 128-bit lanes.
-    struct Scales {
-        wide: __m256i,
+    pub(super) struct Scales {
+        pub(super) wide: __m256i,
         halves: [__m256i; 2],
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn load_scales(x: &BlockQ6K) -> Scales {
+    pub(super) fn load_scales(x: &BlockQ6K) -> Scales {
         // SAFETY: scales is 16 readable bytes.
         let wide = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(x.scales.as_ptr().cast()) });
         Scales {
@@ -263,7 +289,7 @@ mod avx2 {
     /// `32 · Σ scale · bsum` per lane pair: the values' -32 offset.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn offset_lanes(scales: &Scales, q8sums: __m256i) -> __m256i {
+    pub(super) fn offset_lanes(scales: &Scales, q8sums: __m256i) -> __m256i {
         _mm256_slli_epi32::<5>(_mm256_madd_epi16(q8sums, scales.wide))
     }
 
@@ -283,7 +309,7 @@ mod avx2 {
     /// Loads a block's 16 activation sums.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn load_bsums(y: &BlockQ8K) -> __m256i {
+    pub(super) fn load_bsums(y: &BlockQ8K) -> __m256i {
         // SAFETY: reads exactly the 32 bytes of `bsums`.
         unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) }
     }
@@ -333,6 +359,146 @@ mod avx2 {
             for ((acc, sum), act) in acc.iter_mut().zip(sumi).zip(&acts) {
                 let y = &act[b];
                 let sum = hsum_i32_8(_mm256_sub_epi32(sum, offset_lanes(&scales, load_bsums(y))));
+                *acc = (d * sum as f32).mul_add(y.d, *acc);
+            }
+        }
+        acc
+    }
+}
+
+/// The AVX-512 (F/BW/VL/VNNI) forms of the AVX2 kernels, with their bits. A block's values are
+/// unpacked into four 64-byte registers (two of llama.cpp's 32-value chunks each) and each
+/// register's products are summed by `vpmaddubsw` and scaled and added by `vpdpwssd`: two
+/// instructions per 64 values where AVX2 takes three per 32. Every sum is an exact integer
+/// (a pair of products is at most 2 · 63 · 128, well inside i16), and each product goes to the
+/// same one of the AVX2 kernel's 8 lanes, so the lanes, and all that follows from them, are the
+/// same.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::super::blocks::{BlockQ6K, BlockQ8K};
+    use super::super::lanes::avx2::{hsum_float_8, hsum_i32_8, prefetch_ahead};
+    use super::avx2::{Scales, load_bsums, load_scales, offset_lanes};
+
+    /// A weight block ready for [`block_lanes`].
+    struct Unpacked {
+        /// Register `q` holds values `64 q .. 64 q + 64`: chunks `2 (q % 2)` and `2 (q % 2) + 1`
+        /// of half `q / 2`, in llama.cpp's order.
+        values: [__m512i; 4],
+        /// For register `q`, the scale of each value pair's sub-block as i16: pair `i` lies in
+        /// sub-block `4 q + i / 8`.
+        scales: [__m512i; 4],
+        /// The scales as [`offset_lanes`] takes them.
+        offsets: Scales,
+    }
+
+    /// `x`'s values and scales (see [`Unpacked`]).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn unpack(x: &BlockQ6K) -> Unpacked {
+        let m3 = _mm512_set1_epi8(3);
+        let m15 = _mm512_set1_epi8(15);
+        // The 2 high bits of chunk c sit at bits 2c of qh; the low 256 bits of a register take
+        // chunk 0 (or 2), the high ones chunk 1 (or 3). (Plain code, no closures: closures do
+        // not inherit the target features.)
+        let shift01 = _mm512_inserti64x4::<1>(_mm512_setzero_si512(), _mm256_set1_epi16(2));
+        let shift23 = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_set1_epi16(4)),
+            _mm256_set1_epi16(6),
+        );
+        let mut values = [_mm512_setzero_si512(); 4];
+        for half in 0..2 {
+            // SAFETY: half < 2: 64 bytes of ql from 64 half (128 in all), 32 of qh from 32 half.
+            let (ql, qh) = unsafe {
+                (
+                    _mm512_loadu_si512(x.ql.as_ptr().add(64 * half).cast()),
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(x.qh.as_ptr().add(32 * half).cast())),
+                )
+            };
+            let high01 = _mm512_and_si512(_mm512_srlv_epi16(qh, shift01), m3);
+            let high23 = _mm512_and_si512(_mm512_srlv_epi16(qh, shift23), m3);
+            values[2 * half] =
+                _mm512_or_si512(_mm512_and_si512(ql, m15), _mm512_slli_epi16::<4>(high01));
+            values[2 * half + 1] = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m15),
+                _mm512_slli_epi16::<4>(high23),
+            );
+        }
+        let offsets = load_scales(x);
+        let wide = _mm512_castsi256_si512(offsets.wide);
+        let mut scales = [_mm512_setzero_si512(); 4];
+        for (q, scales) in scales.iter_mut().enumerate() {
+            // Pair i of register q: sub-block 4 q + i / 8.
+            let pick = _mm512_add_epi16(
+                _mm512_set1_epi16(4 * q as i16),
+                _mm512_set_epi16(
+                    3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0,
+                    0, 0, 0, 0, 0, 0,
+                ),
+            );
+            *scales = _mm512_permutexvar_epi16(pick, wide);
+        }
+        Unpacked {
+            values,
+            scales,
+            offsets,
+        }
+    }
+
+    /// The AVX2 kernel's 8 i32 lanes of one block (`super::avx2::block_lanes`), the -32
+    /// offset included.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn block_lanes(x: &Unpacked, y: &BlockQ8K) -> __m256i {
+        let mut sums = _mm512_setzero_si512();
+        for q in 0..4 {
+            // SAFETY: q < 4: 64 of the 256 bytes of qs.
+            let q8 = unsafe { _mm512_loadu_si512(y.qs.as_ptr().add(64 * q).cast()) };
+            let pairs = _mm512_maddubs_epi16(x.values[q], q8);
+            sums = _mm512_dpwssd_epi32(sums, pairs, x.scales[q]);
+        }
+        // Lane l of the low and of the high 256 bits both belong to the AVX2 kernel's lane l.
+        let lanes = _mm256_add_epi32(
+            _mm512_castsi512_si256(sums),
+            _mm512_extracti64x4_epi64::<1>(sums),
+        );
+        _mm256_sub_epi32(lanes, offset_lanes(&x.offsets, load_bsums(y)))
+    }
+
+    /// `super::avx2::dot_rows` for one row, with its bits.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn dot(w: &[BlockQ6K], act: &[BlockQ8K]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (x, y) in w.iter().zip(act) {
+            prefetch_ahead(x);
+            let d = _mm256_set1_ps(y.d * x.d.to_f32());
+            let sumi = block_lanes(&unpack(x), y);
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(sumi), acc);
+        }
+        hsum_float_8(acc)
+    }
+
+    /// `super::avx2::dot_tiled_tokens`, with its bits: each block unpacked once for the `T`
+    /// activation rows.
+    ///
+    /// # Safety
+    /// As [`dot`].
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    pub(super) unsafe fn dot_tiled_tokens<const T: usize>(
+        w: &[BlockQ6K],
+        acts: [&[BlockQ8K]; T],
+    ) -> [f32; T] {
+        let mut acc = [0f32; T];
+        for (b, x) in w.iter().enumerate() {
+            let unpacked = unpack(x);
+            let d = x.d.to_f32();
+            for (acc, act) in acc.iter_mut().zip(&acts) {
+                let y = &act[b];
+                let sum = hsum_i32_8(block_lanes(&unpacked, y));
                 *acc = (d * sum as f32).mul_add(y.d, *acc);
             }
         }
@@ -438,6 +604,192 @@ mod tests {
                 let got = f64::from(dot(level, &w, &act));
                 assert!((got - want).abs() <= bound, "{got} vs {want} ± {bound}");
             }
+        }
+    }
+
+    /// The AVX-512 kernels against the best level below them, bit for bit, natively or in the
+    /// emulator (see `emulator`).
+    #[cfg(target_arch = "x86_64")]
+    mod on_avx512 {
+        use super::*;
+        use crate::engine::cpu::emulator::{Entry, run_or_skip};
+
+        const T: usize = TOKENS_PER_PASS;
+
+        /// The arguments of one AVX-512 call, as raw parts the entry functions rebuild.
+        #[repr(C)]
+        struct Call {
+            /// Weight rows of `nb` blocks, one after another.
+            w: *const BlockQ6K,
+            w_len: usize,
+            /// `T` activation rows of `nb` blocks, one after another.
+            act: *const BlockQ8K,
+            nb: usize,
+            /// `T` outputs per weight row: row `r`, activation row `t` at `T r + t`.
+            out: *mut f32,
+        }
+
+        /// Rebuilds a call's slices: the weights, the `T` activation rows and the outputs.
+        ///
+        /// # Safety
+        /// `c` is a live `Call` whose parts are valid for these lengths.
+        unsafe fn parts<'a>(c: &Call) -> (&'a [BlockQ6K], [&'a [BlockQ8K]; T], &'a mut [f32]) {
+            // SAFETY: as the caller guarantees.
+            unsafe {
+                let w = std::slice::from_raw_parts(c.w, c.w_len);
+                let mut acts: [&[BlockQ8K]; T] = [&[]; T];
+                for (t, a) in acts.iter_mut().enumerate() {
+                    *a = std::slice::from_raw_parts(c.act.add(t * c.nb), c.nb);
+                }
+                let out = std::slice::from_raw_parts_mut(c.out, T * (c.w_len / c.nb));
+                (w, acts, out)
+            }
+        }
+
+        /// The single-token dot (`dot_q6k_q8k`) of every (weight row, activation row).
+        unsafe extern "C" fn dot_entry(arg: *mut u8) {
+            // SAFETY: the test passes a live `Call`; the emulator (or this CPU) has AVX-512.
+            unsafe {
+                let c = &*arg.cast::<Call>();
+                let (w, acts, out) = parts(c);
+                for (row, out) in w.chunks_exact(c.nb).zip(out.chunks_exact_mut(T)) {
+                    for (o, act) in out.iter_mut().zip(acts) {
+                        *o = avx512::dot(row, act);
+                    }
+                }
+            }
+        }
+
+        /// The tiled order, `T` activation rows per pass (`dot_q6k_q8k_tiled_tokens`).
+        unsafe extern "C" fn tiled_tokens_entry(arg: *mut u8) {
+            // SAFETY: as in `dot_entry`.
+            unsafe {
+                let c = &*arg.cast::<Call>();
+                let (w, acts, out) = parts(c);
+                for (row, out) in w.chunks_exact(c.nb).zip(out.chunks_exact_mut(T)) {
+                    out.copy_from_slice(&avx512::dot_tiled_tokens(row, acts));
+                }
+            }
+        }
+
+        /// The tiled order, one activation row per pass (`dot_q6k_q8k_tiled`).
+        unsafe extern "C" fn tiled_entry(arg: *mut u8) {
+            // SAFETY: as in `dot_entry`.
+            unsafe {
+                let c = &*arg.cast::<Call>();
+                let (w, acts, out) = parts(c);
+                for (row, out) in w.chunks_exact(c.nb).zip(out.chunks_exact_mut(T)) {
+                    for (o, act) in out.iter_mut().zip(acts) {
+                        *o = avx512::dot_tiled_tokens(row, [act])[0];
+                    }
+                }
+            }
+        }
+
+        /// The best level below AVX-512 this CPU has: what the AVX-512 bits must equal.
+        fn reference_level() -> SimdLevel {
+            if crate::engine::cpu::avx2_available() {
+                SimdLevel::Avx2
+            } else {
+                SimdLevel::Portable
+            }
+        }
+
+        /// Weights and `T` activation rows of `nb` blocks with the extremes in them: a weight
+        /// block of all-63 values at scale -128 and one at scale 127, activation blocks of all
+        /// -128 and all 127.
+        fn case_data(rng: &mut Rng, rows: usize, nb: usize) -> (Vec<BlockQ6K>, Vec<BlockQ8K>) {
+            let mut w = random_q6k(rng, rows * nb);
+            w[0].scales = [i8::MIN; 16];
+            w[0].ql = [0xFF; 128];
+            w[0].qh = [0xFF; 64];
+            w[rows * nb - 1].scales = [i8::MAX; 16];
+            let mut act: Vec<BlockQ8K> = (0..T)
+                .flat_map(|_| q8k(&rng.activations(nb * QK_K)))
+                .collect();
+            act[0].qs = [-128; QK_K];
+            act[0].bsums = [-128 * 16; QK_K / 16];
+            let last = act.len() - 1;
+            act[last].qs = [127; QK_K];
+            act[last].bsums = [127 * 16; QK_K / 16];
+            (w, act)
+        }
+
+        fn bits(v: &[f32]) -> Vec<u32> {
+            v.iter().map(|x| x.to_bits()).collect()
+        }
+
+        /// Runs `entry` on AVX-512 for weight rows × block counts, and compares with `reference`
+        /// (weight row, activation row) at the reference level.
+        fn check(entry: Entry, reference: fn(SimdLevel, &[BlockQ6K], &[BlockQ8K]) -> f32) {
+            let mut rng = Rng(21);
+            let level = reference_level();
+            let shapes = [(1, 1), (3, 2), (2, 3), (5, 8), (2, 43)];
+            let data: Vec<_> = shapes
+                .iter()
+                .map(|&(rows, nb)| case_data(&mut rng, rows, nb))
+                .collect();
+            let expected: Vec<Vec<f32>> = shapes
+                .iter()
+                .zip(&data)
+                .map(|(&(_, nb), (w, act))| {
+                    w.chunks_exact(nb)
+                        .flat_map(|row| act.chunks_exact(nb).map(|a| reference(level, row, a)))
+                        .collect()
+                })
+                .collect();
+            let mut outputs: Vec<Vec<f32>> =
+                expected.iter().map(|e| vec![f32::NAN; e.len()]).collect();
+            let mut calls: Vec<Call> = shapes
+                .iter()
+                .zip(&data)
+                .zip(&mut outputs)
+                .map(|((&(_, nb), (w, act)), out)| Call {
+                    w: w.as_ptr(),
+                    w_len: w.len(),
+                    act: act.as_ptr(),
+                    nb,
+                    out: out.as_mut_ptr(),
+                })
+                .collect();
+            let runs: Vec<(Entry, *mut u8)> = calls
+                .iter_mut()
+                .map(|c| (entry, (c as *mut Call).cast::<u8>()))
+                .collect();
+            let mut views: Vec<&mut [u8]> = outputs
+                .iter_mut()
+                .map(|o| {
+                    // SAFETY: f32 has no invalid bit patterns; the view covers the vector.
+                    unsafe { std::slice::from_raw_parts_mut(o.as_mut_ptr().cast(), 4 * o.len()) }
+                })
+                .collect();
+            let Some(ran) = run_or_skip(&runs, &mut views) else {
+                return;
+            };
+            for ((shape, out), want) in shapes.iter().zip(&outputs).zip(&expected) {
+                assert_eq!(
+                    bits(out),
+                    bits(want),
+                    "{shape:?} ({ran:?}) against {level:?}"
+                );
+            }
+        }
+
+        #[test]
+        fn the_avx512_dot_gives_the_avx2_bits() {
+            check(dot_entry, dot_q6k_q8k);
+        }
+
+        #[test]
+        fn the_avx512_tiled_dot_gives_the_avx2_bits() {
+            check(tiled_entry, dot_q6k_q8k_tiled);
+        }
+
+        #[test]
+        fn the_avx512_tiled_dot_of_several_tokens_gives_the_avx2_bits() {
+            // The reference is the one-token tiled dot, which `several_tokens_per_pass_give_
+            // each_token_the_tiled_bits` shows equal to the several-token one on every level.
+            check(tiled_tokens_entry, dot_q6k_q8k_tiled);
         }
     }
 }
