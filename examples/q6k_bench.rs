@@ -1,10 +1,14 @@
 //! Single-threaded timing of the Q6_K × Q8_K matrix-vector product in GB/s of weights read:
-//! SmolLM3's tied output head (128,256 × 2,048) and an FFN-down-shaped 2,048 × 11,008.
-//! `cargo run --release --example q6k_bench [-- portable|avx2]`. Rough on a shared machine.
+//! SmolLM3's tied output head (128,256 × 2,048) and an FFN-down-shaped 2,048 × 11,008; then of a
+//! prompt's product on the FFN-down shape, 4 tokens per pass over each weight row (the tiled
+//! order). `cargo run --release --example q6k_bench [-- portable]`; `SMOLDESK_SIMD=avx2` forces
+//! AVX2 on an AVX-512 CPU. Rough on a shared machine.
 
 use half::f16;
 use smoldesk::engine::cpu::blocks::{BlockQ6K, BlockQ8K, QK_K};
-use smoldesk::engine::cpu::q6k::{dot_q6k_q8k, dot_q6k_q8k_rows};
+use smoldesk::engine::cpu::q6k::{
+    TOKENS_PER_PASS, dot_q6k_q8k, dot_q6k_q8k_rows, dot_q6k_q8k_tiled_tokens,
+};
 use smoldesk::engine::cpu::{SimdLevel, simd_level};
 use std::time::{Duration, Instant};
 
@@ -75,4 +79,22 @@ fn main() {
             multi.as_secs_f64() * 1e3,
         );
     }
+    let (rows, k) = (2048, 11_008 / QK_K * QK_K);
+    let blocks = k / QK_K;
+    let w = weights(rows, blocks);
+    let act = activations(blocks);
+    let acts = [&act[..]; TOKENS_PER_PASS];
+    let mut out = vec![[0f32; TOKENS_PER_PASS]; rows];
+    let tiled = best(Duration::from_secs(2), || {
+        for (o, row) in out.iter_mut().zip(w.chunks_exact(blocks)) {
+            *o = dot_q6k_q8k_tiled_tokens(level, row, acts);
+        }
+    });
+    let products = (rows * k * TOKENS_PER_PASS) as f64;
+    println!(
+        "{} Q6_K {rows} x {k}, {TOKENS_PER_PASS} tokens per pass (a prompt's order): {:.2} ms, {:.1} G products/s",
+        level.name(),
+        tiled.as_secs_f64() * 1e3,
+        products / tiled.as_secs_f64() / 1e9,
+    );
 }
