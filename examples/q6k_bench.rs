@@ -28,12 +28,13 @@ fn weights(rows: usize, blocks: usize) -> Vec<BlockQ6K> {
         .collect()
 }
 
-fn activations(blocks: usize) -> Vec<BlockQ8K> {
+/// Activation row `row` of `blocks` blocks.
+fn activations(row: usize, blocks: usize) -> Vec<BlockQ8K> {
     (0..blocks)
         .map(|b| BlockQ8K {
             d: 0.01,
-            qs: std::array::from_fn(|i| hash(b * 300 + i) as i8),
-            bsums: std::array::from_fn(|i| hash(b * 300 + 256 + i) as i16),
+            qs: std::array::from_fn(|i| hash((row * blocks + b) * 300 + i) as i8),
+            bsums: std::array::from_fn(|i| hash((row * blocks + b) * 300 + 256 + i) as i16),
         })
         .collect()
 }
@@ -57,7 +58,7 @@ fn main() {
     for (rows, k) in [(128_256, 2048), (2048, 11_008 / QK_K * QK_K)] {
         let blocks = k / QK_K;
         let w = weights(rows, blocks);
-        let act = activations(blocks);
+        let act = activations(0, blocks);
         let mut out = vec![0f32; rows];
         let gb = (rows * blocks * std::mem::size_of::<BlockQ6K>()) as f64 / 1e9;
         let one = best(Duration::from_secs(2), || {
@@ -82,8 +83,10 @@ fn main() {
     let (rows, k) = (2048, 11_008 / QK_K * QK_K);
     let blocks = k / QK_K;
     let w = weights(rows, blocks);
-    let act = activations(blocks);
-    let acts = [&act[..]; TOKENS_PER_PASS];
+    let rows_of_act: Vec<Vec<BlockQ8K>> = (0..TOKENS_PER_PASS)
+        .map(|t| activations(t, blocks))
+        .collect();
+    let acts: [&[BlockQ8K]; TOKENS_PER_PASS] = std::array::from_fn(|t| &rows_of_act[t][..]);
     let mut out = vec![[0f32; TOKENS_PER_PASS]; rows];
     let tiled = best(Duration::from_secs(2), || {
         for (o, row) in out.iter_mut().zip(w.chunks_exact(blocks)) {

@@ -268,10 +268,13 @@ mod avx2 {
     /// A block's 16 sub-block scales widened to i16: in order, and each half's eight in
     /// both 128-bit lanes.
     pub(super) struct Scales {
+        /// The 16 in order.
         pub(super) wide: __m256i,
+        /// Half `j`'s eight, in both 128-bit lanes.
         halves: [__m256i; 2],
     }
 
+    /// `x`'s scales (see [`Scales`]).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn load_scales(x: &BlockQ6K) -> Scales {
@@ -594,7 +597,7 @@ mod tests {
         let act = q8k(&rng.activations(blocks * QK_K));
         for n_rows in [1, 2, 3, 5] {
             let w = random_q6k(&mut rng, blocks * n_rows);
-            for level in [SimdLevel::Portable, SimdLevel::Avx2] {
+            for level in [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512] {
                 let mut out = vec![0f32; n_rows];
                 dot_q6k_q8k_rows(level, &w, &act, &mut out);
                 for (o, row) in out.iter().zip(w.chunks_exact(blocks)) {
@@ -616,7 +619,7 @@ mod tests {
                 .map(|_| q8k(&rng.activations(blocks * QK_K)))
                 .collect();
             let rows: [&[BlockQ8K]; TOKENS_PER_PASS] = std::array::from_fn(|i| &acts[i][..]);
-            for level in [SimdLevel::Portable, SimdLevel::Avx2] {
+            for level in [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512] {
                 let got = dot_q6k_q8k_tiled_tokens(level, &w, rows);
                 for (g, act) in got.iter().zip(rows) {
                     let want = dot_q6k_q8k_tiled(SimdLevel::Portable, &w, act);
@@ -634,7 +637,7 @@ mod tests {
         let w = random_q6k(&mut rng, blocks);
         let act = q8k(&x);
         let (want, bound) = float_reference::<k_quants::BlockQ6K>(as_candle(&w), &x, QK_K);
-        for level in [SimdLevel::Portable, SimdLevel::Avx2] {
+        for level in [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512] {
             for dot in [dot_q6k_q8k, dot_q6k_q8k_tiled] {
                 let got = f64::from(dot(level, &w, &act));
                 assert!((got - want).abs() <= bound, "{got} vs {want} ± {bound}");
@@ -730,15 +733,18 @@ mod tests {
             }
         }
 
-        /// Weights and `T` activation rows of `nb` blocks with the extremes in them: a weight
-        /// block of all-63 values at scale -128 and one at scale 127, activation blocks of all
-        /// -128 and all 127.
+        /// Weights and `T` activation rows of `nb` blocks with the extremes in them: weight
+        /// blocks of all-63 values at scale -128 and at scale 127 (the same block when there is
+        /// one), activation blocks of all -128 and all 127.
         fn case_data(rng: &mut Rng, rows: usize, nb: usize) -> (Vec<BlockQ6K>, Vec<BlockQ8K>) {
             let mut w = random_q6k(rng, rows * nb);
             w[0].scales = [i8::MIN; 16];
             w[0].ql = [0xFF; 128];
             w[0].qh = [0xFF; 64];
-            w[rows * nb - 1].scales = [i8::MAX; 16];
+            let last = &mut w[rows * nb - 1];
+            last.scales = [i8::MAX; 16];
+            last.ql = [0xFF; 128];
+            last.qh = [0xFF; 64];
             let mut act: Vec<BlockQ8K> = (0..T)
                 .flat_map(|_| q8k(&rng.activations(nb * QK_K)))
                 .collect();
@@ -750,6 +756,7 @@ mod tests {
             (w, act)
         }
 
+        /// The bit patterns of `v`, compared exactly.
         fn bits(v: &[f32]) -> Vec<u32> {
             v.iter().map(|x| x.to_bits()).collect()
         }
