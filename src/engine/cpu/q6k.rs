@@ -684,18 +684,33 @@ mod tests {
             }
         }
 
-        /// The single-token dot (`dot_q6k_q8k`) of every (weight row, activation row).
-        unsafe extern "C" fn dot_entry(arg: *mut u8) {
-            // SAFETY: the test passes a live `Call`; the emulator (or this CPU) has AVX-512.
+        /// Runs `dot` on every (weight row, activation row) of the call at `arg`.
+        ///
+        /// # Safety
+        /// `arg` is a live `Call`; the emulator (or this CPU) has AVX-512.
+        unsafe fn each_pair(arg: *mut u8, dot: unsafe fn(&[BlockQ6K], &[BlockQ8K]) -> f32) {
+            // SAFETY: as the caller guarantees.
             unsafe {
                 let c = &*arg.cast::<Call>();
                 let (w, acts, out) = parts(c);
                 for (row, out) in w.chunks_exact(c.nb).zip(out.chunks_exact_mut(T)) {
                     for (o, act) in out.iter_mut().zip(acts) {
-                        *o = avx512::dot(row, act);
+                        *o = dot(row, act);
                     }
                 }
             }
+        }
+
+        /// The single-token dot (`dot_q6k_q8k`) of every (weight row, activation row).
+        unsafe extern "C" fn dot_entry(arg: *mut u8) {
+            // SAFETY: the test passes a live `Call`; the emulator (or this CPU) has AVX-512.
+            unsafe { each_pair(arg, avx512::dot) }
+        }
+
+        /// The tiled order, one activation row per pass (`dot_q6k_q8k_tiled`).
+        unsafe extern "C" fn tiled_entry(arg: *mut u8) {
+            // SAFETY: as in `dot_entry` (the closure runs inside `each_pair`).
+            unsafe { each_pair(arg, |w, act| avx512::dot_tiled_tokens(w, [act])[0]) }
         }
 
         /// The tiled order, `T` activation rows per pass (`dot_q6k_q8k_tiled_tokens`).
@@ -706,20 +721,6 @@ mod tests {
                 let (w, acts, out) = parts(c);
                 for (row, out) in w.chunks_exact(c.nb).zip(out.chunks_exact_mut(T)) {
                     out.copy_from_slice(&avx512::dot_tiled_tokens(row, acts));
-                }
-            }
-        }
-
-        /// The tiled order, one activation row per pass (`dot_q6k_q8k_tiled`).
-        unsafe extern "C" fn tiled_entry(arg: *mut u8) {
-            // SAFETY: as in `dot_entry`.
-            unsafe {
-                let c = &*arg.cast::<Call>();
-                let (w, acts, out) = parts(c);
-                for (row, out) in w.chunks_exact(c.nb).zip(out.chunks_exact_mut(T)) {
-                    for (o, act) in out.iter_mut().zip(acts) {
-                        *o = avx512::dot_tiled_tokens(row, [act])[0];
-                    }
                 }
             }
         }
