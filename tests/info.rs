@@ -66,6 +66,7 @@ fn describes_the_tiny_q4_k_m_fixture() {
     );
     assert_eq!(info.main_quantization(), Some("Q4_K"));
     assert_eq!(info.file_type.as_deref(), Some("Q4_K_M"));
+    assert_eq!(info.quantization_label(), Some("Q4_K_M"));
     assert!(info.tied_embeddings);
     assert!(info.can_think);
     assert_eq!(info.chat_template.map(|t| t.chars().count()), Some(5498));
@@ -79,11 +80,34 @@ fn describes_the_tiny_q4_k_m_fixture() {
 }
 
 #[test]
+fn a_requantized_file_is_labelled_by_its_recipe_not_its_most_common_type() {
+    let path = common::smollm2_q4km_path();
+    if !path.is_file() {
+        eprintln!(
+            "skipped: {} is missing (scripts/fetch-test-model.sh)",
+            path.display()
+        );
+        return;
+    }
+    let (_, info) = describe(&path);
+    // 576-wide rows are not whole 256-value k-quant blocks, so most matrices fell back to Q5_0.
+    assert_eq!(info.main_quantization(), Some("Q5_0"));
+    assert_eq!(info.quantization_label(), Some("Q4_K_M"));
+    let summary = smoldesk::ui::model_panel::quantization_summary(&info);
+    assert!(summary.starts_with("Q4_K_M: Q5_0 ("), "{summary}");
+    assert!(
+        summary.contains("Q6_K") && summary.contains("Q4_K"),
+        "{summary}"
+    );
+}
+
+#[test]
 fn describes_the_f32_and_vocabulary_fixtures() {
     let (_, f32_info) = describe(&common::fixture("tiny-smollm3-f32.gguf"));
     assert_eq!(f32_info.tensor_types, counts(&[("F32", 74)]));
     assert_eq!(f32_info.main_quantization(), Some("F32"));
     assert_eq!(f32_info.file_type.as_deref(), Some("F32"));
+    assert_eq!(f32_info.quantization_label(), Some("F32"));
 
     let (gguf, vocab) = describe(&common::fixture("smollm3-vocab.gguf"));
     assert!(gguf.tensors.is_empty());

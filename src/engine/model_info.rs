@@ -179,6 +179,16 @@ impl ModelInfo {
             .map(|(name, _)| name.as_str())
     }
 
+    /// The quantization a person knows the file by: the recipe `general.file_type` names (e.g.
+    /// "Q4_K_M", as in the file's name), else the most common matrix type. A small model's
+    /// Q4_K_M file can hold mostly Q5_0 matrices (rows that are not whole k-quant blocks fall
+    /// back), and is still a Q4_K_M file to the person who chose it.
+    pub fn quantization_label(&self) -> Option<&str> {
+        self.file_type
+            .as_deref()
+            .or_else(|| self.main_quantization())
+    }
+
     /// Bytes the KV cache takes at a given context length, keys and values stored as
     /// [`KV_CACHE_ELEMENT_BYTES`]-byte elements (the engine's default f16 cache).
     pub fn kv_cache_bytes(&self, context: usize) -> u64 {

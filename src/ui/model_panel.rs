@@ -736,13 +736,19 @@ fn architecture_name(info: &ModelInfo) -> &'static str {
     }
 }
 
-/// "Q4_K (217 tensors), Q6_K (37), F32 (73)", main type first.
+/// "Q4_K_M: Q4_K (217 tensors), Q6_K (37), F32 (73)": the file's recipe where it names one, then
+/// the tensor types, main type first.
 pub fn quantization_summary(info: &ModelInfo) -> String {
     let mut types: Vec<(&String, &usize)> = info.tensor_types.iter().collect();
     types.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     if types.is_empty() {
         return "no weights (vocabulary only)".to_string();
     }
+    let recipe = info
+        .file_type
+        .as_deref()
+        .map(|name| format!("{name}: "))
+        .unwrap_or_default();
     let parts: Vec<String> = types
         .iter()
         .enumerate()
@@ -754,7 +760,7 @@ pub fn quantization_summary(info: &ModelInfo) -> String {
             }
         })
         .collect();
-    parts.join(", ")
+    format!("{recipe}{}", parts.join(", "))
 }
 
 /// Bytes as "1.9 GB", "512 MB", "3 KB".

@@ -114,7 +114,7 @@ fn model_button(app: &App, ui: &mut Ui, actions: &mut Vec<Action>, toggle_model_
             }
         }
         ModelState::Ready(model) => {
-            let quant = model.info.main_quantization().unwrap_or("?");
+            let quant = model.info.quantization_label().unwrap_or("?");
             let text = format!("{} · {quant}", model.display_name());
             let response = ui
                 .button(RichText::new(text).strong())
