@@ -900,6 +900,8 @@ mod tests {
             attention_equals_the_widening_implementation(total, (6, 2, 64));
         }
         attention_equals_the_widening_implementation(300, (8, 2, 32));
+        // SmolLM3's head size: four steps of 32 per dot product.
+        attention_equals_the_widening_implementation(300, (8, 2, 128));
     }
 
     fn attention_equals_the_widening_implementation(
