@@ -17,6 +17,18 @@ fn describe(path: &Path) -> (GgufFile, ModelInfo) {
     (gguf, info)
 }
 
+/// Whether the real model at `path` is there; if not, says the test is skipped.
+fn model_present(path: &Path) -> bool {
+    let present = path.is_file();
+    if !present {
+        eprintln!(
+            "skipped: {} is missing (scripts/fetch-test-model.sh)",
+            path.display()
+        );
+    }
+    present
+}
+
 fn smoldesk(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_smoldesk"))
         .args(args)
@@ -82,11 +94,7 @@ fn describes_the_tiny_q4_k_m_fixture() {
 #[test]
 fn a_requantized_file_is_labelled_by_its_recipe_not_its_most_common_type() {
     let path = common::smollm2_q4km_path();
-    if !path.is_file() {
-        eprintln!(
-            "skipped: {} is missing (scripts/fetch-test-model.sh)",
-            path.display()
-        );
+    if !model_present(&path) {
         return;
     }
     let (_, info) = describe(&path);
@@ -132,11 +140,7 @@ fn describes_the_f32_and_vocabulary_fixtures() {
 #[test]
 fn describes_the_real_smollm2_model() {
     let path = common::smollm2_path();
-    if !path.is_file() {
-        eprintln!(
-            "skipped: {} is missing (scripts/fetch-test-model.sh)",
-            path.display()
-        );
+    if !model_present(&path) {
         return;
     }
     let (_, info) = describe(&path);
