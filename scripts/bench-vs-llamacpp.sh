@@ -6,8 +6,14 @@
 #   scripts/bench-vs-llamacpp.sh [MODEL.gguf]     # default: synthetic SmolLM3-3B Q4_K_M, made if missing
 #
 # Environment (defaults): PROMPT_TOKENS (512), GEN_TOKENS (64), DEPTH (2048), DEPTH_GEN_TOKENS (32),
-# THREADS (2), REPS (3, llama-bench repetitions), BANDWIDTH_MB (1024).
+# THREADS (2), REPS (3, llama-bench repetitions), BANDWIDTH_MB (1024), VARIANT (native: llama.cpp
+# built with -DGGML_NATIVE=ON; avx2: AVX2+FMA+F16C only, see scripts/llamacpp/build.sh),
+# SMOLDESK_SIMD (unset: the CPU's best kernels; avx2 or portable force a lower level).
 # Prints a table, then one line `JSON: {...}` with every number.
+#
+# On a CPU with AVX-512, the two tables issue 8 asks for:
+#   scripts/bench-vs-llamacpp.sh                                      # native against native
+#   VARIANT=avx2 SMOLDESK_SIMD=avx2 scripts/bench-vs-llamacpp.sh      # AVX2 against AVX2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/smoldesk-target}"
@@ -67,10 +73,11 @@ warm_file
 python3 scripts/llamacpp/bench.py "$MODEL" --prompt-tokens 1 --gen-tokens 1 --threads "$THREADS" \
   >"$tmp/llama-load.json"
 
-python3 - "$tmp" "$MODEL" "$THREADS" "$PROMPT" "$GEN" "$DEPTH" "$DEPTH_GEN" <<'PY'
+python3 - "$tmp" "$MODEL" "$LLAMA_BIN" "$THREADS" "$PROMPT" "$GEN" "$DEPTH" "$DEPTH_GEN" <<'PY'
 import json, os, re, subprocess, sys
 
-tmp, model, threads, prompt, gen, depth, depth_gen = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+tmp, model, llama_bin = sys.argv[1:4]
+threads, prompt, gen, depth, depth_gen = map(int, sys.argv[4:])
 bandwidth = json.load(open(f"{tmp}/bandwidth.json"))
 bandwidth_llama = json.load(open(f"{tmp}/bandwidth-llama.json"))
 smol = json.load(open(f"{tmp}/smoldesk.json"))
@@ -123,6 +130,8 @@ def cell(value, fmt):
     return format(value, fmt) if value is not None else "-".rjust(int(fmt.split(".")[0]))
 
 print(f"CPU: {cpu} | SIMD: {' '.join(simd) or 'none of avx2/avx512'} | threads {threads}")
+print(f"smoldesk kernels: {smol['simd']} | llama.cpp build: {os.environ.get('VARIANT', 'native')} "
+      f"({llama_bin})")
 print(f"model: {model} ({file_bytes / 1e9:.3f} GB) | read bandwidth ({bandwidth['threads']} threads) "
       f"before each engine's decode: {bandwidth['read_gb_s']:.1f} and {bandwidth_llama['read_gb_s']:.1f} GB/s "
       f"-> decode ceilings {ceiling:.2f} and {ceiling_llama:.2f} tok/s")
@@ -134,7 +143,8 @@ paired_share = smol["decode_tok_s"] * file_bytes / 1e9 / smol["paired_read_gb_s"
 print(f"{'decode / paired bandwidth':34} {paired_share:10.0%} {'-':>10}  "
       f"mean of passes between tokens: {smol['paired_read_gb_s']:.1f} GB/s")
 summary = {
-    "cpu": cpu, "simd": simd, "threads": threads, "model": model, "file_bytes": file_bytes,
+    "cpu": cpu, "simd": simd, "llama_variant": os.environ.get("VARIANT", "native"),
+    "threads": threads, "model": model, "file_bytes": file_bytes,
     "read_gb_s": bandwidth["read_gb_s"], "decode_ceiling_tok_s": round(ceiling, 3),
     "read_gb_s_llama": bandwidth_llama["read_gb_s"],
     "decode_ceiling_tok_s_llama": round(ceiling_llama, 3),

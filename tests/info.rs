@@ -1,5 +1,6 @@
 //! Model descriptions of the fixtures and the real SmolLM2 model, through the library and
-//! through `smoldesk info`; and the synthetic models of `smoldesk synth`.
+//! through `smoldesk info`; the synthetic models of `smoldesk synth`; and which kernels
+//! `smoldesk bench` says it ran.
 
 mod common;
 
@@ -30,10 +31,17 @@ fn model_present(path: &Path) -> bool {
 }
 
 fn smoldesk(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_smoldesk"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
+    smoldesk_forcing(args, None)
+}
+
+/// `smoldesk ARGS` with `SMOLDESK_SIMD` set to `simd`, or unset.
+fn smoldesk_forcing(args: &[&str], simd: Option<&str>) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_smoldesk"));
+    command.args(args).env_remove("SMOLDESK_SIMD");
+    if let Some(level) = simd {
+        command.env("SMOLDESK_SIMD", level);
+    }
+    command.output().expect("the binary runs")
 }
 
 fn stdout_json(output: &Output) -> serde_json::Value {
@@ -310,4 +318,27 @@ fn synth_writes_a_model_that_info_describes() {
     ]);
     assert!(!missing_vocab.status.success());
     assert!(!dir.path().join("x.gguf").exists());
+}
+
+#[test]
+fn bench_names_the_kernels_it_ran_and_smoldesk_simd_lowers_them() {
+    let model = common::fixture("tiny-smollm3-q4_k_m.gguf");
+    let model = model.to_str().expect("a UTF-8 path");
+    let args = [
+        "bench",
+        "-m",
+        model,
+        "--prompt-tokens",
+        "2",
+        "--gen-tokens",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+    ];
+    let best = stdout_json(&smoldesk_forcing(&args, None));
+    let expected_best = smoldesk::engine::cpu::detected_level().name();
+    assert_eq!(best["simd"], expected_best, "{best}");
+    let forced = stdout_json(&smoldesk_forcing(&args, Some("portable")));
+    assert_eq!(forced["simd"], "portable", "{forced}");
 }

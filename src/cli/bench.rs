@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::engine::cpu::bandwidth;
+use crate::engine::cpu::{bandwidth, simd_level};
 use crate::engine::session::{Engine, LoadOptions};
 
 /// Arguments of `smoldesk bench`.
@@ -58,6 +58,9 @@ pub struct BenchResult {
     pub file_bytes: u64,
     /// Compute threads requested (0 = all physical cores).
     pub threads: usize,
+    /// The SIMD kernels that ran ("avx512", "avx2" or "portable": the CPU's best, or lower
+    /// where `SMOLDESK_SIMD` says so).
+    pub simd: &'static str,
     /// Prompt length of the prefill measurement.
     pub prompt_tokens: usize,
     /// Tokens generated for the decode measurement.
@@ -175,6 +178,7 @@ fn run_model(args: &Args, model: &Path) -> Result<BenchResult> {
     Ok(BenchResult {
         file_bytes,
         threads: args.threads,
+        simd: simd_level().name(),
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
         load_s,
@@ -226,8 +230,8 @@ fn stop_latency(engine: &mut Engine, prompt: &[u32], after_s: f64) -> Result<Opt
 
 fn print_model_result(r: &BenchResult) {
     print!(
-        "load {:.2} s (repacked {:.2} s later) | prefill {:.1} tok/s | decode {:.2} tok/s | TTFT {:.2} s | peak RSS {:.0} MB",
-        r.load_s, r.repack_s, r.prefill_tok_s, r.decode_tok_s, r.ttft_s, r.peak_rss_mb
+        "{} kernels | load {:.2} s (repacked {:.2} s later) | prefill {:.1} tok/s | decode {:.2} tok/s | TTFT {:.2} s | peak RSS {:.0} MB",
+        r.simd, r.load_s, r.repack_s, r.prefill_tok_s, r.decode_tok_s, r.ttft_s, r.peak_rss_mb
     );
     if let Some(gb_s) = r.paired_read_gb_s {
         let share = r.decode_tok_s * r.file_bytes as f64 / 1e9 / gb_s;
