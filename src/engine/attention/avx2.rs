@@ -413,11 +413,21 @@ unsafe fn score_vec4<T: KvValue>(
     stride: usize,
     scale: f32,
 ) {
-    let r0 = accumulator_of_4(key, queries, hd, 0);
-    let r2 = accumulator_of_4(key, queries, hd, 2);
+    // SAFETY: the caller's contract, with `a < 4`.
+    let (r0, r2) = unsafe {
+        (
+            accumulator_of_4(key, queries, hd, 0),
+            accumulator_of_4(key, queries, hd, 2),
+        )
+    };
     let r02: [__m256; 4] = std::array::from_fn(|h| _mm256_add_ps(r0[h], r2[h]));
-    let r1 = accumulator_of_4(key, queries, hd, 1);
-    let r3 = accumulator_of_4(key, queries, hd, 3);
+    // SAFETY: as above.
+    let (r1, r3) = unsafe {
+        (
+            accumulator_of_4(key, queries, hd, 1),
+            accumulator_of_4(key, queries, hd, 3),
+        )
+    };
     for h in 0..4 {
         let folded = _mm256_add_ps(r02[h], _mm256_add_ps(r1[h], r3[h]));
         // SAFETY: the caller gives room for 4 outputs `stride` apart.
@@ -427,9 +437,13 @@ unsafe fn score_vec4<T: KvValue>(
 
 /// Accumulator `a` of `ggml_vec_dot_f16` (lanes `8 a .. 8 a + 8` of every step of 32) for one
 /// key (`hd` values at `key`) and each of 4 queries (`hd` values each from `queries`).
+///
+/// # Safety
+/// AVX2, FMA and F16C; `key` points to `hd` values and `queries` to `4 × hd`; `hd` a multiple
+/// of 32 and `a < 4`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn accumulator_of_4<T: KvValue>(
+unsafe fn accumulator_of_4<T: KvValue>(
     key: *const T,
     queries: *const f32,
     hd: usize,
@@ -438,7 +452,7 @@ fn accumulator_of_4<T: KvValue>(
     let mut acc = [_mm256_setzero_ps(); 4];
     for step in (0..hd).step_by(VEC_LANES) {
         let at = step + a * LANES;
-        // SAFETY: `at + 8 <= hd` for the key and the 4 queries (the callers' contract).
+        // SAFETY: `at + 8 <= hd` for the key and the 4 queries (the caller's contract).
         unsafe {
             let k = load8::<T>(key.add(at));
             for (h, acc) in acc.iter_mut().enumerate() {
