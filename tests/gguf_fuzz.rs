@@ -309,6 +309,7 @@ fn small_model_bytes() -> Vec<u8> {
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
         tensors: Vec::new(),
+        tensor_index: Default::default(),
         alignment: 32,
         data_offset: 0,
     };

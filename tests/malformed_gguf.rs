@@ -529,6 +529,35 @@ fn misplaced_tensor_data_is_rejected() {
 }
 
 #[test]
+fn a_context_whose_rope_tables_would_be_huge_is_refused_at_load() {
+    use smoldesk::engine::session::{Engine, LoadOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = Editable::from_fixture();
+    // Heads of 64 over 8M positions: 2 GiB of tables, past the 1 GiB allowed.
+    model.set("smollm3.context_length", MetaValue::U32(1 << 23));
+    let path = model.save(&dir.path().join("long.gguf"));
+    let load = |context_length| {
+        let options = LoadOptions {
+            context_length,
+            threads: 1,
+        };
+        Engine::load(&path, &options, &mut |_| true)
+    };
+    match load(1 << 23) {
+        Err(EngineError::ContextTooLarge {
+            context, head_dim, ..
+        }) => assert_eq!((context, head_dim), (1 << 23, 64)),
+        Err(other) => panic!("{other:?}"),
+        Ok(_) => panic!("a 2 GiB RoPE table was built"),
+    }
+    let err = load(usize::MAX).err().expect("refused");
+    assert!(err.to_string().contains("shorter context"), "{err}");
+    // The longest context the settings offer still loads.
+    let engine = load(131_072).expect("131,072 tokens load");
+    assert_eq!(engine.context_length(), 131_072);
+}
+
+#[test]
 fn info_on_a_bad_file_fails_with_the_message_on_stderr() {
     let dir = tempfile::tempdir().unwrap();
     let text = write_temp(

@@ -225,6 +225,49 @@ fn prompt_command_reports_a_broken_template_file() {
 }
 
 #[test]
+fn prompt_command_refuses_template_paths_that_are_not_small_regular_files() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let messages_path = dir.path().join("messages.json");
+    std::fs::write(&messages_path, r#"[{"role": "user", "content": "Hi"}]"#).expect("write");
+    let big = dir.path().join("big.jinja");
+    std::fs::write(&big, "x".repeat(2 << 20)).expect("write");
+    let model = common::fixture("tiny-smollm3-q4_k_m.gguf");
+    let cases = [
+        (dir.path().to_path_buf(), "not a regular file"),
+        (PathBuf::from("/dev/zero"), "not a regular file"),
+        (big, "more than the 1048576 allowed"),
+    ];
+    for (template, expected) in cases {
+        if !template.exists() {
+            continue;
+        }
+        // Without a model (the file is rendered) and with one (the app's builder uses it).
+        for with_model in [false, true] {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_smoldesk"));
+            command
+                .arg("prompt")
+                .arg("--template")
+                .arg(&template)
+                .arg("--messages")
+                .arg(&messages_path);
+            if with_model {
+                command.arg("-m").arg(&model);
+            }
+            let output = command.output().expect("run smoldesk prompt");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(!output.status.success(), "{}", template.display());
+            assert!(output.stdout.is_empty());
+            assert!(
+                stderr.contains(expected),
+                "{}: {stderr}",
+                template.display()
+            );
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+}
+
+#[test]
 fn a_template_that_does_not_parse_falls_back_to_chatml() {
     let formatter = PromptFormatter::new(Some("{% if messages %}unterminated"), None);
     let reason = formatter.fallback_reason().expect("a fallback reason");

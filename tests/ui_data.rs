@@ -204,3 +204,33 @@ fn undo_after_ten_deletions_restores_each_one() {
     assert_eq!(restored, ids, "every deleted chat is back");
     assert!(step_until(&mut harness, WAIT, |_| saved_ids(data.path()) == ids));
 }
+
+#[test]
+fn a_template_file_that_is_a_folder_or_too_large_is_refused_and_not_remembered() {
+    let fake = Fake::default();
+    let dirs = dirs();
+    let mut harness = loaded_app(&fake, &dirs);
+    let big = dirs.data.path().join("big.jinja");
+    std::fs::write(&big, "x".repeat(2 << 20)).unwrap();
+    let cases = [
+        (dirs.models.path().to_path_buf(), "not a regular file"),
+        (big, "more than the 1048576 allowed"),
+    ];
+    for (path, expected) in cases {
+        harness
+            .state_mut()
+            .apply(Action::SetTemplateOverride(Some(path.clone())));
+        let told = step_until(&mut harness, WAIT, |app| {
+            app.notice_texts()
+                .iter()
+                .any(|n| n.contains("Cannot read the chat template") && n.contains(expected))
+        });
+        assert!(
+            told,
+            "{}: {:?}",
+            path.display(),
+            harness.state().notice_texts()
+        );
+        assert_eq!(harness.state().preferences().template_override, None);
+    }
+}

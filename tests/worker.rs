@@ -447,3 +447,46 @@ fn dropping_the_handle_does_not_wait_for_a_long_step() {
         start.elapsed()
     );
 }
+
+#[test]
+fn template_files_that_are_not_small_regular_files_are_refused() {
+    let worker = WorkerHandle::spawn(Arc::new(|| {}));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let big = dir.path().join("big.jinja");
+    std::fs::write(&big, "x".repeat(2 << 20)).expect("write");
+    let good = dir.path().join("good.jinja");
+    std::fs::write(&good, smoldesk::chat::template::CHATML_TEMPLATE).expect("write");
+    let cases = [
+        (dir.path().to_path_buf(), "not a regular file"),
+        ("/dev/zero".into(), "not a regular file"),
+        (big, "more than the 1048576 allowed"),
+    ];
+    for (id, (path, expected)) in (20..).zip(cases) {
+        if !path.exists() {
+            continue;
+        }
+        worker.send(Command::SetTemplateOverride {
+            id,
+            path: Some(path.clone()),
+        });
+        match next(&worker) {
+            Event::Error {
+                id: got,
+                error: WorkerError::TemplateFile { path: p, message },
+            } => {
+                assert_eq!((got, &p), (id, &path));
+                assert!(message.contains(expected), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // A good file is still taken.
+    worker.send(Command::SetTemplateOverride {
+        id: 30,
+        path: Some(good),
+    });
+    match next(&worker) {
+        Event::TemplateSet { id } => assert_eq!(id, 30),
+        other => panic!("unexpected {other:?}"),
+    }
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
-use crate::engine::kv_state::{KvState, KvStateInfo};
+use crate::engine::kv_state::{KvState, KvStateError, KvStateInfo};
 use crate::engine::session::{Engine, common_prefix};
 
 /// Default cap on the state files on disk.
@@ -147,9 +147,12 @@ impl StateCache {
             .clone()
     }
 
-    /// The state saved for `key`: from memory, else read (and fully validated) from disk. A
-    /// file that fails to read is deleted.
-    pub fn get(&self, key: &str) -> Option<Arc<KvState>> {
+    /// The state saved for `key`: from memory, else read (and fully validated) from disk. On
+    /// disk, the header is read first and must satisfy `fits` (checked on it alone) before the
+    /// keys and values are read, so a file that could not be used, however large, costs no
+    /// more than its header. A file that fails to read or does not fit is deleted. A state in
+    /// memory is returned as it is.
+    pub fn get(&self, key: &str, fits: &dyn Fn(&KvStateInfo) -> bool) -> Option<Arc<KvState>> {
         let path = {
             let mut index = self.shared.lock();
             if let Some(state) = index.touch_memory(key) {
@@ -161,7 +164,16 @@ impl StateCache {
                 .any(|e| e.key == key)
                 .then(|| self.path(key))??
         };
-        match KvState::read(&path) {
+        let check = |info: &KvStateInfo| {
+            if fits(info) {
+                Ok(())
+            } else {
+                Err(KvStateError::Mismatch(
+                    "it was saved for another model or shape".into(),
+                ))
+            }
+        };
+        match KvState::read_checked(&path, check) {
             Ok(state) => {
                 let state = Arc::new(state);
                 mark_used(&path);
@@ -239,7 +251,7 @@ impl StateCache {
         }
         let (shared, key) = best.filter(|(shared, _)| *shared > 0)?;
         log::debug!("state {key} shares {shared} tokens with the prompt");
-        let state = self.get(&key)?;
+        let state = self.get(&key, fits)?;
         Some((key, state))
     }
 
@@ -548,7 +560,8 @@ impl ConversationResume {
         if holds_it {
             return 0;
         }
-        let Some(state) = self.cache.get(key) else {
+        let fits = |info: &KvStateInfo| engine.check_kv_state(info).is_ok();
+        let Some(state) = self.cache.get(key, &fits) else {
             return 0;
         };
         match engine.import_kv_state(&state) {
@@ -671,8 +684,39 @@ mod tests {
         }
         let cache = StateCache::open(config(dir.path(), u64::MAX, u64::MAX));
         assert_eq!(cache.usage().memory_states, 0);
-        assert_eq!(*cache.get("conv-1").unwrap(), saved);
-        assert!(cache.get("conv-2").is_none());
+        assert_eq!(*cache.get("conv-1", &|_| true).unwrap(), saved);
+        assert!(cache.get("conv-2", &|_| true).is_none());
+    }
+
+    #[test]
+    fn a_saved_state_that_does_not_fit_is_refused_on_its_header_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let cache = StateCache::open(config(dir.path(), u64::MAX, u64::MAX));
+            cache.put("conv-1", state(&[1, 2, 3]));
+            cache.flush();
+        }
+        // Damage the keys and values: only a read of the body would notice.
+        let files = state_files(dir.path());
+        assert_eq!(files.len(), 1);
+        let mut bytes = std::fs::read(&files[0]).unwrap();
+        let last_data = bytes.len() - 5;
+        bytes[last_data] ^= 0x55;
+        std::fs::write(&files[0], &bytes).unwrap();
+
+        let cache = StateCache::open(config(dir.path(), u64::MAX, u64::MAX));
+        let asked = std::cell::Cell::new(0);
+        let refuse = |info: &KvStateInfo| {
+            asked.set(asked.get() + 1);
+            info.n_layer == 99
+        };
+        assert!(cache.get("conv-1", &refuse).is_none());
+        assert_eq!(asked.get(), 1, "the header was checked");
+        assert!(
+            state_files(dir.path()).is_empty(),
+            "the unusable file is gone"
+        );
+        assert_eq!(cache.usage().disk_files, 0);
     }
 
     #[test]
@@ -688,14 +732,14 @@ mod tests {
         }
         assert_eq!(cache.usage().memory_states, 2);
         assert!(
-            cache.get("a").is_none(),
+            cache.get("a", &|_| true).is_none(),
             "the least recently used went first"
         );
         // States are stored in whole blocks of the cache: 600 tokens take three.
         let big: Vec<u32> = (1..=600).collect();
         cache.put("big", state(&big));
         assert_eq!(cache.usage().memory_states, 1);
-        assert!(cache.get("big").is_some());
+        assert!(cache.get("big", &|_| true).is_some());
     }
 
     #[test]
@@ -710,7 +754,7 @@ mod tests {
         cache.flush();
         std::thread::sleep(Duration::from_millis(20));
         // Reading "a" from disk makes it more recent than "b".
-        assert!(cache.get("a").is_some());
+        assert!(cache.get("a", &|_| true).is_some());
         std::thread::sleep(Duration::from_millis(20));
         cache.put("c", state(&[7, 8, 9]));
         cache.flush();
@@ -720,8 +764,11 @@ mod tests {
         assert_eq!(state_files(dir.path()).len(), 2);
         drop(cache);
         let cache = StateCache::open(config(dir.path(), 0, file * 2));
-        assert!(cache.get("b").is_none(), "b was the least recently used");
-        assert!(cache.get("a").is_some() && cache.get("c").is_some());
+        assert!(
+            cache.get("b", &|_| true).is_none(),
+            "b was the least recently used"
+        );
+        assert!(cache.get("a", &|_| true).is_some() && cache.get("c", &|_| true).is_some());
     }
 
     #[test]
@@ -748,9 +795,9 @@ mod tests {
         bytes[last] ^= 1;
         std::fs::write(&path, bytes).unwrap();
         let cache = StateCache::open(config(dir.path(), 0, u64::MAX));
-        assert!(cache.get("a").is_none());
+        assert!(cache.get("a", &|_| true).is_none());
         assert!(!path.exists());
-        assert!(cache.get("b").is_some());
+        assert!(cache.get("b", &|_| true).is_some());
     }
 
     #[test]
@@ -776,7 +823,7 @@ mod tests {
         cache.clear();
         assert_eq!(cache.usage(), CacheUsage::default());
         assert!(state_files(dir.path()).is_empty());
-        assert!(cache.get("a").is_none());
+        assert!(cache.get("a", &|_| true).is_none());
     }
 
     #[test]
@@ -789,6 +836,6 @@ mod tests {
         cache.put("a", state(&[1]));
         cache.flush();
         assert_eq!(cache.usage().disk_files, 0);
-        assert!(cache.get("a").is_some(), "still in memory");
+        assert!(cache.get("a", &|_| true).is_some(), "still in memory");
     }
 }

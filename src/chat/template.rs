@@ -86,6 +86,71 @@ pub enum TemplateError {
         #[source]
         source: std::io::Error,
     },
+    /// The template path names a folder, a device or a pipe rather than a file.
+    #[error(
+        "cannot read the chat template {path}: it is not a regular file (a folder, a device or a pipe); choose a text file"
+    )]
+    NotAFile {
+        /// The path involved.
+        path: PathBuf,
+    },
+}
+
+impl TemplateError {
+    /// What is wrong, without the file's path (for messages that name the file already).
+    pub fn reason(&self) -> String {
+        match self {
+            Self::Io { source, .. } => source.to_string(),
+            Self::NotAFile { .. } => {
+                "it is not a regular file (a folder, a device or a pipe)".to_string()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Reads a chat template file: a regular file of at most [`MAX_TEMPLATE_BYTES`] of UTF-8 text.
+/// A folder, a device such as `/dev/zero` or a pipe is refused before anything is read, and no
+/// more than the limit (plus one byte) is ever read, even from a file that grows meanwhile.
+pub fn read_template_file(path: &Path) -> Result<String, TemplateError> {
+    use std::io::Read as _;
+    let io_error = |source| TemplateError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let not_a_file = || TemplateError::NotAFile {
+        path: path.to_path_buf(),
+    };
+    let too_large = |bytes: u64| TemplateError::TooLarge {
+        bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+        limit: MAX_TEMPLATE_BYTES,
+    };
+    // Checked before opening: opening a pipe for reading waits for a writer.
+    if !std::fs::metadata(path).map_err(io_error)?.is_file() {
+        return Err(not_a_file());
+    }
+    let file = std::fs::File::open(path).map_err(io_error)?;
+    // Checked again on what was opened, in case the path changed in between.
+    let metadata = file.metadata().map_err(io_error)?;
+    if !metadata.is_file() {
+        return Err(not_a_file());
+    }
+    if metadata.len() > MAX_TEMPLATE_BYTES as u64 {
+        return Err(too_large(metadata.len()));
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    file.take(MAX_TEMPLATE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_error)?;
+    if bytes.len() > MAX_TEMPLATE_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        io_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "it is not UTF-8 text",
+        ))
+    })
 }
 
 /// The variables a template is rendered with besides the messages.
@@ -157,20 +222,9 @@ impl ChatTemplate {
         Self::new(CHATML_TEMPLATE).expect("the built-in ChatML template compiles")
     }
 
-    /// Reads and compiles a template file.
+    /// Reads (with [`read_template_file`]'s limits) and compiles a template file.
     pub fn from_file(path: &Path) -> Result<Self, TemplateError> {
-        let io_error = |source| TemplateError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        let bytes = std::fs::metadata(path).map_err(io_error)?.len();
-        if bytes > MAX_TEMPLATE_BYTES as u64 {
-            return Err(TemplateError::TooLarge {
-                bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
-                limit: MAX_TEMPLATE_BYTES,
-            });
-        }
-        Self::new(&std::fs::read_to_string(path).map_err(io_error)?)
+        Self::new(&read_template_file(path)?)
     }
 
     /// The template's source as given (before the `{% generation %}` tags are rewritten).
@@ -996,6 +1050,42 @@ mod tests {
             date: NaiveDate::from_ymd_opt(2026, 11, 26).unwrap_or_default(),
             ..RenderOptions::default()
         }
+    }
+
+    #[test]
+    fn template_files_are_read_only_when_regular_and_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("t.jinja");
+        std::fs::write(&good, CHATML_TEMPLATE).unwrap();
+        assert_eq!(read_template_file(&good).unwrap(), CHATML_TEMPLATE);
+        assert!(ChatTemplate::from_file(&good).is_ok());
+
+        // A device that never ends, and a folder: refused before reading.
+        for path in [dir.path(), Path::new("/dev/zero")] {
+            if !path.exists() {
+                continue;
+            }
+            let err = read_template_file(path).unwrap_err();
+            assert!(matches!(err, TemplateError::NotAFile { .. }), "{err:?}");
+            assert!(err.to_string().contains("not a regular file"), "{err}");
+            assert!(matches!(
+                ChatTemplate::from_file(path),
+                Err(TemplateError::NotAFile { .. })
+            ));
+        }
+
+        let big = dir.path().join("big.jinja");
+        std::fs::write(&big, "x".repeat(MAX_TEMPLATE_BYTES + 1)).unwrap();
+        assert!(matches!(
+            read_template_file(&big),
+            Err(TemplateError::TooLarge { bytes, .. }) if bytes == MAX_TEMPLATE_BYTES + 1
+        ));
+        let binary = dir.path().join("bin.jinja");
+        std::fs::write(&binary, [0xff, 0xfe, 0x00]).unwrap();
+        let err = read_template_file(&binary).unwrap_err();
+        assert!(err.reason().contains("UTF-8"), "{err}");
+        let missing = read_template_file(&dir.path().join("nope")).unwrap_err();
+        assert!(matches!(missing, TemplateError::Io { .. }), "{missing:?}");
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     pub depth_gen_tokens: usize,
     /// Compute threads (0 = all physical cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = super::parse_threads)]
     pub threads: usize,
     /// Also measure how long a Stop takes to end a prompt computation (a few stops at spread
     /// moments of a --prompt-tokens prefill).

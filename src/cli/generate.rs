@@ -68,7 +68,7 @@ pub struct Args {
     #[arg(long, default_value_t = 8192)]
     pub context: usize,
     /// Compute threads (0 = all physical cores).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = super::parse_threads)]
     pub threads: usize,
     /// End with a JSON line: {"thinking", "answer", "tokens", "stats", "state_cache"}.
     #[arg(long)]

@@ -82,6 +82,21 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Parses a `--threads` value: 0 (one per physical core) up to the most a compute pool
+/// starts on this computer ([`max_threads`](crate::engine::cpu::pool::max_threads)).
+pub(crate) fn parse_threads(value: &str) -> Result<usize, String> {
+    let threads: usize = value
+        .parse()
+        .map_err(|_| format!("\"{value}\" is not a whole number of threads"))?;
+    let max = crate::engine::cpu::pool::max_threads();
+    if threads > max {
+        return Err(format!(
+            "{threads} threads is more than the {max} this computer can use (0 uses one per physical core)"
+        ));
+    }
+    Ok(threads)
+}
+
 /// Makes candle's matmul kernels, which keep their own worker pool, use `threads` too (0 = their
 /// default, one per core). Must run before the first matmul, while this is the only thread.
 fn limit_kernel_threads(threads: usize) {
@@ -95,4 +110,33 @@ fn limit_kernel_threads(threads: usize) {
 pub fn init_logging() {
     let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_counts_past_the_limit_are_refused_with_a_clear_message() {
+        let max = crate::engine::cpu::pool::max_threads();
+        let parse = |command: &str, threads: &str| {
+            let mut args = vec!["smoldesk", command, "-m", "m.gguf", "--threads", threads];
+            if command == "generate" {
+                args.extend(["--prompt", "hi"]);
+            }
+            Cli::try_parse_from(args)
+        };
+        for command in ["generate", "bench"] {
+            let err = parse(command, &usize::MAX.to_string()).unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("more than the {max}")),
+                "{command}: {err}"
+            );
+            assert!(parse(command, &(max + 1).to_string()).is_err(), "{command}");
+            assert!(parse(command, "lots").is_err(), "{command}");
+            for ok in ["0", "1", &max.to_string()] {
+                assert!(parse(command, ok).is_ok(), "{command} --threads {ok}");
+            }
+        }
+    }
 }

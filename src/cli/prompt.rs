@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use chrono::NaiveDate;
 
 use crate::chat::prompt::{BuiltPrompt, PromptBuilder};
-use crate::chat::template::{ChatTemplate, PromptFormatter, RenderOptions};
+use crate::chat::template::{ChatTemplate, PromptFormatter, RenderOptions, read_template_file};
 use crate::engine::gguf::GgufFile;
 use crate::engine::tokenizer::GgufTokenizer;
 
@@ -71,7 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             // The file's errors are reported; once it renders, the app's builder is used.
             let tokenizer = model_tokenizer(model, &mut opts)?;
             render_template_file(path, &messages, &opts)?;
-            let source = read(path)?;
+            let source = read_template_file(path)?;
             let formatter = PromptFormatter::new(None, Some(&source));
             PromptBuilder::new(&formatter, &tokenizer, opts.date).build_json(&messages, &opts)?
         }
@@ -101,11 +101,6 @@ fn render_template_file(
     ChatTemplate::from_file(path)?
         .render_json(messages, opts)
         .with_context(|| format!("cannot render {}", path.display()))
-}
-
-/// Reads a text file.
-fn read(path: &Path) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 /// The model's tokenizer; sets the BOS/EOS texts the template sees.

@@ -520,10 +520,14 @@ fn reduce_accumulators(acc: &[f32; LANES * DOT_ACCUMULATORS]) -> f32 {
     (t0[0] + t0[1]) + (t0[2] + t0[3])
 }
 
-/// A dot product in the order of llama.cpp's tiled sgemm (8 lanes, then [`hsum`]). Lengths
-/// are multiples of 8 (head sizes).
+/// A dot product in the order of llama.cpp's tiled sgemm (8 lanes, then [`hsum`]). That
+/// sgemm takes only lengths that are multiples of 8; llama.cpp computes other head sizes (a
+/// head of 92, say) with `ggml_vec_dot_f16`, and so does this function: no element is dropped.
 #[inline(always)]
 fn dot_tiled(x: &[f32], y: &[f32]) -> f32 {
+    if !x.len().is_multiple_of(LANES) {
+        return dot_vec(x, y);
+    }
     let mut lanes = [0f32; LANES];
     for (xs, ys) in x.chunks_exact(LANES).zip(y.chunks_exact(LANES)) {
         for l in 0..LANES {
@@ -993,7 +997,15 @@ mod tests {
 
     #[test]
     fn attention_matches_a_naive_computation_for_prompts_and_single_tokens() {
-        let (n_head, n_kv, hd, total) = (4, 2, 16, 21);
+        // Head sizes that are not multiples of 8 (12, 6, 92) take the portable paths, whose
+        // dot products must not drop the last elements.
+        for hd in [16, 12, 6, 92] {
+            attention_matches_a_naive_computation(hd);
+        }
+    }
+
+    fn attention_matches_a_naive_computation(hd: usize) {
+        let (n_head, n_kv, total) = (4, 2, 21);
         let row = n_kv * hd;
         let k: Vec<f32> = (0..total * row)
             .map(|i| ((i * 31 % 17) as f32 - 8.0) / 9.0)
@@ -1019,7 +1031,10 @@ mod tests {
             let got = attend(q, &kv, shape);
             let want = naive(q, &kv, shape);
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() < 2e-2, "offset {offset}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() < 2e-2,
+                    "head size {hd}, offset {offset}: {g} vs {w}"
+                );
             }
         }
     }

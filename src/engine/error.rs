@@ -83,6 +83,17 @@ pub enum EngineError {
         /// The largest count accepted.
         limit: u64,
     },
+    /// The strings of the header (metadata keys and values, tensor names) take more bytes
+    /// than any real model file's.
+    #[error(
+        "the model file is damaged: its header holds at least {bytes} bytes of text, more than the {limit} a model file can reasonably have (real models have a few megabytes)"
+    )]
+    MetadataTooLarge {
+        /// Bytes of text found so far.
+        bytes: u64,
+        /// The largest total accepted.
+        limit: u64,
+    },
     /// The model needs a feature this engine does not implement.
     #[error("this model uses {0}, which SmolDesk cannot run")]
     UnsupportedModel(String),
@@ -153,6 +164,20 @@ pub enum EngineError {
         expected: Vec<u64>,
         /// Shape found in the file (GGUF order).
         found: Vec<u64>,
+    },
+    /// The context length asked for needs tables larger than SmolDesk allows for this model.
+    #[error(
+        "a context of {context} tokens needs {bytes} bytes of rotary-position tables for this model's heads of {head_dim}, more than the {limit} allowed; choose a shorter context length"
+    )]
+    ContextTooLarge {
+        /// The context length (clamped to the model's trained context).
+        context: usize,
+        /// The model's head size.
+        head_dim: usize,
+        /// Bytes the tables would take.
+        bytes: u64,
+        /// The largest size accepted.
+        limit: u64,
     },
     /// The tokenizer could not be built or used.
     #[error("tokenizer error: {0}")]

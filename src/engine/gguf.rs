@@ -6,7 +6,7 @@
 //! After the header is read, the tensor directory is checked as a whole: known types, sizes that
 //! match the shapes, aligned offsets, data inside the file, no two tensors sharing bytes.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufReader, ErrorKind, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -28,6 +28,14 @@ pub const MAX_STRING_LEN: u64 = 64 << 20;
 pub const MAX_ARRAY_LEN: u64 = 1 << 22;
 /// Most array elements accepted over all metadata, which bounds the memory the metadata takes.
 pub const MAX_TOTAL_ARRAY_ELEMENTS: u64 = 1 << 24;
+/// Most bytes of text (metadata keys and strings, tensor names) accepted over the whole header.
+/// A 150k-token vocabulary with its merges is about 10 MB; SmolLM3-3B's header is under 8 MB.
+pub const MAX_TOTAL_STRING_BYTES: u64 = 256 << 20;
+/// Most tensors accepted in one file. SmolLM3-3B has 326; the largest llama.cpp models (405B
+/// dense, DeepSeek and Qwen mixtures of experts) have a few thousand at most.
+pub const MAX_TENSORS: u64 = 65_536;
+/// Most tensor entries reserved for before they are read (the directory grows past it).
+const TENSOR_RESERVATION: usize = 4096;
 /// Largest `general.alignment` accepted.
 const MAX_ALIGNMENT: u64 = 1 << 20;
 /// Smallest possible metadata entry: key length, empty key, value type, one-byte value.
@@ -212,6 +220,10 @@ pub struct GgufFile {
     pub metadata: BTreeMap<String, MetaValue>,
     /// Tensor directory in file order.
     pub tensors: Vec<TensorInfo>,
+    /// Position in [`GgufFile::tensors`] of each tensor name, built once when the file is
+    /// parsed so [`GgufFile::tensor_info`] finds a tensor without a scan. May be left empty
+    /// (or be out of date) for a hand-built value: lookups then fall back to a scan.
+    pub tensor_index: HashMap<String, usize>,
     /// Alignment of the tensor data (from `general.alignment`, default 32).
     pub alignment: u64,
     /// Absolute offset where tensor data begins.
@@ -415,6 +427,8 @@ struct BoundedReader<'p, R> {
     len: u64,
     /// Array elements read so far, bounded by [`MAX_TOTAL_ARRAY_ELEMENTS`].
     array_elements: u64,
+    /// Bytes of strings read so far, bounded by [`MAX_TOTAL_STRING_BYTES`].
+    string_bytes: u64,
 }
 
 impl<'p, R: Read> BoundedReader<'p, R> {
@@ -425,6 +439,7 @@ impl<'p, R: Read> BoundedReader<'p, R> {
             pos: 0,
             len,
             array_elements: 0,
+            string_bytes: 0,
         }
     }
 
@@ -495,6 +510,14 @@ impl<'p, R: Read> BoundedReader<'p, R> {
         let len = self.u64(what)?;
         check_limit(what, len, MAX_STRING_LEN)?;
         self.check_count(what, len, 1)?;
+        let total = self.string_bytes.saturating_add(len);
+        if total > MAX_TOTAL_STRING_BYTES {
+            return Err(EngineError::MetadataTooLarge {
+                bytes: total,
+                limit: MAX_TOTAL_STRING_BYTES,
+            });
+        }
+        self.string_bytes = total;
         let mut buf = vec![0u8; len as usize];
         self.fill(&mut buf, what)?;
         String::from_utf8(buf).map_err(|_| EngineError::InvalidUtf8 {
@@ -626,9 +649,14 @@ impl GgufFile {
         )?;
         let needed = (n_kv * MIN_KV_BYTES).saturating_add(n_tensors * MIN_TENSOR_ENTRY_BYTES);
         r.check_count(Reading::Label("the metadata and tensor counts"), needed, 1)?;
+        check_limit(
+            Reading::Label("the tensor directory"),
+            n_tensors,
+            MAX_TENSORS,
+        )?;
 
         let metadata = read_metadata(&mut r, n_kv)?;
-        let raw_tensors = read_tensor_directory(&mut r, n_tensors)?;
+        let (raw_tensors, tensor_index) = read_tensor_directory(&mut r, n_tensors)?;
         let alignment = read_alignment(&metadata)?;
         let data_offset = r.pos.div_ceil(alignment) * alignment;
         let tensors = raw_tensors
@@ -643,6 +671,7 @@ impl GgufFile {
             version,
             metadata,
             tensors,
+            tensor_index,
             alignment,
             data_offset,
         })
@@ -720,8 +749,19 @@ impl GgufFile {
             .collect()
     }
 
-    /// The tensor directory entry with this name.
+    /// The tensor directory entry with this name (names are unique: the parser rejects a
+    /// repeated one).
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
+        if let Some(t) = self
+            .tensor_index
+            .get(name)
+            .and_then(|&i| self.tensors.get(i))
+            && t.name == name
+        {
+            return Some(t);
+        }
+        // A name that is absent (a few optional tensors per load), or a hand-built or edited
+        // value whose index does not match its directory.
         self.tensors.iter().find(|t| t.name == name)
     }
 
@@ -860,12 +900,18 @@ fn read_metadata<R: Read>(
     Ok(metadata)
 }
 
+/// Reads the tensor directory: its entries in file order, and the position of each name.
 fn read_tensor_directory<R: Read>(
     r: &mut BoundedReader<'_, R>,
     n_tensors: u64,
-) -> Result<Vec<RawTensor>, EngineError> {
-    let mut raw_tensors = Vec::with_capacity(n_tensors as usize);
-    let mut names = HashSet::new();
+) -> Result<(Vec<RawTensor>, HashMap<String, usize>), EngineError> {
+    // The count was checked against MAX_TENSORS and the bytes left; the reservation is capped
+    // further so a header that lies about its count costs little before it is caught.
+    let reserve = usize::try_from(n_tensors)
+        .unwrap_or(usize::MAX)
+        .min(TENSOR_RESERVATION);
+    let mut raw_tensors = Vec::with_capacity(reserve);
+    let mut names = HashMap::with_capacity(reserve);
     for _ in 0..n_tensors {
         let name = r.string(Reading::Label("a tensor name"))?;
         let what = Reading::EntryOf(&name);
@@ -883,9 +929,10 @@ fn read_tensor_directory<R: Read>(
             .collect::<Result<Vec<_>, _>>()?;
         let type_id = r.u32(what)?;
         let rel_offset = r.u64(what)?;
-        if !names.insert(name.clone()) {
+        if names.contains_key(&name) {
             return Err(EngineError::DuplicateTensor(name));
         }
+        names.insert(name.clone(), raw_tensors.len());
         raw_tensors.push(RawTensor {
             name,
             dims,
@@ -893,7 +940,7 @@ fn read_tensor_directory<R: Read>(
             rel_offset,
         });
     }
-    Ok(raw_tensors)
+    Ok((raw_tensors, names))
 }
 
 fn read_alignment(metadata: &BTreeMap<String, MetaValue>) -> Result<u64, EngineError> {
@@ -1087,6 +1134,161 @@ mod tests {
             parse(&enc.into_inner()),
             Err(EngineError::LimitExceeded { .. })
         ));
+    }
+
+    #[test]
+    fn a_tensor_count_past_the_limit_is_refused_even_when_the_file_could_hold_it() {
+        // Enough bytes for every claimed entry, so only the fixed limit can refuse it.
+        let claimed = MAX_TENSORS + 1;
+        let mut enc = GgufEncoder::new(Vec::new());
+        enc.header(3, claimed, 0).unwrap();
+        let mut bytes = enc.into_inner();
+        bytes.resize(bytes.len() + (claimed * MIN_TENSOR_ENTRY_BYTES) as usize, 0);
+        match parse(&bytes) {
+            Err(EngineError::LimitExceeded { count, limit, .. }) => {
+                assert_eq!((count, limit), (claimed, MAX_TENSORS));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A reader of a GGUF header with `n` metadata strings of `len` bytes each, made on the
+    /// fly so the test holds no more than the parser keeps.
+    struct ManyStrings {
+        header: std::io::Cursor<Vec<u8>>,
+        entry: usize,
+        n: usize,
+        len: usize,
+        pos: usize,
+    }
+
+    impl ManyStrings {
+        /// One entry: key `k{i}` (2 bytes), type 8 (string), then the string's length.
+        const ENTRY_HEAD: usize = 8 + 2 + 4 + 8;
+
+        fn new(n: usize, len: usize) -> Self {
+            let mut enc = GgufEncoder::new(Vec::new());
+            enc.header(3, 0, n as u64).unwrap();
+            Self {
+                header: std::io::Cursor::new(enc.into_inner()),
+                entry: 0,
+                n,
+                len,
+                pos: 0,
+            }
+        }
+
+        fn total_len(&self) -> u64 {
+            self.header.get_ref().len() as u64 + (self.n * (Self::ENTRY_HEAD + self.len)) as u64
+        }
+
+        fn byte(&self) -> u8 {
+            let mut head = Vec::with_capacity(Self::ENTRY_HEAD);
+            head.extend_from_slice(&2u64.to_le_bytes());
+            head.extend_from_slice(format!("k{}", self.entry % 10).as_bytes());
+            head.extend_from_slice(&8u32.to_le_bytes());
+            head.extend_from_slice(&(self.len as u64).to_le_bytes());
+            head.get(self.pos).copied().unwrap_or(b'x')
+        }
+    }
+
+    impl Read for ManyStrings {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.header.read(buf)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            let mut written = 0;
+            while written < buf.len() && self.entry < self.n {
+                let entry_len = Self::ENTRY_HEAD + self.len;
+                if self.pos >= Self::ENTRY_HEAD {
+                    // The string's body: a run of `x`.
+                    let run = (entry_len - self.pos).min(buf.len() - written);
+                    buf[written..written + run].fill(b'x');
+                    written += run;
+                    self.pos += run;
+                } else {
+                    buf[written] = self.byte();
+                    written += 1;
+                    self.pos += 1;
+                }
+                if self.pos == entry_len {
+                    self.entry += 1;
+                    self.pos = 0;
+                }
+            }
+            Ok(written)
+        }
+    }
+
+    #[test]
+    fn the_text_of_the_whole_header_is_bounded() {
+        // Five strings of the longest length allowed each: more than the total allowed.
+        let n = (MAX_TOTAL_STRING_BYTES / MAX_STRING_LEN) as usize + 1;
+        let reader = ManyStrings::new(n, MAX_STRING_LEN as usize);
+        let size = reader.total_len();
+        match GgufFile::read(reader, size, Path::new("strings.gguf")) {
+            Err(EngineError::MetadataTooLarge { bytes, limit }) => {
+                assert_eq!(limit, MAX_TOTAL_STRING_BYTES);
+                assert!(bytes > limit, "{bytes}");
+            }
+            other => panic!("{:?}", other.map(|f| f.metadata.len())),
+        }
+        // The same reader with fewer strings parses (the test reader itself is sound).
+        let reader = ManyStrings::new(3, 16);
+        let size = reader.total_len();
+        let file = GgufFile::read(reader, size, Path::new("strings.gguf")).unwrap();
+        assert_eq!(file.get_str("k1").unwrap(), "x".repeat(16));
+    }
+
+    #[test]
+    fn tensors_are_found_by_name_through_the_index() {
+        let bytes = file_with(&[], &[("a", &[8], 0, 0), ("b", &[8], 0, 32)], 64);
+        let file = parse(&bytes).unwrap();
+        assert_eq!(file.tensor_index.len(), 2);
+        assert_eq!(file.tensor_info("b").unwrap().offset, file.data_offset + 32);
+        assert!(file.tensor_info("c").is_none());
+        // A value whose directory was edited after parsing still answers from the directory.
+        let mut edited = file.clone();
+        edited.tensors.swap(0, 1);
+        edited.tensors[0].name = "c".into();
+        assert_eq!(
+            edited.tensor_info("c").unwrap().offset,
+            file.data_offset + 32
+        );
+        assert_eq!(edited.tensor_info("a").unwrap().offset, file.data_offset);
+        let mut unindexed = file.clone();
+        unindexed.tensor_index.clear();
+        assert_eq!(unindexed.tensor_info("b"), file.tensor_info("b"));
+    }
+
+    #[test]
+    fn many_tensors_are_looked_up_in_linear_time() {
+        // Every one of 30,000 tensors looked up 20 times: with a scan per lookup (9e9 name
+        // comparisons) this took many seconds, with the index well under one.
+        let n = 30_000u64;
+        let names: Vec<String> = (0..n).map(|i| format!("t.{i}")).collect();
+        let mut enc = GgufEncoder::new(Vec::new());
+        enc.header(3, n, 0).unwrap();
+        for (i, name) in names.iter().enumerate() {
+            enc.tensor_entry(name, &[8], 0, i as u64 * 32).unwrap();
+        }
+        enc.pad_to(DEFAULT_ALIGNMENT).unwrap();
+        let mut bytes = enc.into_inner();
+        bytes.resize(bytes.len() + (n * 32) as usize, 0);
+        let file = parse(&bytes).unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..20 {
+            for (i, name) in names.iter().enumerate() {
+                assert_eq!(
+                    file.tensor_info(name).map(|t| t.name.as_str()),
+                    Some(name.as_str())
+                );
+                assert_eq!(file.tensors[i].name, *name);
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        assert!(secs < 2.0, "600,000 lookups took {secs:.2} s");
     }
 
     #[test]

@@ -469,8 +469,19 @@ impl KvState {
     /// Reads and fully validates a state file: magic, version, both checksums, and a size
     /// that matches the header exactly.
     pub fn read(path: &Path) -> Result<Self, KvStateError> {
+        Self::read_checked(path, |_| Ok(()))
+    }
+
+    /// [`KvState::read`], passing the header to `check` first: a state it refuses (another
+    /// model, another shape, one far larger than the model's cache could be) is rejected
+    /// before any of its keys and values are read or memory is set aside for them.
+    pub fn read_checked(
+        path: &Path,
+        check: impl FnOnce(&KvStateInfo) -> Result<(), KvStateError>,
+    ) -> Result<Self, KvStateError> {
         let mut file = StateReader::open(path)?;
         let info = file.header()?;
+        check(&info)?;
         let per_layer = info.stored_positions() * info.row_width * info.element.size();
         let mut crc = crc32fast::Hasher::new();
         let mut layers = Vec::with_capacity(info.n_layer);
@@ -744,6 +755,39 @@ mod tests {
         assert_eq!((k.as_slice(), v.as_slice()), (&keys[..], &keys[..]));
         assert!(bytes.decode::<f16>(3, 3).is_err());
         assert!(bytes.decode::<f32>(1, 1).is_err());
+    }
+
+    #[test]
+    fn a_refused_header_stops_the_read_before_the_keys_and_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.kv");
+        let state = sample_state(40);
+        state.write_atomic(&path).unwrap();
+        // Damage the last data byte: reading the keys and values would fail its checksum.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last_data = bytes.len() - 5;
+        bytes[last_data] ^= 0x55;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(matches!(
+            KvState::read(&path),
+            Err(KvStateError::Invalid { .. })
+        ));
+        let mut seen = None;
+        let refused = KvState::read_checked(&path, |info| {
+            seen = Some(info.clone());
+            Err(KvStateError::Mismatch("another model".into()))
+        });
+        // The check's error, not the data's checksum error: the body was never read.
+        assert!(
+            matches!(&refused, Err(KvStateError::Mismatch(m)) if m == "another model"),
+            "{refused:?}"
+        );
+        assert_eq!(seen.as_ref(), Some(state.info()));
+        // An accepting check reads on (and finds the damage).
+        assert!(matches!(
+            KvState::read_checked(&path, |_| Ok(())),
+            Err(KvStateError::Invalid { .. })
+        ));
     }
 
     #[test]

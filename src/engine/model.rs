@@ -22,6 +22,9 @@ use super::model_info::{HParams, ModelInfo, expected_tensors};
 /// so activations stay small.
 pub const PREFILL_CHUNK: usize = 512;
 
+/// Largest RoPE table accepted, in bytes: SmolLM3-3B's at 131,072 tokens is 64 MiB.
+pub const MAX_ROPE_TABLE_BYTES: u64 = 1 << 30;
+
 /// Rows of element-wise work (norms, RoPE) one pool task takes.
 const ROWS_PER_TASK: usize = 8;
 /// Values of element-wise work (SwiGLU, residual adds) one pool task takes.
@@ -196,6 +199,8 @@ impl Model {
         progress: &mut dyn FnMut(f32) -> bool,
     ) -> Result<Self> {
         let h = info.hparams.clone();
+        let max_context = max_context.clamp(1, h.context_length);
+        check_rope_table(&h, max_context)?;
         let pool = Pool::new(threads);
         let names = tensor_names(&h, info.tied_embeddings, gguf);
         let weights = load_weights(gguf, &names, &pool, progress)?;
@@ -228,7 +233,6 @@ impl Model {
             None => None,
         };
 
-        let max_context = max_context.clamp(1, h.context_length);
         let rope = RopeTables::new(&h, max_context, freq_factors.as_deref());
         let matrices = blocks.iter().flat_map(|b| {
             [&b.wq, &b.wk, &b.wv, &b.wo, &b.w_gate, &b.w_up, &b.w_down].map(Matrix::clone)
@@ -685,6 +689,29 @@ fn swiglu_portable(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// Bytes of the RoPE table of `positions` positions for heads of `head_dim` (`None` past
+/// `u64`).
+fn rope_table_bytes(head_dim: usize, positions: usize) -> Option<u64> {
+    let entry = std::mem::size_of::<(f32, f32)>() as u64;
+    (positions as u64)
+        .checked_mul((head_dim / 2) as u64)?
+        .checked_mul(entry)
+}
+
+/// Fails when the RoPE table for a context of `positions` tokens would be larger than
+/// [`MAX_ROPE_TABLE_BYTES`] (a hostile or absurd context length and head size).
+fn check_rope_table(h: &HParams, positions: usize) -> Result<()> {
+    match rope_table_bytes(h.head_dim, positions) {
+        Some(bytes) if bytes <= MAX_ROPE_TABLE_BYTES => Ok(()),
+        bytes => Err(EngineError::ContextTooLarge {
+            context: positions,
+            head_dim: h.head_dim,
+            bytes: bytes.unwrap_or(u64::MAX),
+            limit: MAX_ROPE_TABLE_BYTES,
+        }),
+    }
+}
+
 impl RopeTables {
     fn new(h: &HParams, positions: usize, freq_factors: Option<&[f32]>) -> Self {
         let pairs = h.head_dim / 2;
@@ -869,4 +896,50 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hparams(head_dim: usize, context_length: usize) -> HParams {
+        HParams {
+            n_layer: 1,
+            n_embd: head_dim,
+            n_ff: 8,
+            n_head: 1,
+            n_head_kv: 1,
+            head_dim,
+            rms_eps: 1e-6,
+            rope_theta: 1e4,
+            context_length,
+            vocab_size: 8,
+            no_rope_layer_interval: 0,
+        }
+    }
+
+    #[test]
+    fn rope_tables_of_real_models_fit_and_absurd_ones_are_refused() {
+        // SmolLM3-3B (heads of 128) at the longest context the settings offer: 64 MiB.
+        assert_eq!(rope_table_bytes(128, 131_072), Some(64 << 20));
+        assert!(check_rope_table(&hparams(128, 131_072), 131_072).is_ok());
+        // SmolLM2 (heads of 64) at its 8,192 tokens.
+        assert!(check_rope_table(&hparams(64, 8192), 8192).is_ok());
+        // The longest context a file may declare with the largest head size: 256 GiB.
+        let h = hparams(4096, 1 << 24);
+        match check_rope_table(&h, 1 << 24) {
+            Err(EngineError::ContextTooLarge {
+                context,
+                head_dim,
+                bytes,
+                limit,
+            }) => {
+                assert_eq!((context, head_dim), (1 << 24, 4096));
+                assert_eq!((bytes, limit), (256 << 30, MAX_ROPE_TABLE_BYTES));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rope_table_bytes(4096, usize::MAX), None);
+        assert!(check_rope_table(&h, usize::MAX).is_err());
+    }
 }

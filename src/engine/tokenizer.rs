@@ -927,6 +927,7 @@ mod tests {
             version: 3,
             metadata,
             tensors: Vec::new(),
+            tensor_index: Default::default(),
             data_offset: 0,
             alignment: 32,
         }

@@ -259,7 +259,8 @@ impl App {
         self.run_task("smoldesk-template", move || {
             let source = match &path {
                 None => Ok(None),
-                Some(file) => std::fs::read_to_string(file).map(|s| Some((file.clone(), s))),
+                Some(file) => crate::chat::template::read_template_file(file)
+                    .map(|s| Some((file.clone(), s))),
             };
             let compiled = match (&source, model) {
                 (Ok(source), Some((model_path, embedded))) => Some((
@@ -275,8 +276,9 @@ impl App {
                 Ok(source) => app.use_template_override(path, source, compiled),
                 Err(err) => {
                     app.notices.error(format!(
-                        "Cannot read the chat template {}: {err}. The model's own template stays in use.",
-                        path.as_deref().unwrap_or(Path::new("")).display()
+                        "Cannot read the chat template {}: {}. The model's own template stays in use.",
+                        path.as_deref().unwrap_or(Path::new("")).display(),
+                        err.reason()
                     ));
                 }
             })

@@ -12,6 +12,13 @@ pub const STORAGE_KEY: &str = "smoldesk.preferences";
 /// How many recent models are remembered.
 pub const MAX_RECENT_MODELS: usize = 8;
 
+/// Shortest context length accepted from stored preferences, in tokens.
+pub const MIN_CONTEXT_LENGTH: usize = 256;
+
+/// Longest context length accepted from stored preferences: the longest the settings offer.
+pub const MAX_CONTEXT_LENGTH: usize =
+    super::settings::CONTEXT_CHOICES[super::settings::CONTEXT_CHOICES.len() - 1];
+
 /// Smallest and largest font sizes offered, in points.
 pub const FONT_SIZE_RANGE: std::ops::RangeInclusive<f32> = 11.0..=24.0;
 
@@ -132,7 +139,15 @@ impl Preferences {
         };
         self.font_size = size.clamp(*FONT_SIZE_RANGE.start(), *FONT_SIZE_RANGE.end());
         self.recent_models.truncate(MAX_RECENT_MODELS);
-        self.load_options.context_length = self.load_options.context_length.max(256);
+        self.load_options.context_length = self
+            .load_options
+            .context_length
+            .clamp(MIN_CONTEXT_LENGTH, MAX_CONTEXT_LENGTH);
+        // 0 (one thread per core) stays as it is.
+        self.load_options.threads = self
+            .load_options
+            .threads
+            .min(crate::engine::cpu::pool::max_threads());
         self
     }
 }
@@ -185,6 +200,30 @@ mod tests {
         let mut storage = MemoryStorage::default();
         eframe::Storage::set_string(&mut storage, STORAGE_KEY, r#"{"font_size":400}"#.into());
         assert_eq!(Preferences::load(Some(&storage)).font_size, 24.0);
+    }
+
+    #[test]
+    fn out_of_range_context_lengths_and_thread_counts_are_clamped() {
+        let load = |json: &str| {
+            let mut storage = MemoryStorage::default();
+            eframe::Storage::set_string(&mut storage, STORAGE_KEY, json.into());
+            Preferences::load(Some(&storage)).load_options
+        };
+        let huge = load(&format!(
+            r#"{{"load_options":{{"context_length":{max},"threads":{max}}}}}"#,
+            max = u64::MAX
+        ));
+        assert_eq!(huge.context_length, MAX_CONTEXT_LENGTH);
+        assert_eq!(huge.threads, crate::engine::cpu::pool::max_threads());
+        let tiny = load(r#"{"load_options":{"context_length":0,"threads":0}}"#);
+        assert_eq!(tiny.context_length, MIN_CONTEXT_LENGTH);
+        assert_eq!(tiny.threads, 0, "0 means one thread per core");
+        let fine = load(r#"{"load_options":{"context_length":65536,"threads":2}}"#);
+        assert_eq!((fine.context_length, fine.threads), (65536, 2));
+        assert_eq!(
+            super::super::settings::CONTEXT_CHOICES.iter().max(),
+            Some(&MAX_CONTEXT_LENGTH)
+        );
     }
 
     #[test]

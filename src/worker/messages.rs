@@ -108,7 +108,8 @@ pub enum WorkerError {
     TemplateFile {
         /// The file.
         path: PathBuf,
-        /// The operating system's error.
+        /// What is wrong: the operating system's error, or the file is too large or not a
+        /// regular file.
         message: String,
     },
     /// The worker panicked while handling the request; it recovered and stays usable.

@@ -323,14 +323,14 @@ impl Worker {
     fn set_template_override(&mut self, id: RequestId, path: Option<PathBuf>) {
         self.template_override = match path {
             None => None,
-            Some(path) => match std::fs::read_to_string(&path) {
+            Some(path) => match crate::chat::template::read_template_file(&path) {
                 Ok(source) => Some(source),
                 Err(err) => {
                     self.send(Event::Error {
                         id,
                         error: WorkerError::TemplateFile {
                             path,
-                            message: err.to_string(),
+                            message: err.reason(),
                         },
                     });
                     return;

@@ -16,6 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
+/// Most threads a pool ever starts, whatever is asked (a thread per share of every job; far more
+/// than the cores only slows each job down).
+pub const MAX_THREADS: usize = 256;
+
 /// Spin iterations a worker waits for the next job before parking.
 const SPIN_ITERATIONS: usize = 20_000;
 
@@ -58,13 +62,15 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A pool of `threads` threads (the caller included); 0 means one per physical core.
+    /// A pool of `threads` threads (the caller included); 0 means one per physical core. More
+    /// than [`max_threads`] is cut to it.
     pub fn new(threads: usize) -> Self {
         let n_threads = if threads == 0 {
             physical_cores()
         } else {
             threads
-        };
+        }
+        .clamp(1, max_threads());
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
             claims: AtomicU64::new(0),
@@ -369,6 +375,13 @@ pub fn split_evenly(n: usize, align: usize, thread: usize, n_threads: usize) -> 
     start..end
 }
 
+/// Most threads a pool starts on this computer: four per logical CPU (at least 16), and never
+/// more than [`MAX_THREADS`].
+pub fn max_threads() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    logical.saturating_mul(4).clamp(16, MAX_THREADS)
+}
+
 /// Physical CPU cores (hyper-threads of one core counted once), at least 1.
 pub fn physical_cores() -> usize {
     let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -587,6 +600,21 @@ mod tests {
         // Every share ran (checked in other tests); here, the caller did not wait for a
         // parked worker to wake on every job: it took some shares itself.
         assert!(by_caller.load(Ordering::Relaxed) > 1000);
+    }
+
+    #[test]
+    fn absurd_thread_counts_are_cut_to_the_limit() {
+        let limit = max_threads();
+        assert!((16..=MAX_THREADS).contains(&limit));
+        let pool = Pool::new(usize::MAX);
+        assert_eq!(pool.n_threads(), limit);
+        let shares = AtomicUsize::new(0);
+        pool.run(|_, n| {
+            assert_eq!(n, limit);
+            shares.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(shares.load(Ordering::Relaxed), limit);
+        assert_eq!(Pool::new(limit + 1).n_threads(), limit);
     }
 
     #[test]
