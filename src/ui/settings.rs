@@ -226,9 +226,9 @@ fn model_settings(app: &mut App, ui: &mut Ui) {
             .response
             .labelled_by(label.id);
     });
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (logical, physical) = cpu_counts();
     ui.add(
-        egui::Slider::new(&mut options.threads, 0..=cores.max(1) * 2)
+        egui::Slider::new(&mut options.threads, 0..=logical.max(1) * 2)
             .text("Threads")
             .custom_formatter(|n, _| {
                 if n == 0.0 {
@@ -238,7 +238,9 @@ fn model_settings(app: &mut App, ui: &mut Ui) {
                 }
             }),
     )
-    .on_hover_text(format!("Compute threads (auto = all {cores} cores)"));
+    .on_hover_text(format!(
+        "Compute threads (auto = one per physical core: {physical}); applies when the model reloads"
+    ));
     let loaded = match &app.model {
         ModelState::Ready(model) => Some((
             model.options.clone(),
@@ -332,4 +334,14 @@ fn appearance(app: &mut App, ui: &mut Ui) {
     if ui.checkbox(&mut show, "Show thinking in replies").changed() {
         app.apply(Action::ToggleShowThinking);
     }
+}
+
+/// Logical CPUs and physical cores, counted once (the physical count reads `/proc/cpuinfo`,
+/// which a frame should not do).
+fn cpu_counts() -> (usize, usize) {
+    static COUNTS: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    *COUNTS.get_or_init(|| {
+        let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (logical, crate::engine::cpu::pool::physical_cores())
+    })
 }
