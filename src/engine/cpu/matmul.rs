@@ -12,10 +12,11 @@ use candle_core::quantized::k_quants::{self, GgmlType};
 use half::f16;
 
 use super::blocks::{
-    BlockQ4K, BlockQ4Kx8, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, BlockQ8Kx4, QK,
-    QK_K, as_blocks,
+    BlockQ4_1, BlockQ4K, BlockQ4Kx8, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K,
+    BlockQ8Kx4, QK, QK_K, as_blocks,
 };
 use super::pool::{Pool, SharedMut};
+use super::tiles::{TILE_ROWS, TILE_TOKENS, TiledBlock};
 use super::{dequant, q4_1, q4k, q6k, q8_0, q8k, simd_level};
 
 /// From this many inputs on, llama.cpp multiplies Q6_K through its tiled K-quant path (which
@@ -387,15 +388,11 @@ impl Matrix {
         let rows_into = |rows: std::ops::Range<usize>| match self.kernel {
             Kernel::F32 => self.rows_f32(act.f32(), m, rows, out),
             Kernel::F16 => self.rows_f16(act.f32(), m, rows, out),
-            Kernel::Q4_1 => self.rows_of_blocks(act.q8_1(), m, rows, out, q4_1::dot_q4_1_q8_1),
+            Kernel::Q4_1 => self.rows_of_blocks::<BlockQ4_1>(act.q8_1(), m, rows, out),
             Kernel::Q4K => self.rows_q4k(act, rows, out),
             Kernel::Q6K => self.rows_q6k(act, rows, out),
-            Kernel::Q8_0 => {
-                self.rows_of_blocks::<BlockQ8_0, _>(act.q8_0(), m, rows, out, q8_0::dot_q8_0_q8_0)
-            }
-            Kernel::Q5_0 => {
-                self.rows_of_blocks::<BlockQ5_0, _>(act.q8_0(), m, rows, out, q8_0::dot_q5_0_q8_0)
-            }
+            Kernel::Q8_0 => self.rows_of_blocks::<BlockQ8_0>(act.q8_0(), m, rows, out),
+            Kernel::Q5_0 => self.rows_of_blocks::<BlockQ5_0>(act.q8_0(), m, rows, out),
             Kernel::Candle(dtype) => {
                 with_candle_block!(dtype, candle_rows, self, act.blocks(kind), m, rows, out)
             }
@@ -560,21 +557,71 @@ impl Matrix {
         });
     }
 
-    /// Rows of a matrix of 32-value weight blocks `B` against 32-value activation blocks `A`.
-    fn rows_of_blocks<B: super::blocks::PodBlock, A>(
+    /// Rows of a matrix of 32-value weight blocks `B`: a prompt's in tiles of
+    /// [`TILE_ROWS`] weight rows × [`TILE_TOKENS`] tokens (each output with the one-output
+    /// kernel's bits), the rest one output at a time.
+    fn rows_of_blocks<B: TiledBlock + super::blocks::PodBlock>(
         &self,
-        act: &[A],
+        act: &[B::Act],
         m: usize,
         rows: std::ops::Range<usize>,
         out: SharedMut<'_, f32>,
-        dot: fn(super::SimdLevel, &[B], &[A]) -> f32,
     ) {
         let level = simd_level();
         let nb = self.cols / QK;
         let w: &[B] = as_blocks(self.data.bytes()).unwrap_or_default();
-        self.write_rows(m, rows, out, |r, t| {
-            dot(level, &w[r * nb..][..nb], &act[t * nb..][..nb])
+        let row = |r: usize| &w[r * nb..][..nb];
+        let token = |t: usize| &act[t * nb..][..nb];
+        let tiled_rows = if m > DECODE_MAX_INPUTS {
+            rows.len() - rows.len() % TILE_ROWS
+        } else {
+            0
+        };
+        let full_tokens = if tiled_rows > 0 {
+            m - m % TILE_TOKENS
+        } else {
+            0
+        };
+        for t0 in (0..full_tokens).step_by(TILE_TOKENS) {
+            let acts: [_; TILE_TOKENS] = std::array::from_fn(|i| token(t0 + i));
+            self.write_tiles(t0, rows.start, tiled_rows, out, |r0| {
+                B::tile(level, std::array::from_fn(|i| row(r0 + i)), acts)
+            });
+        }
+        if tiled_rows > 0 {
+            for t in full_tokens..m {
+                self.write_tiles(t, rows.start, tiled_rows, out, |r0| {
+                    B::tile(level, std::array::from_fn(|i| row(r0 + i)), [token(t)])
+                });
+            }
+        }
+        let untiled = rows.start + tiled_rows..rows.end;
+        self.write_token_rows(0..m, untiled, out, |r, t| B::dot(level, row(r), token(t)));
+    }
+
+    /// Writes the `tiled_rows` rows from `first_row` of the `T` token rows from `t0` with
+    /// `tile(r0)`, the outputs `[row][token]` of rows `r0..r0 + TILE_ROWS`.
+    fn write_tiles<const T: usize>(
+        &self,
+        t0: usize,
+        first_row: usize,
+        tiled_rows: usize,
+        out: SharedMut<'_, f32>,
+        tile: impl Fn(usize) -> [[f32; T]; TILE_ROWS],
+    ) {
+        // SAFETY: each chunk of output rows goes to exactly one thread; the token rows are
+        // disjoint.
+        let mut dst: [&mut [f32]; T] = std::array::from_fn(|i| unsafe {
+            let start = (t0 + i) * self.rows + first_row;
+            out.range_mut(start..start + tiled_rows)
         });
+        for r0 in (0..tiled_rows).step_by(TILE_ROWS) {
+            for (i, per_token) in tile(first_row + r0).iter().enumerate() {
+                for (d, &v) in dst.iter_mut().zip(per_token) {
+                    d[r0 + i] = v;
+                }
+            }
+        }
     }
 }
 
@@ -1096,6 +1143,31 @@ mod tests {
                 let mut single = vec![0f32; rows];
                 w.matmul(&pool, &one, &mut single);
                 assert_eq!(single, out[(m - 1) * rows..], "{dtype:?} m={m}");
+            }
+        }
+    }
+
+    #[test]
+    fn tiled_prompt_rows_give_every_token_its_one_token_bits_at_any_row_count() {
+        // 70 rows: the last chunk (64..70) ends in 2 rows outside the 4-row tiles; 7 tokens:
+        // two 3-token tiles and one token left over.
+        let (rows, k, m) = (70, 256, 7);
+        let pool = Pool::new(2);
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+            let (w, _) = matrix(dtype, rows, k);
+            let x = values(m * k, 5);
+            let mut batch = Activations::new();
+            batch.set_row_invariant(true);
+            batch.quantize(&pool, &x, m, k, &[&w]);
+            let mut out = vec![0f32; m * rows];
+            w.matmul(&pool, &batch, &mut out);
+            for (t, got) in out.chunks_exact(rows).enumerate() {
+                let mut one = Activations::new();
+                one.quantize(&pool, &x[t * k..][..k], 1, k, &[&w]);
+                let mut single = vec![0f32; rows];
+                w.matmul(&pool, &one, &mut single);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(got), bits(&single), "{dtype:?}, token {t}");
             }
         }
     }

@@ -19,6 +19,7 @@ pub mod q4k;
 pub mod q6k;
 pub mod q8_0;
 pub mod q8k;
+pub mod tiles;
 
 use std::sync::OnceLock;
 
