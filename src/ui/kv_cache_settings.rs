@@ -13,9 +13,14 @@ pub fn show(ui: &mut Ui) -> bool {
     let cache = StateCache::app();
     let usage = cache.usage();
     ui.label(format!(
-        "Saved conversation states: {} on disk ({} conversations), {} in memory",
+        "Saved conversation states: {} on disk ({} {}), {} in memory",
         format_bytes(usage.disk_bytes),
         usage.disk_files,
+        if usage.disk_files == 1 {
+            "conversation"
+        } else {
+            "conversations"
+        },
         format_bytes(usage.memory_bytes),
     ));
     let folder = cache
