@@ -80,9 +80,9 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         let mut summs = 0f32;
         for (x, y) in w.iter().zip(act) {
-            let d0 = x.d.to_f32();
-            let d1 = y.d.to_f32();
-            summs += x.m.to_f32() * y.s.to_f32();
+            let (d0, d1) = widen_f16_pair(x.d, y.d);
+            let (m, s) = widen_f16_pair(x.m, y.s);
+            summs += m * s;
             let d0d1 = _mm256_mul_ps(_mm256_set1_ps(d0), _mm256_set1_ps(d1));
             let qx = bytes_from_nibbles_32(&x.qs);
             let xy = mul_sum_us8_pairs_float(qx, load_i8(&y.qs));

@@ -119,8 +119,6 @@ fn dot_portable<W>(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use half::f16;
-
     use super::super::blocks::{BlockQ5_0, BlockQ8_0, QK};
     use super::super::lanes::avx2::*;
 
@@ -183,7 +181,8 @@ mod avx2 {
     pub fn dot_q8_0_q8_0(w: &[BlockQ8_0], act: &[BlockQ8_0]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (x, y) in w.iter().zip(act) {
-            let d = _mm256_set1_ps(f16::to_f32(x.d) * f16::to_f32(y.d));
+            let (dx, dy) = widen_f16_pair(x.d, y.d);
+            let d = _mm256_set1_ps(dx * dy);
             let q = mul_sum_i8_pairs_float(load_i8(&x.qs), load_i8(&y.qs));
             acc = _mm256_fmadd_ps(d, q, acc);
         }
@@ -194,7 +193,8 @@ mod avx2 {
     pub fn dot_q5_0_q8_0(w: &[BlockQ5_0], act: &[BlockQ8_0]) -> f32 {
         let mut acc = _mm256_setzero_ps();
         for (x, y) in w.iter().zip(act) {
-            let d = _mm256_set1_ps(f16::to_f32(x.d) * f16::to_f32(y.d));
+            let (dx, dy) = widen_f16_pair(x.d, y.d);
+            let d = _mm256_set1_ps(dx * dy);
             let mut qx = bytes_from_nibbles_32(&x.qs);
             let bxhi =
                 _mm256_andnot_si256(bytes_from_bits_32(&x.qh), _mm256_set1_epi8(0xF0u8 as i8));

@@ -89,23 +89,14 @@ mod avx2 {
     use super::super::blocks::{BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1, QK};
     use super::super::lanes::avx2::*;
 
-    /// An f16 widened with F16C (the value `half`'s `to_f32` gives, without its run-time
-    /// feature check per call).
+    /// The 4 lanes of a register.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn widen(v: f16) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(v.to_bits()))))
-    }
-
-    /// Four f16s widened at once.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn widen_4(v: [f16; 4]) -> __m128 {
-        let bits = v
-            .iter()
-            .rev()
-            .fold(0u64, |acc, h| (acc << 16) | u64::from(h.to_bits()));
-        _mm_cvtph_ps(_mm_set_epi64x(0, bits as i64))
+    fn lanes_of(v: __m128) -> [f32; 4] {
+        let mut lanes = [0f32; 4];
+        // SAFETY: writes exactly the 4 floats of `lanes`.
+        unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), v) };
+        lanes
     }
 
     /// A weight block unpacked for [`tile`].
@@ -116,7 +107,7 @@ mod avx2 {
         /// The block's scale.
         d: f16,
         /// Q4_1: the block's minimum.
-        m: f32,
+        m: f16,
     }
 
     /// A 32-value weight block type as the AVX2 one-output kernels read it.
@@ -132,6 +123,8 @@ mod avx2 {
         /// # Safety
         /// The CPU must support AVX2, FMA and F16C.
         unsafe fn unpack(&self) -> Unpacked;
+        /// The block's scale.
+        fn scale(&self) -> f16;
     }
 
     /// A 32-value activation block: scale, values and (Q8_1) `d · Σq`.
@@ -169,13 +162,20 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn signed(values: __m256i, d: f16) -> Unpacked {
-        Unpacked { values, d, m: 0.0 }
+        Unpacked {
+            values,
+            d,
+            m: f16::ZERO,
+        }
     }
 
     // SAFETY: `unpack` uses AVX2/F16C only, which its contract requires.
     unsafe impl WeightBlock for BlockQ8_0 {
         type Act = BlockQ8_0;
         const SIGNED: bool = true;
+        fn scale(&self) -> f16 {
+            self.d
+        }
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn unpack(&self) -> Unpacked {
@@ -187,6 +187,9 @@ mod avx2 {
     unsafe impl WeightBlock for BlockQ5_0 {
         type Act = BlockQ8_0;
         const SIGNED: bool = true;
+        fn scale(&self) -> f16 {
+            self.d
+        }
         /// `dot_q5_0_q8_0`'s unpacking: nibbles, minus 16 where the fifth bit is clear.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -203,13 +206,16 @@ mod avx2 {
     unsafe impl WeightBlock for BlockQ4_1 {
         type Act = BlockQ8_1;
         const SIGNED: bool = false;
+        fn scale(&self) -> f16 {
+            self.d
+        }
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn unpack(&self) -> Unpacked {
             Unpacked {
                 values: bytes_from_nibbles_32(&self.qs),
                 d: self.d,
-                m: widen(self.m),
+                m: self.m,
             }
         }
     }
@@ -224,7 +230,7 @@ mod avx2 {
         rows: [&[W]; R],
         acts: [&[W::Act]; T],
     ) -> [[f32; T]; R] {
-        const { assert!(R <= 4, "the rows' scales are widened in one register of 4") };
+        const { assert!(R <= 4 && T <= 4, "scales are widened 4 at a time") };
         let nb = acts[0].len();
         assert!(rows.iter().all(|r| r.len() >= nb) && acts.iter().all(|a| a.len() >= nb));
         let mut acc = [[_mm256_setzero_ps(); T]; R];
@@ -267,12 +273,18 @@ mod avx2 {
         q8: [__m256i; T],
         dy: [f16; T],
     ) {
-        let dy = dy.map(|d| _mm256_set1_ps(widen(d)));
+        let dx = lanes_of(widen_f16_4(std::array::from_fn(|r| {
+            x.get(r).map_or(f16::ZERO, |x| x.scale())
+        })));
+        let dy = lanes_of(widen_f16_4(std::array::from_fn(|t| {
+            dy.get(t).copied().unwrap_or(f16::ZERO)
+        })))
+        .map(|d| _mm256_set1_ps(d));
         for (r, x) in x.iter().enumerate() {
             // SAFETY: the caller's contract.
             let w = unsafe { x.unpack() };
             let magnitudes = _mm256_sign_epi8(w.values, w.values);
-            let dx = _mm256_set1_ps(widen(w.d));
+            let dx = _mm256_set1_ps(dx[r]);
             for t in 0..T {
                 let sums = mul_sum_us8_pairs_float(magnitudes, _mm256_sign_epi8(q8[t], w.values));
                 acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dx, dy[t]), sums, acc[r][t]);
@@ -298,11 +310,14 @@ mod avx2 {
     ) {
         // SAFETY: the caller's contract.
         let w = x.map(|x| unsafe { x.unpack() });
-        let dx = widen_4(std::array::from_fn(|r| w.get(r).map_or(f16::ZERO, |w| w.d)));
+        let dx = widen_f16_4(std::array::from_fn(|r| w.get(r).map_or(f16::ZERO, |w| w.d)));
+        let m = lanes_of(widen_f16_4(std::array::from_fn(|r| {
+            w.get(r).map_or(f16::ZERO, |w| w.m)
+        })));
         for (t, y) in y.iter().enumerate() {
-            let d = _mm_mul_ps(dx, _mm_set1_ps(widen(y.d())));
+            let (dy, s) = widen_f16_pair(y.d(), y.s());
+            let d = _mm_mul_ps(dx, _mm_set1_ps(dy));
             let d = _mm256_set_m128(d, d);
-            let s = widen(y.s());
             for (r, w) in w.iter().enumerate() {
                 let d = match r {
                     0 => _mm256_shuffle_ps::<0x00>(d, d),
@@ -312,7 +327,7 @@ mod avx2 {
                 };
                 let sums = mul_sum_us8_pairs_float(w.values, q8[t]);
                 acc[r][t] = _mm256_fmadd_ps(d, sums, acc[r][t]);
-                mins[r][t] += w.m * s;
+                mins[r][t] += m[r] * s;
             }
         }
     }
