@@ -9,10 +9,10 @@
 //! `hsum_float_8`, and for Q4_1 the minimums' `Σ m · s` added after it), so the bits are the
 //! same: the tiles only change which outputs are computed together.
 //!
-//! Prompt of 128 tokens on a Q8_0 SmolLM3-3B (Zen 3, 2 threads): 12.2 tok/s one output at a
-//! time, 19.9 in tiles; llama.cpp 24.1. The 4 × 3 shape and the loop orders below are the
-//! fastest of those tried in the model (4 × 2, 4 × 4, 3 × 4, 2 × 4; `tiles_bench` ranks them
-//! differently, so it only checks a change roughly).
+//! Prompt of 128 tokens on a Q8_0 SmolLM3-3B (Zen 3, 2 threads): 11.8–12.7 tok/s one output at
+//! a time, 18.2–19.8 in tiles; llama.cpp 23.4. The 4 × 4 shape and the loop orders below are
+//! the fastest of those tried in the model (4 × 2, 4 × 3, 3 × 4, 2 × 4; `tiles_bench` ranks
+//! them differently, so it only checks a change roughly).
 
 use super::SimdLevel;
 use super::blocks::{BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1};
@@ -21,7 +21,7 @@ use super::{lanes, q4_1, q8_0};
 /// Weight rows of one tile.
 pub const TILE_ROWS: usize = 4;
 /// Activation rows (tokens) of one tile.
-pub const TILE_TOKENS: usize = 3;
+pub const TILE_TOKENS: usize = 4;
 
 /// A 32-value weight block type whose products run one output at a time or in tiles.
 pub trait TiledBlock: Sized {
