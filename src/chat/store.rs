@@ -61,6 +61,17 @@ pub enum StoreError {
     /// The id cannot be used as a file name.
     #[error("invalid conversation id {0:?}")]
     InvalidId(String),
+    /// A conversation file is larger than any conversation SmolDesk writes.
+    #[error(
+        "{path} is {bytes} bytes, more than the {} a conversation file may have",
+        MAX_CONVERSATION_BYTES
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+    },
     /// An unreadable file could not be moved into the quarantine folder.
     #[error("cannot move {path} into {}: {source}", QUARANTINE_DIR)]
     Quarantine {
@@ -76,7 +87,9 @@ impl StoreError {
     /// The file a read error is about (`None` for errors not about one conversation file).
     pub fn unreadable_file(&self) -> Option<&Path> {
         match self {
-            StoreError::Read { path, .. } | StoreError::Parse { path, .. } => Some(path),
+            StoreError::Read { path, .. }
+            | StoreError::Parse { path, .. }
+            | StoreError::TooLarge { path, .. } => Some(path),
             _ => None,
         }
     }
@@ -84,6 +97,11 @@ impl StoreError {
 
 /// The folder, inside the conversations folder, where unreadable files are moved.
 pub const QUARANTINE_DIR: &str = "quarantine";
+
+/// Largest conversation file read, in bytes: far above any real conversation (a full 131,072-token
+/// context is about half a megabyte of text), so a huge or endless file is refused before it is
+/// read into memory.
+pub const MAX_CONVERSATION_BYTES: u64 = 64 << 20;
 
 /// Ending of the temporary files of [`write_atomically`].
 const TEMP_SUFFIX: &str = ".tmp";
@@ -370,13 +388,32 @@ fn sync_dir(dir: &Path) {
     let _ = dir;
 }
 
-fn read_conversation(path: &Path, id: &str) -> Result<Conversation, StoreError> {
-    let text = std::fs::read_to_string(path).map_err(|source| StoreError::Read {
+/// The bytes of a conversation file of at most [`MAX_CONVERSATION_BYTES`].
+fn read_bounded(path: &Path) -> Result<Vec<u8>, StoreError> {
+    use std::io::Read;
+    let read_error = |source| StoreError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONVERSATION_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_CONVERSATION_BYTES {
+        let bytes = std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
+        return Err(StoreError::TooLarge {
+            path: path.to_path_buf(),
+            bytes,
+        });
+    }
+    Ok(bytes)
+}
+
+fn read_conversation(path: &Path, id: &str) -> Result<Conversation, StoreError> {
+    let bytes = read_bounded(path)?;
     let mut conversation: Conversation =
-        serde_json::from_str(&text).map_err(|source| StoreError::Parse {
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::Parse {
             path: path.to_path_buf(),
             source,
         })?;
@@ -449,10 +486,7 @@ impl<'de> Deserialize<'de> for MessagesDigest {
 }
 
 fn read_summary(path: &Path, id: &str) -> Result<ConversationSummary, StoreError> {
-    let bytes = std::fs::read(path).map_err(|source| StoreError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = read_bounded(path)?;
     let fields: SummaryFields =
         serde_json::from_slice(&bytes).map_err(|source| StoreError::Parse {
             path: path.to_path_buf(),
@@ -541,6 +575,24 @@ mod tests {
         assert_eq!(all.errors.len(), 1);
         assert!(matches!(all.errors[0], StoreError::Parse { .. }));
         assert!(bad.exists());
+    }
+
+    #[test]
+    fn a_conversation_file_past_the_limit_is_refused_without_being_read_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ConversationStore::new(dir.path());
+        let huge = dir.path().join("huge.json");
+        // A sparse file: nothing is written, but it reads as that many zero bytes.
+        let file = std::fs::File::create(&huge).unwrap();
+        file.set_len(MAX_CONVERSATION_BYTES + 1).unwrap();
+        let too_large = |e: &StoreError| matches!(e, StoreError::TooLarge { bytes, .. } if *bytes == MAX_CONVERSATION_BYTES + 1);
+        let loaded = store.load_all();
+        assert!(loaded.conversations.is_empty());
+        assert!(too_large(&loaded.errors[0]), "{:?}", loaded.errors);
+        assert_eq!(loaded.errors[0].unreadable_file(), Some(huge.as_path()));
+        let listing = store.list();
+        assert!(too_large(&listing.errors[0]), "{:?}", listing.errors);
+        assert!(matches!(store.load("huge"), Err(ref e) if too_large(e)));
     }
 
     #[test]

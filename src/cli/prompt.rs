@@ -1,7 +1,7 @@
 //! `smoldesk prompt`: renders a conversation with a chat template and prints the exact prompt
 //! (and its tokens), built by the same [`PromptBuilder`] as the app's.
 
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
@@ -155,9 +155,18 @@ fn read_messages(
     Vec<serde_json::Value>,
     serde_json::Map<String, serde_json::Value>,
 )> {
-    let text = std::fs::read_to_string(path)
+    let limit = crate::chat::store::MAX_CONVERSATION_BYTES;
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(limit + 1).read_to_end(&mut text))
         .with_context(|| format!("cannot read messages file {}", path.display()))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
+    if text.len() as u64 > limit {
+        bail!(
+            "{} is larger than {limit} bytes, more than any conversation",
+            path.display()
+        );
+    }
+    let json: serde_json::Value = serde_json::from_slice(&text)
         .with_context(|| format!("{} is not valid JSON", path.display()))?;
     let (messages, extra) = match json {
         serde_json::Value::Array(messages) => (messages, serde_json::Map::new()),
