@@ -253,3 +253,43 @@ pub mod test_data {
         }
     }
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use half::f16;
+
+    #[test]
+    fn f16s_widened_in_pairs_and_fours_equal_halfs_conversion_for_every_value() {
+        if !super::avx2_available() {
+            return;
+        }
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        for bits in 0..=u16::MAX {
+            let v = f16::from_bits(bits);
+            let other = f16::from_bits(bits.rotate_left(7));
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked above).
+            let (a, b) = unsafe { super::avx2::widen_f16_pair(v, other) };
+            assert!(
+                same(a, v.to_f32()) && same(b, other.to_f32()),
+                "{bits:#06x}"
+            );
+            let four = [
+                v,
+                other,
+                f16::from_bits(!bits),
+                f16::from_bits(bits ^ 0x8000),
+            ];
+            let mut lanes = [0f32; 4];
+            // SAFETY: as above; the store writes the 4 floats of `lanes`.
+            unsafe {
+                std::arch::x86_64::_mm_storeu_ps(
+                    lanes.as_mut_ptr(),
+                    super::avx2::widen_f16_4(four),
+                );
+            }
+            for (lane, h) in lanes.iter().zip(four) {
+                assert!(same(*lane, h.to_f32()), "{:#06x}", h.to_bits());
+            }
+        }
+    }
+}

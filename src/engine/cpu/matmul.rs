@@ -599,8 +599,9 @@ impl Matrix {
         self.write_token_rows(0..m, untiled, out, |r, t| B::dot(level, row(r), token(t)));
     }
 
-    /// Writes the `tiled_rows` rows from `first_row` of the `T` token rows from `t0` with
-    /// `tile(r0)`, the outputs `[row][token]` of rows `r0..r0 + TILE_ROWS`.
+    /// Writes the `tiled_rows` rows (a multiple of [`TILE_ROWS`]) from `first_row` of the `T`
+    /// token rows from `t0` with `tile(r0)`, the outputs `[row][token]` of the matrix rows
+    /// `r0..r0 + TILE_ROWS`.
     fn write_tiles<const T: usize>(
         &self,
         t0: usize,
@@ -609,6 +610,7 @@ impl Matrix {
         out: SharedMut<'_, f32>,
         tile: impl Fn(usize) -> [[f32; T]; TILE_ROWS],
     ) {
+        debug_assert!(tiled_rows.is_multiple_of(TILE_ROWS));
         // SAFETY: each chunk of output rows goes to exactly one thread; the token rows are
         // disjoint.
         let mut dst: [&mut [f32]; T] = std::array::from_fn(|i| unsafe {
@@ -1150,7 +1152,7 @@ mod tests {
     #[test]
     fn tiled_prompt_rows_give_every_token_its_one_token_bits_at_any_row_count() {
         // 70 rows: the last chunk (64..70) ends in 2 rows outside the 4-row tiles; 7 tokens:
-        // two 3-token tiles and one token left over.
+        // one whole tile of tokens and three left over (one-token tiles).
         let (rows, k, m) = (70, 256, 7);
         let pool = Pool::new(2);
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {

@@ -32,7 +32,8 @@ pub trait TiledBlock: Sized {
     /// `vec_dot` for the type).
     fn dot(level: SimdLevel, w: &[Self], act: &[Self::Act]) -> f32;
 
-    /// `out[r][t]` = [`TiledBlock::dot`] of `rows[r]` with `acts[t]`, bit for bit (`R` ≤ 4).
+    /// `out[r][t]` = [`TiledBlock::dot`] of `rows[r]` with `acts[t]`, bit for bit (`R`, `T` ≤ 4;
+    /// all rows and activation rows of the same length).
     fn tile<const R: usize, const T: usize>(
         level: SimdLevel,
         rows: [&[Self]; R],
@@ -221,7 +222,7 @@ mod avx2 {
     }
 
     /// One tile of `R` weight rows × `T` activation rows (see the module documentation).
-    /// Every row and activation row has at least `acts[0].len()` blocks.
+    /// Every row and activation row has the same number of blocks.
     ///
     /// # Safety
     /// The CPU must support AVX2, FMA and F16C.
@@ -232,11 +233,11 @@ mod avx2 {
     ) -> [[f32; T]; R] {
         const { assert!(R <= 4 && T <= 4, "scales are widened 4 at a time") };
         let nb = acts[0].len();
-        assert!(rows.iter().all(|r| r.len() >= nb) && acts.iter().all(|a| a.len() >= nb));
+        assert!(rows.iter().all(|r| r.len() == nb) && acts.iter().all(|a| a.len() == nb));
         let mut acc = [[_mm256_setzero_ps(); T]; R];
         let mut mins = [[0f32; T]; R];
         for b in 0..nb {
-            // SAFETY: b < nb <= every row's and activation row's length (asserted above).
+            // SAFETY: b < nb, every row's and activation row's length (asserted above).
             let (x, y) = unsafe {
                 (
                     rows.map(|r| r.get_unchecked(b)),
@@ -343,6 +344,16 @@ mod tests {
 
     const LEVELS: [SimdLevel; 2] = [SimdLevel::Portable, SimdLevel::Avx2];
 
+    /// A weight scale: mostly random, with zero, negative zero and a subnormal mixed in.
+    fn scale(rng: &mut Rng, block: usize) -> f16 {
+        match block % 11 {
+            4 => f16::ZERO,
+            7 => f16::NEG_ZERO,
+            9 => f16::from_bits(3),
+            _ => f16::from_f32(rng.uniform() * 0.05),
+        }
+    }
+
     fn random_bytes<const N: usize>(rng: &mut Rng) -> [u8; N] {
         std::array::from_fn(|_| rng.next_u64() as u8)
     }
@@ -403,7 +414,7 @@ mod tests {
         let make = |rng: &mut Rng, nb: usize| -> Vec<BlockQ8_0> {
             (0..nb)
                 .map(|i| BlockQ8_0 {
-                    d: f16::from_f32(rng.uniform() * 0.05),
+                    d: scale(rng, i),
                     // -128 (whose sign flip wraps) in every third block.
                     qs: if i % 3 == 0 {
                         [-128; 32]
@@ -420,8 +431,9 @@ mod tests {
     fn q5_0_tiles_give_each_output_the_one_output_bits() {
         let make = |rng: &mut Rng, nb: usize| -> Vec<BlockQ5_0> {
             (0..nb)
-                .map(|_| BlockQ5_0 {
-                    d: f16::from_f32(rng.uniform() * 0.05),
+                .enumerate()
+                .map(|(i, _)| BlockQ5_0 {
+                    d: scale(rng, i),
                     qh: random_bytes(rng),
                     qs: random_bytes(rng),
                 })
@@ -434,8 +446,9 @@ mod tests {
     fn q4_1_tiles_give_each_output_the_one_output_bits() {
         let make = |rng: &mut Rng, nb: usize| -> Vec<BlockQ4_1> {
             (0..nb)
-                .map(|_| BlockQ4_1 {
-                    d: f16::from_f32(rng.uniform() * 0.05),
+                .enumerate()
+                .map(|(i, _)| BlockQ4_1 {
+                    d: scale(rng, i),
                     m: f16::from_f32(rng.uniform() * 0.3),
                     qs: random_bytes(rng),
                 })
