@@ -186,6 +186,15 @@ pub mod avx2 {
         _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
     }
 
+    /// A Q5_0 block's 32 values as signed bytes, as `ggml_vec_dot_q5_0_q8_0` unpacks them:
+    /// the nibbles, minus 16 where the fifth bit is clear.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn q5_0_values(qs: &[u8; 16], qh: &[u8; 4]) -> __m256i {
+        let fifth = _mm256_andnot_si256(bytes_from_bits_32(qh), _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(bytes_from_nibbles_32(qs), fifth)
+    }
+
     /// Loads 32 unsigned bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -195,11 +195,7 @@ mod avx2 {
         for (x, y) in w.iter().zip(act) {
             let (dx, dy) = widen_f16_pair(x.d, y.d);
             let d = _mm256_set1_ps(dx * dy);
-            let mut qx = bytes_from_nibbles_32(&x.qs);
-            let bxhi =
-                _mm256_andnot_si256(bytes_from_bits_32(&x.qh), _mm256_set1_epi8(0xF0u8 as i8));
-            qx = _mm256_or_si256(qx, bxhi);
-            let q = mul_sum_i8_pairs_float(qx, load_i8(&y.qs));
+            let q = mul_sum_i8_pairs_float(q5_0_values(&x.qs, &x.qh), load_i8(&y.qs));
             acc = _mm256_fmadd_ps(d, q, acc);
         }
         hsum_float_8(acc)

@@ -115,9 +115,7 @@ mod avx2 {
     ///
     /// # Safety
     /// Implementations may use AVX2, FMA and F16C in `unpack`.
-    pub(super) unsafe trait WeightBlock {
-        /// The activation block type it is multiplied with.
-        type Act: ActBlock;
+    pub(super) unsafe trait WeightBlock: super::TiledBlock<Act: ActBlock> {
         /// Whether the values are signed (`mul_sum_i8_pairs_float`) rather than unsigned
         /// (`mul_sum_us8_pairs_float`, with a minimum).
         const SIGNED: bool;
@@ -172,7 +170,6 @@ mod avx2 {
 
     // SAFETY: `unpack` uses AVX2/F16C only, which its contract requires.
     unsafe impl WeightBlock for BlockQ8_0 {
-        type Act = BlockQ8_0;
         const SIGNED: bool = true;
         fn scale(&self) -> f16 {
             self.d
@@ -186,26 +183,19 @@ mod avx2 {
 
     // SAFETY: as above.
     unsafe impl WeightBlock for BlockQ5_0 {
-        type Act = BlockQ8_0;
         const SIGNED: bool = true;
         fn scale(&self) -> f16 {
             self.d
         }
-        /// `dot_q5_0_q8_0`'s unpacking: nibbles, minus 16 where the fifth bit is clear.
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn unpack(&self) -> Unpacked {
-            let fifth = _mm256_andnot_si256(bytes_from_bits_32(&self.qh), _mm256_set1_epi8(-16));
-            signed(
-                _mm256_or_si256(bytes_from_nibbles_32(&self.qs), fifth),
-                self.d,
-            )
+            signed(q5_0_values(&self.qs, &self.qh), self.d)
         }
     }
 
     // SAFETY: as above.
     unsafe impl WeightBlock for BlockQ4_1 {
-        type Act = BlockQ8_1;
         const SIGNED: bool = false;
         fn scale(&self) -> f16 {
             self.d
