@@ -10,9 +10,12 @@
 //! same: the tiles only change which outputs are computed together.
 //!
 //! Prompt of 128 tokens on a Q8_0 SmolLM3-3B (Zen 3, 2 threads): 11.8–12.7 tok/s one output at
-//! a time, 18.2–19.8 in tiles; llama.cpp 23.4. The 4 × 4 shape and the loop orders below are
-//! the fastest of those tried in the model (4 × 2, 4 × 3, 3 × 4, 2 × 4; `tiles_bench` ranks
-//! them differently, so it only checks a change roughly).
+//! a time, 18.2–19.8 in tiles, 22.4–23.6 once a row's four scale products are one
+//! multiplication and lane shuffles (instead of a scalar product and a broadcast per output);
+//! llama.cpp 23.9. The 4 × 4 shape and the loop orders below are the fastest of those tried in
+//! the model (4 × 2, 4 × 3, 3 × 4, 2 × 4, each row over all blocks alone, all tiles of a row
+//! group before the next; `tiles_bench` ranks them differently, so it only checks a change
+//! roughly).
 
 use super::SimdLevel;
 use super::blocks::{BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1};
@@ -250,6 +253,18 @@ mod avx2 {
         })
     }
 
+    /// Lane `i` (< 4) of each 128-bit half of `v` in all of that half's lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn lane_broadcast(v: __m256, i: usize) -> __m256 {
+        match i {
+            0 => _mm256_shuffle_ps::<0x00>(v, v),
+            1 => _mm256_shuffle_ps::<0x55>(v, v),
+            2 => _mm256_shuffle_ps::<0xAA>(v, v),
+            _ => _mm256_shuffle_ps::<0xFF>(v, v),
+        }
+    }
+
     /// One block of a signed type's tile, a row at a time: one row's `|x|` and `x` are live
     /// with the `T` activations. Unpacking all rows first and going a token at a time (as
     /// tinyBLAS does) was slower in the model: 13-17 against 20 tok/s on the Q8_0 3B.
@@ -267,18 +282,19 @@ mod avx2 {
         let dx = lanes_of(widen_f16_4(std::array::from_fn(|r| {
             x.get(r).map_or(f16::ZERO, |x| x.scale())
         })));
-        let dy = lanes_of(widen_f16_4(std::array::from_fn(|t| {
+        let dy = widen_f16_4(std::array::from_fn(|t| {
             dy.get(t).copied().unwrap_or(f16::ZERO)
-        })))
-        .map(|d| _mm256_set1_ps(d));
+        }));
+        let dy = _mm256_set_m128(dy, dy);
         for (r, x) in x.iter().enumerate() {
             // SAFETY: the caller's contract.
             let w = unsafe { x.unpack() };
             let magnitudes = _mm256_sign_epi8(w.values, w.values);
-            let dx = _mm256_set1_ps(dx[r]);
+            let d = _mm256_mul_ps(_mm256_set1_ps(dx[r]), dy);
             for t in 0..T {
+                let d = lane_broadcast(d, t);
                 let sums = mul_sum_us8_pairs_float(magnitudes, _mm256_sign_epi8(q8[t], w.values));
-                acc[r][t] = _mm256_fmadd_ps(_mm256_mul_ps(dx, dy[t]), sums, acc[r][t]);
+                acc[r][t] = _mm256_fmadd_ps(d, sums, acc[r][t]);
             }
         }
     }
@@ -310,12 +326,7 @@ mod avx2 {
             let d = _mm_mul_ps(dx, _mm_set1_ps(dy));
             let d = _mm256_set_m128(d, d);
             for (r, w) in w.iter().enumerate() {
-                let d = match r {
-                    0 => _mm256_shuffle_ps::<0x00>(d, d),
-                    1 => _mm256_shuffle_ps::<0x55>(d, d),
-                    2 => _mm256_shuffle_ps::<0xAA>(d, d),
-                    _ => _mm256_shuffle_ps::<0xFF>(d, d),
-                };
+                let d = lane_broadcast(d, r);
                 let sums = mul_sum_us8_pairs_float(w.values, q8[t]);
                 acc[r][t] = _mm256_fmadd_ps(d, sums, acc[r][t]);
                 mins[r][t] += m[r] * s;
