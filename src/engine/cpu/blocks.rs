@@ -97,6 +97,16 @@ pub struct BlockQ5_0 {
     pub qs: [u8; QK / 2],
 }
 
+/// Q4_0: 32 4-bit values (value − 8) and an f16 scale (18 bytes).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ4_0 {
+    /// Scale.
+    pub d: f16,
+    /// 4-bit values, low nibbles first.
+    pub qs: [u8; QK / 2],
+}
+
 /// Q4_1: 32 4-bit values with an f16 scale and minimum (20 bytes).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -166,6 +176,7 @@ unsafe impl PodBlock for BlockQ8K {}
 unsafe impl PodBlock for BlockQ8Kx4 {}
 unsafe impl PodBlock for BlockQ8_0 {}
 unsafe impl PodBlock for BlockQ5_0 {}
+unsafe impl PodBlock for BlockQ4_0 {}
 unsafe impl PodBlock for BlockQ4_1 {}
 unsafe impl PodBlock for BlockQ8_1 {}
 
@@ -177,6 +188,7 @@ const _: () = {
     assert!(std::mem::size_of::<BlockQ8Kx4>() == 16 + 1024 + 128);
     assert!(std::mem::size_of::<BlockQ8_0>() == 34);
     assert!(std::mem::size_of::<BlockQ5_0>() == 22);
+    assert!(std::mem::size_of::<BlockQ4_0>() == 18);
     assert!(std::mem::size_of::<BlockQ4_1>() == 20);
     assert!(std::mem::size_of::<BlockQ8_1>() == 36);
 };

@@ -101,10 +101,18 @@ pub mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn prefetch_ahead<T>(at: &T) {
-        let ahead = (at as *const T).cast::<i8>().wrapping_add(PREFETCH_AHEAD);
+        let at = (at as *const T).cast::<i8>();
         for line in 0..std::mem::size_of::<T>().div_ceil(64) {
-            _mm_prefetch::<_MM_HINT_NTA>(ahead.wrapping_add(64 * line));
+            prefetch_line_ahead(at.wrapping_add(64 * line));
         }
+    }
+
+    /// Prefetches the cache line [`PREFETCH_AHEAD`] bytes after `at` as in [`prefetch_ahead`]
+    /// (a hint: any address is safe).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn prefetch_line_ahead(at: *const i8) {
+        _mm_prefetch::<_MM_HINT_NTA>(at.wrapping_add(PREFETCH_AHEAD));
     }
 
     /// Two f16s widened with one F16C conversion: the values `half`'s `to_f32` gives, without

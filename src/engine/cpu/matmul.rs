@@ -12,12 +12,12 @@ use candle_core::quantized::k_quants::{self, GgmlType};
 use half::f16;
 
 use super::blocks::{
-    BlockQ4_1, BlockQ4K, BlockQ4Kx8, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K,
-    BlockQ8Kx4, QK, QK_K, as_blocks,
+    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ4Kx8, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8_1,
+    BlockQ8K, BlockQ8Kx4, QK, QK_K, as_blocks,
 };
 use super::pool::{Pool, SharedMut};
 use super::tiles::{TILE_ROWS, TILE_TOKENS, TiledBlock};
-use super::{dequant, q4_1, q4k, q6k, q8_0, q8k, simd_level};
+use super::{SimdLevel, dequant, q4_1, q4k, q6k, q8_0, q8k, simd_level};
 
 /// From this many inputs on, llama.cpp multiplies Q6_K through its tiled K-quant path (which
 /// sums in another order than its vec_dot).
@@ -205,6 +205,9 @@ enum Kernel {
     Q8_0,
     /// Q5_0 weights with llama.cpp-rounded Q8_0 activations.
     Q5_0,
+    /// Q4_0 weights with llama.cpp-rounded Q8_0 activations, summed as llama.cpp's repacked
+    /// Q4_0 kernels do ([`super::q4_0`]).
+    Q4_0,
     /// Candle's per-row `vec_dot` for this block type (activations of its `VecDotType`).
     Candle(GgmlDType),
 }
@@ -267,13 +270,11 @@ impl Matrix {
             GgmlDType::Q6K => Kernel::Q6K,
             GgmlDType::Q8_0 => Kernel::Q8_0,
             GgmlDType::Q5_0 => Kernel::Q5_0,
+            GgmlDType::Q4_0 => Kernel::Q4_0,
             GgmlDType::Q4K if rows.is_multiple_of(8) => Kernel::Q4K,
-            GgmlDType::Q4_0
-            | GgmlDType::Q5_1
-            | GgmlDType::Q2K
-            | GgmlDType::Q3K
-            | GgmlDType::Q4K
-            | GgmlDType::Q5K => Kernel::Candle(dtype),
+            GgmlDType::Q5_1 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K => {
+                Kernel::Candle(dtype)
+            }
             other => return Err(MatmulError::Unsupported(other)),
         };
         let align = match dtype {
@@ -352,7 +353,7 @@ impl Matrix {
             Kernel::Q4_1 => &[ActKind::Q8_1],
             Kernel::Q4K => &[ActKind::Q8Kx4, ActKind::Q8K],
             Kernel::Q6K => &[ActKind::Q8K],
-            Kernel::Q8_0 | Kernel::Q5_0 => &[ActKind::Q8_0],
+            Kernel::Q8_0 | Kernel::Q5_0 | Kernel::Q4_0 => &[ActKind::Q8_0],
             Kernel::Candle(dtype) => match candle_vec_dot_type(dtype) {
                 GgmlDType::Q8K => &[ActKind::Q8K],
                 GgmlDType::Q8_0 => &[ActKind::Candle(GgmlDType::Q8_0)],
@@ -393,6 +394,7 @@ impl Matrix {
             Kernel::Q6K => self.rows_q6k(act, rows, out),
             Kernel::Q8_0 => self.rows_of_blocks::<BlockQ8_0>(act.q8_0(), m, rows, out),
             Kernel::Q5_0 => self.rows_of_blocks::<BlockQ5_0>(act.q8_0(), m, rows, out),
+            Kernel::Q4_0 => self.rows_of_blocks::<BlockQ4_0>(act.q8_0(), m, rows, out),
             Kernel::Candle(dtype) => {
                 with_candle_block!(dtype, candle_rows, self, act.blocks(kind), m, rows, out)
             }
@@ -557,9 +559,9 @@ impl Matrix {
         });
     }
 
-    /// Rows of a matrix of 32-value weight blocks `B`: a prompt's in tiles of
-    /// [`TILE_ROWS`] weight rows × [`TILE_TOKENS`] tokens (each output with the one-output
-    /// kernel's bits), the rest one output at a time.
+    /// Rows of a matrix of 32-value weight blocks `B`: a prompt's (and for some types a few
+    /// inputs') in tiles of [`TILE_ROWS`] weight rows × up to [`TILE_TOKENS`] tokens (each
+    /// output with the one-output kernel's bits), the rows left over one output at a time.
     fn rows_of_blocks<B: TiledBlock + super::blocks::PodBlock>(
         &self,
         act: &[B::Act],
@@ -567,36 +569,49 @@ impl Matrix {
         rows: std::ops::Range<usize>,
         out: SharedMut<'_, f32>,
     ) {
-        let level = simd_level();
-        let nb = self.cols / QK;
-        let w: &[B] = as_blocks(self.data.bytes()).unwrap_or_default();
-        let row = |r: usize| &w[r * nb..][..nb];
-        let token = |t: usize| &act[t * nb..][..nb];
-        let tiled_rows = if m > DECODE_MAX_INPUTS {
+        let blocks = BlockRows {
+            level: simd_level(),
+            w: as_blocks(self.data.bytes()).unwrap_or_default(),
+            act,
+            nb: self.cols / QK,
+        };
+        let tiled_rows = if m > DECODE_MAX_INPUTS || B::TILES_FOR_FEW_INPUTS {
             rows.len() - rows.len() % TILE_ROWS
         } else {
             0
         };
-        let full_tokens = if tiled_rows > 0 {
-            m - m % TILE_TOKENS
-        } else {
-            0
-        };
-        for t0 in (0..full_tokens).step_by(TILE_TOKENS) {
-            let acts: [_; TILE_TOKENS] = std::array::from_fn(|i| token(t0 + i));
-            self.write_tiles(t0, rows.start, tiled_rows, out, |r0| {
-                B::tile(level, std::array::from_fn(|i| row(r0 + i)), acts)
-            });
-        }
         if tiled_rows > 0 {
-            for t in full_tokens..m {
-                self.write_tiles(t, rows.start, tiled_rows, out, |r0| {
-                    B::tile(level, std::array::from_fn(|i| row(r0 + i)), [token(t)])
-                });
+            let tiled = rows.start..rows.start + tiled_rows;
+            let full_tokens = m - m % TILE_TOKENS;
+            for t0 in (0..full_tokens).step_by(TILE_TOKENS) {
+                self.write_block_tiles::<B, TILE_TOKENS>(&blocks, t0, tiled.clone(), out);
+            }
+            match m - full_tokens {
+                0 => {}
+                1 => self.write_block_tiles::<B, 1>(&blocks, full_tokens, tiled, out),
+                2 => self.write_block_tiles::<B, 2>(&blocks, full_tokens, tiled, out),
+                _ => self.write_block_tiles::<B, 3>(&blocks, full_tokens, tiled, out),
             }
         }
         let untiled = rows.start + tiled_rows..rows.end;
-        self.write_token_rows(0..m, untiled, out, |r, t| B::dot(level, row(r), token(t)));
+        self.write_token_rows(0..m, untiled, out, |r, t| {
+            B::dot(blocks.level, blocks.row(r), blocks.token(t))
+        });
+    }
+
+    /// The tiles of the `T` tokens from `t0` with the rows `rows` (whole tiles).
+    fn write_block_tiles<B: TiledBlock, const T: usize>(
+        &self,
+        blocks: &BlockRows<'_, B>,
+        t0: usize,
+        rows: std::ops::Range<usize>,
+        out: SharedMut<'_, f32>,
+    ) {
+        let acts: [_; T] = std::array::from_fn(|i| blocks.token(t0 + i));
+        self.write_tiles(t0, rows.start, rows.len(), out, |r0| {
+            let w = std::array::from_fn(|i| blocks.row(r0 + i));
+            B::tile(blocks.level, w, acts)
+        });
     }
 
     /// Writes the `tiled_rows` rows (a multiple of [`TILE_ROWS`]) from `first_row` of the `T`
@@ -624,6 +639,25 @@ impl Matrix {
                 }
             }
         }
+    }
+}
+
+/// A matrix of 32-value weight blocks and the quantized inputs it is multiplied with.
+struct BlockRows<'a, B: TiledBlock> {
+    level: SimdLevel,
+    w: &'a [B],
+    act: &'a [B::Act],
+    /// Blocks per row.
+    nb: usize,
+}
+
+impl<B: TiledBlock> BlockRows<'_, B> {
+    fn row(&self, r: usize) -> &[B] {
+        &self.w[r * self.nb..][..self.nb]
+    }
+
+    fn token(&self, t: usize) -> &[B::Act] {
+        &self.act[t * self.nb..][..self.nb]
     }
 }
 
@@ -1152,10 +1186,15 @@ mod tests {
     #[test]
     fn tiled_prompt_rows_give_every_token_its_one_token_bits_at_any_row_count() {
         // 70 rows: the last chunk (64..70) ends in 2 rows outside the 4-row tiles; 7 tokens:
-        // one whole tile of tokens and three left over (one-token tiles).
+        // one whole tile of tokens and three left over (a 3-token tile).
         let (rows, k, m) = (70, 256, 7);
         let pool = Pool::new(2);
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q8_0,
+        ] {
             let (w, _) = matrix(dtype, rows, k);
             let x = values(m * k, 5);
             let mut batch = Activations::new();

@@ -14,6 +14,7 @@ pub(crate) mod emulator;
 pub mod lanes;
 pub mod matmul;
 pub mod pool;
+pub mod q4_0;
 pub mod q4_1;
 pub mod q4k;
 pub mod q6k;

@@ -1,4 +1,4 @@
-//! Prompt products of the 32-value weight types (Q8_0, Q5_0, Q4_1) in tiles of
+//! Prompt products of the 32-value weight types (Q8_0, Q5_0, Q4_1, Q4_0) in tiles of
 //! [`TILE_ROWS`] weight rows × [`TILE_TOKENS`] activation rows.
 //!
 //! One output at a time (`dot_q8_0_q8_0` and friends), each weight block is unpacked and each
@@ -18,8 +18,8 @@
 //! roughly).
 
 use super::SimdLevel;
-use super::blocks::{BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1};
-use super::{lanes, q4_1, q8_0};
+use super::blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1};
+use super::{lanes, q4_0, q4_1, q8_0};
 
 /// Weight rows of one tile.
 pub const TILE_ROWS: usize = 4;
@@ -30,6 +30,11 @@ pub const TILE_TOKENS: usize = 4;
 pub trait TiledBlock: Sized {
     /// The activation block type it is multiplied with.
     type Act;
+
+    /// Whether products of a few inputs (generation) also go in tiles of rows: true where a
+    /// tile's rows share work that one output at a time repeats (Q4_0's block sums), false
+    /// where the one-output kernel already streams the weights as fast as memory allows.
+    const TILES_FOR_FEW_INPUTS: bool = false;
 
     /// One output: the dot product of a weight row with an activation row (llama.cpp's
     /// `vec_dot` for the type).
@@ -73,6 +78,23 @@ macro_rules! tiled_block {
 tiled_block!(BlockQ8_0, BlockQ8_0, q8_0::dot_q8_0_q8_0);
 tiled_block!(BlockQ5_0, BlockQ8_0, q8_0::dot_q5_0_q8_0);
 tiled_block!(BlockQ4_1, BlockQ8_1, q4_1::dot_q4_1_q8_1);
+
+impl TiledBlock for BlockQ4_0 {
+    type Act = BlockQ8_0;
+    const TILES_FOR_FEW_INPUTS: bool = true;
+
+    fn dot(level: SimdLevel, w: &[Self], act: &[BlockQ8_0]) -> f32 {
+        q4_0::dot_q4_0_q8_0(level, w, act)
+    }
+
+    fn tile<const R: usize, const T: usize>(
+        level: SimdLevel,
+        rows: [&[Self]; R],
+        acts: [&[BlockQ8_0]; T],
+    ) -> [[f32; T]; R] {
+        q4_0::tile(level, rows, acts)
+    }
+}
 
 /// A tile from the one-output kernel (the portable path).
 fn each_pair<W, A, const R: usize, const T: usize>(
