@@ -37,6 +37,22 @@ pub struct BlockQ4Kx8 {
     pub qs: [u8; QK_K * 4],
 }
 
+/// Q5_K: 8 sub-blocks of 32 5-bit values with 6-bit scales and minimums (176 bytes).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ5K {
+    /// Scale of the sub-block scales.
+    pub d: f16,
+    /// Scale of the sub-block minimums.
+    pub dmin: f16,
+    /// Sub-block scales and minimums, 6 bits each, packed as Q4_K's.
+    pub scales: [u8; 12],
+    /// Fifth bits of the values.
+    pub qh: [u8; QK_K / 8],
+    /// Low 4 bits.
+    pub qs: [u8; QK_K / 2],
+}
+
 /// Q6_K: 16 sub-blocks of 16 6-bit values with 8-bit scales (210 bytes).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -171,6 +187,7 @@ pub unsafe trait PodBlock: Copy + 'static {}
 // SAFETY: each is repr(C), made only of integers and f16, without padding (sizes checked below).
 unsafe impl PodBlock for BlockQ4K {}
 unsafe impl PodBlock for BlockQ4Kx8 {}
+unsafe impl PodBlock for BlockQ5K {}
 unsafe impl PodBlock for BlockQ6K {}
 unsafe impl PodBlock for BlockQ8K {}
 unsafe impl PodBlock for BlockQ8Kx4 {}
@@ -183,6 +200,7 @@ unsafe impl PodBlock for BlockQ8_1 {}
 const _: () = {
     assert!(std::mem::size_of::<BlockQ4K>() == 144);
     assert!(std::mem::size_of::<BlockQ4Kx8>() == 8 * 144);
+    assert!(std::mem::size_of::<BlockQ5K>() == 176);
     assert!(std::mem::size_of::<BlockQ6K>() == 210);
     assert!(std::mem::size_of::<BlockQ8K>() == 292);
     assert!(std::mem::size_of::<BlockQ8Kx4>() == 16 + 1024 + 128);

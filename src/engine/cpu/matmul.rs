@@ -12,16 +12,16 @@ use candle_core::quantized::k_quants::{self, GgmlType};
 use half::f16;
 
 use super::blocks::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ4Kx8, BlockQ5_0, BlockQ6K, BlockQ8_0, BlockQ8_1,
-    BlockQ8K, BlockQ8Kx4, QK, QK_K, as_blocks,
+    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ4Kx8, BlockQ5_0, BlockQ5K, BlockQ6K, BlockQ8_0,
+    BlockQ8_1, BlockQ8K, BlockQ8Kx4, QK, QK_K, as_blocks,
 };
 use super::pool::{Pool, SharedMut};
 use super::tiles::{TILE_ROWS, TILE_TOKENS, TiledBlock};
-use super::{SimdLevel, dequant, q4_1, q4k, q6k, q8_0, q8k, simd_level};
+use super::{SimdLevel, dequant, q4_1, q4k, q5k, q6k, q8_0, q8k, simd_level};
 
-/// From this many inputs on, llama.cpp multiplies Q6_K through its tiled K-quant path (which
-/// sums in another order than its vec_dot).
-const Q6K_TILED_FROM: usize = 8;
+/// From this many inputs on, llama.cpp multiplies Q6_K and Q5_K through its tiled K-quant path
+/// (which sums in another order than its vec_dot).
+const TILED_K_QUANT_FROM: usize = 8;
 
 /// Output rows one chunk of work covers (a multiple of 8, the rows Q4_K's gemm interleaves).
 const ROWS_PER_CHUNK: usize = 32;
@@ -199,8 +199,10 @@ enum Kernel {
     /// same bits either way).
     Q4K,
     /// Q6_K with Q8_K activations: llama.cpp's vec_dot for fewer than
-    /// [`Q6K_TILED_FROM`] inputs, its tiled K-quant order from there on.
+    /// [`TILED_K_QUANT_FROM`] inputs, its tiled K-quant order from there on.
     Q6K,
+    /// Q5_K with Q8_K activations, as Q6_K ([`super::q5k`]).
+    Q5K,
     /// Q8_0 weights with llama.cpp-rounded Q8_0 activations.
     Q8_0,
     /// Q5_0 weights with llama.cpp-rounded Q8_0 activations.
@@ -268,11 +270,12 @@ impl Matrix {
             GgmlDType::F16 => Kernel::F16,
             GgmlDType::Q4_1 => Kernel::Q4_1,
             GgmlDType::Q6K => Kernel::Q6K,
+            GgmlDType::Q5K => Kernel::Q5K,
             GgmlDType::Q8_0 => Kernel::Q8_0,
             GgmlDType::Q5_0 => Kernel::Q5_0,
             GgmlDType::Q4_0 => Kernel::Q4_0,
             GgmlDType::Q4K if rows.is_multiple_of(8) => Kernel::Q4K,
-            GgmlDType::Q5_1 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K => {
+            GgmlDType::Q5_1 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K => {
                 Kernel::Candle(dtype)
             }
             other => return Err(MatmulError::Unsupported(other)),
@@ -352,7 +355,7 @@ impl Matrix {
             Kernel::F32 | Kernel::F16 => &[ActKind::F32],
             Kernel::Q4_1 => &[ActKind::Q8_1],
             Kernel::Q4K => &[ActKind::Q8Kx4, ActKind::Q8K],
-            Kernel::Q6K => &[ActKind::Q8K],
+            Kernel::Q6K | Kernel::Q5K => &[ActKind::Q8K],
             Kernel::Q8_0 | Kernel::Q5_0 | Kernel::Q4_0 => &[ActKind::Q8_0],
             Kernel::Candle(dtype) => match candle_vec_dot_type(dtype) {
                 GgmlDType::Q8K => &[ActKind::Q8K],
@@ -391,7 +394,8 @@ impl Matrix {
             Kernel::F16 => self.rows_f16(act.f32(), m, rows, out),
             Kernel::Q4_1 => self.rows_of_blocks::<BlockQ4_1>(act.q8_1(), m, rows, out),
             Kernel::Q4K => self.rows_q4k(act, rows, out),
-            Kernel::Q6K => self.rows_q6k(act, rows, out),
+            Kernel::Q6K => self.rows_tiled_kquant::<BlockQ6K>(act, rows, out),
+            Kernel::Q5K => self.rows_tiled_kquant::<BlockQ5K>(act, rows, out),
             Kernel::Q8_0 => self.rows_of_blocks::<BlockQ8_0>(act.q8_0(), m, rows, out),
             Kernel::Q5_0 => self.rows_of_blocks::<BlockQ5_0>(act.q8_0(), m, rows, out),
             Kernel::Q4_0 => self.rows_of_blocks::<BlockQ4_0>(act.q8_0(), m, rows, out),
@@ -524,22 +528,47 @@ impl Matrix {
         }
     }
 
-    fn rows_q6k(&self, act: &Activations, rows: std::ops::Range<usize>, out: SharedMut<'_, f32>) {
-        let (m, tiled) = (act.m, act.gemm_rows() >= Q6K_TILED_FROM);
+    /// Rows of a Q6_K or Q5_K matrix: llama.cpp's vec_dot for fewer than
+    /// [`TILED_K_QUANT_FROM`] inputs, its tiled order (several tokens per pass) from there on.
+    fn rows_tiled_kquant<B: TiledKQuant>(
+        &self,
+        act: &Activations,
+        rows: std::ops::Range<usize>,
+        out: SharedMut<'_, f32>,
+    ) {
+        let (m, tiled) = (act.m, act.gemm_rows() >= TILED_K_QUANT_FROM);
         let act = act.q8k();
         let level = simd_level();
         let nb = self.cols / QK_K;
         let bytes = self.repacked.get().unwrap_or(&self.data).bytes();
-        let w: &[BlockQ6K] = as_blocks(bytes).unwrap_or_default();
+        let w: &[B] = as_blocks(bytes).unwrap_or_default();
         if !tiled {
             self.write_rows(m, rows, out, |r, t| {
-                q6k::dot_q6k_q8k(level, &w[r * nb..][..nb], &act[t * nb..][..nb])
+                B::dot(level, &w[r * nb..][..nb], &act[t * nb..][..nb])
             });
             return;
         }
         const T: usize = q6k::TOKENS_PER_PASS;
-        let full = m - m % T;
-        for t0 in (0..full).step_by(T) {
+        let full = self.tiled_kquant_passes::<B, T>(w, act, 0..m, rows.clone(), out);
+        let full = self.tiled_kquant_passes::<B, { T / 2 }>(w, act, full..m, rows.clone(), out);
+        self.write_token_rows(full..m, rows, out, |r, t| {
+            B::tiled(level, &w[r * nb..][..nb], &act[t * nb..][..nb])
+        });
+    }
+
+    /// The tiled k-quant products of the rows `rows` with the activation rows `tokens` in whole
+    /// passes of `T`; returns the end of the activation rows done.
+    fn tiled_kquant_passes<B: TiledKQuant, const T: usize>(
+        &self,
+        w: &[B],
+        act: &[BlockQ8K],
+        tokens: std::ops::Range<usize>,
+        rows: std::ops::Range<usize>,
+        out: SharedMut<'_, f32>,
+    ) -> usize {
+        let (level, nb) = (simd_level(), self.cols / QK_K);
+        let full = tokens.end - tokens.len() % T;
+        for t0 in (tokens.start..full).step_by(T) {
             // SAFETY: each chunk of output rows goes to exactly one thread; the T token rows
             // are disjoint.
             let mut dst: [&mut [f32]; T] = std::array::from_fn(|i| unsafe {
@@ -548,15 +577,13 @@ impl Matrix {
             });
             let acts: [&[BlockQ8K]; T] = std::array::from_fn(|i| &act[(t0 + i) * nb..][..nb]);
             for (j, r) in rows.clone().enumerate() {
-                let values = q6k::dot_q6k_q8k_tiled_tokens(level, &w[r * nb..][..nb], acts);
+                let values = B::tiled_tokens(level, &w[r * nb..][..nb], acts);
                 for (d, v) in dst.iter_mut().zip(values) {
                     d[j] = v;
                 }
             }
         }
-        self.write_token_rows(full..m, rows, out, |r, t| {
-            q6k::dot_q6k_q8k_tiled(level, &w[r * nb..][..nb], &act[t * nb..][..nb])
-        });
+        full
     }
 
     /// Rows of a matrix of 32-value weight blocks `B`: a prompt's (and for some types a few
@@ -639,6 +666,53 @@ impl Matrix {
                 }
             }
         }
+    }
+}
+
+/// A k-quant block type that llama.cpp multiplies with its vec_dot for fewer than
+/// [`TILED_K_QUANT_FROM`] inputs and with its tiled K-quant matmul from there on.
+trait TiledKQuant: super::blocks::PodBlock {
+    /// One output in the vec_dot's order.
+    fn dot(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32;
+    /// One output in the tiled order.
+    fn tiled(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32;
+    /// [`TiledKQuant::tiled`] of one row with `T` activation rows.
+    fn tiled_tokens<const T: usize>(
+        level: SimdLevel,
+        w: &[Self],
+        acts: [&[BlockQ8K]; T],
+    ) -> [f32; T];
+}
+
+impl TiledKQuant for BlockQ6K {
+    fn dot(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32 {
+        q6k::dot_q6k_q8k(level, w, act)
+    }
+    fn tiled(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32 {
+        q6k::dot_q6k_q8k_tiled(level, w, act)
+    }
+    fn tiled_tokens<const T: usize>(
+        level: SimdLevel,
+        w: &[Self],
+        acts: [&[BlockQ8K]; T],
+    ) -> [f32; T] {
+        q6k::dot_q6k_q8k_tiled_tokens(level, w, acts)
+    }
+}
+
+impl TiledKQuant for BlockQ5K {
+    fn dot(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32 {
+        q5k::dot_q5k_q8k(level, w, act)
+    }
+    fn tiled(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32 {
+        q5k::dot_q5k_q8k_tiled(level, w, act)
+    }
+    fn tiled_tokens<const T: usize>(
+        level: SimdLevel,
+        w: &[Self],
+        acts: [&[BlockQ8K]; T],
+    ) -> [f32; T] {
+        q5k::dot_q5k_q8k_tiled_tokens(level, w, acts)
     }
 }
 

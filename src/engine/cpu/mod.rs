@@ -17,6 +17,7 @@ pub mod pool;
 pub mod q4_0;
 pub mod q4_1;
 pub mod q4k;
+pub mod q5k;
 pub mod q6k;
 pub mod q8_0;
 pub mod q8k;

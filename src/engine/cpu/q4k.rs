@@ -230,7 +230,7 @@ fn utmp(group: &[u8; 12]) -> [u32; 4] {
 }
 
 /// [`utmp`] as bytes: the scales of sub-blocks 0-7, then their minimums.
-fn decode_scale_mins(group: &[u8; 12]) -> [u8; 16] {
+pub(super) fn decode_scale_mins(group: &[u8; 12]) -> [u8; 16] {
     let mut out = [0u8; 16];
     for (o, w) in out.chunks_exact_mut(4).zip(utmp(group)) {
         o.copy_from_slice(&w.to_le_bytes());

@@ -118,8 +118,11 @@ pub fn dot_q6k_q8k_tiled(level: SimdLevel, w: &[BlockQ6K], act: &[BlockQ8K]) -> 
     acc
 }
 
-/// Activation rows [`dot_q6k_q8k_tiled_tokens`] takes per pass over a weight row.
-pub const TOKENS_PER_PASS: usize = 4;
+/// Activation rows a prompt's Q6_K and Q5_K products take per pass over a weight row
+/// ([`dot_q6k_q8k_tiled_tokens`], `q5k::dot_q5k_q8k_tiled_tokens`); a remainder of four or more
+/// takes a pass of four. Eight rather than four: the 3B's prompt of 64 tokens 1.15-1.25x as fast
+/// on a Q6_K file and 1.1x on a Q5_K_M one (Zen 3, 2 threads).
+pub const TOKENS_PER_PASS: usize = 8;
 
 /// `out[i]` = [`dot_q6k_q8k_tiled`] of `w` with `acts[i]`, bit for bit. The AVX2 form unpacks
 /// each weight block once for all `T` rows instead of once per row: about a quarter of the
@@ -380,27 +383,34 @@ mod avx2 {
         acts: &[&[BlockQ8K]; T],
         b: usize,
     ) {
-        if T != 4 {
+        if !T.is_multiple_of(4) {
             for ((acc, lanes), act) in acc.iter_mut().zip(lanes).zip(acts) {
                 let y = &act[b];
                 *acc = (d * hsum_i32_8(lanes) as f32).mul_add(y.d, *acc);
             }
             return;
         }
-        // Per 128-bit half: the 4 rows' sums of that half's lanes, then both halves added.
-        let pairs01 = _mm256_hadd_epi32(lanes[0], lanes[1]);
-        let pairs23 = _mm256_hadd_epi32(lanes[2], lanes[3]);
-        let quads = _mm256_hadd_epi32(pairs01, pairs23);
-        let sums = _mm_add_epi32(
-            _mm256_castsi256_si128(quads),
-            _mm256_extracti128_si256::<1>(quads),
-        );
-        let scaled = _mm_mul_ps(_mm_set1_ps(d), _mm_cvtepi32_ps(sums));
-        let dx = _mm_setr_ps(acts[0][b].d, acts[1][b].d, acts[2][b].d, acts[3][b].d);
-        // SAFETY: `acc` holds 4 values (T == 4).
-        unsafe {
-            let before = _mm_loadu_ps(acc.as_ptr());
-            _mm_storeu_ps(acc.as_mut_ptr(), _mm_fmadd_ps(scaled, dx, before));
+        for g in (0..T).step_by(4) {
+            // Per 128-bit half: the 4 rows' sums of that half's lanes, then both halves added.
+            let pairs01 = _mm256_hadd_epi32(lanes[g], lanes[g + 1]);
+            let pairs23 = _mm256_hadd_epi32(lanes[g + 2], lanes[g + 3]);
+            let quads = _mm256_hadd_epi32(pairs01, pairs23);
+            let sums = _mm_add_epi32(
+                _mm256_castsi256_si128(quads),
+                _mm256_extracti128_si256::<1>(quads),
+            );
+            let scaled = _mm_mul_ps(_mm_set1_ps(d), _mm_cvtepi32_ps(sums));
+            let dx = _mm_setr_ps(
+                acts[g][b].d,
+                acts[g + 1][b].d,
+                acts[g + 2][b].d,
+                acts[g + 3][b].d,
+            );
+            // SAFETY: `acc` holds 4 values from g (T is a multiple of 4).
+            unsafe {
+                let at = acc.as_mut_ptr().add(g);
+                _mm_storeu_ps(at, _mm_fmadd_ps(scaled, dx, _mm_loadu_ps(at)));
+            }
         }
     }
 }

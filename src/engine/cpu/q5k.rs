@@ -1,0 +1,362 @@
+//! Dot products of Q5_K weight rows with Q8_K activations, as llama.cpp computes them on x86
+//! (Q5_K is not repacked there).
+//!
+//! Batches: like Q6_K ([`super::q6k`]), llama.cpp takes its AVX2 `ggml_vec_dot_q5_K_q8_K`
+//! ([`dot_q5k_q8k`]: 8 lanes of sub-block-scaled sums of 4 products, fused-multiply-added with
+//! `d_x · d_w` per block, then the horizontal sum plus the minimums' term) for 1 to 7 tokens, and
+//! its tiled K-quant matmul (`ggml-cpu/tiled/`) from 8 tokens on ([`dot_q5k_q8k_tiled`]: per
+//! block the exact integer sum `s` and minimums' sum `m`, then `r = d_w · s`,
+//! `r = fnmadd(dmin_w, m, r)`, `acc = fma(r, d_x, acc)`, blocks in order).
+//!
+//! Before these kernels, Q5_K went through candle's `vec_dot` one output at a time. SmolLM3-3B
+//! requantized to Q5_K_M (Q5_K and Q6_K; Zen 3, 2 threads, `smoldesk bench --prompt-tokens 64
+//! --gen-tokens 32`): prompt 13.3–13.9 tok/s with candle's, 25.6–27.8 with these (eight tokens
+//! per pass); generation 10.2–10.7 and 11.3–11.9; llama.cpp 27.6 and 9.7.
+
+use super::SimdLevel;
+use super::blocks::{BlockQ5K, BlockQ8K, QK_K};
+use super::lanes::{self, LANES};
+use super::q4k::decode_scale_mins;
+
+/// Dot product of a Q5_K weight row with Q8_K activations as llama.cpp's AVX2
+/// `ggml_vec_dot_q5_K_q8_K` sums it (its path for batches of 1 to 7 tokens).
+pub fn dot_q5k_q8k(level: SimdLevel, w: &[BlockQ5K], act: &[BlockQ8K]) -> f32 {
+    debug_assert_eq!(w.len(), act.len());
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 && lanes::avx2_available() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        return unsafe { avx2::dot(w, act) };
+    }
+    let _ = level;
+    let mut acc = [0f32; LANES];
+    let mut mins = 0f32;
+    for (x, y) in w.iter().zip(act) {
+        // llama.cpp's `summs += dmin * sum`, which GCC contracts into one FMA.
+        mins = (-y.d * x.dmin.to_f32()).mul_add(min_sum(x, y) as f32, mins);
+        lanes::fma_lanes(&mut acc, y.d * x.d.to_f32(), &block_lanes(x, y));
+    }
+    lanes::hsum_float_8(&acc) + mins
+}
+
+/// Dot product of one Q5_K weight row with Q8_K activations summed as llama.cpp's tiled matmul
+/// sums it (its path for batches of 8 tokens or more).
+pub fn dot_q5k_q8k_tiled(level: SimdLevel, w: &[BlockQ5K], act: &[BlockQ8K]) -> f32 {
+    let [dot] = dot_q5k_q8k_tiled_tokens(level, w, [act]);
+    dot
+}
+
+/// `out[i]` = [`dot_q5k_q8k_tiled`] of `w` with `acts[i]`, bit for bit, each weight block
+/// unpacked once for all `T` activation rows.
+pub fn dot_q5k_q8k_tiled_tokens<const T: usize>(
+    level: SimdLevel,
+    w: &[BlockQ5K],
+    acts: [&[BlockQ8K]; T],
+) -> [f32; T] {
+    debug_assert!(acts.iter().all(|a| a.len() == w.len()));
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 && lanes::avx2_available() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        return unsafe { avx2::dot_tiled_tokens(w, acts) };
+    }
+    let _ = level;
+    acts.map(|act| {
+        w.iter().zip(act).fold(0f32, |acc, (x, y)| {
+            let sum = block_lanes(x, y).iter().sum::<i32>();
+            tiled_step(acc, x, y.d, sum, min_sum(x, y))
+        })
+    })
+}
+
+/// One block of the tiled order: `r = d_w · sum`, `r = r − dmin_w · mins` (fused), then
+/// `fma(r, d_x, acc)`. Always inlined, so that in the AVX2 kernel `mul_add` is the FMA
+/// instruction rather than a call.
+#[inline(always)]
+fn tiled_step(acc: f32, x: &BlockQ5K, dx: f32, sum: i32, mins: i32) -> f32 {
+    let scaled = x.d.to_f32() * sum as f32;
+    let scaled = (-x.dmin.to_f32()).mul_add(mins as f32, scaled);
+    scaled.mul_add(dx, acc)
+}
+
+/// The 256 values (0..32) of a Q5_K block: for each 64 values, the low nibbles of 32 bytes of
+/// `qs` then their high nibbles, the fifth bit from `qh` (bit `2j` then `2j + 1` of byte `i`).
+pub fn q5k_values(block: &BlockQ5K) -> [u8; QK_K] {
+    std::array::from_fn(|v| {
+        let (j, half, i) = (v / 64, (v / 32) % 2, v % 32);
+        let byte = block.qs[32 * j + i];
+        let nibble = if half == 0 { byte & 0x0F } else { byte >> 4 };
+        let fifth = (block.qh[i] >> (2 * j + half)) & 1;
+        nibble | (fifth << 4)
+    })
+}
+
+/// The AVX2 kernel's 8 i32 lanes for one block: lane `l` is the sum over the 8 sub-blocks of
+/// the sub-block's scale times its products `4l .. 4l + 4`.
+fn block_lanes(x: &BlockQ5K, y: &BlockQ8K) -> [i32; LANES] {
+    let values = q5k_values(x);
+    let scales = decode_scale_mins(&x.scales);
+    let mut sumi = [0i32; LANES];
+    for sub in 0..QK_K / 32 {
+        let u: &[u8; 32] = values[32 * sub..][..32].try_into().unwrap_or(&[0; 32]);
+        let s: &[i8; 32] = y.qs[32 * sub..][..32].try_into().unwrap_or(&[0; 32]);
+        let scale = i32::from(scales[sub]);
+        for (sum, quad) in sumi.iter_mut().zip(lanes::maddubs_quads(u, s)) {
+            *sum += scale * quad;
+        }
+    }
+    sumi
+}
+
+/// `Σ min_j · (bsums[2j] + bsums[2j + 1])` over the 8 sub-blocks (exact).
+fn min_sum(x: &BlockQ5K, y: &BlockQ8K) -> i32 {
+    let mins = &decode_scale_mins(&x.scales)[8..];
+    mins.iter()
+        .zip(y.bsums.chunks_exact(2))
+        .map(|(&m, pair)| i32::from(m) * (i32::from(pair[0]) + i32::from(pair[1])))
+        .sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::super::blocks::{BlockQ5K, BlockQ8K};
+    use super::super::lanes::avx2::{hsum_float_8, hsum_i32_8, prefetch_ahead};
+    use super::super::q4k::decode_scale_mins;
+    use super::tiled_step;
+
+    /// A block's sub-block scales (i16, in both halves) and minimums (i16), decoded once.
+    struct Scales {
+        scales: __m256i,
+        mins: __m128i,
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn scales(x: &BlockQ5K) -> Scales {
+        let decoded = decode_scale_mins(&x.scales);
+        // SAFETY: reads exactly the 16 decoded bytes.
+        let wide = _mm256_cvtepu8_epi16(unsafe { _mm_loadu_si128(decoded.as_ptr().cast()) });
+        Scales {
+            scales: _mm256_permute2x128_si256::<0x00>(wide, wide),
+            mins: _mm256_extracti128_si256::<1>(wide),
+        }
+    }
+
+    /// Sub-block `s`'s scale in every i16 lane (llama.cpp's `get_scale_shuffle_k4`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn scale_of(scales: &Scales, s: usize) -> __m256i {
+        let pick = (2 * s as i16) | ((2 * s as i16 + 1) << 8);
+        _mm256_shuffle_epi8(scales.scales, _mm256_set1_epi16(pick))
+    }
+
+    /// The values of sub-blocks `2j` and `2j + 1`: `qs` nibbles with the fifth bit from `qh`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn sub_block_pair(x: &BlockQ5K, high_bits: __m256i, j: usize) -> [__m256i; 2] {
+        let low_nibble = _mm256_set1_epi8(0x0F);
+        // SAFETY: reads the 32 bytes of `qs` from 32 j (j < 4).
+        let q = unsafe { _mm256_loadu_si256(x.qs[32 * j..].as_ptr().cast()) };
+        let fifth = |bit: usize| {
+            let mask = _mm256_set1_epi8(1 << bit);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(high_bits, mask), mask);
+            _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+        };
+        [
+            _mm256_or_si256(_mm256_and_si256(q, low_nibble), fifth(2 * j)),
+            _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(q), low_nibble),
+                fifth(2 * j + 1),
+            ),
+        ]
+    }
+
+    /// For each of `ys`: the 8 lanes of [`super::block_lanes`] and the minimums' sum of
+    /// [`super::min_sum`] (in 4 lanes, to be added up), the weight block unpacked once.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn block_sums<const T: usize>(
+        x: &BlockQ5K,
+        ys: [&BlockQ8K; T],
+    ) -> ([__m256i; T], [__m128i; T]) {
+        let scales = scales(x);
+        // SAFETY: reads exactly the 32 bytes of `qh`.
+        let high_bits = unsafe { _mm256_loadu_si256(x.qh.as_ptr().cast()) };
+        let mut lanes = [_mm256_setzero_si256(); T];
+        for j in 0..4 {
+            let values = sub_block_pair(x, high_bits, j);
+            let sc = [scale_of(&scales, 2 * j), scale_of(&scales, 2 * j + 1)];
+            for (lanes, y) in lanes.iter_mut().zip(&ys) {
+                for h in 0..2 {
+                    // SAFETY: reads 32 of the 256 values (64 j + 32 h < 256).
+                    let q8 = unsafe { _mm256_loadu_si256(y.qs[64 * j + 32 * h..].as_ptr().cast()) };
+                    let products = _mm256_maddubs_epi16(values[h], q8);
+                    *lanes = _mm256_add_epi32(*lanes, _mm256_madd_epi16(sc[h], products));
+                }
+            }
+        }
+        let mins = ys.map(|y| {
+            // SAFETY: reads exactly the 32 bytes of `bsums`.
+            let bsums = unsafe { _mm256_loadu_si256(y.bsums.as_ptr().cast()) };
+            let pairs = _mm_hadd_epi16(
+                _mm256_castsi256_si128(bsums),
+                _mm256_extracti128_si256::<1>(bsums),
+            );
+            _mm_madd_epi16(scales.mins, pairs)
+        });
+        (lanes, mins)
+    }
+
+    /// `ggml_vec_dot_q5_K_q8_K`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn dot(w: &[BlockQ5K], act: &[BlockQ8K]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for (x, y) in w.iter().zip(act) {
+            prefetch_ahead(x);
+            let ([lanes], [min_lanes]) = block_sums(x, [y]);
+            let min_sum = hsum_i32_4(min_lanes);
+            // llama.cpp's `summs += dmin * sum`, which GCC contracts into one FMA.
+            mins = (-y.d * x.dmin.to_f32()).mul_add(min_sum as f32, mins);
+            let d = _mm256_set1_ps(y.d * x.d.to_f32());
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
+        }
+        hsum_float_8(acc) + mins
+    }
+
+    /// The sum of four i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum_i32_4(v: __m128i) -> i32 {
+        let pairs = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
+        _mm_cvtsi128_si32(_mm_add_epi32(pairs, _mm_shuffle_epi32::<0b01>(pairs)))
+    }
+
+    /// [`super::dot_q5k_q8k_tiled_tokens`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn dot_tiled_tokens<const T: usize>(w: &[BlockQ5K], acts: [&[BlockQ8K]; T]) -> [f32; T] {
+        if T.is_multiple_of(4) && T <= 8 {
+            return dot_tiled_fours(w, acts);
+        }
+        let mut acc = [0f32; T];
+        for (b, x) in w.iter().enumerate() {
+            let (lanes, mins) = block_sums(x, acts.map(|a| &a[b]));
+            for ((acc, act), (lanes, mins)) in acc.iter_mut().zip(&acts).zip(lanes.iter().zip(mins))
+            {
+                let sum = hsum_i32_8(*lanes);
+                *acc = tiled_step(*acc, x, act[b].d, sum, hsum_i32_4(mins));
+            }
+        }
+        acc
+    }
+
+    /// [`dot_tiled_tokens`] of four or eight activation rows, the float steps of each four as
+    /// the lanes of one register (each lane rounding as [`tiled_step`] does): one at a time,
+    /// the reductions and scalar steps were 40% of the prompt's Q5_K time.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_tiled_fours<const T: usize>(w: &[BlockQ5K], acts: [&[BlockQ8K]; T]) -> [f32; T] {
+        let mut acc = [_mm_setzero_ps(); 2];
+        for (b, x) in w.iter().enumerate() {
+            let (lanes, mins) = block_sums(x, acts.map(|a| &a[b]));
+            let (d, dmin) = (_mm_set1_ps(x.d.to_f32()), _mm_set1_ps(x.dmin.to_f32()));
+            for (g, acc) in acc.iter_mut().enumerate().take(T / 4) {
+                let sums = sums_of_four(std::array::from_fn(|i| lanes[4 * g + i]));
+                let mins = _mm_hadd_epi32(
+                    _mm_hadd_epi32(mins[4 * g], mins[4 * g + 1]),
+                    _mm_hadd_epi32(mins[4 * g + 2], mins[4 * g + 3]),
+                );
+                let scaled = _mm_mul_ps(d, _mm_cvtepi32_ps(sums));
+                let scaled = _mm_fnmadd_ps(dmin, _mm_cvtepi32_ps(mins), scaled);
+                let dx: [f32; 4] = std::array::from_fn(|i| acts[4 * g + i][b].d);
+                // SAFETY: reads exactly the 4 floats of `dx`.
+                let dx = unsafe { _mm_loadu_ps(dx.as_ptr()) };
+                *acc = _mm_fmadd_ps(scaled, dx, *acc);
+            }
+        }
+        let mut out = [0f32; 8];
+        for (lanes, acc) in out.chunks_exact_mut(4).zip(acc) {
+            // SAFETY: writes exactly 4 floats of `out`.
+            unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), acc) };
+        }
+        std::array::from_fn(|t| out[t])
+    }
+
+    /// The exact sums of the 8 lanes of each of four registers, in the lanes of one.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn sums_of_four(lanes: [__m256i; 4]) -> __m128i {
+        let quads = _mm256_hadd_epi32(
+            _mm256_hadd_epi32(lanes[0], lanes[1]),
+            _mm256_hadd_epi32(lanes[2], lanes[3]),
+        );
+        _mm_add_epi32(
+            _mm256_castsi256_si128(quads),
+            _mm256_extracti128_si256::<1>(quads),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::cpu::lanes::test_data::Rng;
+    use crate::engine::cpu::q8k;
+    use half::f16;
+
+    fn random_blocks(rng: &mut Rng, n: usize) -> Vec<BlockQ5K> {
+        (0..n)
+            .map(|_| BlockQ5K {
+                d: f16::from_f32(rng.uniform() * 0.01),
+                dmin: f16::from_f32(rng.uniform() * 0.01),
+                scales: std::array::from_fn(|_| rng.next_u64() as u8),
+                qh: std::array::from_fn(|_| rng.next_u64() as u8),
+                qs: std::array::from_fn(|_| rng.next_u64() as u8),
+            })
+            .collect()
+    }
+
+    fn activations(rng: &mut Rng, nb: usize) -> Vec<BlockQ8K> {
+        let x = rng.activations(nb * QK_K);
+        let mut out = q8k::zeroed_q8k(nb);
+        q8k::quantize_row_q8k(&x, &mut out);
+        out
+    }
+
+    #[test]
+    fn portable_and_avx2_agree_to_the_bit_in_both_orders() {
+        let rng = &mut Rng(53);
+        for nb in [1, 2, 8, 43] {
+            let w = random_blocks(rng, nb);
+            let acts: Vec<Vec<BlockQ8K>> = (0..4).map(|_| activations(rng, nb)).collect();
+            let bits = |v: f32| v.to_bits();
+            for act in &acts {
+                let p = dot_q5k_q8k(SimdLevel::Portable, &w, act);
+                assert_eq!(bits(p), bits(dot_q5k_q8k(SimdLevel::Avx2, &w, act)), "{nb}");
+                let p = dot_q5k_q8k_tiled(SimdLevel::Portable, &w, act);
+                assert_eq!(
+                    bits(p),
+                    bits(dot_q5k_q8k_tiled(SimdLevel::Avx2, &w, act)),
+                    "{nb}"
+                );
+            }
+            for level in [SimdLevel::Portable, SimdLevel::Avx2] {
+                let four: [f32; 4] =
+                    dot_q5k_q8k_tiled_tokens(level, &w, std::array::from_fn(|t| &acts[t][..]));
+                for (t, act) in acts.iter().enumerate() {
+                    assert_eq!(bits(four[t]), bits(dot_q5k_q8k_tiled(level, &w, act)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn values_take_the_fifth_bit_from_qh() {
+        let mut block = random_blocks(&mut Rng(1), 1)[0];
+        block.qs = [0; QK_K / 2];
+        block.qh = [0; 32];
+        block.qs[33] = 0x7A; // values 64 + 1 (low nibble) and 96 + 1 (high nibble)
+        block.qh[1] = 0b0000_1000; // fifth bit of chunk 3 (values 96..128)
+        let v = q5k_values(&block);
+        assert_eq!((v[65], v[97], v[1]), (0x0A, 0x07 | 0x10, 0));
+    }
+}
