@@ -1,4 +1,4 @@
-//! Bit-exactness of the Q6_K, Q5_K, Q8_0, Q5_0, Q4_1 and Q4_0 kernels and of the Q8_0 / Q8_1 activation
+//! Bit-exactness of the Q6_K, Q5_K, Q8_0, Q5_0, Q4_1, Q5_1 and Q4_0 kernels and of the Q8_0 / Q8_1 activation
 //! quantizers against llama.cpp's own outputs (golden vectors in tests/fixtures/kernels/).
 
 mod common;
@@ -6,11 +6,12 @@ mod common;
 use common::golden::{Matmul, read_matmul, read_quantized};
 use smoldesk::engine::cpu::SimdLevel;
 use smoldesk::engine::cpu::blocks::{
-    BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, QK, QK_K, as_blocks,
+    BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, QK, QK_K,
+    as_blocks,
 };
 use smoldesk::engine::cpu::lanes::avx2_available;
 use smoldesk::engine::cpu::q4_0::dot_q4_0_q8_0;
-use smoldesk::engine::cpu::q4_1::{dot_q4_1_q8_1, quantize_q8_1};
+use smoldesk::engine::cpu::q4_1::{dot_q4_1_q8_1, dot_q5_1_q8_1, quantize_q8_1};
 use smoldesk::engine::cpu::q5k::{dot_q5k_q8k, dot_q5k_q8k_tiled};
 use smoldesk::engine::cpu::q6k::{dot_q6k_q8k, dot_q6k_q8k_tiled};
 use smoldesk::engine::cpu::q8_0::{dot_q5_0_q8_0, dot_q8_0_q8_0, quantize_q8_0};
@@ -99,6 +100,15 @@ fn q4_0_matmul_matches_llama_cpp_repacked_kernels_at_every_batch_size() {
     assert_eq!(case.wtype, 2);
     assert!(case.repacked, "llama.cpp took its repacked Q4_0 path");
     let checked = check_matmul::<BlockQ4_0, _>(&case, quantize_q8_0, dot_q4_0_q8_0, |_| true);
+    assert_eq!(checked, case.outputs.len() * levels().len());
+}
+
+#[test]
+fn q5_1_matmul_matches_llama_cpp_at_every_batch_size() {
+    let case = read_matmul("mm-q5_1-n64-k576.bin");
+    assert_eq!(case.wtype, 7);
+    assert!(!case.repacked);
+    let checked = check_matmul::<BlockQ5_1, _>(&case, quantize_q8_1, dot_q5_1_q8_1, |_| true);
     assert_eq!(checked, case.outputs.len() * levels().len());
 }
 

@@ -1,7 +1,7 @@
 //! Real weights: SmolLM2-135M-Instruct requantized by llama.cpp to Q4_K_M (Q4_K, Q6_K, Q5_0 and
-//! Q8_0 tensors) and to Q4_0 (Q4_0, Q8_0), against llama.cpp's own greedy replies on this kind
-//! of CPU (`tests/fixtures/smollm2-q4km.ref.json` and `smollm2-q4_0.ref.json`, made by
-//! `scripts/llamacpp/make-smollm2-q4km-ref.sh [q4_0]`). The replies must be the same token for
+//! Q8_0 tensors), to Q4_0 (Q4_0, Q8_0) and to Q5_K_M (Q5_1, Q5_K, Q6_K, Q8_0), against
+//! llama.cpp's own greedy replies on this kind of CPU (`tests/fixtures/smollm2-*.ref.json`,
+//! made by `scripts/llamacpp/make-smollm2-q4km-ref.sh [q4_0|q5km]`). The replies must be the same token for
 //! token: the kernels round as llama.cpp's do.
 
 mod common;
@@ -75,4 +75,9 @@ fn q4_k_m_greedy_replies_equal_llama_cpps_token_for_token() {
 #[test]
 fn q4_0_greedy_replies_equal_llama_cpps_token_for_token() {
     greedy_replies_equal("smollm2-q4_0.ref.json", &common::smollm2_q4_0_path());
+}
+
+#[test]
+fn q5_k_m_greedy_replies_equal_llama_cpps_token_for_token() {
+    greedy_replies_equal("smollm2-q5km.ref.json", &common::smollm2_q5km_path());
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates tests/fixtures/smollm2-q4km.ref.json (or, with the argument `q4_0`,
-# smollm2-q4_0.ref.json): llama.cpp's greedy replies on the requantized SmolLM2 test model
+# Regenerates tests/fixtures/smollm2-q4km.ref.json (or, with the argument `q4_0` or `q5km`,
+# smollm2-q4_0.ref.json or smollm2-q5km.ref.json): llama.cpp's greedy replies on the requantized SmolLM2 test model
 # (scripts/fetch-test-model.sh makes it) for the four questions of
 # ../shared/fixtures/smollm2-135m-chat.ref.json plus three more, with 2 threads; checks that 1
 # thread gives the same ids and margins, and records the build and CPU.
@@ -21,7 +21,14 @@ llamafile tinyBLAS_Q0_AVX for more"
 (gemv/gemm_q4_0_8x8_q8_0) for every batch size, Q8_0 (token_embd, the tied head) vec_dot for \
 1 row, llamafile tinyBLAS_Q0_AVX for more"
     ;;
-  *) echo "usage: $0 [q4km|q4_0]" >&2; exit 2 ;;
+  q5km)
+    model=models/SmolLM2-135M-Instruct.Q5_K_M.gguf
+    out=tests/fixtures/smollm2-q5km.ref.json
+    simd_path="AVX2+FMA+F16C (-march=native, no AVX-512): Q5_K and Q6_K vec_dot (tiled path \
+from 8 rows), Q5_1 vec_dot, Q8_0 (token_embd, the tied head) vec_dot for 1 row, llamafile \
+tinyBLAS_Q0_AVX for more"
+    ;;
+  *) echo "usage: $0 [q4km|q4_0|q5km]" >&2; exit 2 ;;
 esac
 questions=/work/shared/fixtures/smollm2-135m-chat.ref.json
 [ -f "$questions" ] || questions=../shared/fixtures/smollm2-135m-chat.ref.json

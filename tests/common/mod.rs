@@ -55,6 +55,12 @@ pub fn smollm2_q4_0_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_0.gguf")
 }
 
+/// SmolLM2-135M-Instruct requantized to Q5_K_M by `llama-quantize` (made by
+/// `scripts/fetch-test-model.sh`): real weights in Q5_1 (rows of 576), Q5_K, Q6_K and Q8_0.
+pub fn smollm2_q5km_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q5_K_M.gguf")
+}
+
 /// Reads and parses a JSON file of the repository's own `tests/fixtures/`.
 pub fn read_repo_json(name: &str) -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -135,6 +135,20 @@ pub struct BlockQ4_1 {
     pub qs: [u8; QK / 2],
 }
 
+/// Q5_1: 32 5-bit values with an f16 scale and minimum (24 bytes).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ5_1 {
+    /// Scale.
+    pub d: f16,
+    /// Minimum.
+    pub m: f16,
+    /// Fifth bits of the 32 values.
+    pub qh: [u8; 4],
+    /// Low 4 bits.
+    pub qs: [u8; QK / 2],
+}
+
 /// Q8_1 activations: 32 8-bit values, scale `d` and `s = d · Σq` (36 bytes).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -195,6 +209,7 @@ unsafe impl PodBlock for BlockQ8_0 {}
 unsafe impl PodBlock for BlockQ5_0 {}
 unsafe impl PodBlock for BlockQ4_0 {}
 unsafe impl PodBlock for BlockQ4_1 {}
+unsafe impl PodBlock for BlockQ5_1 {}
 unsafe impl PodBlock for BlockQ8_1 {}
 
 const _: () = {
@@ -208,5 +223,6 @@ const _: () = {
     assert!(std::mem::size_of::<BlockQ5_0>() == 22);
     assert!(std::mem::size_of::<BlockQ4_0>() == 18);
     assert!(std::mem::size_of::<BlockQ4_1>() == 20);
+    assert!(std::mem::size_of::<BlockQ5_1>() == 24);
     assert!(std::mem::size_of::<BlockQ8_1>() == 36);
 };

@@ -6,10 +6,11 @@ use candle_core::quantized::GgmlDType;
 use half::f16;
 
 use super::blocks::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ6K, BlockQ8_0, PodBlock, QK, QK_K, as_blocks,
+    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8_0, PodBlock, QK, QK_K,
+    as_blocks,
 };
 use super::q4_0::q4_0_values;
-use super::q4_1::q4_1_values;
+use super::q4_1::{q4_1_values, q5_1_values};
 use super::q6k::q6k_values;
 use super::q8_0::q5_0_values;
 
@@ -56,6 +57,7 @@ pub fn dequantize_row(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> Result
         GgmlDType::Q5_0 => blocks_into::<BlockQ5_0>(bytes, out, QK, dequantize_q5_0),
         GgmlDType::Q4_0 => blocks_into::<BlockQ4_0>(bytes, out, QK, dequantize_q4_0),
         GgmlDType::Q4_1 => blocks_into::<BlockQ4_1>(bytes, out, QK, dequantize_q4_1),
+        GgmlDType::Q5_1 => blocks_into::<BlockQ5_1>(bytes, out, QK, dequantize_q5_1),
         GgmlDType::Q4K => blocks_into::<BlockQ4K>(bytes, out, QK_K, dequantize_q4k),
         GgmlDType::Q6K => blocks_into::<BlockQ6K>(bytes, out, QK_K, dequantize_q6k),
         other => return Err(DequantError::Unsupported(other)),
@@ -101,6 +103,13 @@ fn dequantize_q4_0(block: &BlockQ4_0, out: &mut [f32]) {
     let d = block.d.to_f32();
     for (o, q) in out.iter_mut().zip(q4_0_values(block)) {
         *o = f32::from(q) * d;
+    }
+}
+
+fn dequantize_q5_1(block: &BlockQ5_1, out: &mut [f32]) {
+    let (d, m) = (block.d.to_f32(), block.m.to_f32());
+    for (o, q) in out.iter_mut().zip(q5_1_values(block)) {
+        *o = f32::from(q) * d + m;
     }
 }
 
@@ -197,6 +206,7 @@ mod tests {
         check::<BlockQ5_0, k_quants::BlockQ5_0>(GgmlDType::Q5_0, QK, &[0]);
         check::<BlockQ4_0, k_quants::BlockQ4_0>(GgmlDType::Q4_0, QK, &[0]);
         check::<BlockQ4_1, k_quants::BlockQ4_1>(GgmlDType::Q4_1, QK, &[0, 2]);
+        check::<BlockQ5_1, k_quants::BlockQ5_1>(GgmlDType::Q5_1, QK, &[0, 2]);
         check::<BlockQ4K, k_quants::BlockQ4K>(GgmlDType::Q4K, QK_K, &[0, 2]);
         check::<BlockQ6K, k_quants::BlockQ6K>(GgmlDType::Q6K, QK_K, &[208]);
     }

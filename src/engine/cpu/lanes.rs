@@ -203,6 +203,15 @@ pub mod avx2 {
         _mm256_or_si256(bytes_from_nibbles_32(qs), fifth)
     }
 
+    /// A Q5_1 block's 32 values (0..32) as `ggml_vec_dot_q5_1_q8_1` unpacks them: the nibbles,
+    /// plus 16 where the fifth bit is set.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn q5_1_values(qs: &[u8; 16], qh: &[u8; 4]) -> __m256i {
+        let fifth = _mm256_and_si256(bytes_from_bits_32(qh), _mm256_set1_epi8(0x10));
+        _mm256_or_si256(bytes_from_nibbles_32(qs), fifth)
+    }
+
     /// Loads 32 unsigned bytes.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]

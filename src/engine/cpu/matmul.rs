@@ -12,8 +12,8 @@ use candle_core::quantized::k_quants::{self, GgmlType};
 use half::f16;
 
 use super::blocks::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ4Kx8, BlockQ5_0, BlockQ5K, BlockQ6K, BlockQ8_0,
-    BlockQ8_1, BlockQ8K, BlockQ8Kx4, QK, QK_K, as_blocks,
+    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ4Kx8, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
+    BlockQ8_0, BlockQ8_1, BlockQ8K, BlockQ8Kx4, QK, QK_K, as_blocks,
 };
 use super::pool::{Pool, SharedMut};
 use super::tiles::{TILE_ROWS, TILE_TOKENS, TiledBlock};
@@ -193,6 +193,8 @@ enum Kernel {
     F16,
     /// Q4_1 weights with llama.cpp-rounded Q8_1 activations ([`super::q4_1`]).
     Q4_1,
+    /// Q5_1 with llama.cpp-rounded Q8_1 activations (summed as Q4_1).
+    Q5_1,
     /// Q4_K in whole 8-row groups, with llama.cpp's repacked-weight numerics ([`q4k`]): its
     /// gemm for activation rows in groups of four, its gemv for the rest. Read from the GGUF
     /// layout until [`Matrix::repack`] has made the interleaved copy, then from that copy (the
@@ -269,15 +271,14 @@ impl Matrix {
             GgmlDType::F32 => Kernel::F32,
             GgmlDType::F16 => Kernel::F16,
             GgmlDType::Q4_1 => Kernel::Q4_1,
+            GgmlDType::Q5_1 => Kernel::Q5_1,
             GgmlDType::Q6K => Kernel::Q6K,
             GgmlDType::Q5K => Kernel::Q5K,
             GgmlDType::Q8_0 => Kernel::Q8_0,
             GgmlDType::Q5_0 => Kernel::Q5_0,
             GgmlDType::Q4_0 => Kernel::Q4_0,
             GgmlDType::Q4K if rows.is_multiple_of(8) => Kernel::Q4K,
-            GgmlDType::Q5_1 | GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K => {
-                Kernel::Candle(dtype)
-            }
+            GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K => Kernel::Candle(dtype),
             other => return Err(MatmulError::Unsupported(other)),
         };
         let align = match dtype {
@@ -353,7 +354,7 @@ impl Matrix {
     fn act_kinds(&self) -> &'static [ActKind] {
         match self.kernel {
             Kernel::F32 | Kernel::F16 => &[ActKind::F32],
-            Kernel::Q4_1 => &[ActKind::Q8_1],
+            Kernel::Q4_1 | Kernel::Q5_1 => &[ActKind::Q8_1],
             Kernel::Q4K => &[ActKind::Q8Kx4, ActKind::Q8K],
             Kernel::Q6K | Kernel::Q5K => &[ActKind::Q8K],
             Kernel::Q8_0 | Kernel::Q5_0 | Kernel::Q4_0 => &[ActKind::Q8_0],
@@ -393,6 +394,7 @@ impl Matrix {
             Kernel::F32 => self.rows_f32(act.f32(), m, rows, out),
             Kernel::F16 => self.rows_f16(act.f32(), m, rows, out),
             Kernel::Q4_1 => self.rows_of_blocks::<BlockQ4_1>(act.q8_1(), m, rows, out),
+            Kernel::Q5_1 => self.rows_of_blocks::<BlockQ5_1>(act.q8_1(), m, rows, out),
             Kernel::Q4K => self.rows_q4k(act, rows, out),
             Kernel::Q6K => self.rows_tiled_kquant::<BlockQ6K>(act, rows, out),
             Kernel::Q5K => self.rows_tiled_kquant::<BlockQ5K>(act, rows, out),
@@ -1266,6 +1268,7 @@ mod tests {
         for dtype in [
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
+            GgmlDType::Q5_1,
             GgmlDType::Q5_0,
             GgmlDType::Q8_0,
         ] {

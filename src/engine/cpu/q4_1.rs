@@ -1,6 +1,7 @@
-//! Q8_1 activations and the dot product of Q4_1 weight rows with them, as llama.cpp computes
-//! them on x86 (`arch/x86/quants.c`: `quantize_row_q8_1`, `ggml_vec_dot_q4_1_q8_1`, AVX2
-//! branches). llamafile's tinyBLAS has no Q4_1, so this is llama.cpp's path for every batch size.
+//! Q8_1 activations and the dot products of Q4_1 and Q5_1 weight rows with them, as llama.cpp
+//! computes them on x86 (`arch/x86/quants.c`: `quantize_row_q8_1`, `ggml_vec_dot_q4_1_q8_1`,
+//! `ggml_vec_dot_q5_1_q8_1`, AVX2 branches, which sum alike). llamafile's tinyBLAS has neither
+//! type, so this is llama.cpp's path for every batch size.
 //!
 //! The block sum `s` is rounded once, `f16(d · Σq)`, as llama.cpp does (candle rounds
 //! `f16(Σq) · f16(d)`, about 5e-4 relative off, enough to flip near-ties in greedy decoding).
@@ -8,7 +9,7 @@
 use half::f16;
 
 use super::SimdLevel;
-use super::blocks::{BlockQ4_1, BlockQ8_1, QK};
+use super::blocks::{BlockQ4_1, BlockQ5_1, BlockQ8_1, QK};
 use super::lanes::{self, LANES};
 use super::q8_0::quantize_block;
 
@@ -35,6 +36,40 @@ pub fn quantize_q8_1(level: SimdLevel, x: &[f32]) -> Vec<BlockQ8_1> {
     out
 }
 
+/// A 32-value weight block of unsigned values with a scale and a minimum (Q4_1, Q5_1).
+pub trait WithMin: Copy {
+    /// The scale.
+    fn d(&self) -> f16;
+    /// The minimum.
+    fn m(&self) -> f16;
+    /// The 32 unsigned values, in order.
+    fn values(&self) -> [u8; QK];
+}
+
+impl WithMin for BlockQ4_1 {
+    fn d(&self) -> f16 {
+        self.d
+    }
+    fn m(&self) -> f16 {
+        self.m
+    }
+    fn values(&self) -> [u8; QK] {
+        q4_1_values(self)
+    }
+}
+
+impl WithMin for BlockQ5_1 {
+    fn d(&self) -> f16 {
+        self.d
+    }
+    fn m(&self) -> f16 {
+        self.m
+    }
+    fn values(&self) -> [u8; QK] {
+        q5_1_values(self)
+    }
+}
+
 /// Dot product of a Q4_1 weight row with Q8_1 activations: 8 lanes of 4 products each,
 /// fused-multiply-added with `d_w · d_x` per block, then the minimums' term `Σ m · s` added
 /// after the horizontal sum.
@@ -43,11 +78,26 @@ pub fn dot_q4_1_q8_1(level: SimdLevel, w: &[BlockQ4_1], act: &[BlockQ8_1]) -> f3
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 && lanes::avx2_available() {
         // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
-        return unsafe { avx2::dot_q4_1_q8_1(w, act) };
+        return unsafe { avx2::dot_with_min(w, act, |x| bytes_from_nibbles_32(&x.qs)) };
     }
     let _ = level;
     dot_portable(w, act)
 }
+
+/// [`dot_q4_1_q8_1`] for Q5_1 weights (the same sum of 5-bit values).
+pub fn dot_q5_1_q8_1(level: SimdLevel, w: &[BlockQ5_1], act: &[BlockQ8_1]) -> f32 {
+    debug_assert_eq!(w.len(), act.len());
+    #[cfg(target_arch = "x86_64")]
+    if level >= SimdLevel::Avx2 && lanes::avx2_available() {
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        return unsafe { avx2::dot_with_min(w, act, |x| q5_1_values_avx2(&x.qs, &x.qh)) };
+    }
+    let _ = level;
+    dot_portable(w, act)
+}
+
+#[cfg(target_arch = "x86_64")]
+use lanes::avx2::{bytes_from_nibbles_32, q5_1_values as q5_1_values_avx2};
 
 /// The 32 values (0..16) of a Q4_1 block, low nibbles first.
 pub fn q4_1_values(block: &BlockQ4_1) -> [u8; QK] {
@@ -57,13 +107,24 @@ pub fn q4_1_values(block: &BlockQ4_1) -> [u8; QK] {
     })
 }
 
-fn dot_portable(w: &[BlockQ4_1], act: &[BlockQ8_1]) -> f32 {
+/// The 32 values (0..32) of a Q5_1 block: the nibbles, low first, with the fifth bit `i` of
+/// `qh` on top.
+pub fn q5_1_values(block: &BlockQ5_1) -> [u8; QK] {
+    let high = u32::from_le_bytes(block.qh);
+    std::array::from_fn(|i| {
+        let byte = block.qs[i % (QK / 2)];
+        let nibble = if i < QK / 2 { byte & 0x0F } else { byte >> 4 };
+        nibble | ((((high >> i) & 1) as u8) << 4)
+    })
+}
+
+fn dot_portable<W: WithMin>(w: &[W], act: &[BlockQ8_1]) -> f32 {
     let mut acc = [0f32; LANES];
     let mut mins = 0f32;
     for (x, y) in w.iter().zip(act) {
-        mins += x.m.to_f32() * y.s.to_f32();
-        let d = x.d.to_f32() * y.d.to_f32();
-        lanes::fma_lanes(&mut acc, d, &lanes::maddubs_quads(&q4_1_values(x), &y.qs));
+        mins += x.m().to_f32() * y.s.to_f32();
+        let d = x.d().to_f32() * y.d.to_f32();
+        lanes::fma_lanes(&mut acc, d, &lanes::maddubs_quads(&x.values(), &y.qs));
     }
     lanes::hsum_float_8(&acc) + mins
 }
@@ -72,20 +133,29 @@ fn dot_portable(w: &[BlockQ4_1], act: &[BlockQ8_1]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::super::blocks::{BlockQ4_1, BlockQ8_1};
+    use super::super::blocks::BlockQ8_1;
     use super::super::lanes::avx2::*;
+    use super::WithMin;
 
+    /// The AVX2 sum of [`super::dot_q4_1_q8_1`], the weight values unpacked by `values`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn dot_q4_1_q8_1(w: &[BlockQ4_1], act: &[BlockQ8_1]) -> f32 {
+    pub unsafe fn dot_with_min<W: WithMin>(
+        w: &[W],
+        act: &[BlockQ8_1],
+        values: impl Fn(&W) -> __m256i,
+    ) -> f32 {
         let mut acc = _mm256_setzero_ps();
         let mut summs = 0f32;
         for (x, y) in w.iter().zip(act) {
-            let (d0, d1) = widen_f16_pair(x.d, y.d);
-            let (m, s) = widen_f16_pair(x.m, y.s);
+            let (d0, d1) = widen_f16_pair(x.d(), y.d);
+            let (m, s) = widen_f16_pair(x.m(), y.s);
             summs += m * s;
             let d0d1 = _mm256_mul_ps(_mm256_set1_ps(d0), _mm256_set1_ps(d1));
-            let qx = bytes_from_nibbles_32(&x.qs);
-            let xy = mul_sum_us8_pairs_float(qx, load_i8(&y.qs));
+            let xy = mul_sum_us8_pairs_float(values(x), load_i8(&y.qs));
             acc = _mm256_fmadd_ps(d0d1, xy, acc);
         }
         hsum_float_8(acc) + summs

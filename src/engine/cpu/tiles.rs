@@ -1,4 +1,4 @@
-//! Prompt products of the 32-value weight types (Q8_0, Q5_0, Q4_1, Q4_0) in tiles of
+//! Prompt products of the 32-value weight types (Q8_0, Q5_0, Q4_1, Q5_1, Q4_0) in tiles of
 //! [`TILE_ROWS`] weight rows × [`TILE_TOKENS`] activation rows.
 //!
 //! One output at a time (`dot_q8_0_q8_0` and friends), each weight block is unpacked and each
@@ -18,7 +18,7 @@
 //! roughly).
 
 use super::SimdLevel;
-use super::blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1};
+use super::blocks::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
 use super::{lanes, q4_0, q4_1, q8_0};
 
 /// Weight rows of one tile.
@@ -78,6 +78,7 @@ macro_rules! tiled_block {
 tiled_block!(BlockQ8_0, BlockQ8_0, q8_0::dot_q8_0_q8_0);
 tiled_block!(BlockQ5_0, BlockQ8_0, q8_0::dot_q5_0_q8_0);
 tiled_block!(BlockQ4_1, BlockQ8_1, q4_1::dot_q4_1_q8_1);
+tiled_block!(BlockQ5_1, BlockQ8_1, q4_1::dot_q5_1_q8_1);
 
 impl TiledBlock for BlockQ4_0 {
     type Act = BlockQ8_0;
@@ -112,7 +113,7 @@ mod avx2 {
 
     use half::f16;
 
-    use super::super::blocks::{BlockQ4_1, BlockQ5_0, BlockQ8_0, BlockQ8_1, QK};
+    use super::super::blocks::{BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1, QK};
     use super::super::lanes::avx2::*;
 
     /// The 4 lanes of a register.
@@ -230,6 +231,23 @@ mod avx2 {
         unsafe fn unpack(&self) -> Unpacked {
             Unpacked {
                 values: bytes_from_nibbles_32(&self.qs),
+                d: self.d,
+                m: self.m,
+            }
+        }
+    }
+
+    // SAFETY: as above.
+    unsafe impl WeightBlock for BlockQ5_1 {
+        const SIGNED: bool = false;
+        fn scale(&self) -> f16 {
+            self.d
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn unpack(&self) -> Unpacked {
+            Unpacked {
+                values: q5_1_values(&self.qs, &self.qh),
                 d: self.d,
                 m: self.m,
             }
@@ -463,6 +481,21 @@ mod tests {
                 .collect()
         };
         check(make, quantize_q8_0);
+    }
+
+    #[test]
+    fn q5_1_tiles_give_each_output_the_one_output_bits() {
+        let make = |rng: &mut Rng, nb: usize| -> Vec<BlockQ5_1> {
+            (0..nb)
+                .map(|i| BlockQ5_1 {
+                    d: scale(rng, i),
+                    m: f16::from_f32(rng.uniform() * 0.3),
+                    qh: random_bytes(rng),
+                    qs: random_bytes(rng),
+                })
+                .collect()
+        };
+        check(make, quantize_q8_1);
     }
 
     #[test]
