@@ -686,37 +686,39 @@ trait TiledKQuant: super::blocks::PodBlock {
     ) -> [f32; T];
 }
 
-impl TiledKQuant for BlockQ6K {
-    fn dot(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32 {
-        q6k::dot_q6k_q8k(level, w, act)
-    }
-    fn tiled(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32 {
-        q6k::dot_q6k_q8k_tiled(level, w, act)
-    }
-    fn tiled_tokens<const T: usize>(
-        level: SimdLevel,
-        w: &[Self],
-        acts: [&[BlockQ8K]; T],
-    ) -> [f32; T] {
-        q6k::dot_q6k_q8k_tiled_tokens(level, w, acts)
-    }
+/// Implements [`TiledKQuant`] for `$block` with its module's three kernels.
+macro_rules! tiled_kquant {
+    ($block:ty, $dot:path, $tiled:path, $tiled_tokens:path) => {
+        impl TiledKQuant for $block {
+            fn dot(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32 {
+                $dot(level, w, act)
+            }
+            fn tiled(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32 {
+                $tiled(level, w, act)
+            }
+            fn tiled_tokens<const T: usize>(
+                level: SimdLevel,
+                w: &[Self],
+                acts: [&[BlockQ8K]; T],
+            ) -> [f32; T] {
+                $tiled_tokens(level, w, acts)
+            }
+        }
+    };
 }
 
-impl TiledKQuant for BlockQ5K {
-    fn dot(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32 {
-        q5k::dot_q5k_q8k(level, w, act)
-    }
-    fn tiled(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32 {
-        q5k::dot_q5k_q8k_tiled(level, w, act)
-    }
-    fn tiled_tokens<const T: usize>(
-        level: SimdLevel,
-        w: &[Self],
-        acts: [&[BlockQ8K]; T],
-    ) -> [f32; T] {
-        q5k::dot_q5k_q8k_tiled_tokens(level, w, acts)
-    }
-}
+tiled_kquant!(
+    BlockQ6K,
+    q6k::dot_q6k_q8k,
+    q6k::dot_q6k_q8k_tiled,
+    q6k::dot_q6k_q8k_tiled_tokens
+);
+tiled_kquant!(
+    BlockQ5K,
+    q5k::dot_q5k_q8k,
+    q5k::dot_q5k_q8k_tiled,
+    q5k::dot_q5k_q8k_tiled_tokens
+);
 
 /// A matrix of 32-value weight blocks and the quantized inputs it is multiplied with.
 struct BlockRows<'a, B: TiledBlock> {

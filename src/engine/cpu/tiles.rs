@@ -220,39 +220,31 @@ mod avx2 {
         }
     }
 
-    // SAFETY: as above.
-    unsafe impl WeightBlock for BlockQ4_1 {
-        const SIGNED: bool = false;
-        fn scale(&self) -> f16 {
-            self.d
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn unpack(&self) -> Unpacked {
-            Unpacked {
-                values: bytes_from_nibbles_32(&self.qs),
-                d: self.d,
-                m: self.m,
+    /// Implements [`WeightBlock`] for an unsigned type with a minimum (`d`, `m` fields), its
+    /// values unpacked by `$values`.
+    macro_rules! unsigned_weight_block {
+        ($block:ty, $values:expr) => {
+            // SAFETY: as above.
+            unsafe impl WeightBlock for $block {
+                const SIGNED: bool = false;
+                fn scale(&self) -> f16 {
+                    self.d
+                }
+                #[inline]
+                #[target_feature(enable = "avx2,fma,f16c")]
+                unsafe fn unpack(&self) -> Unpacked {
+                    Unpacked {
+                        values: $values(self),
+                        d: self.d,
+                        m: self.m,
+                    }
+                }
             }
-        }
+        };
     }
 
-    // SAFETY: as above.
-    unsafe impl WeightBlock for BlockQ5_1 {
-        const SIGNED: bool = false;
-        fn scale(&self) -> f16 {
-            self.d
-        }
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn unpack(&self) -> Unpacked {
-            Unpacked {
-                values: q5_1_values(&self.qs, &self.qh),
-                d: self.d,
-                m: self.m,
-            }
-        }
-    }
+    unsigned_weight_block!(BlockQ4_1, |b: &BlockQ4_1| bytes_from_nibbles_32(&b.qs));
+    unsigned_weight_block!(BlockQ5_1, |b: &BlockQ5_1| q5_1_values(&b.qs, &b.qh));
 
     /// One tile of `R` weight rows × `T` activation rows (see the module documentation).
     /// Every row and activation row has the same number of blocks.
