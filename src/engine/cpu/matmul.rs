@@ -258,7 +258,11 @@ impl Matrix {
         let block = dtype.block_size();
         let expected = cols
             .is_multiple_of(block)
-            .then(|| rows * cols / block * dtype.type_size());
+            .then(|| {
+                rows.checked_mul(cols / block)?
+                    .checked_mul(dtype.type_size())
+            })
+            .flatten();
         if expected != Some(data.len) {
             return Err(MatmulError::Size {
                 dtype,
@@ -1224,6 +1228,7 @@ mod tests {
             GgmlDType::F16,
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
+            GgmlDType::Q5_1,
             GgmlDType::Q5_0,
             GgmlDType::Q8_0,
             GgmlDType::Q4K,
@@ -1290,6 +1295,40 @@ mod tests {
                 assert_eq!(bits(got), bits(&single), "{dtype:?}, token {t}");
             }
         }
+    }
+
+    /// Every output of a Q6_K or Q5_K prompt (passes of 8 tokens, then of 4, then single
+    /// tokens) has the tiled order's bits.
+    #[test]
+    fn tiled_k_quant_prompts_give_every_output_the_tiled_bits_at_any_token_count() {
+        fn check<B: TiledKQuant>(dtype: GgmlDType) {
+            let (rows, k) = (12, 512);
+            let pool = Pool::new(2);
+            let (w, _) = matrix(dtype, rows, k);
+            let blocks: &[B] = as_blocks(w.data.bytes()).unwrap();
+            let nb = k / QK_K;
+            for m in [8, 9, 12, 13, 15, 17] {
+                let x = values(m * k, m);
+                let mut act = Activations::new();
+                act.quantize(&pool, &x, m, k, &[&w]);
+                let mut out = vec![0f32; m * rows];
+                w.matmul(&pool, &act, &mut out);
+                let q = act.q8k();
+                for (t, got) in out.chunks_exact(rows).enumerate() {
+                    for (r, g) in got.iter().enumerate() {
+                        let row = &blocks[r * nb..][..nb];
+                        let want = B::tiled(simd_level(), row, &q[t * nb..][..nb]);
+                        assert_eq!(
+                            g.to_bits(),
+                            want.to_bits(),
+                            "{dtype:?} m={m} token {t} row {r}"
+                        );
+                    }
+                }
+            }
+        }
+        check::<BlockQ6K>(GgmlDType::Q6K);
+        check::<BlockQ5K>(GgmlDType::Q5K);
     }
 
     #[test]

@@ -5,9 +5,10 @@
 //! output differently from `ggml_vec_dot_q4_0_q8_0`: per block the exact integer `Σ w · q` of
 //! all 32 products, then one `acc = fma(float(Σ), d_w · d_x, acc)` per block in order. The
 //! integer sum is exact and the rest is one rounding per block, so every SIMD level here gives
-//! the same bits, and no repack is needed to get them. (A matrix whose rows are not a multiple
-//! of 8, which llama.cpp leaves to `vec_dot`, is summed the same way here: none of SmolLM3's
-//! or SmolLM2's is.)
+//! the same bits, and no repack is needed to get them. A matrix whose rows are not a multiple
+//! of 8 is summed the same way here, where llama.cpp would take `vec_dot` and tinyBLAS, which
+//! sum in 8 lanes; so would llama.cpp on a CPU without AVX2 (its generic repacked kernel takes
+//! `Σ · d_w` first, then `· d_x`). None of SmolLM3's or SmolLM2's matrices is such.
 //!
 //! The AVX2 tiles keep four rows' sums in the lanes of one register instead of interleaving
 //! the weights: two rows share a register (the low nibbles of both, then the high nibbles of
@@ -34,7 +35,12 @@ pub fn tile<const R: usize, const T: usize>(
     rows: [&[BlockQ4_0]; R],
     acts: [&[BlockQ8_0]; T],
 ) -> [[f32; T]; R] {
-    const { assert!(R <= 4 && T <= 4, "a register holds four rows' sums") };
+    const {
+        assert!(
+            R <= 4 && T >= 1 && T <= 4,
+            "a register holds four rows' sums"
+        )
+    };
     let nb = acts.first().map_or(0, |a| a.len());
     assert!(rows.iter().all(|r| r.len() == nb) && acts.iter().all(|a| a.len() == nb));
     #[cfg(target_arch = "x86_64")]

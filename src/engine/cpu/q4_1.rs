@@ -77,7 +77,8 @@ pub fn dot_q4_1_q8_1(level: SimdLevel, w: &[BlockQ4_1], act: &[BlockQ8_1]) -> f3
     debug_assert_eq!(w.len(), act.len());
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 && lanes::avx2_available() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above); the closure, which calls
+        // an AVX2 function, runs only inside `dot_with_min`.
         return unsafe { avx2::dot_with_min(w, act, |x| bytes_from_nibbles_32(&x.qs)) };
     }
     let _ = level;
@@ -89,7 +90,7 @@ pub fn dot_q5_1_q8_1(level: SimdLevel, w: &[BlockQ5_1], act: &[BlockQ8_1]) -> f3
     debug_assert_eq!(w.len(), act.len());
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 && lanes::avx2_available() {
-        // SAFETY: the CPU has AVX2, FMA and F16C (checked just above).
+        // SAFETY: as in `dot_q4_1_q8_1`.
         return unsafe { avx2::dot_with_min(w, act, |x| q5_1_values_avx2(&x.qs, &x.qh)) };
     }
     let _ = level;
@@ -153,6 +154,8 @@ mod avx2 {
         for (x, y) in w.iter().zip(act) {
             let (d0, d1) = widen_f16_pair(x.d(), y.d);
             let (m, s) = widen_f16_pair(x.m(), y.s);
+            // The product of two f16s is exact in f32, so this rounds once whether or not the
+            // compiler fuses it, as GCC does llama.cpp's line.
             summs += m * s;
             let d0d1 = _mm256_mul_ps(_mm256_set1_ps(d0), _mm256_set1_ps(d1));
             let xy = mul_sum_us8_pairs_float(values(x), load_i8(&y.qs));

@@ -155,8 +155,9 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     fn sub_block_pair(x: &BlockQ5K, high_bits: __m256i, j: usize) -> [__m256i; 2] {
         let low_nibble = _mm256_set1_epi8(0x0F);
-        // SAFETY: reads the 32 bytes of `qs` from 32 j (j < 4).
-        let q = unsafe { _mm256_loadu_si256(x.qs[32 * j..].as_ptr().cast()) };
+        let chunk: &[u8] = &x.qs[32 * j..][..32];
+        // SAFETY: reads exactly the 32 bytes of `chunk`.
+        let q = unsafe { _mm256_loadu_si256(chunk.as_ptr().cast()) };
         let fifth = |bit: usize| {
             let mask = _mm256_set1_epi8(1 << bit);
             let set = _mm256_cmpeq_epi8(_mm256_and_si256(high_bits, mask), mask);
@@ -340,11 +341,32 @@ mod tests {
                 );
             }
             for level in [SimdLevel::Portable, SimdLevel::Avx2] {
-                let four: [f32; 4] =
-                    dot_q5k_q8k_tiled_tokens(level, &w, std::array::from_fn(|t| &acts[t][..]));
-                for (t, act) in acts.iter().enumerate() {
-                    assert_eq!(bits(four[t]), bits(dot_q5k_q8k_tiled(level, &w, act)));
-                }
+                let check = |got: &[f32]| {
+                    for (t, g) in got.iter().enumerate() {
+                        let want = dot_q5k_q8k_tiled(level, &w, &acts[t % 4]);
+                        assert_eq!(bits(*g), bits(want), "{level:?}, {nb} blocks, token {t}");
+                    }
+                };
+                check(&dot_q5k_q8k_tiled_tokens::<2>(
+                    level,
+                    &w,
+                    [&acts[0], &acts[1]],
+                ));
+                check(&dot_q5k_q8k_tiled_tokens::<3>(
+                    level,
+                    &w,
+                    std::array::from_fn(|t| &acts[t][..]),
+                ));
+                check(&dot_q5k_q8k_tiled_tokens::<4>(
+                    level,
+                    &w,
+                    std::array::from_fn(|t| &acts[t][..]),
+                ));
+                check(&dot_q5k_q8k_tiled_tokens::<8>(
+                    level,
+                    &w,
+                    std::array::from_fn(|t| &acts[t % 4][..]),
+                ));
             }
         }
     }

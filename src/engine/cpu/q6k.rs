@@ -631,7 +631,10 @@ mod tests {
             let rows: [&[BlockQ8K]; TOKENS_PER_PASS] = std::array::from_fn(|i| &acts[i][..]);
             for level in [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512] {
                 let got = dot_q6k_q8k_tiled_tokens(level, &w, rows);
-                for (g, act) in got.iter().zip(rows) {
+                // The pass of four that takes a remainder of the prompt.
+                let four =
+                    dot_q6k_q8k_tiled_tokens::<4>(level, &w, std::array::from_fn(|i| rows[i]));
+                for (g, act) in got.iter().zip(rows).chain(four.iter().zip(rows)) {
                     let want = dot_q6k_q8k_tiled(SimdLevel::Portable, &w, act);
                     assert_eq!(g.to_bits(), want.to_bits(), "{level:?}, {blocks} blocks");
                 }
