@@ -139,6 +139,18 @@ pub mod avx2 {
         _mm_cvtph_ps(_mm_set_epi64x(0, bits as i64))
     }
 
+    /// The exact sums of the 8 i32 lanes of each of four registers, in the 4 lanes of one.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn hsum_i32_8x4(v: [__m256i; 4]) -> __m128i {
+        // Per 128-bit half: the four registers' sums of that half's lanes; then both halves.
+        let quads = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        _mm_add_epi32(
+            _mm256_castsi256_si128(quads),
+            _mm256_extracti128_si256::<1>(quads),
+        )
+    }
+
     /// llama.cpp's `hsum_i32_8`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -32,8 +32,9 @@ pub fn dot_q5k_q8k(level: SimdLevel, w: &[BlockQ5K], act: &[BlockQ8K]) -> f32 {
     let mut mins = 0f32;
     for (x, y) in w.iter().zip(act) {
         // llama.cpp's `summs += dmin * sum`, which GCC contracts into one FMA.
-        mins = (-y.d * x.dmin.to_f32()).mul_add(min_sum(x, y) as f32, mins);
-        lanes::fma_lanes(&mut acc, y.d * x.d.to_f32(), &block_lanes(x, y));
+        let (lanes, min_sum) = block_sums(x, y);
+        mins = (-y.d * x.dmin.to_f32()).mul_add(min_sum as f32, mins);
+        lanes::fma_lanes(&mut acc, y.d * x.d.to_f32(), &lanes);
     }
     lanes::hsum_float_8(&acc) + mins
 }
@@ -61,8 +62,8 @@ pub fn dot_q5k_q8k_tiled_tokens<const T: usize>(
     let _ = level;
     acts.map(|act| {
         w.iter().zip(act).fold(0f32, |acc, (x, y)| {
-            let sum = block_lanes(x, y).iter().sum::<i32>();
-            tiled_step(acc, x, y.d, sum, min_sum(x, y))
+            let (lanes, min_sum) = block_sums(x, y);
+            tiled_step(acc, x, y.d, lanes.iter().sum(), min_sum)
         })
     })
 }
@@ -89,30 +90,27 @@ pub fn q5k_values(block: &BlockQ5K) -> [u8; QK_K] {
     })
 }
 
-/// The AVX2 kernel's 8 i32 lanes for one block: lane `l` is the sum over the 8 sub-blocks of
-/// the sub-block's scale times its products `4l .. 4l + 4`.
-fn block_lanes(x: &BlockQ5K, y: &BlockQ8K) -> [i32; LANES] {
+/// For one block, the AVX2 kernel's 8 i32 lanes (lane `l` is the sum over the 8 sub-blocks of
+/// the sub-block's scale times its products `4l .. 4l + 4`) and the minimums' sum
+/// `Σ min_j · (bsums[2j] + bsums[2j + 1])`, all exact.
+fn block_sums(x: &BlockQ5K, y: &BlockQ8K) -> ([i32; LANES], i32) {
     let values = q5k_values(x);
-    let scales = decode_scale_mins(&x.scales);
+    let decoded = decode_scale_mins(&x.scales);
+    let (scales, mins) = decoded.split_at(8);
     let mut sumi = [0i32; LANES];
-    for sub in 0..QK_K / 32 {
+    for (sub, &scale) in scales.iter().enumerate() {
         let u: &[u8; 32] = values[32 * sub..][..32].try_into().unwrap_or(&[0; 32]);
         let s: &[i8; 32] = y.qs[32 * sub..][..32].try_into().unwrap_or(&[0; 32]);
-        let scale = i32::from(scales[sub]);
         for (sum, quad) in sumi.iter_mut().zip(lanes::maddubs_quads(u, s)) {
-            *sum += scale * quad;
+            *sum += i32::from(scale) * quad;
         }
     }
-    sumi
-}
-
-/// `Σ min_j · (bsums[2j] + bsums[2j + 1])` over the 8 sub-blocks (exact).
-fn min_sum(x: &BlockQ5K, y: &BlockQ8K) -> i32 {
-    let mins = &decode_scale_mins(&x.scales)[8..];
-    mins.iter()
+    let min_sum = mins
+        .iter()
         .zip(y.bsums.chunks_exact(2))
         .map(|(&m, pair)| i32::from(m) * (i32::from(pair[0]) + i32::from(pair[1])))
-        .sum()
+        .sum();
+    (sumi, min_sum)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -120,7 +118,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::blocks::{BlockQ5K, BlockQ8K};
-    use super::super::lanes::avx2::{hsum_float_8, hsum_i32_8, prefetch_ahead};
+    use super::super::lanes::avx2::{hsum_float_8, hsum_i32_8, hsum_i32_8x4, prefetch_ahead};
     use super::super::q4k::decode_scale_mins;
     use super::tiled_step;
 
@@ -172,8 +170,8 @@ mod avx2 {
         ]
     }
 
-    /// For each of `ys`: the 8 lanes of [`super::block_lanes`] and the minimums' sum of
-    /// [`super::min_sum`] (in 4 lanes, to be added up), the weight block unpacked once.
+    /// For each of `ys`: the 8 lanes and the minimums' sum (in 4 lanes, to be added up) of
+    /// [`super::block_sums`], the weight block unpacked once.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn block_sums<const T: usize>(
@@ -261,7 +259,7 @@ mod avx2 {
             let (lanes, mins) = block_sums(x, acts.map(|a| &a[b]));
             let (d, dmin) = (_mm_set1_ps(x.d.to_f32()), _mm_set1_ps(x.dmin.to_f32()));
             for (g, acc) in acc.iter_mut().enumerate().take(T / 4) {
-                let sums = sums_of_four(std::array::from_fn(|i| lanes[4 * g + i]));
+                let sums = hsum_i32_8x4(std::array::from_fn(|i| lanes[4 * g + i]));
                 let mins = _mm_hadd_epi32(
                     _mm_hadd_epi32(mins[4 * g], mins[4 * g + 1]),
                     _mm_hadd_epi32(mins[4 * g + 2], mins[4 * g + 3]),
@@ -280,20 +278,6 @@ mod avx2 {
             unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), acc) };
         }
         std::array::from_fn(|t| out[t])
-    }
-
-    /// The exact sums of the 8 lanes of each of four registers, in the lanes of one.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn sums_of_four(lanes: [__m256i; 4]) -> __m128i {
-        let quads = _mm256_hadd_epi32(
-            _mm256_hadd_epi32(lanes[0], lanes[1]),
-            _mm256_hadd_epi32(lanes[2], lanes[3]),
-        );
-        _mm_add_epi32(
-            _mm256_castsi256_si128(quads),
-            _mm256_extracti128_si256::<1>(quads),
-        )
     }
 }
 

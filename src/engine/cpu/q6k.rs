@@ -185,7 +185,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::blocks::{BlockQ6K, BlockQ8K, QK_K};
-    use super::super::lanes::avx2::{hsum_float_8, hsum_i32_8, prefetch_ahead};
+    use super::super::lanes::avx2::{hsum_float_8, hsum_i32_8, hsum_i32_8x4, prefetch_ahead};
 
     /// Byte shuffles that pick, from a block's eight scales of one half widened to i16, the
     /// pair of chunk `k` of that half: scale `2k` for lanes 0-3, `2k + 1` for lanes 4-7 (the
@@ -391,14 +391,7 @@ mod avx2 {
             return;
         }
         for g in (0..T).step_by(4) {
-            // Per 128-bit half: the 4 rows' sums of that half's lanes, then both halves added.
-            let pairs01 = _mm256_hadd_epi32(lanes[g], lanes[g + 1]);
-            let pairs23 = _mm256_hadd_epi32(lanes[g + 2], lanes[g + 3]);
-            let quads = _mm256_hadd_epi32(pairs01, pairs23);
-            let sums = _mm_add_epi32(
-                _mm256_castsi256_si128(quads),
-                _mm256_extracti128_si256::<1>(quads),
-            );
+            let sums = hsum_i32_8x4(std::array::from_fn(|i| lanes[g + i]));
             let scaled = _mm_mul_ps(_mm_set1_ps(d), _mm_cvtepi32_ps(sums));
             let dx = _mm_setr_ps(
                 acts[g][b].d,
