@@ -1,4 +1,4 @@
-//! Bit-exactness of the Q6_K, Q5_K, Q8_0, Q5_0, Q4_1, Q5_1 and Q4_0 kernels and of the Q8_0 / Q8_1 activation
+//! Bit-exactness of the Q6_K, Q5_K, Q3_K, Q2_K, Q8_0, Q5_0, Q4_1, Q5_1 and Q4_0 kernels and of the Q8_0 / Q8_1 activation
 //! quantizers against llama.cpp's own outputs (golden vectors in tests/fixtures/kernels/).
 
 mod common;
@@ -6,10 +6,12 @@ mod common;
 use common::golden::{Matmul, read_matmul, read_quantized};
 use smoldesk::engine::cpu::SimdLevel;
 use smoldesk::engine::cpu::blocks::{
-    BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8K, QK, QK_K,
-    as_blocks,
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0,
+    BlockQ8K, QK, QK_K, as_blocks,
 };
 use smoldesk::engine::cpu::lanes::avx2_available;
+use smoldesk::engine::cpu::q2k::{dot_q2k_q8k, dot_q2k_q8k_tiled};
+use smoldesk::engine::cpu::q3k::{dot_q3k_q8k, dot_q3k_q8k_tiled};
 use smoldesk::engine::cpu::q4_0::dot_q4_0_q8_0;
 use smoldesk::engine::cpu::q4_1::{dot_q4_1_q8_1, dot_q5_1_q8_1, quantize_q8_1};
 use smoldesk::engine::cpu::q5k::{dot_q5k_q8k, dot_q5k_q8k_tiled};
@@ -136,6 +138,40 @@ fn q5k_matmul_matches_llama_cpp_at_every_batch_size() {
         let q8k = |_: SimdLevel, x: &[f32]| q8k_blocks(x);
         let small = check_matmul::<BlockQ5K, _>(&case, q8k, dot_q5k_q8k, |m| m < 8);
         let large = check_matmul::<BlockQ5K, _>(&case, q8k, dot_q5k_q8k_tiled, |m| m >= 8);
+        assert_eq!(small + large, case.outputs.len() * levels().len(), "{name}");
+        assert!(small > 0 && large > 0, "{name}");
+    }
+}
+
+#[test]
+fn q3k_matmul_matches_llama_cpp_at_every_batch_size() {
+    // As Q6_K: vec_dot for m < 8, the tiled K-quant path from m = 8 on.
+    for name in ["mm-q3_K-n64-k512.bin", "mm-q3_K-n40-k1536.bin"] {
+        let case = read_matmul(name);
+        assert_eq!(case.wtype, 11);
+        assert!(!case.repacked, "llama.cpp does not repack Q3_K on x86");
+        let q8k = |_: SimdLevel, x: &[f32]| q8k_blocks(x);
+        let small = check_matmul::<BlockQ3K, _>(&case, q8k, dot_q3k_q8k, |m| m < 8);
+        let large = check_matmul::<BlockQ3K, _>(&case, q8k, dot_q3k_q8k_tiled, |m| m >= 8);
+        assert_eq!(small + large, case.outputs.len() * levels().len(), "{name}");
+        assert!(small > 0 && large > 0, "{name}");
+    }
+}
+
+#[test]
+fn q2k_matmul_matches_llama_cpp_at_every_batch_size() {
+    // As Q6_K; llama.cpp repacks Q2_K only on AVX-512 machines, and these vectors come from
+    // its AVX2 build.
+    for name in ["mm-q2_K-n64-k512.bin", "mm-q2_K-n40-k1536.bin"] {
+        let case = read_matmul(name);
+        assert_eq!(case.wtype, 10);
+        assert!(
+            !case.repacked,
+            "the vectors come from llama.cpp's unrepacked Q2_K path"
+        );
+        let q8k = |_: SimdLevel, x: &[f32]| q8k_blocks(x);
+        let small = check_matmul::<BlockQ2K, _>(&case, q8k, dot_q2k_q8k, |m| m < 8);
+        let large = check_matmul::<BlockQ2K, _>(&case, q8k, dot_q2k_q8k_tiled, |m| m >= 8);
         assert_eq!(small + large, case.outputs.len() * levels().len(), "{name}");
         assert!(small > 0 && large > 0, "{name}");
     }

@@ -1,8 +1,10 @@
 //! Real weights: SmolLM2-135M-Instruct requantized by llama.cpp to Q4_K_M (Q4_K, Q6_K, Q5_0 and
-//! Q8_0 tensors), to Q4_0 (Q4_0, Q8_0) and to Q5_K_M (Q5_1, Q5_K, Q6_K, Q8_0), against
-//! llama.cpp's own greedy replies on this kind of CPU (`tests/fixtures/smollm2-*.ref.json`,
-//! made by `scripts/llamacpp/make-smollm2-q4km-ref.sh [q4_0|q5km]`). The replies must be the same token for
-//! token: the kernels round as llama.cpp's do.
+//! Q8_0 tensors), to Q4_0 (Q4_0, Q8_0), to Q5_K_M (Q5_1, Q5_K, Q6_K, Q8_0) and to "Q2_K-mix"
+//! (llama-quantize's Q2_K run, whose only k-quant here is Q3_K `ffn_down`, with the odd layers'
+//! `ffn_down` in Q2_K instead: Q2_K, Q3_K, Q4_0, Q8_0), against llama.cpp's own greedy replies on
+//! this kind of CPU (`tests/fixtures/smollm2-*.ref.json`, made by
+//! `scripts/llamacpp/make-smollm2-q4km-ref.sh [q4_0|q5km|q2k]`). The replies must be the same
+//! token for token: the kernels round as llama.cpp's do.
 
 mod common;
 
@@ -80,4 +82,9 @@ fn q4_0_greedy_replies_equal_llama_cpps_token_for_token() {
 #[test]
 fn q5_k_m_greedy_replies_equal_llama_cpps_token_for_token() {
     greedy_replies_equal("smollm2-q5km.ref.json", &common::smollm2_q5km_path());
+}
+
+#[test]
+fn q2_k_mix_greedy_replies_equal_llama_cpps_token_for_token() {
+    greedy_replies_equal("smollm2-q2k.ref.json", &common::smollm2_q2k_path());
 }

@@ -309,7 +309,8 @@ int main(int argc, char ** argv) {
         {GGML_TYPE_Q4_1, 64, 576}, {GGML_TYPE_F32, 64, 512},   {GGML_TYPE_F16, 64, 512},
         {GGML_TYPE_Q6_K, 64, 1536},  // appended, so that the earlier cases keep their seeds
         {GGML_TYPE_Q4_0, 64, 576},  {GGML_TYPE_Q5_K, 64, 512}, {GGML_TYPE_Q5_K, 40, 1536},
-        {GGML_TYPE_Q5_1, 64, 576},
+        {GGML_TYPE_Q5_1, 64, 576},  {GGML_TYPE_Q3_K, 64, 512}, {GGML_TYPE_Q3_K, 40, 1536},
+        {GGML_TYPE_Q2_K, 64, 512},  {GGML_TYPE_Q2_K, 40, 1536},
     };
     uint64_t seed = 1;
     for (const auto & c : cases) write_matmul(dir, backend, dev, threads, c, seed++);

@@ -15,7 +15,8 @@ import numpy as np
 
 MM_HEADER = struct.Struct("<4s8IQ")
 QZ_HEADER = struct.Struct("<4s5I")
-TYPE_NAMES = {0: "F32", 1: "F16", 3: "Q4_1", 6: "Q5_0", 8: "Q8_0", 9: "Q8_1", 12: "Q4_K", 14: "Q6_K", 15: "Q8_K"}
+TYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+              10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K"}
 
 
 def read_matmul(buf):

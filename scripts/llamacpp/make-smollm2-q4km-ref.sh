@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Regenerates tests/fixtures/smollm2-q4km.ref.json (or, with the argument `q4_0` or `q5km`,
-# smollm2-q4_0.ref.json or smollm2-q5km.ref.json): llama.cpp's greedy replies on the requantized SmolLM2 test model
+# Regenerates tests/fixtures/smollm2-q4km.ref.json (or, with the argument `q4_0`, `q5km` or `q2k`,
+# smollm2-q4_0.ref.json, smollm2-q5km.ref.json or smollm2-q2k.ref.json, the last on the Q2_K-mix
+# model): llama.cpp's greedy replies on the requantized SmolLM2 test model
 # (scripts/fetch-test-model.sh makes it) for the four questions of
 # ../shared/fixtures/smollm2-135m-chat.ref.json plus three more, with 2 threads; checks that 1
 # thread gives the same ids and margins, and records the build and CPU.
@@ -28,7 +29,17 @@ llamafile tinyBLAS_Q0_AVX for more"
 from 8 rows), Q5_1 vec_dot, Q8_0 (token_embd, the tied head) vec_dot for 1 row, llamafile \
 tinyBLAS_Q0_AVX for more"
     ;;
-  *) echo "usage: $0 [q4km|q4_0|q5km]" >&2; exit 2 ;;
+  q2k)
+    model=models/SmolLM2-135M-Instruct.Q2_K-mix.gguf
+    out=tests/fixtures/smollm2-q2k.ref.json
+    simd_path="AVX2+FMA+F16C (-march=native, no AVX-512): Q2_K (odd layers' ffn_down) and Q3_K \
+(even layers' ffn_down) not repacked (q2_K_8x8 needs AVX-512), vec_dot_q2_K_q8_K/q3_K_q8_K \
+below 8 rows (every decode step, and the last layer's ffn_down in the prefill, which runs on the \
+output row only), tiled K-quant path from 8 rows; Q4_0 weights repacked to q4_0_8x8 \
+(gemv/gemm_q4_0_8x8_q8_0) for every batch size; Q8_0 (token_embd, the tied head) vec_dot for \
+1 row, llamafile tinyBLAS_Q0_AVX for more"
+    ;;
+  *) echo "usage: $0 [q4km|q4_0|q5km|q2k]" >&2; exit 2 ;;
 esac
 questions=/work/shared/fixtures/smollm2-135m-chat.ref.json
 [ -f "$questions" ] || questions=../shared/fixtures/smollm2-135m-chat.ref.json

@@ -61,6 +61,13 @@ pub fn smollm2_q5km_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q5_K_M.gguf")
 }
 
+/// SmolLM2-135M-Instruct requantized by `llama-quantize`'s Q2_K run with the odd layers' `ffn_down`
+/// in Q2_K (made by `scripts/fetch-test-model.sh`; not a llama-quantize preset): real weights in
+/// Q2_K and Q3_K (`ffn_down`, rows of 1536), Q4_0 (rows of 576) and Q8_0 (the embedding).
+pub fn smollm2_q2k_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q2_K-mix.gguf")
+}
+
 /// Reads and parses a JSON file of the repository's own `tests/fixtures/`.
 pub fn read_repo_json(name: &str) -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -8,6 +8,34 @@ pub const QK_K: usize = 256;
 /// Values per legacy block (Q4_0, Q4_1, Q5_0, Q8_0, Q8_1).
 pub const QK: usize = 32;
 
+/// Q2_K: 16 sub-blocks of 16 2-bit values with 4-bit scales and minimums (84 bytes).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ2K {
+    /// Per sub-block: the scale in the low nibble, the minimum in the high one.
+    pub scales: [u8; QK_K / 16],
+    /// The values, four per byte (value `128h + 32c + p` in bits `2c` of byte `32h + p`).
+    pub qs: [u8; QK_K / 4],
+    /// Scale of the sub-block scales.
+    pub d: f16,
+    /// Scale of the sub-block minimums.
+    pub dmin: f16,
+}
+
+/// Q3_K: 16 sub-blocks of 16 3-bit values (-4..4) with 6-bit scales (110 bytes).
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct BlockQ3K {
+    /// Third bits of the values (value `128h + 32c + p` in bit `4h + c` of byte `p`).
+    pub hmask: [u8; QK_K / 8],
+    /// Low 2 bits of the values, laid out as Q2_K's.
+    pub qs: [u8; QK_K / 4],
+    /// The 16 sub-block scales, 6 bits each (offset by 32), packed into 12 bytes.
+    pub scales: [u8; 12],
+    /// Scale of the sub-block scales.
+    pub d: f16,
+}
+
 /// Q4_K: 8 sub-blocks of 32 4-bit values with 6-bit scales and minimums (144 bytes).
 #[derive(Debug, Clone, Copy)]
 #[repr(C)]
@@ -199,6 +227,8 @@ pub fn as_blocks_mut<B: PodBlock>(bytes: &mut [u8]) -> Option<&mut [B]> {
 pub unsafe trait PodBlock: Copy + 'static {}
 
 // SAFETY: each is repr(C), made only of integers and f16, without padding (sizes checked below).
+unsafe impl PodBlock for BlockQ2K {}
+unsafe impl PodBlock for BlockQ3K {}
 unsafe impl PodBlock for BlockQ4K {}
 unsafe impl PodBlock for BlockQ4Kx8 {}
 unsafe impl PodBlock for BlockQ5K {}
@@ -213,6 +243,8 @@ unsafe impl PodBlock for BlockQ5_1 {}
 unsafe impl PodBlock for BlockQ8_1 {}
 
 const _: () = {
+    assert!(std::mem::size_of::<BlockQ2K>() == 84);
+    assert!(std::mem::size_of::<BlockQ3K>() == 110);
     assert!(std::mem::size_of::<BlockQ4K>() == 144);
     assert!(std::mem::size_of::<BlockQ4Kx8>() == 8 * 144);
     assert!(std::mem::size_of::<BlockQ5K>() == 176);

@@ -12,14 +12,14 @@ use candle_core::quantized::k_quants::{self, GgmlType};
 use half::f16;
 
 use super::blocks::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ4Kx8, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K,
-    BlockQ8_0, BlockQ8_1, BlockQ8K, BlockQ8Kx4, QK, QK_K, as_blocks,
+    BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ4Kx8, BlockQ5_0, BlockQ5_1, BlockQ5K,
+    BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, BlockQ8Kx4, QK, QK_K, as_blocks,
 };
 use super::pool::{Pool, SharedMut};
 use super::tiles::{TILE_ROWS, TILE_TOKENS, TiledBlock};
-use super::{SimdLevel, dequant, q4_1, q4k, q5k, q6k, q8_0, q8k, simd_level};
+use super::{SimdLevel, dequant, q2k, q3k, q4_1, q4k, q5k, q6k, q8_0, q8k, simd_level};
 
-/// From this many inputs on, llama.cpp multiplies Q6_K and Q5_K through its tiled K-quant path
+/// From this many inputs on, llama.cpp multiplies Q6_K, Q5_K, Q3_K and Q2_K through its tiled K-quant path
 /// (which sums in another order than its vec_dot).
 const TILED_K_QUANT_FROM: usize = 8;
 
@@ -205,6 +205,10 @@ enum Kernel {
     Q6K,
     /// Q5_K with Q8_K activations, as Q6_K ([`super::q5k`]).
     Q5K,
+    /// Q3_K with Q8_K activations, as Q6_K ([`super::q3k`]).
+    Q3K,
+    /// Q2_K with Q8_K activations, as Q6_K ([`super::q2k`]).
+    Q2K,
     /// Q8_0 weights with llama.cpp-rounded Q8_0 activations.
     Q8_0,
     /// Q5_0 weights with llama.cpp-rounded Q8_0 activations.
@@ -278,11 +282,13 @@ impl Matrix {
             GgmlDType::Q5_1 => Kernel::Q5_1,
             GgmlDType::Q6K => Kernel::Q6K,
             GgmlDType::Q5K => Kernel::Q5K,
+            GgmlDType::Q3K => Kernel::Q3K,
+            GgmlDType::Q2K => Kernel::Q2K,
             GgmlDType::Q8_0 => Kernel::Q8_0,
             GgmlDType::Q5_0 => Kernel::Q5_0,
             GgmlDType::Q4_0 => Kernel::Q4_0,
             GgmlDType::Q4K if rows.is_multiple_of(8) => Kernel::Q4K,
-            GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K => Kernel::Candle(dtype),
+            GgmlDType::Q4K => Kernel::Candle(dtype),
             other => return Err(MatmulError::Unsupported(other)),
         };
         let align = match dtype {
@@ -360,7 +366,7 @@ impl Matrix {
             Kernel::F32 | Kernel::F16 => &[ActKind::F32],
             Kernel::Q4_1 | Kernel::Q5_1 => &[ActKind::Q8_1],
             Kernel::Q4K => &[ActKind::Q8Kx4, ActKind::Q8K],
-            Kernel::Q6K | Kernel::Q5K => &[ActKind::Q8K],
+            Kernel::Q6K | Kernel::Q5K | Kernel::Q3K | Kernel::Q2K => &[ActKind::Q8K],
             Kernel::Q8_0 | Kernel::Q5_0 | Kernel::Q4_0 => &[ActKind::Q8_0],
             Kernel::Candle(dtype) => match candle_vec_dot_type(dtype) {
                 GgmlDType::Q8K => &[ActKind::Q8K],
@@ -402,6 +408,8 @@ impl Matrix {
             Kernel::Q4K => self.rows_q4k(act, rows, out),
             Kernel::Q6K => self.rows_tiled_kquant::<BlockQ6K>(act, rows, out),
             Kernel::Q5K => self.rows_tiled_kquant::<BlockQ5K>(act, rows, out),
+            Kernel::Q3K => self.rows_tiled_kquant::<BlockQ3K>(act, rows, out),
+            Kernel::Q2K => self.rows_tiled_kquant::<BlockQ2K>(act, rows, out),
             Kernel::Q8_0 => self.rows_of_blocks::<BlockQ8_0>(act.q8_0(), m, rows, out),
             Kernel::Q5_0 => self.rows_of_blocks::<BlockQ5_0>(act.q8_0(), m, rows, out),
             Kernel::Q4_0 => self.rows_of_blocks::<BlockQ4_0>(act.q8_0(), m, rows, out),
@@ -534,7 +542,7 @@ impl Matrix {
         }
     }
 
-    /// Rows of a Q6_K or Q5_K matrix: llama.cpp's vec_dot for fewer than
+    /// Rows of a Q6_K, Q5_K, Q3_K or Q2_K matrix: llama.cpp's vec_dot for fewer than
     /// [`TILED_K_QUANT_FROM`] inputs, its tiled order (several tokens per pass) from there on.
     fn rows_tiled_kquant<B: TiledKQuant>(
         &self,
@@ -722,6 +730,18 @@ tiled_kquant!(
     q5k::dot_q5k_q8k,
     q5k::dot_q5k_q8k_tiled,
     q5k::dot_q5k_q8k_tiled_tokens
+);
+tiled_kquant!(
+    BlockQ3K,
+    q3k::dot_q3k_q8k,
+    q3k::dot_q3k_q8k_tiled,
+    q3k::dot_q3k_q8k_tiled_tokens
+);
+tiled_kquant!(
+    BlockQ2K,
+    q2k::dot_q2k_q8k,
+    q2k::dot_q2k_q8k_tiled,
+    q2k::dot_q2k_q8k_tiled_tokens
 );
 
 /// A matrix of 32-value weight blocks and the quantized inputs it is multiplied with.
@@ -1234,6 +1254,8 @@ mod tests {
             GgmlDType::Q4K,
             GgmlDType::Q5K,
             GgmlDType::Q6K,
+            GgmlDType::Q3K,
+            GgmlDType::Q2K,
         ];
         for dtype in types {
             let (w, dequant) = matrix(dtype, rows, k);
@@ -1329,6 +1351,8 @@ mod tests {
         }
         check::<BlockQ6K>(GgmlDType::Q6K);
         check::<BlockQ5K>(GgmlDType::Q5K);
+        check::<BlockQ3K>(GgmlDType::Q3K);
+        check::<BlockQ2K>(GgmlDType::Q2K);
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub(crate) mod emulator;
 pub mod lanes;
 pub mod matmul;
 pub mod pool;
+pub mod q2k;
+pub mod q3k;
 pub mod q4_0;
 pub mod q4_1;
 pub mod q4k;
@@ -21,6 +23,7 @@ pub mod q5k;
 pub mod q6k;
 pub mod q8_0;
 pub mod q8k;
+pub mod tiled_kquant;
 pub mod tiles;
 
 use std::sync::OnceLock;

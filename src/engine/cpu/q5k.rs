@@ -17,6 +17,7 @@ use super::SimdLevel;
 use super::blocks::{BlockQ5K, BlockQ8K, QK_K};
 use super::lanes::{self, LANES};
 use super::q4k::decode_scale_mins;
+use super::tiled_kquant;
 
 /// Dot product of a Q5_K weight row with Q8_K activations as llama.cpp's AVX2
 /// `ggml_vec_dot_q5_K_q8_K` sums it (its path for batches of 1 to 7 tokens).
@@ -63,19 +64,10 @@ pub fn dot_q5k_q8k_tiled_tokens<const T: usize>(
     acts.map(|act| {
         w.iter().zip(act).fold(0f32, |acc, (x, y)| {
             let (lanes, min_sum) = block_sums(x, y);
-            tiled_step(acc, x, y.d, lanes.iter().sum(), min_sum)
+            let (d, dmin) = (x.d.to_f32(), x.dmin.to_f32());
+            tiled_kquant::step_with_min(acc, d, dmin, lanes.iter().sum(), min_sum, y.d)
         })
     })
-}
-
-/// One block of the tiled order: `r = d_w · sum`, `r = r − dmin_w · mins` (fused), then
-/// `fma(r, d_x, acc)`. Always inlined, so that in the AVX2 kernel `mul_add` is the FMA
-/// instruction rather than a call.
-#[inline(always)]
-fn tiled_step(acc: f32, x: &BlockQ5K, dx: f32, sum: i32, mins: i32) -> f32 {
-    let scaled = x.d.to_f32() * sum as f32;
-    let scaled = (-x.dmin.to_f32()).mul_add(mins as f32, scaled);
-    scaled.mul_add(dx, acc)
 }
 
 /// The 256 values (0..32) of a Q5_K block: for each 64 values, the low nibbles of 32 bytes of
@@ -118,9 +110,9 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::blocks::{BlockQ5K, BlockQ8K};
-    use super::super::lanes::avx2::{hsum_float_8, hsum_i32_8, hsum_i32_8x4, prefetch_ahead};
+    use super::super::lanes::avx2::{hsum_float_8, prefetch_ahead};
+    use super::super::lanes::avx2::{hsum_i32_8, hsum_i32_8x4};
     use super::super::q4k::decode_scale_mins;
-    use super::tiled_step;
 
     /// A block's sub-block scales (i16, in both halves) and minimums (i16), decoded once.
     struct Scales {
@@ -223,8 +215,6 @@ mod avx2 {
         hsum_float_8(acc) + mins
     }
 
-    /// The sum of four i32 lanes.
-    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn hsum_i32_4(v: __m128i) -> i32 {
         let pairs = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
@@ -243,7 +233,14 @@ mod avx2 {
             for ((acc, act), (lanes, mins)) in acc.iter_mut().zip(&acts).zip(lanes.iter().zip(mins))
             {
                 let sum = hsum_i32_8(*lanes);
-                *acc = tiled_step(*acc, x, act[b].d, sum, hsum_i32_4(mins));
+                *acc = super::tiled_kquant::step_with_min(
+                    *acc,
+                    x.d.to_f32(),
+                    x.dmin.to_f32(),
+                    sum,
+                    hsum_i32_4(mins),
+                    act[b].d,
+                );
             }
         }
         acc

@@ -17,6 +17,7 @@
 use super::SimdLevel;
 use super::blocks::{BlockQ6K, BlockQ8K, QK_K};
 use super::lanes::{self, LANES};
+use super::tiled_kquant;
 
 /// Weight rows [`dot_q6k_q8k_rows`] computes per pass over the activations. Two rows per pass
 /// measured about 3x slower than one (examples/q6k_bench.rs, AVX2, Zen 3), so one it is.
@@ -113,7 +114,7 @@ pub fn dot_q6k_q8k_tiled(level: SimdLevel, w: &[BlockQ6K], act: &[BlockQ8K]) -> 
         let sum = block_lanes(x, y)
             .iter()
             .fold(0i32, |a, &v| a.wrapping_add(v));
-        acc = (x.d.to_f32() * sum as f32).mul_add(y.d, acc);
+        acc = tiled_kquant::step(acc, x.d.to_f32(), sum, y.d);
     }
     acc
 }
@@ -185,7 +186,8 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::blocks::{BlockQ6K, BlockQ8K, QK_K};
-    use super::super::lanes::avx2::{hsum_float_8, hsum_i32_8, hsum_i32_8x4, prefetch_ahead};
+    use super::super::lanes::avx2::{hsum_float_8, prefetch_ahead};
+    use super::super::tiled_kquant::avx2::accumulate_block;
 
     /// Byte shuffles that pick, from a block's eight scales of one half widened to i16, the
     /// pair of chunk `k` of that half: scale `2k` for lanes 0-3, `2k + 1` for lanes 4-7 (the
@@ -368,44 +370,6 @@ mod avx2 {
         }
         acc
     }
-
-    /// The tiled order's step for block `b` of each activation row `t`: the block's integer sum
-    /// (of the 8 lanes `lanes[t]`), `fma(d_w · sum, d_x, acc[t])`. Four rows are reduced
-    /// together (the sums are exact, so in any order) and their float steps run as the 4 lanes
-    /// of one register, each lane rounding as the scalar steps do: the one-row-at-a-time
-    /// reduction and scalar steps were a fifth of the kernel.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn accumulate_block<const T: usize>(
-        acc: &mut [f32; T],
-        lanes: [__m256i; T],
-        d: f32,
-        acts: &[&[BlockQ8K]; T],
-        b: usize,
-    ) {
-        if !T.is_multiple_of(4) {
-            for ((acc, lanes), act) in acc.iter_mut().zip(lanes).zip(acts) {
-                let y = &act[b];
-                *acc = (d * hsum_i32_8(lanes) as f32).mul_add(y.d, *acc);
-            }
-            return;
-        }
-        for g in (0..T).step_by(4) {
-            let sums = hsum_i32_8x4(std::array::from_fn(|i| lanes[g + i]));
-            let scaled = _mm_mul_ps(_mm_set1_ps(d), _mm_cvtepi32_ps(sums));
-            let dx = _mm_setr_ps(
-                acts[g][b].d,
-                acts[g + 1][b].d,
-                acts[g + 2][b].d,
-                acts[g + 3][b].d,
-            );
-            // SAFETY: `acc` holds 4 values from g (T is a multiple of 4).
-            unsafe {
-                let at = acc.as_mut_ptr().add(g);
-                _mm_storeu_ps(at, _mm_fmadd_ps(scaled, dx, _mm_loadu_ps(at)));
-            }
-        }
-    }
 }
 
 /// The AVX-512 (F/BW/VL/VNNI) forms of the AVX2 kernels, with their bits. A block's values are
@@ -421,7 +385,8 @@ mod avx512 {
 
     use super::super::blocks::{BlockQ6K, BlockQ8K};
     use super::super::lanes::avx2::{hsum_float_8, prefetch_ahead};
-    use super::avx2::{Scales, accumulate_block, load_bsums, load_scales, offset_lanes};
+    use super::super::tiled_kquant::avx2::accumulate_block;
+    use super::avx2::{Scales, load_bsums, load_scales, offset_lanes};
 
     /// A weight block ready for [`block_lanes`].
     struct Unpacked {

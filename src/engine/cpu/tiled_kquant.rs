@@ -1,0 +1,121 @@
+//! The float steps of llama.cpp's tiled K-quant matmul (`ggml-cpu/tiled/`), its path for 8
+//! tokens or more on x86 without a repacked layout, shared by the Q2_K, Q3_K, Q5_K and Q6_K
+//! kernels. Per super-block the kernel takes the weight row's exact integer sum `s` with the
+//! token (and, for types with minimums, the minimums' sum `m`), then
+//! `r = d_w · s`, `r = fnmadd(dmin_w, m, r)`, `acc = fma(r, d_x, acc)`, blocks in order.
+//! Since every integer sum is exact, how a kernel computes it does not change a bit.
+
+/// One super-block of a type without minimums: `fma(d_w · sum, d_x, acc)`.
+#[inline(always)]
+pub fn step(acc: f32, d_w: f32, sum: i32, d_x: f32) -> f32 {
+    (d_w * sum as f32).mul_add(d_x, acc)
+}
+
+/// One super-block of a type with minimums: `r = d_w · sum`, `r = r − dmin_w · mins` (fused),
+/// then `fma(r, d_x, acc)`. Always inlined, so that in an AVX2 kernel `mul_add` is the FMA
+/// instruction rather than a call.
+#[inline(always)]
+pub fn step_with_min(acc: f32, d_w: f32, dmin_w: f32, sum: i32, mins: i32, d_x: f32) -> f32 {
+    let scaled = d_w * sum as f32;
+    let scaled = (-dmin_w).mul_add(mins as f32, scaled);
+    scaled.mul_add(d_x, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::super::blocks::BlockQ8K;
+    use super::super::lanes::avx2::{hsum_i32_8, hsum_i32_8x4};
+    use super::{step, step_with_min};
+
+    /// The steps for block `b` of each activation row `t`, the block's integer sum being the sum
+    /// of the 8 lanes `lanes[t]`: [`step`]. Four rows are reduced together (the sums are exact,
+    /// so in any order) and their float steps run as the 4 lanes of one register, each lane
+    /// rounding as the scalar steps do: one row at a time, the reductions and scalar steps
+    /// were a fifth of the Q6_K kernel.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn accumulate_block<const T: usize>(
+        acc: &mut [f32; T],
+        lanes: [__m256i; T],
+        d: f32,
+        acts: &[&[BlockQ8K]; T],
+        b: usize,
+    ) {
+        if !T.is_multiple_of(4) {
+            for ((acc, lanes), act) in acc.iter_mut().zip(lanes).zip(acts) {
+                *acc = step(*acc, d, hsum_i32_8(lanes), act[b].d);
+            }
+            return;
+        }
+        for g in (0..T).step_by(4) {
+            let sums = hsum_i32_8x4(std::array::from_fn(|i| lanes[g + i]));
+            let scaled = _mm_mul_ps(_mm_set1_ps(d), _mm_cvtepi32_ps(sums));
+            fma_into(acc, g, scaled, token_scales(acts, g, b));
+        }
+    }
+
+    /// [`accumulate_block`] for a type with minimums, whose sums for row `t` are in the 4
+    /// lanes `mins[t]`: [`step_with_min`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn accumulate_block_with_min<const T: usize>(
+        acc: &mut [f32; T],
+        lanes: [__m256i; T],
+        mins: [__m128i; T],
+        (d, dmin): (f32, f32),
+        acts: &[&[BlockQ8K]; T],
+        b: usize,
+    ) {
+        if !T.is_multiple_of(4) {
+            for (((acc, lanes), mins), act) in acc.iter_mut().zip(lanes).zip(mins).zip(acts) {
+                let (sum, min_sum) = (hsum_i32_8(lanes), hsum_i32_4(mins));
+                *acc = step_with_min(*acc, d, dmin, sum, min_sum, act[b].d);
+            }
+            return;
+        }
+        for g in (0..T).step_by(4) {
+            let sums = hsum_i32_8x4(std::array::from_fn(|i| lanes[g + i]));
+            let min_sums = _mm_hadd_epi32(
+                _mm_hadd_epi32(mins[g], mins[g + 1]),
+                _mm_hadd_epi32(mins[g + 2], mins[g + 3]),
+            );
+            let scaled = _mm_mul_ps(_mm_set1_ps(d), _mm_cvtepi32_ps(sums));
+            let scaled = _mm_fnmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(min_sums), scaled);
+            fma_into(acc, g, scaled, token_scales(acts, g, b));
+        }
+    }
+
+    /// `acc[g + i] = fma(scaled[i], dx[i], acc[g + i])` for `i` in `0..4`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn fma_into<const T: usize>(acc: &mut [f32; T], g: usize, scaled: __m128, dx: __m128) {
+        let at: &mut [f32] = &mut acc[g..g + 4];
+        // SAFETY: `at` holds exactly 4 floats.
+        unsafe {
+            let at = at.as_mut_ptr();
+            _mm_storeu_ps(at, _mm_fmadd_ps(scaled, dx, _mm_loadu_ps(at)));
+        }
+    }
+
+    /// The sum of four i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn hsum_i32_4(v: __m128i) -> i32 {
+        let pairs = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
+        _mm_cvtsi128_si32(_mm_add_epi32(pairs, _mm_shuffle_epi32::<0b01>(pairs)))
+    }
+
+    /// `d_x` of block `b` of the activation rows `g .. g + 4`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn token_scales<const T: usize>(acts: &[&[BlockQ8K]; T], g: usize, b: usize) -> __m128 {
+        _mm_setr_ps(
+            acts[g][b].d,
+            acts[g + 1][b].d,
+            acts[g + 2][b].d,
+            acts[g + 3][b].d,
+        )
+    }
+}
