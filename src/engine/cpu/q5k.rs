@@ -282,7 +282,7 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::engine::cpu::lanes::test_data::Rng;
-    use crate::engine::cpu::q8k;
+    use crate::engine::cpu::tiled_kquant::test_support::{Kernels, check_levels_agree, q8k_row};
     use half::f16;
 
     fn random_blocks(rng: &mut Rng, n: usize) -> Vec<BlockQ5K> {
@@ -297,58 +297,20 @@ mod tests {
             .collect()
     }
 
-    fn activations(rng: &mut Rng, nb: usize) -> Vec<BlockQ8K> {
-        let x = rng.activations(nb * QK_K);
-        let mut out = q8k::zeroed_q8k(nb);
-        q8k::quantize_row_q8k(&x, &mut out);
-        out
-    }
-
     #[test]
     fn portable_and_avx2_agree_to_the_bit_in_both_orders() {
+        let kernels = Kernels {
+            dot: dot_q5k_q8k,
+            tiled: dot_q5k_q8k_tiled,
+            three: dot_q5k_q8k_tiled_tokens::<3>,
+            four: dot_q5k_q8k_tiled_tokens::<4>,
+            eight: dot_q5k_q8k_tiled_tokens::<8>,
+        };
         let rng = &mut Rng(53);
         for nb in [1, 2, 8, 43] {
             let w = random_blocks(rng, nb);
-            let acts: Vec<Vec<BlockQ8K>> = (0..4).map(|_| activations(rng, nb)).collect();
-            let bits = |v: f32| v.to_bits();
-            for act in &acts {
-                let p = dot_q5k_q8k(SimdLevel::Portable, &w, act);
-                assert_eq!(bits(p), bits(dot_q5k_q8k(SimdLevel::Avx2, &w, act)), "{nb}");
-                let p = dot_q5k_q8k_tiled(SimdLevel::Portable, &w, act);
-                assert_eq!(
-                    bits(p),
-                    bits(dot_q5k_q8k_tiled(SimdLevel::Avx2, &w, act)),
-                    "{nb}"
-                );
-            }
-            for level in [SimdLevel::Portable, SimdLevel::Avx2] {
-                let check = |got: &[f32]| {
-                    for (t, g) in got.iter().enumerate() {
-                        let want = dot_q5k_q8k_tiled(level, &w, &acts[t % 4]);
-                        assert_eq!(bits(*g), bits(want), "{level:?}, {nb} blocks, token {t}");
-                    }
-                };
-                check(&dot_q5k_q8k_tiled_tokens::<2>(
-                    level,
-                    &w,
-                    [&acts[0], &acts[1]],
-                ));
-                check(&dot_q5k_q8k_tiled_tokens::<3>(
-                    level,
-                    &w,
-                    std::array::from_fn(|t| &acts[t][..]),
-                ));
-                check(&dot_q5k_q8k_tiled_tokens::<4>(
-                    level,
-                    &w,
-                    std::array::from_fn(|t| &acts[t][..]),
-                ));
-                check(&dot_q5k_q8k_tiled_tokens::<8>(
-                    level,
-                    &w,
-                    std::array::from_fn(|t| &acts[t % 4][..]),
-                ));
-            }
+            let acts: Vec<Vec<BlockQ8K>> = (0..4).map(|_| q8k_row(rng, nb)).collect();
+            check_levels_agree(&kernels, &w, &acts, |_, _| {});
         }
     }
 

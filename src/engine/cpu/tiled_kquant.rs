@@ -119,3 +119,74 @@ pub(super) mod avx2 {
         )
     }
 }
+
+/// Checks shared by the tests of the kernels that take the tiled order.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::super::SimdLevel;
+    use super::super::blocks::{BlockQ8K, QK_K};
+    use super::super::lanes::test_data::Rng;
+    use super::super::q8k;
+
+    /// `nb` blocks of random activations quantized as the engine quantizes them.
+    pub fn q8k_row(rng: &mut Rng, nb: usize) -> Vec<BlockQ8K> {
+        let x = rng.activations(nb * QK_K);
+        let mut out = q8k::zeroed_q8k(nb);
+        q8k::quantize_row_q8k(&x, &mut out);
+        out
+    }
+
+    /// The tiled order of one weight row with `T` activation rows.
+    pub type Rows<B, const T: usize> = fn(SimdLevel, &[B], [&[BlockQ8K]; T]) -> [f32; T];
+
+    /// A type's kernels: one output in the vec_dot's order, in the tiled order, and the tiled
+    /// order for 3, 4 and 8 activation rows at once.
+    pub struct Kernels<B> {
+        pub dot: fn(SimdLevel, &[B], &[BlockQ8K]) -> f32,
+        pub tiled: fn(SimdLevel, &[B], &[BlockQ8K]) -> f32,
+        pub three: Rows<B, 3>,
+        pub four: Rows<B, 4>,
+        pub eight: Rows<B, 8>,
+    }
+
+    /// Checks that the portable and AVX2 forms give the same bits in both orders for the
+    /// weight row `w` with each row of `acts` (four rows), and that the several-row forms give
+    /// each row the one-row tiled bits; `close(got, act)` checks a value against a plain sum.
+    pub fn check_levels_agree<B>(
+        kernels: &Kernels<B>,
+        w: &[B],
+        acts: &[Vec<BlockQ8K>],
+        close: impl Fn(f32, &[BlockQ8K]),
+    ) {
+        let bits = |v: f32| v.to_bits();
+        for act in acts {
+            for dot in [kernels.dot, kernels.tiled] {
+                let p = dot(SimdLevel::Portable, w, act);
+                assert_eq!(
+                    bits(p),
+                    bits(dot(SimdLevel::Avx2, w, act)),
+                    "{} blocks",
+                    w.len()
+                );
+                close(p, act);
+            }
+        }
+        for level in [SimdLevel::Portable, SimdLevel::Avx2] {
+            let check = |got: &[f32]| {
+                for (t, g) in got.iter().enumerate() {
+                    let want = (kernels.tiled)(level, w, &acts[t % acts.len()]);
+                    assert_eq!(
+                        bits(*g),
+                        bits(want),
+                        "{level:?}, {} blocks, row {t}",
+                        w.len()
+                    );
+                }
+            };
+            let row = |t: usize| &acts[t % acts.len()][..];
+            check(&(kernels.three)(level, w, std::array::from_fn(row)));
+            check(&(kernels.four)(level, w, std::array::from_fn(row)));
+            check(&(kernels.eight)(level, w, std::array::from_fn(row)));
+        }
+    }
+}
