@@ -151,6 +151,14 @@ pub mod avx2 {
         )
     }
 
+    /// The sum of four i32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn hsum_i32_4(v: __m128i) -> i32 {
+        let pairs = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
+        _mm_cvtsi128_si32(_mm_add_epi32(pairs, _mm_shuffle_epi32::<0b01>(pairs)))
+    }
+
     /// llama.cpp's `hsum_i32_8`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -111,7 +111,7 @@ mod avx2 {
 
     use super::super::blocks::{BlockQ5K, BlockQ8K};
     use super::super::lanes::avx2::{hsum_float_8, prefetch_ahead};
-    use super::super::lanes::avx2::{hsum_i32_8, hsum_i32_8x4};
+    use super::super::lanes::avx2::{hsum_i32_4, hsum_i32_8, hsum_i32_8x4};
     use super::super::q4k::decode_scale_mins;
 
     /// A block's sub-block scales (i16, in both halves) and minimums (i16), decoded once.
@@ -213,12 +213,6 @@ mod avx2 {
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
         }
         hsum_float_8(acc) + mins
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn hsum_i32_4(v: __m128i) -> i32 {
-        let pairs = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
-        _mm_cvtsi128_si32(_mm_add_epi32(pairs, _mm_shuffle_epi32::<0b01>(pairs)))
     }
 
     /// [`super::dot_q5k_q8k_tiled_tokens`].

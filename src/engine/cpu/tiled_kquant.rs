@@ -26,7 +26,7 @@ pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::blocks::BlockQ8K;
-    use super::super::lanes::avx2::{hsum_i32_8, hsum_i32_8x4};
+    use super::super::lanes::avx2::{hsum_i32_4, hsum_i32_8, hsum_i32_8x4};
     use super::{step, step_with_min};
 
     /// The steps for block `b` of each activation row `t`, the block's integer sum being the sum
@@ -97,14 +97,6 @@ pub(super) mod avx2 {
             let at = at.as_mut_ptr();
             _mm_storeu_ps(at, _mm_fmadd_ps(scaled, dx, _mm_loadu_ps(at)));
         }
-    }
-
-    /// The sum of four i32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn hsum_i32_4(v: __m128i) -> i32 {
-        let pairs = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
-        _mm_cvtsi128_si32(_mm_add_epi32(pairs, _mm_shuffle_epi32::<0b01>(pairs)))
     }
 
     /// `d_x` of block `b` of the activation rows `g .. g + 4`.
