@@ -128,6 +128,13 @@ pub mod avx2 {
         (_mm_cvtss_f32(both), _mm_cvtss_f32(_mm_movehdup_ps(both)))
     }
 
+    /// One f16 widened with one F16C conversion from a 32-bit move (see [`widen_f16_pair`]).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn widen_f16(v: half::f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(v.to_bits()))))
+    }
+
     /// Four f16s widened with one F16C conversion (one 64-bit move, see [`widen_f16_pair`]).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]

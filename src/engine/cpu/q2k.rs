@@ -113,8 +113,8 @@ pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::blocks::{BlockQ2K, BlockQ8K, QK_K};
-    use super::super::lanes::avx2::{hsum_float_8, prefetch_ahead};
-    use super::super::tiled_kquant::avx2::accumulate_block_with_min;
+    use super::super::lanes::avx2::{hsum_float_8, prefetch_ahead, widen_f16_pair};
+    use super::super::tiled_kquant::{avx2::accumulate_block_with_min, blocks_at};
 
     /// The 16 sub-block scales as i16, those of half `h` (sub-blocks `8h .. 8h + 8`) in both
     /// 128-bit lanes of element `h`.
@@ -209,9 +209,10 @@ pub(super) mod avx2 {
         for (x, y) in w.iter().zip(act) {
             prefetch_ahead(x);
             let ([lanes], [min_lanes]) = block_sums(x, [y]);
-            let dmin = _mm256_set1_ps(-y.d * x.dmin.to_f32());
+            let (d, dmin) = widen_f16_pair(x.d, x.dmin);
+            let dmin = _mm256_set1_ps(-y.d * dmin);
             acc = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(min_lanes), acc);
-            let d = _mm256_set1_ps(y.d * x.d.to_f32());
+            let d = _mm256_set1_ps(y.d * d);
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
         }
         hsum_float_8(acc)
@@ -222,12 +223,12 @@ pub(super) mod avx2 {
     pub fn dot_tiled_tokens<const T: usize>(w: &[BlockQ2K], acts: [&[BlockQ8K]; T]) -> [f32; T] {
         let mut acc = [0f32; T];
         for (b, x) in w.iter().enumerate() {
-            let (lanes, min_lanes) = block_sums(x, acts.map(|a| &a[b]));
+            let (lanes, min_lanes) = block_sums(x, blocks_at(&acts, b));
             let mut mins = [_mm_setzero_si128(); T];
             for (four, v) in mins.iter_mut().zip(min_lanes) {
                 *four = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
             }
-            let scales = (x.d.to_f32(), x.dmin.to_f32());
+            let scales = widen_f16_pair(x.d, x.dmin);
             accumulate_block_with_min(&mut acc, lanes, mins, scales, &acts, b);
         }
         acc

@@ -115,9 +115,9 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::blocks::{BlockQ3K, BlockQ8K};
-    use super::super::lanes::avx2::{hsum_float_8, prefetch_ahead};
+    use super::super::lanes::avx2::{hsum_float_8, prefetch_ahead, widen_f16};
     use super::super::q2k::avx2::{half_scales, low_bits, q8_chunk, scale_of};
-    use super::super::tiled_kquant::avx2::accumulate_block;
+    use super::super::tiled_kquant::{avx2::accumulate_block, blocks_at};
     use super::scale_words;
 
     /// The unsigned 3-bit codes (value + 4, 0..8) of half `h` of a block, one register per
@@ -197,7 +197,7 @@ mod avx2 {
                     lanes = _mm256_add_epi32(lanes, scaled);
                 }
             }
-            let d = _mm256_set1_ps(y.d * x.d.to_f32());
+            let d = _mm256_set1_ps(y.d * widen_f16(x.d));
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
         }
         hsum_float_8(acc)
@@ -208,8 +208,8 @@ mod avx2 {
     pub fn dot_tiled_tokens<const T: usize>(w: &[BlockQ3K], acts: [&[BlockQ8K]; T]) -> [f32; T] {
         let mut acc = [0f32; T];
         for (b, x) in w.iter().enumerate() {
-            let lanes = block_sums(x, acts.map(|a| &a[b]));
-            accumulate_block(&mut acc, lanes, x.d.to_f32(), &acts, b);
+            let lanes = block_sums(x, blocks_at(&acts, b));
+            accumulate_block(&mut acc, lanes, widen_f16(x.d), &acts, b);
         }
         acc
     }

@@ -110,7 +110,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::super::blocks::{BlockQ5K, BlockQ8K};
-    use super::super::lanes::avx2::{hsum_float_8, prefetch_ahead};
+    use super::super::lanes::avx2::{hsum_float_8, prefetch_ahead, widen_f16_pair};
     use super::super::lanes::avx2::{hsum_i32_4, hsum_i32_8, hsum_i32_8x4};
     use super::super::q4k::decode_scale_mins;
 
@@ -207,9 +207,10 @@ mod avx2 {
             prefetch_ahead(x);
             let ([lanes], [min_lanes]) = block_sums(x, [y]);
             let min_sum = hsum_i32_4(min_lanes);
+            let (d, dmin) = widen_f16_pair(x.d, x.dmin);
             // llama.cpp's `summs += dmin * sum`, which GCC contracts into one FMA.
-            mins = (-y.d * x.dmin.to_f32()).mul_add(min_sum as f32, mins);
-            let d = _mm256_set1_ps(y.d * x.d.to_f32());
+            mins = (-y.d * dmin).mul_add(min_sum as f32, mins);
+            let d = _mm256_set1_ps(y.d * d);
             acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
         }
         hsum_float_8(acc) + mins
@@ -248,7 +249,8 @@ mod avx2 {
         let mut acc = [_mm_setzero_ps(); 2];
         for (b, x) in w.iter().enumerate() {
             let (lanes, mins) = block_sums(x, acts.map(|a| &a[b]));
-            let (d, dmin) = (_mm_set1_ps(x.d.to_f32()), _mm_set1_ps(x.dmin.to_f32()));
+            let (d, dmin) = widen_f16_pair(x.d, x.dmin);
+            let (d, dmin) = (_mm_set1_ps(d), _mm_set1_ps(dmin));
             for (g, acc) in acc.iter_mut().enumerate().take(T / 4) {
                 let sums = hsum_i32_8x4(std::array::from_fn(|i| lanes[4 * g + i]));
                 let mins = _mm_hadd_epi32(
