@@ -563,7 +563,12 @@ impl Matrix {
             return;
         }
         const T: usize = q6k::TOKENS_PER_PASS;
-        let full = self.tiled_kquant_passes::<B, T>(w, act, 0..m, rows.clone(), out);
+        let full = if B::SIXTEEN_TOKENS_PER_PASS {
+            self.tiled_kquant_passes::<B, 16>(w, act, 0..m, rows.clone(), out)
+        } else {
+            0
+        };
+        let full = self.tiled_kquant_passes::<B, T>(w, act, full..m, rows.clone(), out);
         let full = self.tiled_kquant_passes::<B, { T / 2 }>(w, act, full..m, rows.clone(), out);
         self.write_token_rows(full..m, rows, out, |r, t| {
             B::tiled(level, &w[r * nb..][..nb], &act[t * nb..][..nb])
@@ -686,6 +691,10 @@ impl Matrix {
 /// A k-quant block type that llama.cpp multiplies with its vec_dot for fewer than
 /// [`TILED_K_QUANT_FROM`] inputs and with its tiled K-quant matmul from there on.
 trait TiledKQuant: super::blocks::PodBlock {
+    /// Whether a prompt goes through the kernels sixteen tokens per pass before passes of
+    /// [`q6k::TOKENS_PER_PASS`]: for a type whose blocks cost much to unpack, where the
+    /// unpacked block stays in memory and is read once per chunk for each eight tokens.
+    const SIXTEEN_TOKENS_PER_PASS: bool = false;
     /// One output in the vec_dot's order.
     fn dot(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32;
     /// One output in the tiled order.
@@ -700,8 +709,9 @@ trait TiledKQuant: super::blocks::PodBlock {
 
 /// Implements [`TiledKQuant`] for `$block` with its module's three kernels.
 macro_rules! tiled_kquant {
-    ($block:ty, $dot:path, $tiled:path, $tiled_tokens:path) => {
+    ($block:ty, $dot:path, $tiled:path, $tiled_tokens:path $(, $sixteen:expr)?) => {
         impl TiledKQuant for $block {
+            $(const SIXTEEN_TOKENS_PER_PASS: bool = $sixteen;)?
             fn dot(level: SimdLevel, w: &[Self], act: &[BlockQ8K]) -> f32 {
                 $dot(level, w, act)
             }
@@ -729,7 +739,8 @@ tiled_kquant!(
     BlockQ5K,
     q5k::dot_q5k_q8k,
     q5k::dot_q5k_q8k_tiled,
-    q5k::dot_q5k_q8k_tiled_tokens
+    q5k::dot_q5k_q8k_tiled_tokens,
+    true
 );
 tiled_kquant!(
     BlockQ3K,
@@ -1319,8 +1330,8 @@ mod tests {
         }
     }
 
-    /// Every output of a Q6_K or Q5_K prompt (passes of 8 tokens, then of 4, then single
-    /// tokens) has the tiled order's bits.
+    /// Every output of a Q6_K, Q5_K, Q3_K or Q2_K prompt (Q5_K's passes of 16 tokens, passes
+    /// of 8, then of 4, then single tokens) has the tiled order's bits.
     #[test]
     fn tiled_k_quant_prompts_give_every_output_the_tiled_bits_at_any_token_count() {
         fn check<B: TiledKQuant>(dtype: GgmlDType) {
@@ -1329,7 +1340,7 @@ mod tests {
             let (w, _) = matrix(dtype, rows, k);
             let blocks: &[B] = as_blocks(w.data.bytes()).unwrap();
             let nb = k / QK_K;
-            for m in [8, 9, 12, 13, 15, 17] {
+            for m in [8, 9, 12, 13, 15, 16, 17, 29, 33] {
                 let x = values(m * k, m);
                 let mut act = Activations::new();
                 act.quantize(&pool, &x, m, k, &[&w]);
