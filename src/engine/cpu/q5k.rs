@@ -202,6 +202,7 @@ mod avx2 {
         mins: __m128i,
     }
 
+    /// Unpacks a block's values and scales ([`Unpacked`]).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn unpack(x: &BlockQ5K) -> Unpacked {
