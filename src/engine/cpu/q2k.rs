@@ -242,7 +242,7 @@ pub(super) mod avx2 {
 mod tests {
     use super::*;
     use crate::engine::cpu::lanes::test_data::Rng;
-    use crate::engine::cpu::tiled_kquant::test_support::{Kernels, check_levels_agree, q8k_row};
+    use crate::engine::cpu::tiled_kquant::test_support::{Kernels, check_random_rows};
     use half::f16;
 
     fn random_blocks(rng: &mut Rng, n: usize) -> Vec<BlockQ2K> {
@@ -283,18 +283,13 @@ mod tests {
             four: dot_q2k_q8k_tiled_tokens::<4>,
             eight: dot_q2k_q8k_tiled_tokens::<8>,
         };
-        let rng = &mut Rng(71);
-        for nb in [1, 2, 6, 43] {
-            let w = random_blocks(rng, nb);
-            let acts: Vec<Vec<BlockQ8K>> = (0..4).map(|_| q8k_row(rng, nb)).collect();
-            check_levels_agree(&kernels, &w, &acts, |got, act| {
-                let (want, magnitude) = reference(&w, act);
-                assert!(
-                    (f64::from(got) - want).abs() <= 1e-5 * magnitude,
-                    "{got} {want}"
-                );
-            });
-        }
+        check_random_rows(
+            &kernels,
+            &mut Rng(71),
+            &[1, 2, 6, 43],
+            random_blocks,
+            Some(reference),
+        );
     }
 
     #[test]

@@ -154,6 +154,35 @@ pub(crate) mod test_support {
         pub eight: Rows<B, 8>,
     }
 
+    /// The plain f64 sum of a weight row times an activation row, and the sum of its terms'
+    /// magnitudes (the scale of the rounding error).
+    pub type Reference<B> = fn(&[B], &[BlockQ8K]) -> (f64, f64);
+
+    /// [`check_levels_agree`] for a random weight row of each length in `sizes` (blocks) with
+    /// four random activation rows, and, where a `reference` is given, every value within
+    /// 1e-5 of its terms' magnitudes from the plain sum.
+    pub fn check_random_rows<B>(
+        kernels: &Kernels<B>,
+        rng: &mut Rng,
+        sizes: &[usize],
+        random_blocks: fn(&mut Rng, usize) -> Vec<B>,
+        reference: Option<Reference<B>>,
+    ) {
+        for &nb in sizes {
+            let w = random_blocks(rng, nb);
+            let acts: Vec<Vec<BlockQ8K>> = (0..4).map(|_| q8k_row(rng, nb)).collect();
+            check_levels_agree(kernels, &w, &acts, |got, act| {
+                if let Some(reference) = reference {
+                    let (want, magnitude) = reference(&w, act);
+                    assert!(
+                        (f64::from(got) - want).abs() <= 1e-5 * magnitude,
+                        "{got} {want}"
+                    );
+                }
+            });
+        }
+    }
+
     /// Checks that the portable and AVX2 forms give the same bits in both orders for the
     /// weight row `w` with each row of `acts` (four rows), and that the several-row forms give
     /// each row the one-row tiled bits; `close(got, act)` checks a value against a plain sum.
