@@ -6,8 +6,10 @@
 #   scripts/llamacpp/build.sh                       # llama, llama-bench, llama-quantize, kernel-golden, requant
 #   scripts/llamacpp/build.sh llama-quantize        # only the named targets
 #   VARIANT=avx2 scripts/llamacpp/build.sh          # portable AVX2+FMA+F16C build (no -march=native)
+#   VARIANT=native-noamx scripts/llamacpp/build.sh  # -march=native without AMX (see variant_flags)
 #
-# Environment: LLAMACPP_CACHE (default /var/tmp/llamacpp: sdist and builds), VARIANT (native|avx2),
+# Environment: LLAMACPP_CACHE (default /var/tmp/llamacpp: sdist and builds), VARIANT
+# (native|native-noamx|avx2),
 # BUILD_DIR (default $LLAMACPP_CACHE/build-$VARIANT), JOBS (default 2).
 # Prints nothing on stdout but the build directory's bin/ path on its last line.
 set -euo pipefail
@@ -47,11 +49,20 @@ fetch_sdist() {
   tar -xzf "$tarball" -C "$cache"
 }
 
+# Sets the array `flags` to the CMake options of $variant.
 variant_flags() {
   case "$variant" in
-    native) echo "-DGGML_NATIVE=ON" ;;
-    avx2) echo "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" ;;
-    *) log "unknown VARIANT '$variant' (native or avx2)"; exit 2 ;;
+    native) flags=(-DGGML_NATIVE=ON) ;;
+    # On a CPU with AMX (Sapphire Rapids and later), -march=native also compiles ggml's AMX matmul.
+    # Built by GCC 12, that path dies at its first prompt on the 2-core Xeon of session 17 (a
+    # general protection fault on `ldtilecfg` with a tile configuration of uninitialised bytes),
+    # so this is the native build that runs there: every other native instruction, AMX off.
+    native-noamx)
+      local no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+      flags=(-DGGML_NATIVE=ON "-DCMAKE_C_FLAGS=$no_amx" "-DCMAKE_CXX_FLAGS=$no_amx")
+      ;;
+    avx2) flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON) ;;
+    *) log "unknown VARIANT '$variant' (native, native-noamx or avx2)"; exit 2 ;;
   esac
 }
 
@@ -60,10 +71,11 @@ configure() {
   ensure_cmake
   local generator=()
   command -v ninja >/dev/null && generator=(-G Ninja)
+  local flags=()
+  variant_flags
   log "configuring $build ($variant)"
-  # shellcheck disable=SC2046  # variant_flags is a list of words
   cmake -S "$src" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
-    $(variant_flags) -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    "${flags[@]}" -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
     -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON \
     >"$build.configure.log" 2>&1 || { cat "$build.configure.log" >&2; exit 1; }

@@ -665,8 +665,15 @@ fn add(pool: &Pool, x: &mut [f32], y: &[f32]) {
 }
 
 /// `gate = silu(gate) · up` element-wise, as llama.cpp's `swiglu`: [`swiglu_portable`] compiled
-/// with FMA where the CPU has it (for [`expf`]'s multiply-adds).
+/// with FMA where the CPU has it (for [`expf`]'s multiply-adds), and at the AVX-512 level for
+/// 16 values per instruction (each value takes the same operations either way, so the bits are
+/// the same).
 fn swiglu_part(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu::simd_level() >= super::cpu::SimdLevel::Avx512 {
+        // SAFETY: the level is never above what the CPU has, and AVX-512 implies FMA.
+        return unsafe { swiglu_avx512(gate, up) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports FMA (checked just above).
@@ -678,6 +685,12 @@ fn swiglu_part(gate: &mut [f32], up: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "fma")]
 fn swiglu_fma(gate: &mut [f32], up: &[f32]) {
+    swiglu_portable(gate, up)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "fma,avx512f")]
+fn swiglu_avx512(gate: &mut [f32], up: &[f32]) {
     swiglu_portable(gate, up)
 }
 
@@ -901,6 +914,72 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gate values over `expf`'s whole range and its edges (out of range, subnormal, infinite,
+    /// NaN), and up values of both signs; an odd count, so the vector loops have a tail.
+    fn swiglu_inputs() -> (Vec<f32>, Vec<f32>) {
+        let edges = [
+            0.0,
+            -0.0,
+            1e-40,
+            -1e-40,
+            88.7,
+            -88.7,
+            126.5,
+            -126.5,
+            150.0,
+            -150.0,
+            200.0,
+            -200.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+        ];
+        let gate: Vec<f32> = (0..4099)
+            .map(|i| match edges.get(i) {
+                Some(&edge) => edge,
+                None => ((i as f32) * 0.618_034).sin() * 40.0,
+            })
+            .collect();
+        let up = (0..gate.len())
+            .map(|i| ((i as f32) * 0.414_213).cos() * 3.0)
+            .collect();
+        (gate, up)
+    }
+
+    /// Both values are NaN, or they have the same bits.
+    fn same(a: f32, b: f32) -> bool {
+        (a.is_nan() && b.is_nan()) || a.to_bits() == b.to_bits()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_compiled_form_of_swiglu_gives_the_portable_bits() {
+        let (gate, up) = swiglu_inputs();
+        let mut expected = gate.clone();
+        swiglu_portable(&mut expected, &up);
+        type Swiglu = fn(&mut [f32], &[f32]);
+        let mut forms: Vec<(&str, Swiglu)> = vec![("dispatched", swiglu_part)];
+        if std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has FMA (checked just above).
+            forms.push(("fma", |g, u| unsafe { swiglu_fma(g, u) }));
+        }
+        if crate::engine::cpu::avx512_available() {
+            // SAFETY: the CPU has AVX-512 F and FMA (checked just above).
+            forms.push(("avx512", |g, u| unsafe { swiglu_avx512(g, u) }));
+        }
+        for (name, form) in forms {
+            let mut got = gate.clone();
+            form(&mut got, &up);
+            for (i, (&g, &e)) in got.iter().zip(&expected).enumerate() {
+                assert!(
+                    same(g, e),
+                    "{name}: value {i} (gate {}): {g} != {e}",
+                    gate[i]
+                );
+            }
+        }
+    }
 
     fn hparams(head_dim: usize, context_length: usize) -> HParams {
         HParams {

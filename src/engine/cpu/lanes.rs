@@ -72,6 +72,7 @@ pub fn saturate_i8(v: i32) -> i8 {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::missing_safety_doc)]
 pub mod avx2 {
+    use super::super::StreamPrefetch;
     use std::arch::x86_64::*;
 
     /// llama.cpp's `hsum_float_8`.
@@ -89,21 +90,31 @@ pub mod avx2 {
     /// dot) ask the cache for. The hardware prefetchers stop at 4 KiB pages; prefetching 8 KiB
     /// ahead generated 6-10% faster on the 3B (`smoldesk bench --prompt-tokens 1 --gen-tokens
     /// 48`, alternating runs, Zen 3). With the non-temporal hint, 2, 4, 6, 10, 12 and 16 KiB
-    /// were all 1-6% slower than 8 (alternated token by token in one process).
+    /// were all 1-6% slower than 8 (alternated token by token in one process). With
+    /// `prefetcht1` on an Intel Xeon (session 17), 16 and 32 KiB were within the noise of 8.
     pub const PREFETCH_AHEAD: usize = 8192;
 
-    /// Prefetches the cache lines of the `T` lying [`PREFETCH_AHEAD`] bytes after `at`, as
-    /// non-temporal data: a token reads each weight once, so the lines need not push the
-    /// activations, the KV cache and the next weights out of L2 and L3 (on Zen 3 the 3B
-    /// generated 1.6-2.4% faster than with `_MM_HINT_T0`, and L2-only `_MM_HINT_T1` was no
-    /// faster than T0; token by token alternation). The address is never dereferenced (past
-    /// the end of a matrix it may name other bytes or none; a prefetch never faults).
+    /// Prefetches the cache lines of the `T` lying [`PREFETCH_AHEAD`] bytes after `at`, with
+    /// the hint [`stream_prefetch`](super::super::stream_prefetch) chose for this CPU. The
+    /// address is never dereferenced (past the end of a matrix it may name other bytes or
+    /// none; a prefetch never faults).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn prefetch_ahead<T>(at: &T) {
-        let at = (at as *const T).cast::<i8>();
-        for line in 0..std::mem::size_of::<T>().div_ceil(64) {
-            prefetch_line_ahead(at.wrapping_add(64 * line));
+        let at = (at as *const T).cast::<i8>().wrapping_add(PREFETCH_AHEAD);
+        let lines = std::mem::size_of::<T>().div_ceil(64);
+        // One branch per block, not per line.
+        match super::super::stream_prefetch() {
+            StreamPrefetch::NonTemporal => {
+                for line in 0..lines {
+                    _mm_prefetch::<_MM_HINT_NTA>(at.wrapping_add(64 * line));
+                }
+            }
+            StreamPrefetch::L2 => {
+                for line in 0..lines {
+                    _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(64 * line));
+                }
+            }
         }
     }
 
@@ -112,7 +123,11 @@ pub mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn prefetch_line_ahead(at: *const i8) {
-        _mm_prefetch::<_MM_HINT_NTA>(at.wrapping_add(PREFETCH_AHEAD));
+        let at = at.wrapping_add(PREFETCH_AHEAD);
+        match super::super::stream_prefetch() {
+            StreamPrefetch::NonTemporal => _mm_prefetch::<_MM_HINT_NTA>(at),
+            StreamPrefetch::L2 => _mm_prefetch::<_MM_HINT_T1>(at),
+        }
     }
 
     /// Two f16s widened with one F16C conversion: the values `half`'s `to_f32` gives, without
