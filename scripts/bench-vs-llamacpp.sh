@@ -7,12 +7,15 @@
 #
 # Environment (defaults): PROMPT_TOKENS (512), GEN_TOKENS (64), DEPTH (2048), DEPTH_GEN_TOKENS (32),
 # THREADS (2), REPS (3, llama-bench repetitions), BANDWIDTH_MB (1024), VARIANT (native: llama.cpp
-# built with -DGGML_NATIVE=ON; avx2: AVX2+FMA+F16C only, see scripts/llamacpp/build.sh),
+# built with -DGGML_NATIVE=ON; native-noamx: the same without AMX; avx2: AVX2+FMA+F16C only, see
+# scripts/llamacpp/build.sh),
 # SMOLDESK_SIMD (unset: the CPU's best kernels; avx2 or portable force a lower level).
 # Prints a table, then one line `JSON: {...}` with every number.
 #
 # On a CPU with AVX-512, the two tables issue 8 asks for:
 #   scripts/bench-vs-llamacpp.sh                                      # native against native
+#   VARIANT=native-noamx scripts/bench-vs-llamacpp.sh                 # the same where AMX exists
+#                                                                     # (llama.cpp's AMX path crashed)
 #   VARIANT=avx2 SMOLDESK_SIMD=avx2 scripts/bench-vs-llamacpp.sh      # AVX2 against AVX2
 set -euo pipefail
 cd "$(dirname "$0")/.."
