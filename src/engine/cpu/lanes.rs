@@ -101,21 +101,8 @@ pub mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn prefetch_ahead<T>(at: &T) {
-        let at = (at as *const T).cast::<i8>().wrapping_add(PREFETCH_AHEAD);
         let lines = std::mem::size_of::<T>().div_ceil(64);
-        // One branch per block, not per line.
-        match super::super::stream_prefetch() {
-            StreamPrefetch::NonTemporal => {
-                for line in 0..lines {
-                    _mm_prefetch::<_MM_HINT_NTA>(at.wrapping_add(64 * line));
-                }
-            }
-            StreamPrefetch::L2 => {
-                for line in 0..lines {
-                    _mm_prefetch::<_MM_HINT_T1>(at.wrapping_add(64 * line));
-                }
-            }
-        }
+        prefetch_lines_ahead((at as *const T).cast(), lines);
     }
 
     /// Prefetches the cache line [`PREFETCH_AHEAD`] bytes after `at` as in [`prefetch_ahead`]
@@ -123,10 +110,26 @@ pub mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub fn prefetch_line_ahead(at: *const i8) {
+        prefetch_lines_ahead(at, 1);
+    }
+
+    /// The `lines` cache lines from [`PREFETCH_AHEAD`] bytes after `at`, with one branch on the
+    /// chosen hint for all of them.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn prefetch_lines_ahead(at: *const i8, lines: usize) {
         let at = at.wrapping_add(PREFETCH_AHEAD);
         match super::super::stream_prefetch() {
-            StreamPrefetch::NonTemporal => _mm_prefetch::<_MM_HINT_NTA>(at),
-            StreamPrefetch::L2 => _mm_prefetch::<_MM_HINT_T1>(at),
+            StreamPrefetch::NonTemporal => prefetch_lines::<_MM_HINT_NTA>(at, lines),
+            StreamPrefetch::L2 => prefetch_lines::<_MM_HINT_T1>(at, lines),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn prefetch_lines<const HINT: i32>(at: *const i8, lines: usize) {
+        for line in 0..lines {
+            _mm_prefetch::<HINT>(at.wrapping_add(64 * line));
         }
     }
 

@@ -148,13 +148,12 @@ pub enum StreamPrefetch {
 /// The prefetch the streaming kernels use on this CPU, decided once per process; the
 /// environment variable `SMOLDESK_PREFETCH=nta|l2` overrides it.
 ///
-/// Measured with `smoldesk bench --prompt-tokens 1 --gen-tokens 32 --threads 2` on the 3B,
-/// alternated builds: on AMD Zen 3 (session 6) `prefetchnta` generated 1.6-2.4% faster than
-/// `prefetcht0`, and `prefetcht1` was no faster than t0. On a 2-core Intel Xeon with AVX-512 and
-/// AMX (session 17), `prefetchnta` generated 6.4-6.5 tok/s, no prefetch 9.5-9.8, `prefetcht0`
-/// 9.6-9.9, `prefetcht1` 10.9-12.0: there the non-temporal lines fill the few buffers that also
-/// bring the next weights in. So AMD (and Hygon, the same cores) takes the non-temporal hint and
-/// every other CPU the L2 one.
+/// Measured on the 3B: on AMD Zen 3 (session 10, hints alternated token by token in one
+/// process) `prefetchnta` generated 1.6-2.4% faster than `prefetcht0`, and `prefetcht1` was no
+/// faster than t0. On a 2-core Intel Xeon with AVX-512 and AMX (session 17, alternated builds,
+/// `smoldesk bench --prompt-tokens 1 --gen-tokens 32 --threads 2`), `prefetchnta` generated
+/// 6.4-6.5 tok/s, no prefetch 9.5-9.8, `prefetcht0` 9.6-9.9, `prefetcht1` 10.9-12.0. So AMD (and
+/// Hygon, the same cores) takes the non-temporal hint and every other CPU the L2 one.
 #[inline]
 pub fn stream_prefetch() -> StreamPrefetch {
     static CHOICE: OnceLock<StreamPrefetch> = OnceLock::new();
